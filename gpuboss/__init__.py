@@ -1,0 +1,44 @@
+"""gpuboss: share GPUs between services without running out of memory.
+
+VRAM leases are granted, queued by priority, renewed and reclaimed by atomic Lua scripts in Redis; there
+is no central server. See the README and ``docs/``.
+"""
+
+from gpuboss.aio import AsyncGPUBoss
+from gpuboss.client import GPUBoss
+from gpuboss.config import BossConfig, GPUConfig, load_config
+from gpuboss.core import GpuInfo
+from gpuboss.errors import (
+    ConfigError,
+    GPUBossError,
+    InsufficientCapacity,
+    InvalidRequest,
+    LeaseLost,
+    LeaseTimeout,
+    RedisUnavailable,
+)
+from gpuboss.keys import Keys
+from gpuboss.lease import Device, Lease, LeaseState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncGPUBoss",
+    "BossConfig",
+    "ConfigError",
+    "Device",
+    "GPUBoss",
+    "GPUBossError",
+    "GPUConfig",
+    "GpuInfo",
+    "InsufficientCapacity",
+    "InvalidRequest",
+    "Keys",
+    "Lease",
+    "LeaseLost",
+    "LeaseState",
+    "LeaseTimeout",
+    "RedisUnavailable",
+    "__version__",
+    "load_config",
+]

@@ -1,0 +1,147 @@
+"""Configuration: a pydantic model read from keyword arguments or from a YAML file.
+
+``GPUBOSS_CONFIG`` names the file to read instead of the path given to ``from_config``, and
+``GPUBOSS_REDIS_URL`` replaces the file's ``redis_url``. Keyword arguments given in code win over both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gpuboss.errors import ConfigError
+from gpuboss.keys import NAMESPACE_RE
+
+ENV_CONFIG = "GPUBOSS_CONFIG"
+ENV_REDIS_URL = "GPUBOSS_REDIS_URL"
+
+#: Priority classes and their ranks: a higher rank is served first.
+PRIORITIES: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+PriorityName = Literal["low", "normal", "high"]
+
+
+def gb_to_mib(gb: float) -> int:
+    """Gigabytes as the integer MiB gpuboss accounts in: ``ceil(gb * 1024)``."""
+    return math.ceil(gb * 1024)
+
+
+class GPUConfig(BaseModel):
+    """One declared GPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    name: str = ""
+    vram_gb: float = Field(gt=0, allow_inf_nan=False)
+    index: int = Field(default=0, ge=0)
+    reserve_gb: float = Field(default=0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _reserve_below_capacity(self) -> GPUConfig:
+        if gb_to_mib(self.reserve_gb) >= gb_to_mib(self.vram_gb):
+            raise ValueError(f"reserve_gb ({self.reserve_gb}) must be less than vram_gb ({self.vram_gb})")
+        return self
+
+    @property
+    def capacity_mib(self) -> int:
+        return gb_to_mib(self.vram_gb)
+
+    @property
+    def reserve_mib(self) -> int:
+        return gb_to_mib(self.reserve_gb)
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.index}"
+
+
+class BossConfig(BaseModel):
+    """Everything a :class:`~gpuboss.GPUBoss` or :class:`~gpuboss.AsyncGPUBoss` is built from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis_url: str | None = None
+    namespace: str = "gpuboss"
+    service: str = Field(default="default", min_length=1, max_length=128)
+    gpus: list[GPUConfig] = Field(default_factory=list)
+    default_priority: PriorityName = "normal"
+    default_ttl: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    default_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    connect_timeout: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_chars(cls, value: str) -> str:
+        if not NAMESPACE_RE.match(value):
+            raise ValueError("namespace must be 1 to 64 of A-Z a-z 0-9 _ . - { }")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_gpus(self) -> BossConfig:
+        ids = [g.id for g in self.gpus]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"gpus: duplicate id {', '.join(dupes)}")
+        return self
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"{where}: {item['msg']}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def build_config(source: str = "arguments", **values: Any) -> BossConfig:
+    """Validate settings into a :class:`BossConfig`, raising :class:`ConfigError` naming the field."""
+    try:
+        return BossConfig(**values)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def read_config_file(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
+    """The settings in a YAML file (``GPUBOSS_CONFIG`` wins over ``path``), and the path read."""
+    chosen = os.environ.get(ENV_CONFIG) or (os.fspath(path) if path is not None else None)
+    if not chosen:
+        raise ConfigError(f"no configuration file: pass a path or set {ENV_CONFIG}")
+    file = Path(chosen)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read configuration ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: malformed YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of settings, not {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}, str(file)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> BossConfig:
+    """Read a YAML file, apply ``GPUBOSS_REDIS_URL``, then the keyword overrides, and validate."""
+    values, source = read_config_file(path)
+    env_url = os.environ.get(ENV_REDIS_URL)
+    if env_url:
+        values["redis_url"] = env_url
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(source, **values)
+
+
+def config_from_arguments(**values: Any) -> BossConfig:
+    """Constructor arguments: ``GPUBOSS_REDIS_URL`` fills ``redis_url`` when the code gives none."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if "redis_url" not in given and os.environ.get(ENV_REDIS_URL):
+        given["redis_url"] = os.environ[ENV_REDIS_URL]
+    return build_config("arguments", **given)

@@ -1,0 +1,435 @@
+"""The I/O-free core shared by :class:`~gpuboss.GPUBoss` and :class:`~gpuboss.AsyncGPUBoss`.
+
+It validates requests, builds every script call (KEYS and ARGV), decodes replies into results or typed
+errors, and runs the acquisition protocol as a generator of I/O operations (:class:`Call`, :class:`Pop`,
+:class:`Watch`). The sync and async drivers in ``client.py`` and ``aio.py`` only perform those operations,
+so the protocol is written once.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpuboss.config import PRIORITIES, BossConfig, GPUConfig, gb_to_mib
+from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseTimeout
+from gpuboss.keys import Keys
+from gpuboss.lease import Lease, OnLost
+
+#: The longest a waiter blocks before it checks its own request again (liveness, not handoff).
+MAX_WAIT_CHUNK_S = 30.0
+#: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
+EXPIRY_WATCH_POSITIONS = 2
+MAX_TTL_S = 86400.0
+
+
+class _Default(enum.Enum):
+    DEFAULT = "default"
+
+
+#: Stands for "the configured default" where None already means something (``timeout=None`` waits forever).
+DEFAULT = _Default.DEFAULT
+Timeout = float | None | _Default
+
+
+class Reply(enum.IntEnum):
+    """Reply codes of the scripts (see the headers in ``lua/``)."""
+
+    BUSY = 0
+    GRANTED = 1
+    QUEUED = 2
+    INSUFFICIENT = -1
+    UNKNOWN_GPU = -2
+    NO_GPUS = -3
+
+
+class ReleaseReply(enum.IntEnum):
+    NOT_FOUND = 0
+    RELEASED = 1
+    WITHDRAWN = 2
+
+
+class RenewStatus(enum.IntEnum):
+    GONE = 0
+    LEASE = 1
+    QUEUED = 2
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """A GPU as registered in Redis."""
+
+    id: str
+    name: str
+    index: int
+    capacity_mib: int
+    reserve_mib: int
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.index}"
+
+    @property
+    def leasable_mib(self) -> int:
+        return self.capacity_mib - self.reserve_mib
+
+    @classmethod
+    def from_config(cls, gpu: GPUConfig) -> GpuInfo:
+        return cls(gpu.id, gpu.name, gpu.index, gpu.capacity_mib, gpu.reserve_mib)
+
+    @classmethod
+    def from_json(cls, raw: str) -> GpuInfo:
+        d = json.loads(raw)
+        return cls(str(d["id"]), str(d.get("name", "")), int(d["index"]), int(d["capacity_mib"]), int(d["reserve_mib"]))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "name": self.name,
+                "index": self.index,
+                "capacity_mib": self.capacity_mib,
+                "reserve_mib": self.reserve_mib,
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    """A validated request."""
+
+    vram_mib: int
+    priority: str
+    rank: int
+    ttl_ms: int
+    timeout: float | None
+    device: str | int | None
+    on_lost: OnLost | None
+
+    @property
+    def ttl(self) -> float:
+        return self.ttl_ms / 1000
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _number(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(field, value, "must be a number (int or float)")
+    return float(value)
+
+
+def validate_vram(vram_gb: object) -> int:
+    gb = _number("vram_gb", vram_gb)
+    if not math.isfinite(gb) or gb <= 0:
+        raise InvalidRequest("vram_gb", vram_gb, "must be a finite number of gigabytes greater than 0")
+    return gb_to_mib(gb)
+
+
+def validate_priority(priority: object) -> tuple[str, int]:
+    if not isinstance(priority, str) or priority not in PRIORITIES:
+        allowed = ", ".join(repr(p) for p in PRIORITIES)
+        raise InvalidRequest("priority", priority, f"must be one of {allowed}")
+    return priority, PRIORITIES[priority]
+
+
+def validate_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    seconds = _number("timeout", timeout)
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidRequest("timeout", timeout, "must be None (wait forever), 0 (try once) or seconds > 0")
+    return None if math.isinf(seconds) else seconds
+
+
+def validate_ttl(ttl: object) -> int:
+    seconds = _number("ttl", ttl)
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_TTL_S:
+        raise InvalidRequest("ttl", ttl, f"must be seconds greater than 0 and at most {MAX_TTL_S:g}")
+    return max(1, math.ceil(seconds * 1000))
+
+
+def validate_device(device: object) -> str | int | None:
+    if device is None or (isinstance(device, int) and not isinstance(device, bool) and device >= 0):
+        return device  # type: ignore[return-value]
+    if isinstance(device, str) and device:
+        return device
+    raise InvalidRequest("device", device, "must be a GPU id, 'cuda:N', an index N >= 0, or None")
+
+
+def validate_on_lost(on_lost: object) -> OnLost | None:
+    if on_lost is not None and not callable(on_lost):
+        raise InvalidRequest("on_lost", on_lost, "must be a callable taking the Lease, or None")
+    return on_lost
+
+
+def resolve_device(device: str | int | None, gpus: Mapping[str, GpuInfo]) -> str:
+    """The gpu id a pin names (a GPU id, ``"cuda:N"`` or N), or ``""`` for no pin."""
+    if device is None:
+        return ""
+    if isinstance(device, str) and device in gpus:
+        return device
+    index: int | None = device if isinstance(device, int) else None
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        index = int(device[5:])
+    if index is not None:
+        matches = [g.id for g in gpus.values() if g.index == index]
+        if len(matches) == 1:
+            return matches[0]
+    known = ", ".join(f"{g.id} ({g.device})" for g in sorted(gpus.values(), key=lambda g: g.id)) or "none"
+    raise InvalidRequest("device", device, f"must name a registered GPU: {known}")
+
+
+# ---------------------------------------------------------------- I/O operations a flow yields
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run a script by EVALSHA (loading it on NOSCRIPT). The result is the raw reply."""
+
+    script: str
+    keys: list[str]
+    args: list[str | int]
+
+
+@dataclass(frozen=True)
+class Pop:
+    """BLPOP one list for at most ``timeout`` seconds. The result is the popped value or None."""
+
+    key: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Hand a queued request to the heartbeat so its queue entry stays alive. The result is None."""
+
+    request_id: str
+    ttl_ms: int
+
+
+Op = Call | Pop | Watch
+Flow = Generator[Op, Any, Lease]
+
+
+# ---------------------------------------------------------------- the core
+
+
+class Core:
+    """Everything about a boss that is not I/O: settings, key names, GPU registry and script calls."""
+
+    def __init__(self, config: BossConfig) -> None:
+        self.config = config
+        self.keys = Keys(config.namespace)
+        self.declared = {g.id: GpuInfo.from_config(g) for g in config.gpus}
+        self.registry: dict[str, GpuInfo] = dict(self.declared)
+        self.host = socket.gethostname()
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()  # read each time: a forked child is another holder
+
+    # -- requests
+
+    def make_request(
+        self,
+        vram_gb: object,
+        priority: object = None,
+        timeout: object = DEFAULT,
+        ttl: object = None,
+        device: object = None,
+        on_lost: object = None,
+    ) -> LeaseRequest:
+        """Validate the arguments of ``lease()``/``acquire()``; None (DEFAULT for timeout) means the default."""
+        vram_mib = validate_vram(vram_gb)
+        name, rank = validate_priority(self.config.default_priority if priority is None else priority)
+        wait = validate_timeout(self.config.default_timeout if timeout is DEFAULT else timeout)
+        ttl_ms = validate_ttl(self.config.default_ttl if ttl is None else ttl)
+        return LeaseRequest(
+            vram_mib=vram_mib,
+            priority=name,
+            rank=rank,
+            ttl_ms=ttl_ms,
+            timeout=wait,
+            device=validate_device(device),
+            on_lost=validate_on_lost(on_lost),
+        )
+
+    def check_fits(self, req: LeaseRequest, pin: str) -> None:
+        """Raise :class:`InsufficientCapacity` early when the known GPUs can never hold the request."""
+        eligible = [self.registry[pin]] if pin else list(self.registry.values())
+        if not eligible:
+            return
+        largest = max(g.leasable_mib for g in eligible)
+        if req.vram_mib > largest:
+            raise InsufficientCapacity(req.vram_mib, largest, [g.id for g in eligible])
+
+    def check_request(self, req: LeaseRequest) -> str:
+        """Resolve the pin against the registry and check the size; the pinned gpu id (or "")."""
+        pin = resolve_device(req.device, self.registry)
+        self.check_fits(req, pin)
+        return pin
+
+    # -- registry
+
+    def needs_register(self, registered: Mapping[str, str]) -> bool:
+        """True when a declared GPU is missing from (or differs in) the registry as read."""
+        return any(registered.get(g.id) != g.to_json() for g in self.declared.values())
+
+    def register_call(self) -> Call | None:
+        if not self.declared:
+            return None
+        args: list[str | int] = [g.to_json() for g in self.declared.values()]
+        return Call("register", [self.keys.gpus, self.keys.capacity, self.keys.used], args)
+
+    def check_register_reply(self, reply: list[Any]) -> None:
+        if int(reply[0]) < 0:
+            gpu, registered = str(reply[1]), GpuInfo.from_json(str(reply[2]))
+            mine = self.declared[gpu]
+            raise ConfigError(
+                f"gpus: {gpu!r} is declared with {mine.capacity_mib} MiB (reserve {mine.reserve_mib} MiB) but "
+                f"namespace {self.config.namespace!r} already registers it with {registered.capacity_mib} MiB "
+                f"(reserve {registered.reserve_mib} MiB); use another id or namespace, or fix the declaration"
+            )
+
+    def update_registry(self, flat: Mapping[str, str]) -> None:
+        self.registry = {**{k: GpuInfo.from_json(v) for k, v in flat.items()}, **self.declared}
+
+    # -- script calls
+
+    def state_keys(self) -> list[str]:
+        return self.keys.state()
+
+    def acquire_call(self, request_id: str, req: LeaseRequest, pin: str, service: str) -> Call:
+        mode = "try" if req.timeout == 0 else "wait"
+        args: list[str | int] = [
+            self.keys.wake_prefix,
+            request_id,
+            req.vram_mib,
+            req.rank,
+            req.priority,
+            pin,
+            req.ttl_ms,
+            mode,
+            service,
+            self.host,
+            self.pid,
+        ]
+        return Call("acquire", [*self.state_keys(), self.keys.seq], args)
+
+    def release_call(self, lease_id: str) -> Call:
+        return Call("release", self.state_keys(), [self.keys.wake_prefix, lease_id])
+
+    def renew_call(self, items: Mapping[str, int]) -> Call:
+        args: list[str | int] = [self.keys.wake_prefix]
+        for lease_id, ttl_ms in items.items():
+            args += [lease_id, ttl_ms]
+        return Call("renew", self.state_keys(), args)
+
+    def collect_call(self) -> Call:
+        return Call("collect", self.state_keys(), [self.keys.wake_prefix])
+
+    # -- replies
+
+    @staticmethod
+    def released(reply: list[Any]) -> bool:
+        return ReleaseReply(int(reply[0])) is not ReleaseReply.NOT_FOUND
+
+    @staticmethod
+    def collected(reply: list[Any]) -> dict[str, int]:
+        return {"leases": int(reply[0]), "requests": int(reply[1]), "granted": int(reply[2])}
+
+    # -- the acquisition protocol
+
+    def acquire_flow(
+        self,
+        req: LeaseRequest,
+        request_id: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Flow:
+        """Acquire a lease: yields operations for a driver, returns the :class:`Lease`.
+
+        Raises :class:`LeaseTimeout` (its request withdrawn, and a grant that raced the timeout released),
+        :class:`InsufficientCapacity` or :class:`InvalidRequest`.
+        """
+        pin = self.check_request(req)
+        deadline = None if req.timeout is None else clock() + req.timeout
+        call = self.acquire_call(request_id, req, pin, self.config.service)
+        watching = False
+        while True:
+            reply = yield call
+            code = Reply(int(reply[0]))
+            if code is Reply.NO_GPUS:
+                register = self.register_call()
+                if register is None:
+                    raise ConfigError(
+                        f"no GPU is registered in namespace {self.config.namespace!r}: declare gpus in the "
+                        "configuration (gpus: [{id: gpu0, vram_gb: 24, index: 0}])"
+                    )
+                self.check_register_reply((yield register))
+                continue
+            if code is Reply.UNKNOWN_GPU:
+                raise InvalidRequest("device", req.device, f"GPU {pin!r} is not registered in this namespace")
+            if code is Reply.INSUFFICIENT:
+                raise InsufficientCapacity(req.vram_mib, int(reply[1]), [pin] if pin else [])
+            if code is Reply.GRANTED:
+                return Lease.from_record(str(reply[1]), on_lost=req.on_lost)
+            if code is Reply.BUSY:
+                raise LeaseTimeout(
+                    f"no GPU has {req.vram_mib} MiB free for a {req.priority} request right now (timeout=0)"
+                )
+            # QUEUED
+            position, next_ms = int(reply[1]), int(reply[2])
+            if not watching:
+                yield Watch(request_id, req.ttl_ms)
+                watching = True
+            chunk = min(MAX_WAIT_CHUNK_S, max(req.ttl, 1.0))
+            if position < EXPIRY_WATCH_POSITIONS and next_ms >= 0:
+                chunk = min(chunk, next_ms / 1000 + 0.002)
+            if deadline is not None:
+                left = deadline - clock()
+                if left <= 0:
+                    yield self.release_call(request_id)
+                    raise LeaseTimeout(self._timeout_message(req))
+                chunk = min(chunk, left)
+            popped = yield Pop(self.keys.wake(request_id), max(chunk, 0.001))
+            if popped is not None:
+                return Lease.from_record(str(popped), on_lost=req.on_lost)
+            if deadline is not None and deadline - clock() <= 0:
+                yield self.release_call(request_id)
+                raise LeaseTimeout(self._timeout_message(req))
+            # Not granted yet: look again (this also collects what expired, and re-queues a request whose
+            # queue entry was lost while this process was stopped).
+
+    @staticmethod
+    def _timeout_message(req: LeaseRequest) -> str:
+        return f"no lease of {req.vram_mib} MiB ({req.priority}) was granted within {req.timeout:g} s"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

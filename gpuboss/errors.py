@@ -1,0 +1,48 @@
+"""The exceptions gpuboss raises; every one is a :class:`GPUBossError`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class GPUBossError(Exception):
+    """Base of every gpuboss error."""
+
+
+class InvalidRequest(GPUBossError, ValueError):
+    """An argument is out of its domain. ``field`` names it and ``allowed`` says what it may be."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid {field}={value!r}: {allowed}")
+
+
+class ConfigError(GPUBossError, ValueError):
+    """The configuration cannot be used; the message names the file and the field."""
+
+
+class InsufficientCapacity(GPUBossError):
+    """The request can never fit: it is larger than every GPU it may be placed on."""
+
+    def __init__(self, vram_mib: int, largest_mib: int, gpus: Iterable[str] = ()) -> None:
+        self.vram_mib = vram_mib
+        self.largest_mib = largest_mib
+        where = ", ".join(gpus)
+        super().__init__(
+            f"a request for {vram_mib} MiB can never be granted: the largest eligible GPU"
+            f"{f' ({where})' if where else ''} leases out at most {largest_mib} MiB"
+        )
+
+
+class LeaseTimeout(GPUBossError, TimeoutError):
+    """No lease was granted within the timeout; the request has left the queue."""
+
+
+class LeaseLost(GPUBossError):
+    """The lease is gone (expired, revoked or lost with Redis) while its holder still used it."""
+
+
+class RedisUnavailable(GPUBossError, ConnectionError):
+    """Redis could not be reached; the message names the URL without its password."""

@@ -1,0 +1,206 @@
+"""The heartbeat: one background thread per boss that keeps its leases and queue entries alive.
+
+It is a thread for both front ends, on purpose: an asyncio task cannot run while the caller blocks its
+event loop with synchronous GPU work (``model.generate()`` inside ``async with``), and a lease must
+survive that. Each tick renews every lease and queued request of the boss in one script call, at about a
+third of the shortest TTL it holds. A lease found gone is marked lost and its ``on_lost`` is dispatched.
+Releases that could not be delivered (Redis down, a cancelled release) are retried here until they
+land or their TTL makes them moot. At interpreter exit every live heartbeat releases what it holds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from redis.exceptions import RedisError
+
+from gpuboss.core import Core, RenewStatus
+from gpuboss.lease import Lease
+from gpuboss.redis_io import TRANSIENT, connect_sync, evalsha_sync
+
+log = logging.getLogger("gpuboss")
+
+MIN_INTERVAL_S = 0.05
+RETRY_INTERVAL_S = 0.5
+
+Dispatch = Callable[[Lease], None]
+
+
+@dataclass
+class _Entry:
+    ttl_ms: int
+    lease: Lease | None  # None while the request is queued
+    gone: bool = False
+
+
+class Heartbeat:
+    """Renews the leases and queue entries of one boss from a daemon thread."""
+
+    def __init__(self, core: Core, url: str, dispatch_lost: Dispatch) -> None:
+        self._core = core
+        self._url = url
+        self._dispatch_lost = dispatch_lost
+        self._entries: dict[str, _Entry] = {}
+        self._pending: dict[str, float] = {}  # id -> monotonic time after which it expired anyway
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._client: redis.Redis | None = None
+        self._failing = False
+        _LIVE.add(self)
+
+    # -- what the front ends call
+
+    def watch(self, request_id: str, ttl_ms: int) -> None:
+        """Keep a queued request alive."""
+        with self._lock:
+            self._entries.setdefault(request_id, _Entry(ttl_ms, None))
+        self._start()
+
+    def hold(self, lease: Lease) -> None:
+        """Keep a granted lease alive until :meth:`forget`."""
+        with self._lock:
+            self._entries[lease.id] = _Entry(int(lease.ttl * 1000), lease)
+        self._start()
+
+    def forget(self, item_id: str) -> None:
+        with self._lock:
+            self._entries.pop(item_id, None)
+
+    def release_later(self, item_id: str, ttl_ms: int) -> None:
+        """Stop renewing ``item_id`` and release it from the thread (a release that did not land)."""
+        with self._lock:
+            self._entries.pop(item_id, None)
+            self._pending[item_id] = time.monotonic() + ttl_ms / 1000
+        self._start()
+
+    def is_gone(self, item_id: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(item_id)
+            return entry is not None and entry.gone
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def close(self, release: bool = True) -> None:
+        """Stop the thread; with ``release``, give back everything still held or queued (best effort)."""
+        with self._lock:
+            self._stopped = True
+            ids = list(self._entries) + list(self._pending)
+            self._entries.clear()
+            self._pending.clear()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        if release and ids:
+            client = self._connection()
+            for item_id in ids:
+                try:
+                    evalsha_sync(client, self._core.release_call(item_id))
+                except (RedisError, OSError) as err:
+                    log.warning("gpuboss: could not release %s on close (%s); its TTL will reclaim it", item_id, err)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        _LIVE.discard(self)
+
+    # -- the thread
+
+    def _connection(self) -> redis.Redis:
+        if self._client is None:
+            timeout = self._core.config.connect_timeout
+            self._client = connect_sync(self._url, timeout, socket_timeout=timeout)
+        return self._client
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._stopped or (self._thread is not None and self._thread.is_alive()):
+                self._wake.set()
+                return
+            self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _interval(self) -> float | None:
+        with self._lock:
+            if self._entries:
+                shortest = min(e.ttl_ms for e in self._entries.values())
+                return max(MIN_INTERVAL_S, shortest / 3000)
+            if self._pending:
+                return RETRY_INTERVAL_S
+            return None
+
+    def _run(self) -> None:
+        while True:
+            interval = self._interval()
+            self._wake.wait(timeout=interval)
+            self._wake.clear()
+            if self._stopped:
+                return
+            if interval is None:
+                continue
+            try:
+                self.tick()
+            except TRANSIENT as err:
+                if not self._failing:
+                    log.warning("gpuboss: heartbeat cannot reach Redis (%s); retrying", err)
+                self._failing = True
+            except RedisError:
+                log.exception("gpuboss: heartbeat failed; retrying")
+            else:
+                if self._failing:
+                    log.warning("gpuboss: heartbeat reaches Redis again")
+                self._failing = False
+
+    def tick(self) -> None:
+        """One renewal round (the thread calls it; tests may too)."""
+        with self._lock:
+            batch = {i: e.ttl_ms for i, e in self._entries.items()}
+            pending = list(self._pending.items())
+        client = self._connection()
+        now = time.monotonic()
+        for item_id, moot_at in pending:
+            if now < moot_at:
+                evalsha_sync(client, self._core.release_call(item_id))
+            with self._lock:
+                self._pending.pop(item_id, None)
+        if not batch:
+            return
+        reply = evalsha_sync(client, self._core.renew_call(batch))
+        now_ms = int(reply[1])
+        lost: list[Lease] = []
+        with self._lock:
+            for (item_id, ttl_ms), status in zip(batch.items(), reply[2:], strict=True):
+                entry = self._entries.get(item_id)
+                if entry is None:
+                    continue  # released meanwhile
+                if RenewStatus(int(status)) is RenewStatus.GONE:
+                    entry.gone = True
+                    if entry.lease is not None:
+                        del self._entries[item_id]
+                        if entry.lease._move("lost"):
+                            lost.append(entry.lease)
+                elif entry.lease is not None:
+                    entry.lease.expires_at = (now_ms + ttl_ms) / 1000
+        for lease in lost:
+            log.warning("gpuboss: lease %s on %s was lost (expired or revoked)", lease.id, lease.gpu)
+            if lease.on_lost is not None:
+                self._dispatch_lost(lease)
+
+
+_LIVE: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    for heartbeat in list(_LIVE):
+        heartbeat.close(release=True)

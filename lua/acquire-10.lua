@@ -1,0 +1,96 @@
+--[[
+  acquire: grant a VRAM lease now, or queue the request by priority and arrival.
+
+  First collects expired leases and requests and hands freed capacity to the queue, so the queue is
+  served before the newcomer. The newcomer is granted at once only when it fits and no waiting request
+  has the same or a higher priority; otherwise (mode "wait") it is queued. Calling again with the same
+  id is harmless: it reports the lease or the queue entry that id already has.
+
+  Input:
+    KEYS[1..9]  the state layout (includes/state.lua)
+    KEYS[10]    seq          string, arrival counter
+    ARGV[1]     wake-list prefix
+    ARGV[2]     request id (becomes the lease id)
+    ARGV[3]     vram, integer MiB > 0
+    ARGV[4]     priority rank, integer 0..999 (higher is served first)
+    ARGV[5]     priority name
+    ARGV[6]     pinned gpu id, or '' for any GPU
+    ARGV[7]     ttl, ms: lease TTL, and the queue entry's TTL while it waits
+    ARGV[8]     mode: 'wait' queues when nothing fits, 'try' does not
+    ARGV[9]     service name
+    ARGV[10]    host name
+    ARGV[11]    pid
+
+  Output:
+    {1, lease}                  GRANTED: the lease record (JSON)
+    {2, position, next_ms}      QUEUED: 0-based queue position, ms until the next expiry (-1: none)
+    {0, next_ms}                BUSY: mode 'try' and it does not fit now; nothing queued
+    {-1, max_mib}               INSUFFICIENT: larger than any eligible GPU can ever hold; nothing written
+    {-2}                        UNKNOWN_GPU: the pinned gpu is not registered; nothing written
+    {-3}                        NO_GPUS: no GPU is registered in this namespace; nothing written
+]]
+--- @include "state"
+--- @include "place"
+--- @include "drop"
+--- @include "grant"
+
+local id, need, rank = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local pin, ttl, mode = ARGV[6], tonumber(ARGV[7]), ARGV[8]
+
+local s = load_gpus()
+if next(s.cap) == nil then
+  return {-3}
+end
+local largest = 0
+if pin ~= '' then
+  if s.cap[pin] == nil then
+    return {-2}
+  end
+  largest = s.cap[pin]
+else
+  for _, cap in pairs(s.cap) do
+    largest = math.max(largest, cap)
+  end
+end
+if need > largest then
+  return {-1, largest}
+end
+
+local now = now_ms()
+collect_expired(s, now)
+grant_waiting(s, now)
+
+local existing = redis.call('HGET', K_LEASES, id)
+if existing then
+  return {1, existing}
+end
+if redis.call('HEXISTS', K_TICKETS, id) == 1 then
+  return {2, redis.call('ZRANK', K_QUEUE, id), next_expiry(now)}
+end
+
+local head = redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')
+if head[1] == nil or rank_of_score(head[2]) < rank then
+  local gpu = place(s, need, pin)
+  if gpu then
+    local req = {
+      vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
+      service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now, seq = 0,
+    }
+    return {1, grant(s, id, req, gpu, now)}
+  end
+end
+
+if mode ~= 'wait' then
+  return {0, next_expiry(now)}
+end
+
+local seq = redis.call('INCR', KEYS[10])
+local req = {
+  id = id, vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
+  service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now, seq = seq,
+  expires_at = now + ttl,
+}
+redis.call('HSET', K_TICKETS, id, cjson.encode(req))
+redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + seq), id)
+redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
+return {2, redis.call('ZRANK', K_QUEUE, id), next_expiry(now)}

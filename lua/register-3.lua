@@ -1,0 +1,36 @@
+--[[
+  register: declare GPUs in the namespace's shared registry, all or nothing.
+
+  A GPU already registered with the same capacity and reserve is left as it is; one registered with a
+  different capacity or reserve is a conflict, and then nothing is written.
+
+  Input:
+    KEYS[1]   gpus      hash  gpu id -> JSON declaration
+    KEYS[2]   capacity  hash  gpu id -> leasable MiB
+    KEYS[3]   used      hash  gpu id -> leased MiB
+    ARGV[k]   (k >= 1) one GPU as JSON: {"id", "name", "index", "capacity_mib", "reserve_mib"}
+
+  Output:
+    {1, added}                    OK: `added` GPUs were new
+    {-1, gpu_id, registered}      CONFLICT: `gpu_id` is registered with other sizes (its JSON)
+]]
+local decls = {}
+for k = 1, #ARGV do
+  local gpu = cjson.decode(ARGV[k])
+  local raw = redis.call('HGET', KEYS[1], gpu.id)
+  if raw then
+    local old = cjson.decode(raw)
+    if old.capacity_mib ~= gpu.capacity_mib or old.reserve_mib ~= gpu.reserve_mib then
+      return {-1, gpu.id, raw}
+    end
+  else
+    decls[#decls + 1] = {gpu, ARGV[k]}
+  end
+end
+for _, d in ipairs(decls) do
+  local gpu = d[1]
+  redis.call('HSET', KEYS[1], gpu.id, d[2])
+  redis.call('HSET', KEYS[2], gpu.id, string.format('%.0f', gpu.capacity_mib - gpu.reserve_mib))
+  redis.call('HSETNX', KEYS[3], gpu.id, 0)
+end
+return {1, #decls}

@@ -1,0 +1,48 @@
+--[[
+  renew: heartbeat a batch of leases and queued requests of one process.
+
+  Expired entries are collected first, so an entry whose TTL ran out is lost even if its renewal
+  arrives a moment later: a lease past its deadline never comes back. Then each live id gets a new
+  deadline of now + its ttl, and freed capacity goes to the queue.
+
+  Input:
+    KEYS[1..9]       the state layout (includes/state.lua)
+    ARGV[1]          wake-list prefix
+    ARGV[2k], ARGV[2k+1] (k >= 1)   an id and its ttl in ms
+
+  Output:
+    {next_ms, now_ms, st_1, ...} next_ms: ms until the next expiry (-1: none); now_ms: Redis time;
+                                 st_k for the k-th id:
+                                 1 LEASE (renewed; its new expires_at is now + ttl)
+                                 2 QUEUED (request renewed, still waiting)
+                                 0 GONE (nothing under that id: lost, expired or released)
+]]
+--- @include "state"
+--- @include "place"
+--- @include "drop"
+--- @include "grant"
+
+local s = load_gpus()
+local now = now_ms()
+collect_expired(s, now)
+grant_waiting(s, now)
+
+local reply = {0, now}
+for k = 2, #ARGV - 1, 2 do
+  local id, ttl = ARGV[k], tonumber(ARGV[k + 1])
+  local st = 0
+  local raw = redis.call('HGET', K_LEASES, id)
+  if raw then
+    local rec = cjson.decode(raw)
+    rec.expires_at = now + ttl
+    redis.call('HSET', K_LEASES, id, cjson.encode(rec))
+    redis.call('ZADD', K_LEASE_EXP, int(now + ttl), id)
+    st = 1
+  elseif redis.call('ZSCORE', K_QUEUE_EXP, id) then
+    redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
+    st = 2
+  end
+  reply[#reply + 1] = st
+end
+reply[1] = next_expiry(now)
+return reply

