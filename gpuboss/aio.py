@@ -83,7 +83,7 @@ class AsyncGPUBoss:
             return await self._eval(op)
         if isinstance(op, Pop):
             try:
-                popped = await self._redis.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))  # type: ignore[misc]
+                popped = await self._redis.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
             except TRANSIENT:
                 return None  # the flow looks again through a retried call
             return None if popped is None else popped[1]

@@ -83,15 +83,17 @@ class GPUBoss:
             return None
         raise TypeError(f"unknown operation {op!r}")
 
+    def _read_registry(self) -> dict[str, str]:
+        flat = retry_sync(
+            lambda: self._redis.hgetall(self._core.keys.gpus), self._shown_url, self._core.config.connect_timeout
+        )
+        return {str(k): str(v) for k, v in flat.items()}
+
     def _prepare(self, req: LeaseRequest) -> None:
         """Read the GPU registry, check the request against it, then register this boss's GPUs."""
         with self._ready_lock:
             if not self._ready or req.device is not None:
-                flat = retry_sync(
-                    lambda: self._redis.hgetall(self._core.keys.gpus),
-                    self._shown_url,
-                    self._core.config.connect_timeout,
-                )
+                flat = self._read_registry()
                 self._core.update_registry(flat)
                 self._core.check_request(req)
                 register = self._core.register_call() if self._core.needs_register(flat) else None
@@ -117,7 +119,7 @@ class GPUBoss:
         self._prepare(req)
         request_id = new_request_id()
         try:
-            lease = run_flow_sync(self._core.acquire_flow(req, request_id), self._perform)
+            lease: Lease = run_flow_sync(self._core.acquire_flow(req, request_id), self._perform)
         except (LeaseTimeout, InsufficientCapacity, InvalidRequest, ConfigError):
             self._heartbeat.forget(request_id)  # the flow left nothing behind in Redis
             raise
@@ -177,10 +179,7 @@ class GPUBoss:
 
     def gpus(self) -> list[GpuInfo]:
         """The GPUs registered in the namespace."""
-        flat = retry_sync(
-            lambda: self._redis.hgetall(self._core.keys.gpus), self._shown_url, self._core.config.connect_timeout
-        )
-        self._core.update_registry(flat)
+        self._core.update_registry(self._read_registry())
         return sorted(self._core.registry.values(), key=lambda g: g.id)
 
     def collect(self) -> dict[str, int]:

@@ -161,7 +161,7 @@ def validate_ttl(ttl: object) -> int:
 
 def validate_device(device: object) -> str | int | None:
     if device is None or (isinstance(device, int) and not isinstance(device, bool) and device >= 0):
-        return device  # type: ignore[return-value]
+        return device
     if isinstance(device, str) and device:
         return device
     raise InvalidRequest("device", device, "must be a GPU id, 'cuda:N', an index N >= 0, or None")

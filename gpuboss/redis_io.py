@@ -18,7 +18,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from gpuboss import scripts
@@ -75,7 +76,7 @@ def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
 def _retry_args(within: float) -> dict[str, Any]:
     return {
         "stop": stop_after_delay(within),
-        "wait": wait_exponential_jitter(initial=0.05, max=1.0),
+        "wait": wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
         "retry": retry_if_exception_type(TRANSIENT),
         "reraise": False,
     }
@@ -98,10 +99,10 @@ def evalsha_sync(client: redis.Redis, call: Call) -> Any:
 async def evalsha_async(client: redis.asyncio.Redis, call: Call) -> Any:
     script = scripts.get(call.script)
     try:
-        return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)  # type: ignore[misc]
+        return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
     except NoScriptError:
         await client.script_load(script.source)
-        return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)  # type: ignore[misc]
+        return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
 
 
 def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
@@ -126,36 +127,20 @@ async def retry_async(fn: Callable[[], Awaitable[T]], url: str, within: float) -
 
 
 def run_flow_sync(flow: Flow, perform: Callable[[Op], Any]) -> Any:
-    """Drive a core flow to its end with blocking I/O; return what it returns."""
-    op = next(flow)
-    while True:
-        try:
-            result = perform(op)
-        except Exception as err:  # handed to the flow, which re-raises what it does not handle
-            try:
-                op = flow.throw(err)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value
+    """Drive a core flow to its end with blocking I/O; return what it returns. Errors propagate."""
+    try:
+        op = next(flow)
+        while True:
+            op = flow.send(perform(op))
+    except StopIteration as stop:
+        return stop.value
 
 
 async def run_flow_async(flow: Flow, perform: Callable[[Op], Awaitable[Any]]) -> Any:
-    """Drive a core flow to its end with asyncio I/O; return what it returns."""
-    op = next(flow)
-    while True:
-        try:
-            result = await perform(op)
-        except Exception as err:
-            try:
-                op = flow.throw(err)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value
+    """Drive a core flow to its end with asyncio I/O; return what it returns. Errors propagate."""
+    try:
+        op = next(flow)
+        while True:
+            op = flow.send(await perform(op))
+    except StopIteration as stop:
+        return stop.value

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import redis
-
 from gpuboss import AsyncGPUBoss, GPUBoss
 from gpuboss.server import RedisProcess, start_redis
 

@@ -1,0 +1,182 @@
+"""The Lua scripts: file names and headers, includes, every reply code, EVALSHA recovery, the wheel."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import redis
+from gpuboss import GPUBoss, scripts
+from gpuboss.config import BossConfig
+from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, new_request_id
+from gpuboss.redis_io import evalsha_sync
+
+from tests.conftest import GPUS, raw_client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def header(name: str) -> str:
+    path = next((ROOT / "lua").glob(f"{name}-*.lua"))
+    text = path.read_text()
+    assert text.startswith("--[["), f"{path.name} must open with a header comment"
+    return text[: text.index("]]")]
+
+
+@pytest.mark.parametrize("name", sorted(scripts.all_scripts()))
+def test_header_documents_keys_argv_and_reply(name: str) -> None:
+    script = scripts.get(name)
+    text = header(name)
+    assert "Input:" in text and "Output:" in text
+    documented = set()
+    for lo, hi in re.findall(r"KEYS\[(\d+)\.\.(\d+)\]", text):
+        documented |= set(range(int(lo), int(hi) + 1))
+    documented |= {int(n) for n in re.findall(r"KEYS\[(\d+)\]", text)}
+    assert documented == set(range(1, script.num_keys + 1)), f"{name}: header KEYS vs -{script.num_keys}.lua"
+    assert "ARGV[" in text
+
+
+def test_includes_resolve_once_and_reject_missing_and_circular(tmp_path: Path) -> None:
+    inc = tmp_path / "includes"
+    inc.mkdir()
+    (inc / "a.lua").write_text('--- @include "b"\nlocal A = 1\n')
+    (inc / "b.lua").write_text("local B = 2\n")
+    text = scripts.resolve_includes('--- @include "a"\n--- @include "b"\nreturn 1\n', inc)
+    assert text.count("local B = 2") == 1 and text.index("local B") < text.index("local A")
+    with pytest.raises(scripts.ScriptError, match="missing include 'zz'"):
+        scripts.resolve_includes('--- @include "zz"\n', inc)
+    (inc / "c.lua").write_text('--- @include "d"\n')
+    (inc / "d.lua").write_text('--- @include "c"\n')
+    with pytest.raises(scripts.ScriptError, match="circular include"):
+        scripts.resolve_includes('--- @include "c"\n', inc)
+    bad = tmp_path / "NoKeys.lua"
+    bad.write_text("return 1")
+    with pytest.raises(scripts.ScriptError, match="not named"):
+        scripts.load_script(bad, inc)
+
+
+def test_every_reply_code_is_documented() -> None:
+    for name, codes in (("acquire", Reply), ("release", ReleaseReply), ("renew", RenewStatus)):
+        text = header(name)
+        for code in codes:
+            assert re.search(rf"(\{{|\s){code.value}[,\s}}]", text), f"{name}: code {code.value} ({code.name})"
+
+
+@pytest.fixture
+def core(namespace: str) -> Core:
+    return Core(BossConfig(namespace=namespace, gpus=GPUS, service="scripts"))
+
+
+def run(client: redis.Redis, call: object) -> list[object]:
+    return evalsha_sync(client, call)  # type: ignore[arg-type,no-any-return]
+
+
+def test_every_reply_code_against_the_server(real_url: str, core: Core) -> None:
+    client = raw_client(real_url)
+    req = core.make_request(24)
+    seen: dict[str, set[int]] = {"acquire": set(), "release": set(), "renew": set()}
+
+    def acquire(request_id: str, vram_gb: float, pin: str = "", timeout: float | None = None) -> list[object]:
+        r = core.make_request(vram_gb, timeout=timeout)
+        reply = run(client, core.acquire_call(request_id, r, pin, "s"))
+        seen["acquire"].add(int(reply[0]))  # type: ignore[call-overload]
+        return reply
+
+    assert acquire("a", 1)[0] == Reply.NO_GPUS
+    register = core.register_call()
+    assert register is not None and run(client, register) == [1, 2]
+    assert run(client, register) == [1, 0]  # again: nothing new
+    assert acquire("a", 1, pin="gpu9")[0] == Reply.UNKNOWN_GPU
+    assert acquire("a", 30)[:2] == [Reply.INSUFFICIENT, 24 * 1024]
+    first = acquire("a", 24, pin="gpu0")
+    assert first[0] == Reply.GRANTED and json.loads(str(first[1]))["token"] == 1
+    assert acquire("a", 24, pin="gpu0") == first  # idempotent
+    assert acquire("b", 1, pin="gpu0", timeout=0)[0] == Reply.BUSY
+    queued = acquire("b", 1, pin="gpu0")
+    assert queued[:2] == [Reply.QUEUED, 0] and int(queued[2]) > 0  # type: ignore[call-overload]
+    assert acquire("b", 1, pin="gpu0")[:2] == [Reply.QUEUED, 0]  # idempotent
+    renewed = run(client, core.renew_call({"a": 5000, "b": 5000, "zz": 5000}))
+    assert renewed[2:] == [RenewStatus.LEASE, RenewStatus.QUEUED, RenewStatus.GONE]
+    seen["renew"] |= {int(x) for x in renewed[2:]}  # type: ignore[call-overload]
+    reply = run(client, core.release_call("a"))
+    assert reply == [ReleaseReply.RELEASED, 1]  # and the queued "b" was granted in the same call
+    assert json.loads(str(client.lpop(core.keys.wake("b"))))["id"] == "b"
+    assert acquire("c", 30, pin="")[0] == Reply.INSUFFICIENT
+    acquire("c", 24, pin="gpu0")
+    assert run(client, core.release_call("c")) == [ReleaseReply.WITHDRAWN, 0]
+    assert run(client, core.release_call("c")) == [ReleaseReply.NOT_FOUND, 0]
+    assert run(client, core.release_call("b")) == [ReleaseReply.RELEASED, 0]
+    seen["release"] |= {int(ReleaseReply.RELEASED), int(ReleaseReply.WITHDRAWN), int(ReleaseReply.NOT_FOUND)}
+    conflict = Core(BossConfig(namespace=core.config.namespace, gpus=[{"id": "gpu0", "vram_gb": 8}]))
+    conflict_call = conflict.register_call()
+    assert conflict_call is not None
+    assert run(client, conflict_call)[:2] == [-1, "gpu0"]
+    assert run(client, core.collect_call())[:3] == [0, 0, 0]
+    assert seen["acquire"] == {int(c) for c in Reply}
+    assert seen["renew"] == {int(c) for c in RenewStatus}
+    assert seen["release"] == {int(c) for c in ReleaseReply}
+    del req
+
+
+def test_expired_entries_are_collected_with_redis_time(real_url: str, core: Core) -> None:
+    import time
+
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    run(client, register)
+    short = core.make_request(24, ttl=0.2)
+    run(client, core.acquire_call("dead-holder", short, "gpu0", "s"))
+    run(client, core.acquire_call("dead-waiter", short, "gpu0", "s"))
+    assert client.zcard(core.keys.queue) == 1
+    time.sleep(0.3)
+    assert run(client, core.collect_call())[:3] == [1, 1, 0]
+    assert client.hgetall(core.keys.used) == {"gpu0": "0", "gpu1": "0"}
+    assert client.exists(core.keys.leases, core.keys.queue, core.keys.tickets, core.keys.wake("dead-waiter")) == 0
+
+
+def test_scripts_recover_from_script_flush(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
+    boss.release(boss.acquire(1))
+    raw_client(real_url).script_flush()
+    lease = boss.acquire(2)
+    raw_client(real_url).script_flush()
+    assert boss.release(lease) is True
+    boss.close()
+
+
+def test_new_request_ids_are_unique() -> None:
+    assert len({new_request_id() for _ in range(1000)}) == 1000
+
+
+def test_wheel_ships_the_scripts(tmp_path: Path) -> None:
+    """Build the wheel, install it in a fresh folder, and load every script from there."""
+    out = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(out.glob("gpuboss-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for name, script in scripts.all_scripts().items():
+        assert f"gpuboss/lua/{name}-{script.num_keys}.lua" in names
+    assert "gpuboss/lua/includes/state.lua" in names and "gpuboss/py.typed" in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    probe = (
+        "import gpuboss.scripts as s, json; "
+        "print(json.dumps({'dir': str(s.lua_dir()), 'shas': {n: x.sha for n, x in s.all_scripts().items()}}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["dir"].startswith(str(target))
+    assert data["shas"] == {n: x.sha for n, x in scripts.all_scripts().items()}
