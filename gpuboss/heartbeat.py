@@ -140,14 +140,23 @@ class Heartbeat:
             return None
 
     def _run(self) -> None:
+        last = time.monotonic()
         while True:
             interval = self._interval()
-            self._wake.wait(timeout=interval)
-            self._wake.clear()
+            if interval is None:  # nothing to renew: sleep until something is added
+                self._wake.wait()
+                self._wake.clear()
+                last = time.monotonic()
+            else:
+                left = last + interval - time.monotonic()
+                if left > 0:  # not due yet; an added entry with a shorter TTL wakes us to reschedule
+                    self._wake.wait(timeout=left)
+                    self._wake.clear()
             if self._stopped:
                 return
-            if interval is None:
+            if interval is None or last + interval > time.monotonic():
                 continue
+            last = time.monotonic()
             try:
                 self.tick()
             except TRANSIENT as err:

@@ -456,3 +456,54 @@ async def test_async_heartbeat_survives_a_blocked_loop(aboss: AsyncGPUBoss, back
         assert not device.lease.lost
         record = raw_client(backend_url).hget(Keys(namespace).leases, device.lease.id)
         assert record is not None
+
+
+def test_waiting_request_heartbeats_its_queue_entry(boss: GPUBoss, backend_url: str, namespace: str) -> None:
+    held = boss.acquire(24, device="gpu0")
+    w = start_waiter(boss, backend_url, namespace, 24, device="gpu0", ttl=0.4, timeout=10)
+    time.sleep(1.2)  # three TTLs: only the heartbeat keeps the queue entry
+    assert len(queue_ids(backend_url, namespace)) == 1 and w.lease is None
+    boss.release(held)
+    w.join(5)
+    assert w.lease is not None
+    boss.release(w.lease)
+
+
+async def test_cancelled_release_still_lands(aboss: AsyncGPUBoss, backend_url: str, namespace: str) -> None:
+    lease = await aboss.acquire(8)
+    task = asyncio.create_task(aboss.release(lease))
+    await asyncio.sleep(0)  # the release has started...
+    task.cancel()  # ...and its caller is cancelled midway
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if sum(used(backend_url, namespace).values()) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert sum(used(backend_url, namespace).values()) == 0
+    assert raw_client(backend_url).hlen(Keys(namespace).leases) == 0
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+def test_interpreter_exit_releases(real_url: str, namespace: str, front: str) -> None:
+    import subprocess
+    import sys
+
+    program = f"""
+import asyncio, sys
+from gpuboss import GPUBoss, AsyncGPUBoss
+gpus = [{{"id": "gpu0", "vram_gb": 24, "index": 0}}]
+if {front!r} == "sync":
+    boss = GPUBoss({real_url!r}, namespace={namespace!r}, gpus=gpus)
+    boss.acquire(10, ttl=600)
+else:
+    async def main():
+        boss = AsyncGPUBoss({real_url!r}, namespace={namespace!r}, gpus=gpus)
+        await boss.acquire(10, ttl=600)
+    asyncio.run(main())
+print("held", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "held" in result.stdout, result.stderr
+    assert used(real_url, namespace) == {"gpu0": 0}  # released at exit, not left to its 600 s TTL
+    assert raw_client(real_url).hlen(Keys(namespace).leases) == 0

