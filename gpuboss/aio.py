@@ -10,34 +10,19 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gpuboss.config import BossConfig, config_from_arguments, load_config
-from gpuboss.core import (
-    DEFAULT,
-    Call,
-    Core,
-    GpuInfo,
-    LeaseRequest,
-    Op,
-    Pop,
-    Timeout,
-    Watch,
-    new_request_id,
-    redact_url,
-)
-from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseLost, LeaseTimeout
-from gpuboss.heartbeat import Heartbeat
+from gpuboss.base import BossBase
+from gpuboss.config import BossConfig
+from gpuboss.core import CLEAN_ERRORS, DEFAULT, Call, Flow, GpuInfo, Op, Pop, ReadHash, Timeout, Watch, new_request_id
 from gpuboss.lease import Device, Lease
 from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_async, evalsha_async, retry_async, run_flow_async
-from gpuboss.urls import resolve_redis_url
 
 log = logging.getLogger("gpuboss")
 
 
-class AsyncGPUBoss:
+class AsyncGPUBoss(BossBase):
     """Asyncio VRAM leases.
 
     >>> boss = AsyncGPUBoss(redis_url="redis://localhost:6379/0", gpus=[{"id": "gpu0", "vram_gb": 24}])
@@ -46,30 +31,11 @@ class AsyncGPUBoss:
     """
 
     def __init__(self, redis_url: str | None = None, *, config: BossConfig | None = None, **settings: Any) -> None:
-        self._core = Core(config if config is not None else config_from_arguments(redis_url=redis_url, **settings))
-        self.url = resolve_redis_url(self._core.config)
-        self._shown_url = redact_url(self.url)
+        super().__init__(redis_url, config, settings)
         self._redis = connect_async(self.url, self._core.config.connect_timeout)
-        self._heartbeat = Heartbeat(self._core, self.url, self._call_on_lost)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = False
         self._ready_lock = asyncio.Lock()
-        self._leases: dict[str, Lease] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        log.info("gpuboss: namespace %r on Redis %s", self._core.config.namespace, self._shown_url)
-
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> AsyncGPUBoss:
-        """Build from a YAML file (``GPUBOSS_CONFIG`` wins over ``path``; ``GPUBOSS_REDIS_URL`` over its URL)."""
-        return cls(config=load_config(path, **overrides))
-
-    @property
-    def config(self) -> BossConfig:
-        return self._core.config
-
-    @property
-    def namespace(self) -> str:
-        return self._core.config.namespace
 
     # -- I/O
 
@@ -87,32 +53,19 @@ class AsyncGPUBoss:
             except TRANSIENT:
                 return None  # the flow looks again through a retried call
             return None if popped is None else popped[1]
+        if isinstance(op, ReadHash):
+            return await retry_async(
+                lambda: self._redis.hgetall(op.key),
+                self._shown_url,
+                self._core.config.connect_timeout,
+            )
         if isinstance(op, Watch):
             self._heartbeat.watch(op.request_id, op.ttl_ms)
             return None
         raise TypeError(f"unknown operation {op!r}")
 
-    async def _registry(self) -> dict[str, str]:
-        flat: dict[str, str] = await retry_async(
-            lambda: self._redis.hgetall(self._core.keys.gpus),  # type: ignore[arg-type,return-value]
-            self._shown_url,
-            self._core.config.connect_timeout,
-        )
-        return flat
-
-    async def _prepare(self, req: LeaseRequest) -> None:
-        """Read the GPU registry, check the request against it, then register this boss's GPUs."""
-        async with self._ready_lock:
-            if not self._ready or req.device is not None:
-                flat = await self._registry()
-                self._core.update_registry(flat)
-                self._core.check_request(req)
-                register = self._core.register_call() if self._core.needs_register(flat) else None
-                if register is not None:
-                    self._core.check_register_reply(await self._eval(register))
-                self._ready = True
-            else:
-                self._core.check_request(req)
+    async def _run(self, flow: Flow | Any) -> Any:
+        return await run_flow_async(flow, self._perform)
 
     # -- public API
 
@@ -128,20 +81,19 @@ class AsyncGPUBoss:
         """Wait for a lease of ``vram_gb`` GB; see the README for every argument."""
         req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost)
         self._loop = asyncio.get_running_loop()
-        await self._prepare(req)
+        async with self._ready_lock:
+            await self._run(self._core.prepare_flow(req))
         request_id = new_request_id()
         try:
-            lease: Lease = await run_flow_async(self._core.acquire_flow(req, request_id), self._perform)
-        except (LeaseTimeout, InsufficientCapacity, InvalidRequest, ConfigError):
-            self._heartbeat.forget(request_id)  # the flow left nothing behind in Redis
+            lease: Lease = await self._run(self._core.acquire_flow(req, request_id))
+        except CLEAN_ERRORS:
+            self._heartbeat.forget(request_id)
             raise
-        except BaseException:
+        except BaseException:  # cancelled midway: withdraw the request, or release what it was granted
             self._heartbeat.forget(request_id)
             await self._release_id(request_id, req.ttl_ms)
             raise
-        self._leases[lease.id] = lease
-        self._heartbeat.hold(lease)
-        return lease
+        return self._granted(lease)
 
     async def _release_id(self, item_id: str, ttl_ms: int) -> Any:
         """Release in a task of its own, so cancelling the caller cannot cut the release in half.
@@ -162,14 +114,7 @@ class AsyncGPUBoss:
 
     async def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
-        lease_id = lease if isinstance(lease, str) else lease.id
-        held = self._leases.pop(lease_id, None)
-        obj = held or (lease if isinstance(lease, Lease) else None)
-        if obj is not None:
-            obj._move("released")
-        self._heartbeat.forget(lease_id)
-        ttl_ms = int(obj.ttl * 1000) if obj is not None else 60_000
-        return self._core.released(await self._release_id(lease_id, ttl_ms))
+        return self._core.released(await self._release_id(*self._begin_release(lease)))
 
     @contextlib.asynccontextmanager
     async def lease(
@@ -191,20 +136,16 @@ class AsyncGPUBoss:
             yield Device(held)
         finally:
             await self.release(held)
-        if held.lost and on_lost is None:
-            raise LeaseLost(f"lease {held.id} on {held.gpu} was lost while its block ran")
+        self._check_block_end(held, on_lost)
 
     async def gpus(self) -> list[GpuInfo]:
         """The GPUs registered in the namespace."""
-        self._core.update_registry(await self._registry())
-        return sorted(self._core.registry.values(), key=lambda g: g.id)
+        result: list[GpuInfo] = await self._run(self._core.registry_flow())
+        return result
 
     async def collect(self) -> dict[str, int]:
         """Reclaim expired leases and queue entries now; say how many of each, and grants made."""
         return self._core.collected(await self._eval(self._core.collect_call()))
-
-    def held(self) -> list[Lease]:
-        return list(self._leases.values())
 
     async def close(self) -> None:
         """Release every lease this boss holds and stop its heartbeat. Safe to call twice."""
@@ -221,11 +162,11 @@ class AsyncGPUBoss:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _call_on_lost(self, lease: Lease) -> None:
-        """From the heartbeat thread: run the callback on the boss's event loop."""
-        self._leases.pop(lease.id, None)
+    def _dispatch_on_lost(self, lease: Lease) -> None:
+        """From the heartbeat thread: the callback runs on the boss's event loop."""
         loop = self._loop
-        if lease.on_lost is None or loop is None or loop.is_closed():
+        if loop is None or loop.is_closed():
+            log.warning("gpuboss: lease %s lost, but its event loop is gone: on_lost not called", lease.id)
             return
 
         def run() -> None:

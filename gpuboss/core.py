@@ -211,6 +211,13 @@ class Pop:
 
 
 @dataclass(frozen=True)
+class ReadHash:
+    """HGETALL one hash (read-only). The result is a dict of str to str."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class Watch:
     """Hand a queued request to the heartbeat so its queue entry stays alive. The result is None."""
 
@@ -218,8 +225,10 @@ class Watch:
     ttl_ms: int
 
 
-Op = Call | Pop | Watch
+Op = Call | Pop | ReadHash | Watch
 Flow = Generator[Op, Any, Lease]
+#: Errors that leave nothing behind in Redis: the flow raised them before writing, or cleaned up itself.
+CLEAN_ERRORS = (LeaseTimeout, InsufficientCapacity, InvalidRequest, ConfigError)
 
 
 # ---------------------------------------------------------------- the core
@@ -233,6 +242,7 @@ class Core:
         self.keys = Keys(config.namespace)
         self.declared = {g.id: GpuInfo.from_config(g) for g in config.gpus}
         self.registry: dict[str, GpuInfo] = dict(self.declared)
+        self.registry_loaded = False
         self.host = socket.gethostname()
 
     @property
@@ -304,6 +314,25 @@ class Core:
 
     def update_registry(self, flat: Mapping[str, str]) -> None:
         self.registry = {**{k: GpuInfo.from_json(v) for k, v in flat.items()}, **self.declared}
+        self.registry_loaded = True
+
+    def registry_flow(self) -> Generator[Op, Any, list[GpuInfo]]:
+        """Read the registry: the GPUs registered in the namespace, with this boss's own declarations."""
+        self.update_registry((yield ReadHash(self.keys.gpus)))
+        return sorted(self.registry.values(), key=lambda g: g.id)
+
+    def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
+        """Before a request: read the registry (first time, or to resolve a pin), check the request against
+        it, and only then register this boss's GPUs, so a bad request writes nothing."""
+        if self.registry_loaded and req.device is None:
+            self.check_request(req)
+            return
+        flat = yield ReadHash(self.keys.gpus)
+        self.update_registry(flat)
+        self.check_request(req)
+        register = self.register_call() if self.needs_register(flat) else None
+        if register is not None:
+            self.check_register_reply((yield register))
 
     # -- script calls
 
