@@ -1,10 +1,12 @@
 --[[
-  drop_lease(s, id) -> the removed lease record (JSON) or nil: frees its MiB on its GPU.
+  drop_lease(s, id) -> the removed lease record (JSON) or nil: frees its MiB on its GPU, and deletes a
+    grant pushed to the id's wake list that its waiter never took.
   drop_request(id) -> true when a queued request was removed (its wake list goes too).
 ]]
 local function drop_lease(s, id)
   local raw = redis.call('HGET', K_LEASES, id)
   redis.call('ZREM', K_LEASE_EXP, id)
+  redis.call('DEL', WAKE_PREFIX .. id) -- a grant its waiter never took (the waiter died)
   if not raw then
     return nil
   end

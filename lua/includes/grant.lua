@@ -2,12 +2,17 @@
   grant(s, id, req, gpu, now) -> the new lease record (JSON)
   grant_waiting(s, now) -> number of queued requests granted
 
-  grant writes the lease: a fresh fencing token, the MiB on `gpu`, the record and its expiry.
+  grant writes the lease: a fresh fencing token, the MiB on `gpu`, the record and its expiry. Tokens
+  count up from Redis time (ms x 10) when the counter is missing, so they keep increasing even across a
+  Redis restart that lost the counter, as long as the namespace averaged under 10 grants per ms.
   grant_waiting hands capacity to the head of the queue for as long as the head fits (strict order: a
   head that does not fit holds everyone behind it), and pushes each grant onto that request's wake list
   so the one waiter it belongs to returns at once: no polling, no herd.
 ]]
 local function grant(s, id, req, gpu, now)
+  if redis.call('EXISTS', K_TOKEN) == 0 then
+    redis.call('SET', K_TOKEN, int(now * 10))
+  end
   local token = redis.call('INCR', K_TOKEN)
   s.used[gpu] = redis.call('HINCRBY', K_USED, gpu, req.vram_mib)
   local index = 0

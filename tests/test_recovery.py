@@ -1,0 +1,536 @@
+"""Crash recovery of the lease engine, on a real private redis-server.
+
+A holder or a waiter SIGKILLed (by PID) gives its VRAM back within its TTL; scripts flushed from Redis are
+loaded again; a Redis restart is survived by the bosses and reported as a lost lease; a blocked event
+loop does not lose a lease; cancelled and interrupted callers leave nothing behind in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout
+from gpuboss.scripts import all_scripts
+from gpuboss.server import RedisProcess, start_redis
+
+from tests.conftest import GPUS, namespace_keys, raw_client
+from tests.workers import Worker
+
+pytestmark = pytest.mark.slow
+
+GB = 1024
+GPU0_MIB = 24 * GB
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll until ``predicate()`` is true; the monotonic time it became true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def queued(client: redis.Redis, keys: Keys) -> list[str]:
+    return [str(x) for x in client.zrange(keys.queue, 0, -1)]
+
+
+def used(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    return {str(k): int(v) for k, v in client.hgetall(keys.used).items()}
+
+
+def assert_idle(client: redis.Redis, keys: Keys) -> None:
+    """Nothing leased or queued: only the fixed keys, every GPU at 0 MiB."""
+    left = namespace_keys(client, keys.namespace)
+    assert left <= set(keys.fixed()), sorted(left - set(keys.fixed()))
+    assert set(used(client, keys).values()) <= {0}
+
+
+def assert_no_trace(client: redis.Redis, keys: Keys, item_id: str) -> None:
+    """``item_id`` is neither queued nor leased, and no grant waits for it."""
+    assert item_id not in queued(client, keys)
+    assert client.hget(keys.tickets, item_id) is None
+    assert client.zscore(keys.queue_exp, item_id) is None
+    assert client.hget(keys.leases, item_id) is None
+    assert client.zscore(keys.lease_exp, item_id) is None
+
+
+class Waiter(threading.Thread):
+    """``boss.acquire(...)`` on a thread; keeps the lease (or the error) and when ``acquire`` returned."""
+
+    def __init__(self, boss: GPUBoss, *args: Any, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self.boss, self.args, self.kwargs = boss, args, kwargs
+        self.lease: Lease | None = None
+        self.error: BaseException | None = None
+        self.granted_at: float | None = None
+
+    def run(self) -> None:
+        try:
+            self.lease = self.boss.acquire(*self.args, **self.kwargs)
+            self.granted_at = time.monotonic()
+        except BaseException as err:  # noqa: BLE001 - kept for the test to assert on
+            self.error = err
+
+    def result(self, timeout: float) -> Lease:
+        self.join(timeout)
+        assert not self.is_alive(), f"acquire() still waiting after {timeout} s"
+        assert self.error is None, repr(self.error)
+        assert self.lease is not None
+        return self.lease
+
+
+@pytest.fixture
+def client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
+    c = raw_client(redis_server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def bosses(redis_server: RedisProcess, namespace: str) -> Iterator[Callable[[str], GPUBoss]]:
+    """Make bosses on the shared server; every one is closed after the test."""
+    made: list[GPUBoss] = []
+
+    def make(service: str) -> GPUBoss:
+        made.append(GPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service=service))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., Worker]]:
+    """Start worker processes; each is killed by its PID (if still alive) and reaped after the test."""
+    started: list[Worker] = []
+
+    def start(*args: Any) -> Worker:
+        started.append(Worker(*args))
+        return started[-1]
+
+    yield start
+    for w in started:
+        w.close()
+
+
+# ---------------------------------------------------------------- SIGKILL
+
+
+def test_sigkilled_holder_frees_its_vram_within_ttl(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    ttl = 2.0
+    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", str(ttl))
+    holder.expect("READY", timeout=30)
+    held = json.loads(holder.expect("HELD", timeout=30))
+    assert (held["gpu"], held["vram_mib"], held["pid"]) == ("gpu0", GPU0_MIB, holder.pid)
+
+    waiter = Waiter(bosses("waiter"), 24, device="gpu0", timeout=20, ttl=10)
+    waiter.start()
+    wait_until(lambda: len(queued(client, keys)) == 1, what="the waiter is queued")
+    # While the holder lives, its heartbeat keeps the lease past its TTL: the waiter waits.
+    time.sleep(ttl + 0.5)
+    assert waiter.is_alive() and waiter.lease is None, "the waiter got the VRAM of a live holder"
+    assert client.hexists(keys.leases, held["id"])
+
+    holder.kill()  # SIGKILL by PID: no release, no atexit; only the TTL frees the VRAM
+    killed_at = time.monotonic()
+
+    lease = waiter.result(timeout=ttl + 5)
+    assert waiter.granted_at is not None
+    waited = waiter.granted_at - killed_at
+    assert waited <= ttl + 1.0, f"the waiter got the lease {waited:.2f} s after the kill (ttl {ttl} s)"
+    assert (lease.gpu, lease.vram_mib) == ("gpu0", GPU0_MIB)
+    assert lease.token > held["token"]
+    assert_no_trace(client, keys, held["id"])
+    assert used(client, keys)["gpu0"] == GPU0_MIB
+    assert waiter.boss.release(lease)
+    assert_idle(client, keys)
+
+
+@pytest.mark.parametrize("release", ["right_after_kill", "after_entry_expired"])
+def test_sigkilled_head_waiter_does_not_block_the_queue(
+    release: str,
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    entry_ttl = 2.0
+    holder = bosses("holder")
+    held = holder.acquire(24, device="gpu0", timeout=0, ttl=30)
+
+    # W queues for the whole gpu0; it is the head.
+    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", str(entry_ttl))
+    w.expect("READY", timeout=30)
+    w.expect("QUEUING")
+    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
+    w_id = queued(client, keys)[0]
+    assert json.loads(client.hget(keys.tickets, w_id))["pid"] == w.pid
+
+    # X asks for 4 GB: it would fit once the holder releases, but strict order keeps it behind W.
+    x = Waiter(bosses("x"), 4, device="gpu0", timeout=20, ttl=10)
+    x.start()
+    wait_until(lambda: len(queued(client, keys)) == 2, what="X is queued")
+    assert queued(client, keys)[0] == w_id
+
+    # W's heartbeat keeps its entry alive past the entry TTL while W lives.
+    time.sleep(entry_ttl + 0.5)
+    assert queued(client, keys)[0] == w_id, "a live waiter lost its queue entry"
+
+    w.kill()
+    killed_at = time.monotonic()
+    if release == "after_entry_expired":
+        # Nobody renews W's entry now: it is reclaimed within its TTL (by X, which wakes at the expiry).
+        gone_at = wait_until(lambda: w_id not in queued(client, keys), timeout=entry_ttl + 1, what="W's entry expired")
+        assert gone_at - killed_at <= entry_ttl + 1.0
+        assert x.is_alive(), "X was granted while the holder still held all of gpu0"
+    released_at = time.monotonic()
+    assert holder.release(held)
+
+    lease = x.result(timeout=entry_ttl + 5)
+    assert x.granted_at is not None
+    after_kill = x.granted_at - killed_at
+    assert after_kill <= entry_ttl + 1.0, f"X got its lease {after_kill:.2f} s after W was killed"
+    if release == "after_entry_expired":
+        # W's entry was already gone: the release hands gpu0 to X at once.
+        assert x.granted_at - released_at <= 0.5, f"X waited {x.granted_at - released_at:.2f} s after the release"
+    assert (lease.gpu, lease.vram_mib) == ("gpu0", 4 * GB)
+    assert_no_trace(client, keys, w_id)  # W's queue entry (and any lease granted to the dead W) is gone
+    assert queued(client, keys) == []
+    assert set(client.hkeys(keys.leases)) == {lease.id}
+    assert used(client, keys)["gpu0"] == 4 * GB
+    assert x.boss.release(lease)
+    assert set(used(client, keys).values()) == {0}
+
+
+def test_grant_to_a_dead_waiter_leaves_no_wake_list(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    holder = bosses("holder")
+    held = holder.acquire(24, device="gpu0", timeout=0, ttl=30)
+    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "1")
+    w.expect("READY", timeout=30)
+    w.expect("QUEUING")
+    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
+    w_id = queued(client, keys)[0]
+    w.kill()
+    assert holder.release(held)  # granted to W (its entry has not expired yet); nobody will take it
+    assert client.hexists(keys.leases, w_id)
+    time.sleep(1.2)
+    holder.collect()  # the dead W's lease expired and is collected
+    assert_no_trace(client, keys, w_id)
+    assert set(used(client, keys).values()) == {0}
+    # keys.py: "every other key exists only while a lease or a waiting request does"
+    assert not client.exists(keys.wake(w_id)), f"{keys.wake(w_id)} outlives the lease it granted"
+    assert_idle(client, keys)
+
+
+def test_sigint_while_queued_withdraws_the_request(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    """KeyboardInterrupt inside a blocking acquire() takes the request out of the queue at once."""
+    keys = Keys(namespace)
+    holder = bosses("holder")
+    held = holder.acquire(24, device="gpu0", timeout=0, ttl=30)
+    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "8", "--device", "gpu0", "--ttl", "30")
+    w.expect("READY", timeout=30)
+    w.expect("QUEUING")
+    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
+    w_id = queued(client, keys)[0]
+    w.interrupt()  # SIGINT by PID
+    w.expect("INTERRUPTED", timeout=10)
+    # Checked before the worker exits (its close() would withdraw it too): acquire() itself withdrew it.
+    assert w.proc.poll() is None
+    assert_no_trace(client, keys, w_id)
+    assert not client.exists(keys.wake(w_id))
+    assert w.wait(timeout=10) == 3
+    assert holder.release(held)
+    assert_idle(client, keys)
+
+
+# ---------------------------------------------------------------- scripts flushed, Redis restarted
+
+
+def test_script_flush_is_recovered(fresh_redis: RedisProcess, namespace: str) -> None:
+    keys = Keys(namespace)
+    client = raw_client(fresh_redis.url)
+    shas = [s.sha for s in all_scripts().values()]
+    with GPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="flush") as boss:
+        lease = boss.acquire(8, ttl=0.6, timeout=0)  # renewed every 0.2 s
+        first_expiry = lease.expires_at
+        client.script_flush()
+        assert client.script_exists(*shas) == [False] * len(shas)
+        time.sleep(1.5)  # the heartbeat's renew meets NOSCRIPT, loads the script and renews
+        assert not lease.lost
+        assert client.hexists(keys.leases, lease.id)
+        assert lease.expires_at > first_expiry + 0.5
+
+        client.script_flush()
+        assert boss.release(lease)  # release after a flush
+        assert_idle(client, keys)
+
+        client.script_flush()
+        with boss.lease(20, device="gpu0", timeout=0):  # acquire after a flush
+            assert used(client, keys)["gpu0"] == 20 * GB
+            client.script_flush()
+            # queued path after a flush: a request that must wait, then times out and is withdrawn
+            with pytest.raises(LeaseTimeout):
+                boss.acquire(8, device="gpu0", timeout=0.3)
+            client.script_flush()
+        assert_idle(client, keys)
+        client.script_flush()
+        assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+    client.close()
+
+
+async def test_script_flush_is_recovered_async(fresh_redis: RedisProcess, namespace: str) -> None:
+    keys = Keys(namespace)
+    client = raw_client(fresh_redis.url)
+    async with AsyncGPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="aflush") as boss:
+        client.script_flush()
+        lease = await boss.acquire(8, timeout=0)
+        client.script_flush()
+        assert await boss.release(lease)
+        client.script_flush()
+        async with boss.lease(4, device="gpu1", timeout=0):
+            assert used(client, keys)["gpu1"] == 4 * GB
+            client.script_flush()
+        assert_idle(client, keys)
+    client.close()
+
+
+def restart(server: RedisProcess) -> None:
+    """Stop the server by its PID and start a new, empty one on the same socket.
+
+    The fixture's object is pointed at the new process, so the fixture's teardown stops the new server
+    (by its PID) and never signals the PID of the old, already reaped one.
+    """
+    assert server.socket is not None
+    server.stop()
+    new = start_redis(server.workdir, socket=server.socket)
+    server.pid, server.process = new.pid, new.process
+
+
+def test_redis_restart_is_survived_and_held_lease_reported_lost(fresh_redis: RedisProcess, namespace: str) -> None:
+    keys = Keys(namespace)
+    ttl = 1.0
+    lost = threading.Event()
+    seen: list[Lease] = []
+
+    def on_lost(lease: Lease) -> None:
+        seen.append(lease)
+        lost.set()
+
+    url = fresh_redis.url
+    with (
+        GPUBoss(url, namespace=namespace, gpus=GPUS, service="restart") as boss,
+        GPUBoss(url, namespace=namespace, gpus=GPUS, service="restart-waiter") as other,
+    ):
+        lease = boss.acquire(8, device="gpu0", ttl=ttl, timeout=0, on_lost=on_lost)
+        # A waiter queued across the restart: 20 GB do not fit next to the 8 GB lease.
+        waiter = Waiter(other, 20, device="gpu0", timeout=20, ttl=10)
+        waiter.start()
+        before = raw_client(url)
+        assert before.hexists(keys.leases, lease.id)
+        wait_until(lambda: len(queued(before, keys)) == 1, what="the waiter is queued")
+        before.close()
+
+        restart(fresh_redis)
+        restarted_at = time.monotonic()
+        client = raw_client(url)
+
+        # The heartbeat finds the lease gone and reports it, within a few TTL periods.
+        assert lost.wait(timeout=4 * ttl), "on_lost did not fire after the restart"
+        assert time.monotonic() - restarted_at <= 4 * ttl
+        assert lease.lost
+        assert seen == [lease]
+        assert lease not in boss.held()
+
+        # The waiter asks again on the new server (registering the GPUs) and gets gpu0, which is free now.
+        waited = waiter.result(timeout=10)
+        assert waiter.granted_at is not None
+        assert waiter.granted_at - restarted_at <= 3.0
+        assert (waited.gpu, waited.vram_mib) == ("gpu0", 20 * GB)
+        assert other.release(waited)
+
+        # The boss that held the lost lease leases again.
+        again = boss.acquire(24, device="gpu0", timeout=0)
+        assert (again.gpu, again.vram_mib) == ("gpu0", GPU0_MIB)
+        assert set(client.hkeys(keys.gpus)) == {"gpu0", "gpu1"}
+        assert {k: int(v) for k, v in client.hgetall(keys.capacity).items()} == {"gpu0": 24 * GB, "gpu1": 15 * GB}
+        assert again.token > waited.token
+        assert waited.token > lease.token  # fencing survives a restart that lost the counter
+        unpinned = boss.acquire(15, timeout=0)  # the only room left is gpu1's 15 leasable GB
+        assert unpinned.gpu == "gpu1"
+        assert boss.release(again)
+        assert boss.release(unpinned)
+        assert not boss.release(lease)  # the lost lease is simply not found
+        assert_idle(client, keys)
+        assert seen == [lease]  # on_lost fired once, for that lease only
+    client.close()
+
+
+async def test_redis_restart_is_survived_async(fresh_redis: RedisProcess, namespace: str) -> None:
+    keys = Keys(namespace)
+    lost = asyncio.Event()
+    async with AsyncGPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="arestart") as boss:
+        lease = await boss.acquire(4, ttl=1, timeout=0, on_lost=lambda _lease: lost.set())
+        restart(fresh_redis)
+        await asyncio.wait_for(lost.wait(), timeout=4)  # on_lost runs on this loop
+        assert lease.lost
+        async with boss.lease(10, device="gpu1", timeout=0) as device:
+            assert device == "cuda:1"
+            client = raw_client(fresh_redis.url)
+            assert used(client, keys) == {"gpu0": 0, "gpu1": 10 * GB}
+        assert_idle(client, keys)
+        client.close()
+
+
+# ---------------------------------------------------------------- async: blocked loop, cancellation
+
+
+async def test_async_lease_survives_a_blocked_event_loop(
+    redis_server: RedisProcess, namespace: str, client: redis.Redis, bosses: Callable[[str], GPUBoss]
+) -> None:
+    keys = Keys(namespace)
+    rival = bosses("rival")
+    probes: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            try:
+                rival.release(rival.acquire(1, device="gpu0", timeout=0))
+                probes.append((time.monotonic(), "granted"))
+            except LeaseTimeout:
+                probes.append((time.monotonic(), "timeout"))
+            except BaseException as err:  # noqa: BLE001 - reported by the assertions below
+                probes.append((time.monotonic(), repr(err)))
+            stop.wait(0.1)
+
+    async with AsyncGPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service="blocked") as boss:
+        async with boss.lease(24, device="gpu0", ttl=1, timeout=0) as device:
+            lease = device.lease
+            first_expiry = lease.expires_at
+            prober = threading.Thread(target=probe, daemon=True)
+            prober.start()
+            time.sleep(3.0)  # synchronous GPU work: the event loop cannot run for 3 TTLs
+            stop.set()
+            prober.join(timeout=5)
+            assert not lease.lost
+            assert client.hexists(keys.leases, lease.id)
+            assert lease.expires_at >= first_expiry + 1.5  # renewed all along by the heartbeat thread
+        assert not lease.lost  # and the block ended without LeaseLost
+    assert len(probes) >= 10
+    assert probes[-1][0] - probes[0][0] >= 2.5
+    assert {outcome for _, outcome in probes} == {"timeout"}, probes
+    assert_idle(client, keys)
+    assert rival.release(rival.acquire(24, device="gpu0", timeout=0))  # free once the block is over
+
+
+@pytest.mark.parametrize("how", ["cancel", "asyncio_timeout"])
+async def test_cancelled_waiting_acquire_leaves_no_queue_entry(
+    how: str, redis_server: RedisProcess, namespace: str, client: redis.Redis, bosses: Callable[[str], GPUBoss]
+) -> None:
+    keys = Keys(namespace)
+    holder = bosses("holder")
+    held = holder.acquire(24, device="gpu0", timeout=0, ttl=30)
+    async with AsyncGPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service="cancel") as boss:
+
+        async def wait() -> Lease:
+            if how == "asyncio_timeout":
+                async with asyncio.timeout(0.5):
+                    return await boss.acquire(8, device="gpu0", timeout=30, ttl=30)
+            return await boss.acquire(8, device="gpu0", timeout=30, ttl=30)
+
+        task = asyncio.create_task(wait())
+        while not queued(client, keys):
+            assert not task.done()
+            await asyncio.sleep(0.005)
+        entry = queued(client, keys)[0]
+        if how == "cancel":
+            await asyncio.sleep(0.2)  # well inside the BLPOP
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(TimeoutError):
+                await task
+        # Right after the cancellation: the entry is gone, not left to expire in 30 s.
+        assert_no_trace(client, keys, entry)
+        assert not client.exists(keys.wake(entry))
+        assert boss.held() == []
+        # Nothing is granted to the cancelled request when the holder releases: gpu0 simply goes idle.
+        assert holder.release(held)
+        assert_idle(client, keys)
+
+
+async def test_cancelled_task_inside_async_with_releases(
+    redis_server: RedisProcess, namespace: str, client: redis.Redis
+) -> None:
+    keys = Keys(namespace)
+    inside = asyncio.Event()
+    leases: list[Lease] = []
+    async with AsyncGPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service="cancel-held") as boss:
+
+        async def work() -> None:
+            async with boss.lease(8, device="gpu0", timeout=0, ttl=30) as device:
+                leases.append(device.lease)
+                inside.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(work())
+        await asyncio.wait_for(inside.wait(), timeout=10)
+        assert used(client, keys)["gpu0"] == 8 * GB
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Right after the cancellation, before the boss closes: released, not left to its 30 s TTL.
+        assert not client.hexists(keys.leases, leases[0].id)
+        assert client.zscore(keys.lease_exp, leases[0].id) is None
+        assert used(client, keys)["gpu0"] == 0
+        assert boss.held() == []
+        assert_idle(client, keys)
+
+
+def test_keyboard_interrupt_in_sync_block_releases(
+    namespace: str, client: redis.Redis, bosses: Callable[[str], GPUBoss]
+) -> None:
+    keys = Keys(namespace)
+    boss = bosses("kbd")
+    leases: list[Lease] = []
+    with pytest.raises(KeyboardInterrupt), boss.lease(8, device="gpu0", timeout=0, ttl=30) as device:
+        leases.append(device.lease)
+        assert used(client, keys)["gpu0"] == 8 * GB
+        raise KeyboardInterrupt
+    assert not client.hexists(keys.leases, leases[0].id)
+    assert used(client, keys)["gpu0"] == 0
+    assert boss.held() == []
+    assert_idle(client, keys)
