@@ -37,7 +37,6 @@ Dispatch = Callable[[Lease], None]
 class _Entry:
     ttl_ms: int
     lease: Lease | None  # None while the request is queued
-    gone: bool = False
 
 
 class Heartbeat:
@@ -55,21 +54,27 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
         self._failing = False
+        self._sleep_for: float | None = None
         _LIVE.add(self)
 
     # -- what the front ends call
 
     def watch(self, request_id: str, ttl_ms: int) -> None:
         """Keep a queued request alive."""
-        with self._lock:
-            self._entries.setdefault(request_id, _Entry(ttl_ms, None))
-        self._start()
+        self._add(request_id, _Entry(ttl_ms, None), replace=False)
 
     def hold(self, lease: Lease) -> None:
         """Keep a granted lease alive until :meth:`forget`."""
+        self._add(lease.id, _Entry(int(lease.ttl * 1000), lease), replace=True)
+
+    def _add(self, item_id: str, entry: _Entry, replace: bool) -> None:
         with self._lock:
-            self._entries[lease.id] = _Entry(int(lease.ttl * 1000), lease)
-        self._start()
+            if replace or item_id not in self._entries:
+                self._entries[item_id] = entry
+            # Wake the thread only when this entry needs renewing sooner than it planned: a wake-up on
+            # every grant would compete for the CPU with the caller at the moment of the handoff.
+            sooner = self._sleep_for is None or entry.ttl_ms / 3000 < self._sleep_for
+        self._start(wake=sooner)
 
     def forget(self, item_id: str) -> None:
         with self._lock:
@@ -80,12 +85,7 @@ class Heartbeat:
         with self._lock:
             self._entries.pop(item_id, None)
             self._pending[item_id] = time.monotonic() + ttl_ms / 1000
-        self._start()
-
-    def is_gone(self, item_id: str) -> bool:
-        with self._lock:
-            entry = self._entries.get(item_id)
-            return entry is not None and entry.gone
+        self._start(wake=True)
 
     def held(self) -> list[str]:
         with self._lock:
@@ -122,22 +122,26 @@ class Heartbeat:
             self._client = connect_sync(self._url, timeout, socket_timeout=timeout)
         return self._client
 
-    def _start(self) -> None:
+    def _start(self, wake: bool) -> None:
         with self._lock:
             if self._stopped or (self._thread is not None and self._thread.is_alive()):
-                self._wake.set()
+                if wake:
+                    self._wake.set()
                 return
             self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
             self._thread.start()
 
     def _interval(self) -> float | None:
+        """The time between renewals now (None: nothing to do); remembered for :meth:`_add`."""
         with self._lock:
             if self._entries:
                 shortest = min(e.ttl_ms for e in self._entries.values())
-                return max(MIN_INTERVAL_S, shortest / 3000)
-            if self._pending:
-                return RETRY_INTERVAL_S
-            return None
+                self._sleep_for = max(MIN_INTERVAL_S, shortest / 3000)
+            elif self._pending:
+                self._sleep_for = RETRY_INTERVAL_S
+            else:
+                self._sleep_for = None
+            return self._sleep_for
 
     def _run(self) -> None:
         last = time.monotonic()
@@ -193,7 +197,7 @@ class Heartbeat:
                 if entry is None:
                     continue  # released meanwhile
                 if RenewStatus(int(status)) is RenewStatus.GONE:
-                    entry.gone = True
+                    # A queued request found gone is queued again by its waiter's next look; a lease is lost.
                     if entry.lease is not None:
                         del self._entries[item_id]
                         if entry.lease._move("lost"):

@@ -1,0 +1,67 @@
+"""Floor A: one round trip of a trivial EVALSHA (``return 1``), the least any script call can cost.
+
+Floor B (the push-based exclusive floor: a token handed over by BLPOP/RPUSH between processes) runs
+through :func:`bench.handoff.run_contention` with the ``token`` worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio
+
+from bench.env import SOCKET_TIMEOUT_S, connect
+
+TRIVIAL = "return 1"
+WARMUP = 200
+
+
+class SyncFloor:
+    """``EVALSHA <return 1> 0`` from a sync client (hiredis, decoded replies), as gpuboss connects."""
+
+    def __init__(self, url: str) -> None:
+        self.client = connect(url)
+        self.sha: str = self.client.script_load(TRIVIAL)
+        self.samples: list[float] = []
+        for _ in range(WARMUP):
+            self.client.evalsha(self.sha, 0)
+
+    def sample(self, n: int) -> None:
+        client, sha, out, mono = self.client, self.sha, self.samples, time.monotonic
+        for _ in range(n):
+            t0 = mono()
+            client.evalsha(sha, 0)
+            out.append(mono() - t0)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncFloor:
+    """The same from an asyncio client, for comparison with :class:`~gpuboss.AsyncGPUBoss`."""
+
+    def __init__(self, url: str, runner: asyncio.Runner) -> None:
+        self.runner = runner
+        self.client = redis.asyncio.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=SOCKET_TIMEOUT_S
+        )
+        self.sha: str = runner.run(self._load())
+        self.samples: list[float] = []
+        runner.run(self._loop(WARMUP, []))
+
+    async def _load(self) -> str:
+        return str(await self.client.script_load(TRIVIAL))
+
+    async def _loop(self, n: int, out: list[float]) -> None:
+        client, sha, mono = self.client, self.sha, time.monotonic
+        for _ in range(n):
+            t0 = mono()
+            await client.evalsha(sha, 0)  # type: ignore[misc,unused-ignore]
+            out.append(mono() - t0)
+
+    def sample(self, n: int) -> None:
+        self.runner.run(self._loop(n, self.samples))
+
+    def close(self) -> None:
+        self.runner.run(self.client.aclose())
