@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from gpuboss.errors import ConfigError
 from gpuboss.server import RedisProcess, start_redis
@@ -75,7 +77,10 @@ def _locked(directory: Path) -> Iterator[None]:
 def _answers(socket: Path) -> bool:
     if not socket.exists():
         return False
-    client = redis.Redis(unix_socket_path=str(socket), socket_connect_timeout=1, socket_timeout=2)
+    # No retries: redis-py's default (3 retries with exponential backoff) makes a stale socket cost ~4 s.
+    client = redis.Redis(
+        unix_socket_path=str(socket), socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
     try:
         return bool(client.ping())
     except (RedisError, OSError):

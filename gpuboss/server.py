@@ -39,6 +39,15 @@ def find_redis_server() -> str:
     )
 
 
+def _zombie(pid: int) -> bool:
+    """True when ``pid`` has exited but is not reaped yet (a daemonized server waits for init to reap it)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS): kill(pid, 0) is all we know
+    return stat_line.rpartition(")")[2].split()[:1] == ["Z"]
+
+
 @dataclass
 class RedisProcess:
     """A running private redis-server."""
@@ -64,7 +73,7 @@ class RedisProcess:
             return False
         except PermissionError:
             return True
-        return True
+        return not _zombie(self.pid)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM by PID, then SIGKILL if it lingers."""

@@ -1,0 +1,869 @@
+"""``gpuboss demo``: three services in separate processes share one simulated 24 GB GPU.
+
+* ``chat`` (priority high): latency-sensitive, small leases, :class:`~gpuboss.AsyncGPUBoss` in asyncio tasks;
+* ``api`` (priority normal): mid-sized leases, :class:`~gpuboss.GPUBoss` from a few threads;
+* ``batch`` (priority low): big leases held longer, one step of work (a checkpoint) per lease.
+
+Each request first tries ``timeout=0`` (granted at once, or nothing written), then queues with the rest of
+its timeout, so the timeline can say who had to wait. Workers send their events over a multiprocessing
+queue; this (parent) process prints them as a live timeline, samples ``HGETALL <ns>:used`` every few
+milliseconds, and at the end checks what must hold:
+
+* at every sample, VRAM in use <= capacity, and it equals the sum of the lease records;
+* replaying every lease interval (Redis time) never puts more on the GPU than its capacity;
+* no grant overtook a waiting request of the same or a higher priority (the queue order);
+* fencing tokens grow with grant time; every request was granted or timed out; workers exited cleanly;
+* at the end nothing is leased or queued; then the namespace's keys are deleted.
+
+The run passes (exit 0) only if all of that held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import queue
+import random
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from gpuboss.fmt import gb, ms, percentile, table
+
+GPU: dict[str, Any] = {"id": "gpu0", "name": "simulated 24 GB GPU", "vram_gb": 24, "index": 0}
+LEASE_TTL_S = 10.0
+SAMPLE_EVERY_S = 0.005
+STATUS_EVERY_S = 2.0
+PRIORITY_ORDER = ("high", "normal", "low")
+RANKS = {"low": 0, "normal": 1, "high": 2}
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    priority: str
+    api: str  # "async" or "threads"
+    clients: int
+    sizes_gb: tuple[float, ...]
+    hold_s: tuple[float, float]
+    think_s: tuple[float, float]
+    timeout_s: float
+    about: str
+
+
+SERVICES: tuple[Service, ...] = (
+    Service("chat", "high", "async", 3, (2, 3, 4), (0.1, 0.4), (0.2, 0.8), 1.5, "latency-sensitive, AsyncGPUBoss"),
+    Service("api", "normal", "threads", 3, (2, 4, 6), (0.2, 0.6), (0.2, 0.8), 3.0, "GPUBoss from threads"),
+    Service("batch", "low", "threads", 3, (8, 10, 12), (1.0, 2.0), (0.05, 0.2), 2.0, "big steps, checkpoints"),
+)
+
+
+# ---------------------------------------------------------------- the worker processes
+
+
+class _Emitter:
+    def __init__(self, events: Any, service: Service) -> None:
+        self._events = events
+        self._service = service
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        self._events.put(
+            {
+                "t": time.time(),
+                "kind": kind,
+                "service": self._service.name,
+                "priority": self._service.priority,
+                **fields,
+            }
+        )
+
+
+def _redis_ms(t: tuple[int, int] | list[int]) -> int:
+    """Redis ``TIME`` as the scripts count it: whole milliseconds."""
+    return int(t[0]) * 1000 + int(t[1]) // 1000
+
+
+def _worker(
+    service: Service,
+    url: str,
+    namespace: str,
+    events: Any,
+    go: Any,
+    start: Any,
+    duration: float,
+    seed: int,
+    debug: bool,
+) -> None:
+    """One service: a process of its own (spawned), ``service.clients`` concurrent clients."""
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    emit = _Emitter(events, service)
+    try:
+        if service.api == "async":
+            asyncio.run(_async_service(service, url, namespace, emit, go, start, duration, seed))
+        else:
+            _threaded_service(service, url, namespace, emit, go, start, duration, seed)
+    except KeyboardInterrupt:
+        emit("done", interrupted=True)
+        return
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which fails the run
+        emit("error", message=f"{type(err).__name__}: {err}")
+        raise SystemExit(1) from None
+    emit("done", interrupted=False)
+
+
+def _wait_for_go(go: Any, start: Any, duration: float) -> float:
+    if not go.wait(timeout=120):
+        raise RuntimeError("the demo did not start within 120 s")
+    return float(start.value) + duration
+
+
+def _rng(seed: int, service: Service, client: int) -> random.Random:
+    return random.Random(f"{seed}-{service.name}-{client}")
+
+
+def _threaded_service(
+    service: Service,
+    url: str,
+    namespace: str,
+    emit: _Emitter,
+    go: Any,
+    start: Any,
+    duration: float,
+    seed: int,
+) -> None:
+    from gpuboss import GPUBoss, LeaseTimeout
+    from gpuboss.redis_io import connect_sync
+
+    boss = GPUBoss(url, namespace=namespace, service=service.name, gpus=[GPU], default_ttl=LEASE_TTL_S)
+    clock = connect_sync(url, 5.0)
+    errors: list[Exception] = []
+    stop = threading.Event()  # set on Ctrl-C: clients finish what they hold and ask for nothing more
+    try:
+        emit("ready")
+        t_end = _wait_for_go(go, start, duration)
+
+        def client(k: int) -> None:
+            rng = _rng(seed, service, k)
+            n = 0
+            stop.wait(rng.uniform(0, 0.3))
+            while time.time() < t_end and not errors and not stop.is_set():
+                n += 1
+                req = f"{service.name}-{k}.{n}"
+                size = rng.choice(service.sizes_gb)
+                asked = time.monotonic()
+                try:
+                    try:
+                        lease = boss.acquire(size, service.priority, timeout=0)
+                        queued = False
+                    except LeaseTimeout:
+                        emit("waiting", req=req, gb=size)
+                        queued = True
+                        left = service.timeout_s - (time.monotonic() - asked)
+                        lease = boss.acquire(size, service.priority, timeout=max(left, 0.001))
+                except LeaseTimeout:
+                    emit("timeout", req=req, gb=size, wait_ms=(time.monotonic() - asked) * 1000)
+                    stop.wait(rng.uniform(*service.think_s))
+                    continue
+                granted = time.monotonic()
+                emit(
+                    "granted", req=req, gb=size, queued=queued, wait_ms=(granted - asked) * 1000, **_lease_fields(lease)
+                )
+                stop.wait(rng.uniform(*service.hold_s))  # "inference" on the leased device
+                end_ms = _redis_ms(clock.time())  # before the release: the interval can only be shorter
+                boss.release(lease)
+                emit(
+                    "released",
+                    req=req,
+                    gb=size,
+                    held_s=time.monotonic() - granted,
+                    released_ms=end_ms,
+                    **_lease_fields(lease),
+                )
+                stop.wait(rng.uniform(*service.think_s))
+
+        def run(k: int) -> None:
+            try:
+                client(k)
+            except Exception as err:  # noqa: BLE001 - re-raised in the main thread below
+                errors.append(err)
+
+        threads = [
+            threading.Thread(target=run, args=(k,), name=f"{service.name}-{k}", daemon=True)
+            for k in range(service.clients)
+        ]
+        for th in threads:
+            th.start()
+        try:
+            for th in threads:
+                th.join()
+        except KeyboardInterrupt:
+            stop.set()
+            for th in threads:
+                th.join(timeout=service.timeout_s + 1)
+            raise
+        if errors:
+            raise errors[0]
+    finally:
+        boss.close()
+        clock.close()
+
+
+async def _async_service(
+    service: Service,
+    url: str,
+    namespace: str,
+    emit: _Emitter,
+    go: Any,
+    start: Any,
+    duration: float,
+    seed: int,
+) -> None:
+    from gpuboss import AsyncGPUBoss, LeaseTimeout
+    from gpuboss.redis_io import connect_async
+
+    boss = AsyncGPUBoss(url, namespace=namespace, service=service.name, gpus=[GPU], default_ttl=LEASE_TTL_S)
+    clock = connect_async(url, 5.0)
+    try:
+        emit("ready")
+        t_end = await asyncio.to_thread(_wait_for_go, go, start, duration)
+
+        async def client(k: int) -> None:
+            rng = _rng(seed, service, k)
+            n = 0
+            await asyncio.sleep(rng.uniform(0, 0.3))
+            while time.time() < t_end:
+                n += 1
+                req = f"{service.name}-{k}.{n}"
+                size = rng.choice(service.sizes_gb)
+                asked = time.monotonic()
+                try:
+                    try:
+                        lease = await boss.acquire(size, service.priority, timeout=0)
+                        queued = False
+                    except LeaseTimeout:
+                        emit("waiting", req=req, gb=size)
+                        queued = True
+                        left = service.timeout_s - (time.monotonic() - asked)
+                        lease = await boss.acquire(size, service.priority, timeout=max(left, 0.001))
+                except LeaseTimeout:
+                    emit("timeout", req=req, gb=size, wait_ms=(time.monotonic() - asked) * 1000)
+                    await asyncio.sleep(rng.uniform(*service.think_s))
+                    continue
+                granted = time.monotonic()
+                emit(
+                    "granted", req=req, gb=size, queued=queued, wait_ms=(granted - asked) * 1000, **_lease_fields(lease)
+                )
+                await asyncio.sleep(rng.uniform(*service.hold_s))
+                end_ms = _redis_ms(await clock.time())
+                await boss.release(lease)
+                emit(
+                    "released",
+                    req=req,
+                    gb=size,
+                    held_s=time.monotonic() - granted,
+                    released_ms=end_ms,
+                    **_lease_fields(lease),
+                )
+                await asyncio.sleep(rng.uniform(*service.think_s))
+
+        await asyncio.gather(*(client(k) for k in range(service.clients)))
+    finally:
+        await boss.close()
+        await clock.aclose()
+
+
+def _lease_fields(lease: Any) -> dict[str, Any]:
+    return {
+        "lease_id": lease.id,
+        "gpu": lease.gpu,
+        "device": lease.device,
+        "vram_mib": lease.vram_mib,
+        "token": lease.token,
+        "requested_ms": round(lease.requested_at * 1000),
+        "acquired_ms": round(lease.acquired_at * 1000),
+    }
+
+
+# ---------------------------------------------------------------- the parent: sampling
+
+
+@dataclass
+class Sampler:
+    """Samples the namespace's usage in a thread and checks the invariants of every sample."""
+
+    url: str
+    namespace: str
+    declared: dict[str, int] = field(default_factory=dict)  # gpu -> leasable MiB, before it is registered
+    samples: int = 0
+    peak_used: dict[str, int] = field(default_factory=dict)
+    capacity: dict[str, int] = field(default_factory=dict)
+    over_capacity: list[str] = field(default_factory=list)
+    inconsistent: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    latest: tuple[dict[str, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _conn: Any = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gpuboss-demo-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.sample_once_safely()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample_once_safely()
+            self._stop.wait(SAMPLE_EVERY_S)
+
+    def sample_once_safely(self) -> None:
+        try:
+            self.sample_once()
+        except Exception as err:  # noqa: BLE001 - a failed sample fails the run's first check
+            if len(self.errors) < 5:
+                self.errors.append(f"{type(err).__name__}: {err}")
+
+    def sample_once(self) -> None:
+        from gpuboss.keys import Keys
+
+        client = self._client()
+        keys = Keys(self.namespace)
+        pipe = client.pipeline(transaction=True)  # one consistent snapshot
+        pipe.hgetall(keys.capacity)
+        pipe.hgetall(keys.used)
+        pipe.hvals(keys.leases)
+        pipe.zrange(keys.queue, 0, -1, withscores=True)
+        capacity_raw, used_raw, leases_raw, queue_raw = pipe.execute()
+
+        capacity = {**self.declared, **{k: int(v) for k, v in capacity_raw.items()}}
+        used = {k: int(v) for k, v in used_raw.items()}
+        in_records: dict[str, int] = defaultdict(int)
+        for raw in leases_raw:
+            rec = json.loads(raw)
+            in_records[str(rec["gpu"])] += int(rec["vram_mib"])
+        waiting: dict[int, int] = defaultdict(int)
+        for _, score in queue_raw:
+            waiting[1000 - math.floor(float(score) / 2**40)] += 1
+        self.samples += 1
+        self.capacity = capacity
+        for gpu, mib in used.items():
+            self.peak_used[gpu] = max(self.peak_used.get(gpu, 0), mib)
+            cap = capacity.get(gpu, 0)
+            if mib > cap and len(self.over_capacity) < 10:
+                self.over_capacity.append(f"{gpu}: {mib} MiB used > {cap} MiB capacity")
+            if mib != in_records.get(gpu, 0) and len(self.inconsistent) < 10:
+                self.inconsistent.append(f"{gpu}: used says {mib} MiB, the lease records {in_records.get(gpu, 0)}")
+        self.latest = (used, dict(waiting))
+
+    def _client(self) -> Any:
+        if self._conn is None:
+            from gpuboss.redis_io import connect_sync
+
+            self._conn = connect_sync(self.url, 5.0, socket_timeout=5.0)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# ---------------------------------------------------------------- the parent: checks and summary
+
+
+class DemoFailed(Exception):
+    """The demo could not run (a service failed to start); the message says why."""
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def interval_peak(grants: dict[str, dict[str, Any]], releases: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """The most VRAM held at once per GPU when every lease is replayed as [acquired, released) in Redis ms."""
+    points: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for lease_id, g in grants.items():
+        r = releases.get(lease_id)
+        if r is None:
+            continue
+        points[g["gpu"]].append((int(g["acquired_ms"]), int(g["vram_mib"])))
+        points[g["gpu"]].append((int(r["released_ms"]), -int(g["vram_mib"])))
+    peaks: dict[str, int] = {}
+    for gpu, pts in points.items():
+        pts.sort(key=lambda p: (p[0], p[1]))  # at the same ms, a release comes before a grant
+        level = peak = 0
+        for _, delta in pts:
+            level += delta
+            peak = max(peak, level)
+        peaks[gpu] = peak
+    return peaks
+
+
+def order_violations(grants: list[dict[str, Any]]) -> list[str]:
+    """Grants that overtook a request waiting with the same (earlier arrival) or a higher priority.
+
+    A lease A was waiting in the queue from ``requested_ms`` to ``acquired_ms`` (Redis time, each taken
+    inside one atomic script, so strict inequalities order the scripts). If B was granted in between and
+    A ranks above B, or alike and queued earlier, B jumped the queue.
+    """
+    found = []
+    for a in grants:
+        if a["requested_ms"] >= a["acquired_ms"]:
+            continue  # granted at once: never waited
+        for b in grants:
+            if a is b or not (a["requested_ms"] < b["acquired_ms"] < a["acquired_ms"]):
+                continue
+            ra, rb = RANKS[a["priority"]], RANKS[b["priority"]]
+            if ra > rb or (ra == rb and a["requested_ms"] < b["requested_ms"]):
+                found.append(f"{b['req']} ({b['priority']}) was granted while {a['req']} ({a['priority']}) waited")
+    return found
+
+
+def token_violations(grants: list[dict[str, Any]]) -> list[str]:
+    by_time = sorted(grants, key=lambda g: (g["acquired_ms"], g["token"]))
+    found = []
+    tokens = [g["token"] for g in grants]
+    if len(set(tokens)) != len(tokens):
+        found.append("a fencing token was handed out twice")
+    for earlier, later in itertools.pairwise(by_time):
+        if earlier["acquired_ms"] < later["acquired_ms"] and earlier["token"] >= later["token"]:
+            found.append(f"token {later['token']} ({later['req']}) is not above {earlier['token']} ({earlier['req']})")
+    return found
+
+
+# ---------------------------------------------------------------- the parent: the run
+
+
+_STYLE = {"granted": "green", "waiting": "yellow", "timeout": "red", "error": "red", "released": None}
+
+
+def _describe(ev: dict[str, Any]) -> str | None:
+    kind = ev["kind"]
+    size = f"{ev.get('gb', 0):g} GB"
+    if kind == "waiting":
+        return f"asks {size}: nothing fits now, waits in the queue"
+    if kind == "granted":
+        where = f"{ev['gpu']} ({ev['device']})"
+        if not ev["queued"]:
+            return f"asks {size}: granted on {where} at once"
+        return f"granted {size} on {where} after {ev['wait_ms']:.0f} ms in the queue"
+    if kind == "released":
+        what = "checkpointed, " if ev["service"] == "batch" else ""
+        return f"{what}released {size} after {ev['held_s']:.2f} s"
+    if kind == "timeout":
+        return f"timed out after {ev['wait_ms']:.0f} ms waiting for {size}, gives up (a web service would answer 503)"
+    if kind == "error":
+        return f"ERROR {ev['message']}"
+    return None
+
+
+def run_demo(
+    url: str,
+    redis_label: str,
+    embedded: bool,
+    duration: float = 20.0,
+    seed: int | None = None,
+    timeline: bool = True,
+    as_json: bool = False,
+    debug: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> bool:
+    """Run the scenario; True when every check held."""
+    out: Callable[[str], None] = echo or click.echo
+    namespace = f"demo-{secrets.token_hex(4)}"
+    seed = secrets.randbelow(10**6) if seed is None else seed
+    capacity_mib = math.ceil(GPU["vram_gb"] * 1024)
+    if not as_json:
+        out(f"gpuboss demo: {len(SERVICES)} services in separate processes share a {GPU['name']} for {duration:g} s")
+        out(f"  Redis      {redis_label}")
+        out(f"  namespace  {namespace} (deleted at the end); seed {seed} (--seed {seed} replays the choices)")
+        for s in SERVICES:
+            sizes = "/".join(f"{x:g}" for x in s.sizes_gb)
+            out(
+                f"  {s.name:<6} priority {s.priority:<6} {s.clients} clients, leases of {sizes} GB held "
+                f"{s.hold_s[0]:g}-{s.hold_s[1]:g} s, timeout {s.timeout_s:g} s ({s.about})"
+            )
+        out("")
+
+    ctx = multiprocessing.get_context("spawn")
+    events = ctx.Queue()
+    go = ctx.Event()
+    start = ctx.Value("d", 0.0)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(s, url, namespace, events, go, start, duration, seed, debug),
+            name=f"gpuboss-demo-{s.name}",
+        )
+        for s in SERVICES
+    ]
+    sampler = Sampler(url, namespace, declared={GPU["id"]: capacity_mib})
+    grants: dict[str, dict[str, Any]] = {}
+    releases: dict[str, dict[str, Any]] = {}
+    stats: dict[str, dict[str, Any]] = {
+        s.priority: {"service": s.name, "requests": 0, "grants": 0, "timeouts": 0, "queued": 0, "waits": []}
+        for s in SERVICES
+    }
+    worker_errors: list[str] = []
+    interrupted = False
+    t0 = time.time()
+    try:
+        for p in procs:
+            p.start()
+        _await_ready(procs, events, worker_errors)
+        t0 = time.time()
+        start.value = t0
+        sampler.start()
+        go.set()
+        if timeline:
+            out(f"{'time':>8}  {'service':<7} {'prio':<7} event")
+        next_status = STATUS_EVERY_S
+        done: set[str] = set()
+        while True:
+            try:
+                ev = events.get(timeout=0.05)
+            except queue.Empty:
+                ev = None
+            if ev is not None:
+                _record(ev, stats, grants, releases, worker_errors, done)
+                text = _describe(ev)
+                if timeline and text is not None:
+                    line = f"{ev['t'] - t0:7.3f}s  {ev['service']:<7} {ev['priority']:<7} {text}"
+                    out(click.style(line, fg=_STYLE.get(ev["kind"])) if _STYLE.get(ev["kind"]) else line)
+            now = time.time() - t0
+            if timeline and now >= next_status:
+                out(_status_line(now, sampler, capacity_mib))
+                next_status += STATUS_EVERY_S
+            if ev is None and not any(p.is_alive() for p in procs):
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        out("interrupted: stopping the services")
+        deadline = time.monotonic() + 10
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                events.get(timeout=0.1)  # keep draining, or a worker blocks on a full pipe at exit
+    finally:
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=15)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
+        sampler.stop()
+        final = _final_state(url, namespace)
+        removed = _delete_namespace(url, namespace)
+        sampler.close()
+        events.close()
+        events.join_thread()
+    elapsed = time.time() - t0
+    if interrupted:
+        out(f"namespace {namespace} removed ({removed} keys)")
+        raise KeyboardInterrupt
+
+    for p in procs:
+        if p.exitcode != 0:
+            worker_errors.append(f"{p.name} exited with code {p.exitcode}")
+    checks = _checks(sampler, grants, releases, stats, worker_errors, final, removed, capacity_mib)
+    ok = all(c.ok for c in checks)
+    summary = _summary(namespace, seed, duration, elapsed, stats, sampler, grants, releases, capacity_mib, checks, ok)
+    if as_json:
+        out(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        if timeline:
+            out("")
+        out(_render_summary(summary))
+        if embedded:
+            out("")
+            out("The embedded Redis keeps running for other gpuboss programs; `gpuboss server stop` stops it.")
+    return ok
+
+
+def _await_ready(procs: list[Any], events: Any, errors: list[str]) -> None:
+    ready = 0
+    deadline = time.monotonic() + 120
+    while ready < len(procs):
+        if time.monotonic() > deadline:
+            raise DemoFailed("the demo's services did not start within 120 s")
+        try:
+            ev = events.get(timeout=0.1)
+        except queue.Empty:
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise DemoFailed(f"{dead[0].name} exited while starting (code {dead[0].exitcode})") from None
+            continue
+        if ev["kind"] == "ready":
+            ready += 1
+        elif ev["kind"] == "error":
+            errors.append(f"{ev['service']}: {ev['message']}")
+            raise DemoFailed(f"{ev['service']} failed to start: {ev['message']}")
+
+
+def _record(
+    ev: dict[str, Any],
+    stats: dict[str, dict[str, Any]],
+    grants: dict[str, dict[str, Any]],
+    releases: dict[str, dict[str, Any]],
+    errors: list[str],
+    done: set[str],
+) -> None:
+    kind, row = ev["kind"], stats[ev["priority"]]
+    if kind == "granted":
+        row["requests"] += 1
+        row["grants"] += 1
+        row["queued"] += int(ev["queued"])
+        row["waits"].append(float(ev["wait_ms"]))
+        grants[ev["lease_id"]] = ev
+    elif kind == "timeout":
+        row["requests"] += 1
+        row["timeouts"] += 1
+        row["queued"] += 1
+        row["waits"].append(float(ev["wait_ms"]))  # a wait that ended in giving up counts too
+    elif kind == "released":
+        releases[ev["lease_id"]] = ev
+    elif kind == "error":
+        errors.append(f"{ev['service']}: {ev['message']}")
+    elif kind == "done":
+        done.add(ev["service"])
+
+
+def _status_line(now: float, sampler: Sampler, capacity_mib: int) -> str:
+    used, waiting = sampler.latest
+    in_use = sum(used.values())
+    queue_text = ", ".join(f"{name} {waiting.get(RANKS[name], 0)}" for name in PRIORITY_ORDER)
+    return click.style(
+        f"{now:7.3f}s  -- {GPU['id']}: {gb(in_use)} of {gb(capacity_mib)} in use; waiting: {queue_text}",
+        dim=True,
+    )
+
+
+def _final_state(url: str, namespace: str) -> dict[str, Any]:
+    from gpuboss.keys import Keys
+    from gpuboss.redis_io import connect_sync
+
+    keys = Keys(namespace)
+    client = connect_sync(url, 5.0)
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.hlen(keys.leases)
+        pipe.zcard(keys.queue)
+        pipe.hlen(keys.tickets)
+        pipe.hgetall(keys.used)
+        leases, queued, tickets, used = pipe.execute()
+    finally:
+        client.close()
+    return {"leases": leases, "queued": queued, "tickets": tickets, "used": {k: int(v) for k, v in used.items()}}
+
+
+def _delete_namespace(url: str, namespace: str) -> int:
+    from gpuboss.keys import Keys
+    from gpuboss.redis_io import connect_sync
+
+    client = connect_sync(url, 5.0)
+    try:
+        found = list(client.scan_iter(match=Keys(namespace).pattern, count=1000))
+        if found:
+            client.delete(*found)
+        return len(found)
+    finally:
+        client.close()
+
+
+def _checks(
+    sampler: Sampler,
+    grants: dict[str, dict[str, Any]],
+    releases: dict[str, dict[str, Any]],
+    stats: dict[str, dict[str, Any]],
+    worker_errors: list[str],
+    final: dict[str, Any],
+    removed: int,
+    capacity_mib: int,
+) -> list[Check]:
+    checks = []
+    cap = sampler.capacity.get(GPU["id"], capacity_mib)
+    peak = max(sampler.peak_used.values(), default=0)
+    checks.append(
+        Check(
+            "used <= capacity at every sample",
+            sampler.samples > 0 and not sampler.over_capacity and not sampler.errors,
+            f"{sampler.samples} samples, peak {gb(peak)} of {gb(cap)}"
+            + "".join(f"; {x}" for x in sampler.over_capacity + sampler.errors),
+        )
+    )
+    checks.append(
+        Check(
+            "used == sum of the lease records at every sample",
+            not sampler.inconsistent,
+            "; ".join(sampler.inconsistent) or "always equal",
+        )
+    )
+    peaks = interval_peak(grants, releases)
+    worst = max(peaks.values(), default=0)
+    checks.append(
+        Check(
+            "lease intervals never exceed capacity",
+            worst <= cap and len(releases) == len(grants),
+            f"{len(grants)} leases replayed, most held at once {gb(worst)} of {gb(cap)}"
+            + ("" if len(releases) == len(grants) else f"; {len(grants) - len(releases)} never released"),
+        )
+    )
+    listed = list(grants.values())
+    jumps = order_violations(listed)
+    checks.append(
+        Check(
+            "queue order: nobody overtook a waiting request of the same or higher priority",
+            not jumps,
+            "; ".join(jumps[:3]) or f"{sum(1 for g in listed if g['queued'])} grants from the queue, all in order",
+        )
+    )
+    bad_tokens = token_violations(listed)
+    checks.append(Check("fencing tokens increase with grant time", not bad_tokens, "; ".join(bad_tokens[:3]) or "yes"))
+    requests = sum(r["requests"] for r in stats.values())
+    ended = sum(r["grants"] + r["timeouts"] for r in stats.values())
+    checks.append(
+        Check(
+            "every request was granted or timed out",
+            requests == ended and requests > 0,
+            f"{requests} requests",
+        )
+    )
+    checks.append(Check("services exited cleanly", not worker_errors, "; ".join(worker_errors[:3]) or "yes"))
+    clean = final["leases"] == 0 and final["queued"] == 0 and final["tickets"] == 0 and not any(final["used"].values())
+    checks.append(
+        Check(
+            "nothing leased or queued at the end",
+            clean,
+            f"{final['leases']} leases, {final['queued']} queued, used {final['used']}; {removed} keys deleted",
+        )
+    )
+    return checks
+
+
+def _summary(
+    namespace: str,
+    seed: int,
+    duration: float,
+    elapsed: float,
+    stats: dict[str, dict[str, Any]],
+    sampler: Sampler,
+    grants: dict[str, dict[str, Any]],
+    releases: dict[str, dict[str, Any]],
+    capacity_mib: int,
+    checks: list[Check],
+    ok: bool,
+) -> dict[str, Any]:
+    priorities = {}
+    for name in PRIORITY_ORDER:
+        row = stats[name]
+        waits = row["waits"]
+        priorities[name] = {
+            "service": row["service"],
+            "requests": row["requests"],
+            "grants": row["grants"],
+            "timeouts": row["timeouts"],
+            "queued": row["queued"],
+            "wait_p50_ms": _round(percentile(waits, 50)),
+            "wait_p99_ms": _round(percentile(waits, 99)),
+            "wait_max_ms": _round(max(waits, default=math.nan)),
+        }
+    return {
+        "namespace": namespace,
+        "seed": seed,
+        "duration_s": duration,
+        "elapsed_s": round(elapsed, 2),
+        "capacity_mib": sampler.capacity.get(GPU["id"], capacity_mib),
+        "peak_used_mib": max(sampler.peak_used.values(), default=0),
+        "peak_interval_mib": max(interval_peak(grants, releases).values(), default=0),
+        "samples": sampler.samples,
+        "priorities": priorities,
+        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+        "ok": ok,
+    }
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 1)
+
+
+def _render_summary(summary: dict[str, Any]) -> str:
+    rows = []
+    for name, row in summary["priorities"].items():
+        rows.append(
+            [
+                name,
+                row["service"],
+                row["requests"],
+                row["grants"],
+                row["timeouts"],
+                row["queued"],
+                ms(_nan(row["wait_p50_ms"])),
+                ms(_nan(row["wait_p99_ms"])),
+                ms(_nan(row["wait_max_ms"])),
+            ]
+        )
+    headers = [
+        "PRIORITY",
+        "SERVICE",
+        "REQUESTS",
+        "GRANTS",
+        "TIMEOUTS",
+        "QUEUED",
+        "WAIT P50 ms",
+        "WAIT P99 ms",
+        "MAX ms",
+    ]
+    cap = summary["capacity_mib"]
+    lines = [
+        f"Summary ({summary['elapsed_s']:.1f} s, namespace {summary['namespace']}, seed {summary['seed']})",
+        "",
+        table(headers, rows, right={2, 3, 4, 5, 6, 7, 8}),
+        "",
+        f"  peak VRAM in use: {gb(summary['peak_used_mib'])} of {gb(cap)} "
+        f"({100 * summary['peak_used_mib'] / cap:.0f}%, {summary['samples']} samples); "
+        f"replayed lease intervals: {gb(summary['peak_interval_mib'])} at most",
+    ]
+    lines.append("  waits run from asking until the grant, or until the request gave up (timeouts count)")
+    p50 = [summary["priorities"][name]["wait_p50_ms"] for name in PRIORITY_ORDER]
+    if None not in p50:
+        shown = ", ".join(f"{name} {ms(v)} ms" for name, v in zip(PRIORITY_ORDER, p50, strict=True))
+        if p50[0] <= p50[1] <= p50[2]:
+            verdict = "served in priority order, high waited least and low most"
+        elif p50[0] <= min(p50[1], p50[2]):
+            verdict = "high waited least"
+        else:
+            verdict = "high did not wait least this run"
+        lines.append(f"  priority order: wait p50 {shown}: {verdict}")
+    lines.append("")
+    lines.append("Checks")
+    for c in summary["checks"]:
+        mark = "ok  " if c["ok"] else "FAIL"
+        lines.append(f"  {mark} {c['name']}: {c['detail']}")
+    lines.append("")
+    lines.append("All checks held." if summary["ok"] else "SOME CHECKS FAILED.")
+    return "\n".join(lines)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+__all__ = ["SERVICES", "Sampler", "Service", "interval_peak", "order_violations", "run_demo", "token_violations"]
