@@ -17,6 +17,7 @@ from gpuboss.errors import (
     LeaseTimeout,
     RedisUnavailable,
 )
+from gpuboss.events import Event
 from gpuboss.keys import Keys
 from gpuboss.lease import Device, Lease, LeaseState
 
@@ -27,6 +28,7 @@ __all__ = [
     "BossConfig",
     "ConfigError",
     "Device",
+    "Event",
     "GPUBoss",
     "GPUBossError",
     "GPUConfig",

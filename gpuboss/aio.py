@@ -15,7 +15,20 @@ from typing import Any
 
 from gpuboss.base import BossBase
 from gpuboss.config import BossConfig
-from gpuboss.core import CLEAN_ERRORS, DEFAULT, Call, Flow, GpuInfo, Op, Pop, ReadHash, Timeout, Watch, new_request_id
+from gpuboss.core import (
+    CLEAN_ERRORS,
+    DEFAULT,
+    Call,
+    Flow,
+    GpuInfo,
+    Op,
+    Pop,
+    ReadHash,
+    ReleaseReason,
+    Timeout,
+    Watch,
+    new_request_id,
+)
 from gpuboss.lease import Device, Lease
 from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_async, evalsha_async, retry_async, run_flow_async
 
@@ -91,17 +104,17 @@ class AsyncGPUBoss(BossBase):
             raise
         except BaseException:  # cancelled midway: withdraw the request, or release what it was granted
             self._heartbeat.forget(request_id)
-            await self._release_id(request_id, req.ttl_ms)
+            await self._release_id(request_id, req.ttl_ms, "cancel")
             raise
         return self._granted(lease)
 
-    async def _release_id(self, item_id: str, ttl_ms: int) -> Any:
+    async def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
         """Release in a task of its own, so cancelling the caller cannot cut the release in half.
 
         If the release fails, or the caller is cancelled before it lands, the heartbeat thread
         finishes it.
         """
-        task = asyncio.get_running_loop().create_task(self._eval(self._core.release_call(item_id)))
+        task = asyncio.get_running_loop().create_task(self._eval(self._core.release_call(item_id, reason)))
         self._background.add(task)
 
         def settled(done: asyncio.Task[Any]) -> None:

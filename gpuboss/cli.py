@@ -1,20 +1,27 @@
-"""The ``gpuboss`` command: inspect a namespace, control the embedded Redis, run the demo.
+"""The ``gpuboss`` command: inspect a namespace, clear stuck leases, watch events, serve metrics, control
+the embedded Redis, run the demo.
 
-Exit codes: 0 success, 1 a usage or configuration error, 2 Redis unreachable, 3 a demo check failed,
-130 interrupted. Errors are one line on stderr; ``--debug`` adds the traceback and debug logs.
+Exit codes (docs/cli.md): 0 success, 1 a usage or configuration error, 2 Redis unreachable, 3 a check
+failed (a demo check; ``health``: no GPU available), 130 interrupted. Errors are one line on stderr;
+``--debug`` adds the traceback and debug logs.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import math
 import os
+import re
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import click
@@ -24,11 +31,22 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpuboss import embedded
-from gpuboss.config import ENV_CONFIG, ENV_REDIS_URL, BossConfig, config_from_arguments, load_config
+from gpuboss.config import (
+    ENV_CONFIG,
+    ENV_REDIS_URL,
+    PRIORITIES,
+    BossConfig,
+    build_config,
+    config_from_arguments,
+    load_config,
+    read_config_file,
+)
 from gpuboss.core import redact_url
 from gpuboss.errors import ConfigError, GPUBossError, RedisUnavailable
+from gpuboss.events import EVENT_TYPES, Event, decode_entries
 from gpuboss.fmt import gb, seconds, table
 from gpuboss.keys import Keys
+from gpuboss.snapshot import as_int, explain_queue, health_report, read_namespace
 
 log = logging.getLogger("gpuboss")
 
@@ -37,11 +55,6 @@ EXIT_USAGE = 1
 EXIT_UNREACHABLE = 2
 EXIT_CHECK_FAILED = 3
 EXIT_INTERRUPTED = 130
-
-#: The queue's score layout (see lua/includes/state.lua): (RANK_BASE - rank) * SEQ_SPAN + seq.
-RANK_BASE = 1000
-SEQ_SPAN = 2**40
-RANK_NAMES = {0: "low", 1: "normal", 2: "high"}
 
 
 class CliError(Exception):
@@ -118,98 +131,6 @@ def connect(target: Target, config: BossConfig) -> redis.Redis:
     return connect_sync(target.url, config.connect_timeout, socket_timeout=config.connect_timeout)
 
 
-# ---------------------------------------------------------------- reading a namespace (read-only)
-
-
-def _json(raw: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {"unparsed": raw}
-    return value if isinstance(value, dict) else {"unparsed": raw}
-
-
-def _int(value: object, default: int = 0) -> int:
-    try:
-        return int(float(str(value)))
-    except ValueError:
-        return default
-
-
-def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: float) -> dict[str, Any]:
-    """A consistent snapshot (one MULTI/EXEC of reads) of a namespace: GPUs, leases and the queue."""
-    from gpuboss.redis_io import retry_sync
-
-    def fetch() -> list[Any]:
-        pipe = client.pipeline(transaction=True)
-        pipe.time()
-        pipe.hgetall(keys.gpus)
-        pipe.hgetall(keys.capacity)
-        pipe.hgetall(keys.used)
-        pipe.hgetall(keys.leases)
-        pipe.zrange(keys.queue, 0, -1, withscores=True)
-        pipe.hgetall(keys.tickets)
-        return pipe.execute()
-
-    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets = retry_sync(fetch, shown_url, within)
-    now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
-
-    gpus = []
-    for gpu_id in sorted(set(gpus_raw) | set(capacity) | set(used)):
-        decl = _json(gpus_raw.get(gpu_id, "{}"))
-        leasable = _int(capacity.get(gpu_id, 0))
-        reserve = _int(decl.get("reserve_mib", 0))
-        in_use = _int(used.get(gpu_id, 0))
-        gpus.append(
-            {
-                "id": gpu_id,
-                "name": str(decl.get("name", "")),
-                "index": _int(decl.get("index", 0)),
-                "device": f"cuda:{_int(decl.get('index', 0))}",
-                "capacity_mib": _int(decl.get("capacity_mib", leasable + reserve)),
-                "reserve_mib": reserve,
-                "leasable_mib": leasable,
-                "used_mib": in_use,
-                "free_mib": leasable - in_use,
-                "leases": 0,
-            }
-        )
-    by_id = {g["id"]: g for g in gpus}
-
-    leases = []
-    for lease_id, raw in leases_raw.items():
-        rec = _json(raw)
-        rec.setdefault("id", lease_id)
-        acquired = _int(rec.get("acquired_at", now_ms), now_ms)
-        expires = _int(rec.get("expires_at", now_ms), now_ms)
-        rec["age_s"] = round((now_ms - acquired) / 1000, 3)
-        rec["expires_in_s"] = round((expires - now_ms) / 1000, 3)
-        leases.append(rec)
-        if rec.get("gpu") in by_id:
-            by_id[rec["gpu"]]["leases"] += 1
-    leases.sort(key=lambda r: (str(r.get("gpu", "")), _int(r.get("token", 0))))
-
-    waiting = []
-    for position, (ticket_id, score) in enumerate(queue, start=1):
-        rec = _json(tickets.get(ticket_id, "{}"))
-        rec.setdefault("id", ticket_id)
-        rank = RANK_BASE - math.floor(float(score) / SEQ_SPAN)
-        rec.setdefault("priority", RANK_NAMES.get(rank, str(rank)))
-        rec["position"] = position
-        rec["waiting_s"] = round((now_ms - _int(rec.get("requested_at", now_ms), now_ms)) / 1000, 3)
-        if "expires_at" in rec:
-            rec["expires_in_s"] = round((_int(rec["expires_at"]) - now_ms) / 1000, 3)
-        waiting.append(rec)
-
-    return {
-        "namespace": keys.namespace,
-        "time": now_ms / 1000,
-        "gpus": gpus,
-        "leases": leases,
-        "queue": waiting,
-    }
-
-
 def _holder(rec: dict[str, Any]) -> str:
     return f"{rec.get('host', '?')}:{rec.get('pid', '?')}"
 
@@ -220,88 +141,82 @@ def _expires(value: object) -> str:
     return seconds(float(value)) if value >= 0 else f"expired {seconds(-float(value))} ago"
 
 
+def gpu_table(gpus: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            g["id"],
+            g["device"],
+            g["name"] or "-",
+            gb(g["capacity_mib"]),
+            gb(g["reserve_mib"]),
+            gb(g["used_mib"]),
+            gb(g["free_mib"]),
+            g["leases"],
+        ]
+        for g in gpus
+    ]
+    return table(
+        ["GPU", "DEVICE", "NAME", "CAPACITY", "RESERVE", "LEASED", "FREE", "LEASES"], rows, right={3, 4, 5, 6, 7}
+    )
+
+
+def lease_table(leases: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            str(r.get("id", ""))[:8],
+            r.get("service", "-"),
+            r.get("priority", "-"),
+            r.get("gpu", "-"),
+            gb(as_int(r.get("vram_mib", 0))),
+            seconds(float(r["age_s"])),
+            _expires(r["expires_in_s"]),
+            r.get("token", "-"),
+            _holder(r),
+        ]
+        for r in leases
+    ]
+    return table(
+        ["LEASE", "SERVICE", "PRIORITY", "GPU", "SIZE", "AGE", "EXPIRES IN", "TOKEN", "HOLDER"], rows, right={4, 5, 7}
+    )
+
+
+def queue_table(queue: list[dict[str, Any]], why: bool = False) -> str:
+    headers = ["#", "REQUEST", "SERVICE", "PRIORITY", "SIZE", "GPU", "WAITING", "EXPIRES IN", "HOLDER"]
+    rows = [
+        [
+            r["position"],
+            str(r.get("id", ""))[:8],
+            r.get("service", "-"),
+            r.get("priority", "-"),
+            gb(as_int(r.get("vram_mib", 0))),
+            r.get("pin") or "any",
+            seconds(float(r["waiting_s"])),
+            _expires(r.get("expires_in_s")),
+            _holder(r),
+            *([r.get("why", "")] if why else []),
+        ]
+        for r in queue
+    ]
+    return table([*headers, *(["WHY"] if why else [])], rows, right={0, 4, 6})
+
+
 def render_status(snap: dict[str, Any], target: Target) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["time"]))
     out = [f"Redis {target.describe()}, namespace {snap['namespace']!r}, at {stamp} (Redis clock)", ""]
     gpus = snap["gpus"]
     if gpus:
-        rows = [
-            [
-                g["id"],
-                g["device"],
-                g["name"] or "-",
-                gb(g["capacity_mib"]),
-                gb(g["reserve_mib"]),
-                gb(g["used_mib"]),
-                gb(g["free_mib"]),
-                g["leases"],
-            ]
-            for g in gpus
-        ]
         out.append(f"GPUs ({len(gpus)})")
-        out.append(
-            table(
-                ["GPU", "DEVICE", "NAME", "CAPACITY", "RESERVE", "LEASED", "FREE", "LEASES"],
-                rows,
-                right={3, 4, 5, 6, 7},
-            )
-        )
+        out.append(gpu_table(gpus))
     else:
         out.append(f"GPUs: none registered in namespace {snap['namespace']!r} (no boss has used it yet)")
     out.append("")
     leases = snap["leases"]
     out.append(f"Leases ({len(leases)})")
-    if leases:
-        rows = [
-            [
-                str(r.get("id", ""))[:8],
-                r.get("service", "-"),
-                r.get("priority", "-"),
-                r.get("gpu", "-"),
-                gb(_int(r.get("vram_mib", 0))),
-                seconds(float(r["age_s"])),
-                _expires(r["expires_in_s"]),
-                r.get("token", "-"),
-                _holder(r),
-            ]
-            for r in leases
-        ]
-        out.append(
-            table(
-                ["LEASE", "SERVICE", "PRIORITY", "GPU", "SIZE", "AGE", "EXPIRES IN", "TOKEN", "HOLDER"],
-                rows,
-                right={4, 5, 7},
-            )
-        )
-    else:
-        out.append("  (none)")
+    out.append(lease_table(leases) if leases else "  (none)")
     out.append("")
     queue = snap["queue"]
     out.append(f"Queue ({len(queue)} waiting, in the order they will be served)")
-    if queue:
-        rows = [
-            [
-                r["position"],
-                str(r.get("id", ""))[:8],
-                r.get("service", "-"),
-                r.get("priority", "-"),
-                gb(_int(r.get("vram_mib", 0))),
-                r.get("pin") or "any",
-                seconds(float(r["waiting_s"])),
-                _expires(r.get("expires_in_s")),
-                _holder(r),
-            ]
-            for r in queue
-        ]
-        out.append(
-            table(
-                ["#", "REQUEST", "SERVICE", "PRIORITY", "SIZE", "GPU", "WAITING", "EXPIRES IN", "HOLDER"],
-                rows,
-                right={0, 4, 6},
-            )
-        )
-    else:
-        out.append("  (none)")
+    out.append(queue_table(queue, why=any("why" in r for r in queue)) if queue else "  (none)")
     return "\n".join(out)
 
 
@@ -429,9 +344,15 @@ def cli(
     """gpuboss: VRAM leases for shared GPUs, coordinated through Redis.
 
     \b
-    gpuboss demo             run the demo on the embedded Redis
-    gpuboss status           GPUs, leases and the queue of a namespace
-    gpuboss server status    the embedded Redis (start, stop)
+    gpuboss demo                run the demo on the embedded Redis
+    gpuboss status              GPUs, leases and the queue of a namespace
+    gpuboss watch --since 10m   what happened, then live events
+    gpuboss release ID          force-release a stuck lease
+    gpuboss serve               /health and Prometheus /metrics over HTTP
+    gpuboss server status       the embedded Redis (start, stop)
+
+    Exit codes: 0 ok, 1 usage or configuration error, 2 Redis unreachable, 3 a check failed
+    (health: no GPU; a demo check), 130 interrupted. See docs/cli.md.
     """
     _setup_logging(ctx, debug)
     ctx.obj = CliState(redis_url, namespace, config_path, connect_timeout, as_json, debug)
@@ -455,6 +376,7 @@ def status(state: CliState) -> None:
         snap = read_namespace(client, Keys(config.namespace), target.shown, config.connect_timeout)
     finally:
         client.close()
+    explain_queue(snap)
     if state.json:
         _echo_json({"redis": {"url": target.shown, "embedded": target.embedded, "pid": target.pid}, **snap})
     else:
@@ -585,6 +507,584 @@ def demo(state: CliState, duration: float, seed: int | None, quiet: bool) -> Non
         raise CliError(str(err), EXIT_CHECK_FAILED) from err
     if not ok:
         raise CliError("a demo check failed (see the summary above)", EXIT_CHECK_FAILED)
+
+
+# ---------------------------------------------------------------- shared by the commands below
+
+
+def _snapshot(state: CliState) -> tuple[BossConfig, Target, dict[str, Any]]:
+    """A read-only snapshot of the namespace, with the queue explained."""
+    config = state.config()
+    target = find_target(config, start=False)
+    client = connect(target, config)
+    try:
+        snap = read_namespace(client, Keys(config.namespace), target.shown, config.connect_timeout)
+    finally:
+        client.close()
+    explain_queue(snap)
+    return config, target, snap
+
+
+def _gpu_ids(snap: dict[str, Any], wanted: Sequence[str]) -> set[str]:
+    """The gpu ids that ``--gpu`` values name (a GPU id or its ``cuda:N``); an unknown one is an error."""
+    ids = set()
+    for value in wanted:
+        match = [g["id"] for g in snap["gpus"] if value in (g["id"], g["device"])]
+        if not match:
+            known = ", ".join(f"{g['id']} ({g['device']})" for g in snap["gpus"]) or "none registered"
+            raise CliError(f"--gpu {value!r}: no such GPU in namespace {snap['namespace']!r} (known: {known})")
+        ids.update(match)
+    return ids
+
+
+def _select(
+    records: list[dict[str, Any]],
+    services: Sequence[str],
+    gpus: set[str] | None,
+    priorities: Sequence[str],
+    gpu_field: str,
+) -> list[dict[str, Any]]:
+    out = []
+    for rec in records:
+        if services and rec.get("service") not in services:
+            continue
+        if priorities and rec.get("priority") not in priorities:
+            continue
+        if gpus is not None:
+            where = rec.get(gpu_field) or ""
+            if where and where not in gpus:  # an unpinned request may land on any GPU
+                continue
+        out.append(rec)
+    return out
+
+
+def filter_options(fn: Any) -> Any:
+    fn = click.option(
+        "--priority",
+        "priorities",
+        multiple=True,
+        type=click.Choice(list(PRIORITIES)),
+        help="Only this priority (repeat for several).",
+    )(fn)
+    fn = click.option(
+        "--gpu", "gpus", multiple=True, metavar="ID", help="Only this GPU: an id or cuda:N (repeat for several)."
+    )(fn)
+    fn = click.option(
+        "--service", "services", multiple=True, metavar="NAME", help="Only this service (repeat for several)."
+    )(fn)
+    return fn
+
+
+# ---------------------------------------------------------------- gpuboss leases / queue / gpus
+
+
+@cli.command(short_help="The leases held now (read-only).")
+@filter_options
+@click.pass_obj
+def leases(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], priorities: tuple[str, ...]) -> None:
+    """The leases held now: service, priority, GPU, size, age, expiry, fencing token and holder.
+
+    Lease ids are shortened to 8 characters (``--json`` has them whole); ``gpuboss release`` takes a unique
+    prefix.
+    """
+    _, _, snap = _snapshot(state)
+    chosen = _select(snap["leases"], services, _gpu_ids(snap, gpus) if gpus else None, priorities, "gpu")
+    if state.json:
+        _echo_json(chosen)
+        return
+    held = sum(as_int(r.get("vram_mib", 0)) for r in chosen)
+    click.echo(f"Leases ({len(chosen)} of {len(snap['leases'])}, {gb(held)} in all)")
+    click.echo(lease_table(chosen) if chosen else "  (none)")
+
+
+@cli.command(short_help="The waiting requests, in serving order (read-only).")
+@filter_options
+@click.pass_obj
+def queue(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], priorities: tuple[str, ...]) -> None:
+    """The waiting requests in the order they will be served, how long each has waited, and why.
+
+    The queue is strict: everyone waits behind the head until it fits. ``--gpu`` shows the requests
+    pinned to that GPU and those pinned to none.
+    """
+    _, _, snap = _snapshot(state)
+    chosen = _select(snap["queue"], services, _gpu_ids(snap, gpus) if gpus else None, priorities, "pin")
+    if state.json:
+        _echo_json(chosen)
+        return
+    click.echo(f"Queue ({len(chosen)} of {len(snap['queue'])} waiting, in the order they will be served)")
+    click.echo(queue_table(chosen, why=True) if chosen else "  (none)")
+
+
+@cli.command(short_help="The GPUs registered in the namespace (read-only).")
+@click.pass_obj
+def gpus(state: CliState) -> None:
+    """The GPUs registered in the namespace: capacity, reserve, leased and free VRAM, number of leases."""
+    _, _, snap = _snapshot(state)
+    if state.json:
+        _echo_json(snap["gpus"])
+        return
+    if not snap["gpus"]:
+        click.echo(f"no GPU registered in namespace {snap['namespace']!r} (no boss has used it yet)")
+        return
+    click.echo(f"GPUs ({len(snap['gpus'])})")
+    click.echo(gpu_table(snap["gpus"]))
+
+
+# ---------------------------------------------------------------- gpuboss health
+
+
+@cli.command(short_help="Is a GPU available? JSON, and the exit code says.")
+@click.option(
+    "--min-free-gb",
+    type=click.FloatRange(min=0, max=1e6),
+    default=None,
+    metavar="GB",
+    help="Count a GPU as available only with at least this much VRAM free now.",
+)
+@click.pass_obj
+def health(state: CliState, min_free_gb: float | None) -> int:
+    """Print {"gpu_available": ..., "vram_total": ..., "vram_free": ...} (MiB) and exit 0 when a GPU is
+    registered in the namespace (with --min-free-gb: one with that much free), 3 when none is, 2 when Redis
+    is unreachable."""
+    _, _, snap = _snapshot(state)
+    report = health_report(snap, None if min_free_gb is None else math.ceil(min_free_gb * 1024))
+    click.echo(json.dumps(report, indent=2 if state.json else None))
+    return EXIT_OK if report["gpu_available"] else EXIT_CHECK_FAILED
+
+
+# ---------------------------------------------------------------- gpuboss config check
+
+
+@cli.group(short_help="Check a configuration file.")
+def config() -> None:
+    """Configuration files."""
+
+
+@config.command("check")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.pass_obj
+def config_check(state: CliState, path: str | None) -> None:
+    """Validate a config file (PATH, else --config, else $GPUBOSS_CONFIG) and print the effective settings:
+    the file's, with GPUBOSS_REDIS_URL and the global options applied. Exit 1, naming the field, when it
+    is invalid."""
+    chosen = path or state.config_path
+    values, source = read_config_file(chosen, use_env=chosen is None)
+    notes = []
+    env_file = os.environ.get(ENV_CONFIG)
+    if chosen is not None and env_file and os.path.abspath(env_file) != os.path.abspath(chosen):
+        notes.append(f"{ENV_CONFIG}={env_file} is set: from_config() reads that file instead of this one")
+    if os.environ.get(ENV_REDIS_URL):
+        values["redis_url"] = os.environ[ENV_REDIS_URL]
+        notes.append(f"redis_url comes from {ENV_REDIS_URL}")
+    overrides = {"redis_url": state.redis_url, "namespace": state.namespace, "connect_timeout": state.connect_timeout}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = build_config(source, **values)
+    settings = cfg.model_dump(mode="json")
+    if cfg.redis_url:
+        settings["redis_url"] = redact_url(cfg.redis_url)
+    if state.json:
+        _echo_json({"path": source, "valid": True, "settings": settings, "notes": notes})
+        return
+    click.echo(f"{source}: valid")
+    shown = {
+        "redis_url": settings["redis_url"] or "(none: the embedded Redis of this user)",
+        "namespace": cfg.namespace,
+        "service": cfg.service,
+        "default_priority": cfg.default_priority,
+        "default_ttl": f"{cfg.default_ttl:g} s",
+        "default_timeout": "none (wait forever)" if cfg.default_timeout is None else f"{cfg.default_timeout:g} s",
+        "connect_timeout": f"{cfg.connect_timeout:g} s",
+        "events_maxlen": cfg.events_maxlen,
+    }
+    click.echo("\n".join(f"  {k:<17} {v}" for k, v in shown.items()))
+    if cfg.gpus:
+        rows = [
+            [g.id, g.device, g.name or "-", gb(g.capacity_mib), gb(g.reserve_mib), gb(g.capacity_mib - g.reserve_mib)]
+            for g in cfg.gpus
+        ]
+        click.echo(f"GPUs ({len(cfg.gpus)})")
+        click.echo(table(["GPU", "DEVICE", "NAME", "CAPACITY", "RESERVE", "LEASABLE"], rows, right={3, 4, 5}))
+    else:
+        click.echo("GPUs: none declared (this service uses the GPUs others registered)")
+    for note in notes:
+        click.echo(f"note: {note}")
+
+
+# ---------------------------------------------------------------- gpuboss gc
+
+
+@cli.command(short_help="Collect expired leases and queue entries now.")
+@click.pass_obj
+def gc(state: CliState) -> None:
+    """Reclaim expired leases and queue entries now (every gpuboss call does this as it goes), hand the
+    freed VRAM to the queue, and say what was collected."""
+    from gpuboss.core import Core
+    from gpuboss.redis_io import evalsha_sync, retry_sync
+
+    cfg = state.config()
+    target = find_target(cfg, start=False)
+    client = connect(target, cfg)
+    core = Core(cfg)
+    try:
+        reply = retry_sync(lambda: evalsha_sync(client, core.collect_call()), target.shown, cfg.connect_timeout)
+    finally:
+        client.close()
+    counts = core.collected(reply)
+    dead_leases, dead_requests = core.collected_records(reply)
+    if state.json:
+        _echo_json({"leases": dead_leases, "requests": dead_requests, "granted": counts["granted"]})
+        return
+    if not dead_leases and not dead_requests:
+        click.echo("nothing had expired")
+    for rec in dead_leases:
+        click.echo(
+            f"expired lease {str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} on {rec.get('gpu', '?')}, "
+            f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, held by {_holder(rec)}"
+        )
+    for rec in dead_requests:
+        click.echo(
+            f"expired queue entry {str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} waiting for "
+            f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, from {_holder(rec)}"
+        )
+    if counts["granted"]:
+        click.echo(f"granted {counts['granted']} waiting request(s) the freed VRAM")
+
+
+# ---------------------------------------------------------------- gpuboss release
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _resolve_ids(snap: dict[str, Any], wanted: Sequence[str]) -> list[dict[str, Any]]:
+    """The leases that ids (or unique prefixes of at least 4 characters) name; any other is an error."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for value in wanted:
+        exact = [r for r in snap["leases"] if r["id"] == value]
+        found = exact or ([r for r in snap["leases"] if str(r["id"]).startswith(value)] if len(value) >= 4 else [])
+        if len(found) > 1:
+            raise CliError(f"lease id prefix {value!r} is ambiguous: {', '.join(sorted(r['id'] for r in found))}")
+        if not found:
+            queued = [r for r in snap["queue"] if str(r["id"]).startswith(value)] if value else []
+            if queued:
+                raise CliError(
+                    f"{value!r} is a queued request, not a lease: a waiting request cannot be force-released "
+                    "(its waiter would queue again); stop its process instead"
+                )
+            short = " (give at least 4 characters of it)" if len(value) < 4 else ""
+            raise CliError(f"no lease {value!r} in namespace {snap['namespace']!r}{short}")
+        chosen[found[0]["id"]] = found[0]
+    return list(chosen.values())
+
+
+@cli.command(short_help="Force-release leases (an operator's tool).")
+@click.argument("lease_ids", nargs=-1, metavar="[LEASE_ID]...")
+@click.option("--service", "service", metavar="NAME", help="Every lease of this service.")
+@click.option("--expired", is_flag=True, help="Every lease past its expiry (its holder stopped renewing).")
+@click.option("--all", "everything", is_flag=True, help="Every lease in the namespace.")
+@click.option("--reason", default="", metavar="TEXT", help="Why, for the revoked event (watch, the event log).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def release(
+    state: CliState,
+    lease_ids: tuple[str, ...],
+    service: str | None,
+    expired: bool,
+    everything: bool,
+    reason: str,
+    yes: bool,
+) -> None:
+    """Force-release leases by id (or a unique prefix of one), or select them with --service, --expired or
+    --all (asks first unless --yes). Each goes in one script that also hands its VRAM to the waiters and
+    logs a `revoked` event; the holder's heartbeat then reports the lease lost (its on_lost runs)."""
+    from gpuboss.core import Core, RevokeReply
+    from gpuboss.redis_io import evalsha_sync, retry_sync
+
+    selecting = service is not None or expired or everything
+    if lease_ids and selecting:
+        raise click.UsageError("give lease ids, or select with --service/--expired/--all, not both")
+    if not lease_ids and not selecting:
+        raise click.UsageError("name the leases to release: LEASE_ID..., --service NAME, --expired or --all")
+    if everything and (service is not None or expired):
+        raise click.UsageError("--all selects every lease: leave out --service and --expired")
+    if len(reason) > 200:
+        raise click.BadParameter("at most 200 characters", param_hint="--reason")
+    cfg, target, snap = _snapshot(state)
+    if lease_ids:
+        chosen = _resolve_ids(snap, lease_ids)
+    else:
+        chosen = snap["leases"]
+        if service is not None:
+            chosen = [r for r in chosen if r.get("service") == service]
+        if expired:
+            chosen = [r for r in chosen if float(r.get("expires_in_s", 0)) <= 0]
+        if not chosen:
+            if state.json:
+                _echo_json([])
+            else:
+                click.echo("no lease matches: nothing to release")
+            return
+        if not yes:
+            click.echo(f"About to force-release {len(chosen)} lease(s):", err=state.json)
+            click.echo(lease_table(chosen), err=state.json)
+            try:
+                confirmed = click.confirm("Force-release them?", default=False, err=True)
+            except click.Abort:
+                confirmed = False
+            if not confirmed:
+                raise CliError("not confirmed: nothing released (--yes skips the question)")
+    core = Core(cfg)
+    by = _operator()
+    client = connect(target, cfg)
+    results = []
+    try:
+        for rec in chosen:
+            call = core.revoke_call(str(rec["id"]), by, reason)
+            reply = retry_sync(lambda call=call: evalsha_sync(client, call), target.shown, cfg.connect_timeout)  # type: ignore[misc]
+            code, granted, record = core.revoked(reply)
+            results.append({"id": rec["id"], "result": code.name.lower(), "granted": granted, "lease": record or rec})
+    finally:
+        client.close()
+    if state.json:
+        _echo_json(results)
+        return
+    for res in results:
+        lease = res["lease"]
+        what = (
+            f"{str(res['id'])[:8]} ({lease.get('service', '?')} on {lease.get('gpu', '?')}, "
+            f"{gb(as_int(lease.get('vram_mib', 0)))}, held by {_holder(lease)})"
+        )
+        if res["result"] == RevokeReply.REVOKED.name.lower():
+            line = f"revoked {what}"
+        elif res["result"] == RevokeReply.EXPIRED.name.lower():
+            line = f"{what} had expired: collected"
+        else:
+            line = f"{what} was already gone"
+        if res["granted"]:
+            line += f"; granted {res['granted']} waiting request(s)"
+        click.echo(line)
+
+
+# ---------------------------------------------------------------- gpuboss watch / top
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class SinceType(click.ParamType):  # type: ignore[type-arg]
+    """A duration ago (``90s``, ``10m``, ``2h``, ``1d``; a bare number is seconds) or an event id."""
+
+    name = "since"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta | str:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value)
+        if re.fullmatch(r"\d+-\d+", text):
+            return text
+        match = _DURATION.match(text)
+        if not match:
+            self.fail(f"{text!r} is not a duration like 30s, 10m, 2h, 1d, nor an event id like 1700000000000-0")
+        return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+
+
+def format_event(event: Event) -> str:
+    """One line for a person: local time, type, lease, service, priority, size, GPU, and the type's details."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{event.time_ms % 1000:03d}"
+    head = [stamp, f"{event.type:<14}"]
+    if event.type == "gpu_registered":
+        cap, res = as_int(event.get("capacity_mib")), as_int(event.get("reserve_mib"))
+        name = event.get("name") or "-"
+        return " ".join([*head, f"{event.gpu} cuda:{event.get('index', '?')} {name}, {gb(cap)} (reserve {gb(res)})"])
+    parts = [
+        (event.lease or "-")[:8],
+        event.service or "-",
+        event.priority or "-",
+        gb(event.vram_mib) if event.vram_mib is not None else "-",
+        f"on {event.gpu}" if event.gpu else "on any GPU",
+    ]
+    detail = []
+    if "waited_ms" in event.data and event.get("waited_ms") is not None:
+        detail.append(f"waited {seconds(as_int(event.get('waited_ms')) / 1000)}")
+    if "held_ms" in event.data and event.get("held_ms") is not None:
+        detail.append(f"held {seconds(as_int(event.get('held_ms')) / 1000)}")
+    if event.type == "queued":
+        detail.append(f"{event.get('ahead', '?')} ahead")
+    if event.type == "granted":
+        detail.append(f"token {event.get('token', '?')}")
+    if event.type == "expired":
+        detail.append(f"({event.get('entry', 'lease')})")
+    if event.type == "revoked":
+        detail.append(f"by {event.get('by', '?')}")
+    if event.get("reason") and event.type != "timed_out":
+        detail.append(f"reason: {event.get('reason')}")
+    return " ".join([*head, *parts]) + ("  " + ", ".join(detail) if detail else "")
+
+
+def _event_matches(event: Event, types: Sequence[str], services: Sequence[str], gpus: Sequence[str]) -> bool:
+    return (
+        (not types or event.type in types)
+        and (not services or event.service in services)
+        and (not gpus or event.gpu in gpus)
+    )
+
+
+@cli.command(short_help="Live events (--since replays the log first).")
+@click.option("--since", type=SinceType(), default=None, help="Replay from the log first: 10m, 2h, 1d, or an event id.")
+@click.option(
+    "--type", "types", multiple=True, type=click.Choice(list(EVENT_TYPES)), help="Only this type (repeat for several)."
+)
+@click.option("--service", "services", multiple=True, metavar="NAME", help="Only this service (repeat for several).")
+@click.option("--gpu", "gpus", multiple=True, metavar="ID", help="Only this GPU id (repeat for several).")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many events.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop after this long.",
+)
+@click.pass_obj
+def watch(
+    state: CliState,
+    since: timedelta | str | None,
+    types: tuple[str, ...],
+    services: tuple[str, ...],
+    gpus: tuple[str, ...],
+    count: int | None,
+    timeout: float | None,
+) -> None:
+    """Print events as they happen, one line each (--json: one JSON object per line), until Ctrl-C,
+    --count or --timeout. See docs/events.md for the types and fields."""
+    from gpuboss.events import Subscription
+
+    cfg = state.config()
+    target = find_target(cfg, start=False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = 0
+    sub = Subscription(target.url, Keys(cfg.namespace), since, cfg.connect_timeout)
+    try:
+        while count is None or shown < count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            event = sub.get(timeout=left)
+            if event is None or not _event_matches(event, types, services, gpus):
+                continue
+            click.echo(json.dumps(event.to_dict(), sort_keys=True) if state.json else format_event(event))
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+
+
+def recent_events(client: redis.Redis, keys: Keys, count: int) -> list[Event]:
+    if count <= 0:
+        return []
+    entries: list[Any] = client.xrevrange(keys.event_log, count=count) or []
+    return list(reversed(decode_entries(entries)))
+
+
+def render_top(snap: dict[str, Any], target: Target, recent: list[Event]) -> str:
+    out = [render_status(snap, target)]
+    if recent:
+        out += ["", f"Recent events ({len(recent)})"]
+        out += [f"  {format_event(e)}" for e in recent]
+    return "\n".join(out)
+
+
+@cli.command(short_help="A live, refreshing view of GPUs, leases, queue and events.")
+@click.option("--interval", type=click.FloatRange(min=0.1, max=3600), default=2.0, show_default=True, metavar="SECONDS")
+@click.option("--events", "n_events", type=click.IntRange(min=0, max=200), default=10, show_default=True)
+@click.option("--once", is_flag=True, help="Print one view and exit (no screen clearing).")
+@click.pass_obj
+def top(state: CliState, interval: float, n_events: int, once: bool) -> None:
+    """GPUs, leases, the queue (with why each request waits) and the latest events, refreshed every
+    --interval seconds until Ctrl-C."""
+    from gpuboss.redis_io import retry_sync
+
+    cfg = state.config()
+    target = find_target(cfg, start=False)
+    keys = Keys(cfg.namespace)
+    client = connect(target, cfg)
+    try:
+        while True:
+            snap = read_namespace(client, keys, target.shown, cfg.connect_timeout)
+            explain_queue(snap)
+            recent = retry_sync(lambda: recent_events(client, keys, n_events), target.shown, cfg.connect_timeout)
+            if state.json:
+                click.echo(json.dumps({**snap, "events": [e.to_dict() for e in recent]}, sort_keys=True, default=str))
+            elif once:
+                click.echo(render_top(snap, target, recent))
+            else:
+                click.clear()
+                click.echo(render_top(snap, target, recent))
+                click.echo(f"\n(every {interval:g} s; Ctrl-C to quit)")
+            if once:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- gpuboss serve
+
+
+@cli.command(short_help="Serve /health and Prometheus /metrics over HTTP.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8003, show_default=True)
+@click.option(
+    "--min-free-gb",
+    type=click.FloatRange(min=0, max=1e6),
+    default=None,
+    metavar="GB",
+    help="/health counts a GPU as available only with at least this much VRAM free.",
+)
+@click.pass_obj
+def serve(state: CliState, host: str, port: int, min_free_gb: float | None) -> None:
+    """Serve /metrics (Prometheus: per-GPU VRAM, queue length, event counters, wait and hold times) and
+    /health (the JSON of `gpuboss health`; 200 when a GPU is available, else 503) until Ctrl-C or SIGTERM."""
+    import signal
+
+    from gpuboss.metrics import Exporter, make_server
+
+    cfg = state.config()
+    target = find_target(cfg, start=False)
+    min_free = None if min_free_gb is None else math.ceil(min_free_gb * 1024)
+    exporter = Exporter(target.url, cfg.namespace, cfg.connect_timeout, min_free)
+    try:
+        server = make_server(exporter, host, port)
+    except OSError as err:
+        exporter.close()
+        raise CliError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    exporter.start()
+    bound_host, bound_port = server.server_address[:2]
+    log.info(
+        "gpuboss: serving http://%s:%s/metrics and /health for namespace %r", bound_host, bound_port, cfg.namespace
+    )
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        log.info("gpuboss: stopping")
+    finally:
+        server.server_close()
+        exporter.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(args: Sequence[str] | None = None) -> None:

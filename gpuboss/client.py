@@ -10,7 +10,20 @@ from typing import Any
 
 from gpuboss.base import BossBase
 from gpuboss.config import BossConfig
-from gpuboss.core import CLEAN_ERRORS, DEFAULT, Call, Flow, GpuInfo, Op, Pop, ReadHash, Timeout, Watch, new_request_id
+from gpuboss.core import (
+    CLEAN_ERRORS,
+    DEFAULT,
+    Call,
+    Flow,
+    GpuInfo,
+    Op,
+    Pop,
+    ReadHash,
+    ReleaseReason,
+    Timeout,
+    Watch,
+    new_request_id,
+)
 from gpuboss.lease import Device, Lease
 from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_sync, evalsha_sync, retry_sync, run_flow_sync
 
@@ -77,13 +90,13 @@ class GPUBoss(BossBase):
             raise
         except BaseException:  # interrupted midway: withdraw the request, or release what it was granted
             self._heartbeat.forget(request_id)
-            self._release_id(request_id, req.ttl_ms)
+            self._release_id(request_id, req.ttl_ms, "cancel")
             raise
         return self._granted(lease)
 
-    def _release_id(self, item_id: str, ttl_ms: int) -> Any:
+    def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
         try:
-            return self._eval(self._core.release_call(item_id))
+            return self._eval(self._core.release_call(item_id, reason))
         except BaseException:  # the heartbeat thread finishes it
             self._heartbeat.release_later(item_id, ttl_ms)
             raise

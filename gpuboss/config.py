@@ -73,6 +73,8 @@ class BossConfig(BaseModel):
     default_ttl: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
     default_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     connect_timeout: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    #: About how many events the namespace's event log (a Redis stream) keeps; 0 keeps none (publish only).
+    events_maxlen: int = Field(default=10_000, ge=0, le=10_000_000, strict=True)
 
     @field_validator("namespace")
     @classmethod
@@ -108,9 +110,10 @@ def build_config(source: str = "arguments", **values: Any) -> BossConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def read_config_file(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
-    """The settings in a YAML file (``GPUBOSS_CONFIG`` wins over ``path``), and the path read."""
-    chosen = os.environ.get(ENV_CONFIG) or (os.fspath(path) if path is not None else None)
+def read_config_file(path: str | os.PathLike[str] | None, use_env: bool = True) -> tuple[dict[str, Any], str]:
+    """The settings in a YAML file (``GPUBOSS_CONFIG`` wins over ``path`` unless not ``use_env``), and the
+    path read."""
+    chosen = (os.environ.get(ENV_CONFIG) if use_env else None) or (os.fspath(path) if path is not None else None)
     if not chosen:
         raise ConfigError(f"no configuration file: pass a path or set {ENV_CONFIG}")
     file = Path(chosen)

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gpuboss.config import PRIORITIES, BossConfig, GPUConfig, gb_to_mib
 from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseTimeout
@@ -55,6 +55,16 @@ class ReleaseReply(enum.IntEnum):
     NOT_FOUND = 0
     RELEASED = 1
     WITHDRAWN = 2
+
+
+class RevokeReply(enum.IntEnum):
+    NOT_FOUND = 0
+    REVOKED = 1
+    EXPIRED = 2
+
+
+#: Why a lease or request is released; carried by the event (``timeout`` makes a request ``timed_out``).
+ReleaseReason = Literal["release", "timeout", "cancel", "close"]
 
 
 class RenewStatus(enum.IntEnum):
@@ -296,12 +306,6 @@ class Core:
         """True when a declared GPU is missing from (or differs in) the registry as read."""
         return any(registered.get(g.id) != g.to_json() for g in self.declared.values())
 
-    def register_call(self) -> Call | None:
-        if not self.declared:
-            return None
-        args: list[str | int] = [g.to_json() for g in self.declared.values()]
-        return Call("register", [self.keys.gpus, self.keys.capacity, self.keys.used], args)
-
     def check_register_reply(self, reply: list[Any]) -> None:
         if int(reply[0]) < 0:
             gpu, registered = str(reply[1]), GpuInfo.from_json(str(reply[2]))
@@ -335,9 +339,26 @@ class Core:
             self.check_register_reply((yield register))
 
     # -- script calls
+    #
+    # Every script that changes state announces it (lua/includes/emit.lua): it takes the event channel and
+    # the event log as its last two KEYS and the log's cap as its last ARGV.
 
     def state_keys(self) -> list[str]:
         return self.keys.state()
+
+    def _event_keys(self) -> list[str]:
+        return self.keys.event_keys()
+
+    @property
+    def _cap(self) -> int:
+        return self.config.events_maxlen
+
+    def register_call(self) -> Call | None:
+        if not self.declared:
+            return None
+        args: list[str | int] = [g.to_json() for g in self.declared.values()]
+        keys = [self.keys.gpus, self.keys.capacity, self.keys.used, *self._event_keys()]
+        return Call("register", keys, [*args, self._cap])
 
     def acquire_call(self, request_id: str, req: LeaseRequest, pin: str, service: str) -> Call:
         mode = "try" if req.timeout == 0 else "wait"
@@ -353,20 +374,32 @@ class Core:
             service,
             self.host,
             self.pid,
+            self._cap,
         ]
-        return Call("acquire", [*self.state_keys(), self.keys.seq], args)
+        return Call("acquire", [*self.state_keys(), self.keys.seq, *self._event_keys()], args)
 
-    def release_call(self, lease_id: str) -> Call:
-        return Call("release", self.state_keys(), [self.keys.wake_prefix, lease_id])
+    def release_call(self, lease_id: str, reason: ReleaseReason = "release") -> Call:
+        """Release a lease or withdraw a request; ``reason`` picks the event (``timeout``: ``timed_out``)."""
+        return Call(
+            "release", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, lease_id, reason, self._cap]
+        )
+
+    def revoke_call(self, lease_id: str, by: str, reason: str = "") -> Call:
+        """Force-release someone else's lease (an operator's ``gpuboss release``)."""
+        return Call(
+            "revoke",
+            [*self.state_keys(), *self._event_keys()],
+            [self.keys.wake_prefix, lease_id, by, reason, self._cap],
+        )
 
     def renew_call(self, items: Mapping[str, int]) -> Call:
         args: list[str | int] = [self.keys.wake_prefix]
         for lease_id, ttl_ms in items.items():
             args += [lease_id, ttl_ms]
-        return Call("renew", self.state_keys(), args)
+        return Call("renew", [*self.state_keys(), *self._event_keys()], [*args, self._cap])
 
     def collect_call(self) -> Call:
-        return Call("collect", self.state_keys(), [self.keys.wake_prefix])
+        return Call("collect", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, self._cap])
 
     # -- replies
 
@@ -377,6 +410,20 @@ class Core:
     @staticmethod
     def collected(reply: list[Any]) -> dict[str, int]:
         return {"leases": int(reply[0]), "requests": int(reply[1]), "granted": int(reply[2])}
+
+    @staticmethod
+    def collected_records(reply: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The lease and request records a collect removed."""
+        leases = [json.loads(str(r)) for r in (reply[4] if len(reply) > 4 else [])]
+        requests = [json.loads(str(r)) for r in (reply[5] if len(reply) > 5 else [])]
+        return leases, requests
+
+    @staticmethod
+    def revoked(reply: list[Any]) -> tuple[RevokeReply, int, dict[str, Any] | None]:
+        """What a revoke did, how many waiters it granted, and the lease record it removed."""
+        code = RevokeReply(int(reply[0]))
+        record = json.loads(str(reply[2])) if len(reply) > 2 else None
+        return code, int(reply[1]), record
 
     # -- the acquisition protocol
 
@@ -428,14 +475,14 @@ class Core:
             if deadline is not None:
                 left = deadline - clock()
                 if left <= 0:
-                    yield self.release_call(request_id)
+                    yield self.release_call(request_id, "timeout")
                     raise LeaseTimeout(self._timeout_message(req))
                 chunk = min(chunk, left)
             popped = yield Pop(self.keys.wake(request_id), max(chunk, 0.001))
             if popped is not None:
                 return Lease.from_record(str(popped), on_lost=req.on_lost)
             if deadline is not None and deadline - clock() <= 0:
-                yield self.release_call(request_id)
+                yield self.release_call(request_id, "timeout")
                 raise LeaseTimeout(self._timeout_message(req))
             # Not granted yet: look again (this also collects what expired, and re-queues a request whose
             # queue entry was lost while this process was stopped).

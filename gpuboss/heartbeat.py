@@ -11,6 +11,7 @@ land or their TTL makes them moot. At interpreter exit every live heartbeat rele
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -101,12 +102,14 @@ class Heartbeat:
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+            # RuntimeError: Ctrl-C landed inside its start(); it sees _stopped and ends by itself.
+            with contextlib.suppress(RuntimeError):
+                thread.join(timeout=5)
         if release and ids:
             client = self._connection()
             for item_id in ids:
                 try:
-                    evalsha_sync(client, self._core.release_call(item_id))
+                    evalsha_sync(client, self._core.release_call(item_id, "close"))
                 except (RedisError, OSError) as err:
                     log.warning("gpuboss: could not release %s on close (%s); its TTL will reclaim it", item_id, err)
         if self._client is not None:

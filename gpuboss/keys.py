@@ -16,10 +16,12 @@ key                 type   contents
 ``ns:token``        string the last fencing token handed out
 ``ns:seq``          string the last arrival number handed out
 ``ns:wake:<id>``    list   a grant pushed to the one waiter that asked for ``<id>``
+``ns:event_log``    stream every event, capped (``XADD MAXLEN ~``), for replay and audit
+``ns:events``       pubsub the channel every event is published on (a channel, not a key)
 ==================  =====  ===============================================================
 
-The fixed keys are ``gpus``, ``capacity``, ``used``, ``token`` and ``seq``; every other key exists only while
-a lease or a waiting request does.
+The fixed keys are ``gpus``, ``capacity``, ``used``, ``token``, ``seq`` and ``event_log``; every other key
+exists only while a lease or a waiting request does.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.{}\-]{1,64}$")
 
-#: Keys that stay once every lease is released: the GPU registry and the two counters.
-FIXED_SUFFIXES = ("gpus", "capacity", "used", "token", "seq")
+#: Keys that stay once every lease is released: the GPU registry, the two counters and the event log.
+FIXED_SUFFIXES = ("gpus", "capacity", "used", "token", "seq", "event_log")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,20 @@ class Keys:
     @property
     def seq(self) -> str:
         return self._key("seq")
+
+    @property
+    def events(self) -> str:
+        """The pub/sub channel every event is published on (a channel name, not a key)."""
+        return self._key("events")
+
+    @property
+    def event_log(self) -> str:
+        """The stream every event is appended to, capped at about ``events_maxlen`` entries."""
+        return self._key("event_log")
+
+    def event_keys(self) -> list[str]:
+        """The two KEYS every emitting script takes last (``lua/includes/emit.lua``): channel, then log."""
+        return [self.events, self.event_log]
 
     @property
     def wake_prefix(self) -> str:

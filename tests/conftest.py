@@ -93,6 +93,8 @@ def snapshot(client: redis.Redis, namespace: str) -> dict[str, Any]:
             out[key] = client.zrange(key, 0, -1, withscores=True)
         elif kind == "list":
             out[key] = client.lrange(key, 0, -1)
+        elif kind == "stream":
+            out[key] = client.xrange(key)
         else:
             out[key] = client.get(key)
     return out

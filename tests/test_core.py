@@ -59,7 +59,7 @@ def test_flow_grants_at_once(core: Core) -> None:
     flow = core.acquire_flow(core.make_request(1), "r1")
     call = next(flow)
     assert isinstance(call, Call) and call.script == "acquire"
-    assert call.keys == [*Keys("ns").state(), Keys("ns").seq]
+    assert call.keys == [*Keys("ns").state(), Keys("ns").seq, "ns:events", "ns:event_log"]
     assert call.args[1:8] == ["r1", 1024, 1, "normal", "", 30000, "wait"]
     with pytest.raises(StopIteration) as stop:
         flow.send([Reply.GRANTED, record()])
@@ -117,7 +117,7 @@ def test_flow_checks_size_before_any_io(core: Core) -> None:
 
 def test_key_names_live_in_keys_module_only() -> None:
     """No module but keys.py spells a key: a suffix in a string literal next to a colon is a key literal."""
-    suffixes = {*FIXED_SUFFIXES, "leases", "lease_exp", "queue", "tickets", "queue_exp", "wake"}
+    suffixes = {*FIXED_SUFFIXES, "leases", "lease_exp", "queue", "tickets", "queue_exp", "wake", "events"}
     alternatives = "|".join(sorted(suffixes))
     pattern = re.compile(rf"""["'][^"'\n]*:({alternatives})\b""")
     offenders = []
@@ -132,6 +132,6 @@ def test_key_names_live_in_keys_module_only() -> None:
 
 def test_keys_share_one_namespace() -> None:
     keys = Keys("{team}")
-    names = [*keys.state(), keys.seq, keys.wake("x")]
+    names = [*keys.state(), keys.seq, keys.wake("x"), *keys.event_keys()]
     assert all(n.startswith("{team}:") for n in names)
     assert len(set(names)) == len(names)

@@ -13,7 +13,7 @@ import pytest
 import redis
 from gpuboss import GPUBoss, scripts
 from gpuboss.config import BossConfig
-from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, new_request_id
+from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, RevokeReply, new_request_id
 from gpuboss.redis_io import evalsha_sync
 
 from tests.conftest import GPUS, raw_client
@@ -61,7 +61,7 @@ def test_includes_resolve_once_and_reject_missing_and_circular(tmp_path: Path) -
 
 
 def test_every_reply_code_is_documented() -> None:
-    for name, codes in (("acquire", Reply), ("release", ReleaseReply), ("renew", RenewStatus)):
+    for name, codes in (("acquire", Reply), ("release", ReleaseReply), ("renew", RenewStatus), ("revoke", RevokeReply)):
         text = header(name)
         for code in codes:
             assert re.search(rf"(\{{|\s){code.value}[,\s}}]", text), f"{name}: code {code.value} ({code.name})"

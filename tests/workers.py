@@ -9,7 +9,8 @@ Commands:
 
 ``stress``  run ``--count`` random requests (random size, priority, timeout, hold time) and append one JSON
             line per request to ``--out``; used by the no-over-commit test.
-``hold``    acquire one lease, print ``HELD``, then sleep until killed (the SIGKILL-a-holder test).
+``hold``    acquire one lease, print ``HELD``, then sleep until killed (the SIGKILL-a-holder test); with
+            ``--report-lost`` its ``on_lost`` prints ``LOST <lease id>`` (the force-release test).
 ``wait``    print ``QUEUING``, acquire one lease (queued behind others), print ``HELD``, then sleep until
             killed; on KeyboardInterrupt (SIGINT) while waiting print ``INTERRUPTED`` and exit 3.
 """
@@ -135,7 +136,8 @@ def stress(args: argparse.Namespace) -> int:
 def hold(args: argparse.Namespace) -> int:
     boss = make_boss(args)
     emit("READY")
-    lease = boss.acquire(args.vram, ttl=args.ttl, device=args.device, timeout=args.timeout)
+    on_lost = (lambda lost: emit("LOST " + lost.id)) if args.report_lost else None
+    lease = boss.acquire(args.vram, ttl=args.ttl, device=args.device, timeout=args.timeout, on_lost=on_lost)
     emit("HELD " + lease_json(lease))
     while True:  # until the test kills this process
         time.sleep(3600)
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--vram", type=float, required=True)
             p.add_argument("--device", default=None)
             p.add_argument("--timeout", type=float, default=60.0)
+            p.add_argument("--report-lost", action="store_true")
     args = parser.parse_args(argv)
     command = {"stress": stress, "hold": hold, "wait": wait}[args.command]
     return command(args)

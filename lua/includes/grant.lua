@@ -7,7 +7,9 @@
   Redis restart that lost the counter, as long as the namespace averaged under 10 grants per ms.
   grant_waiting hands capacity to the head of the queue for as long as the head fits (strict order: a
   head that does not fit holds everyone behind it), and pushes each grant onto that request's wake list
-  so the one waiter it belongs to returns at once: no polling, no herd.
+  so the one waiter it belongs to returns at once: no polling, no herd. Each grant emits `granted`.
+
+  Needs the emit and drop includes above it.
 ]]
 local function grant(s, id, req, gpu, now)
   if redis.call('EXISTS', K_TOKEN) == 0 then
@@ -29,6 +31,11 @@ local function grant(s, id, req, gpu, now)
   local raw = cjson.encode(rec)
   redis.call('HSET', K_LEASES, id, raw)
   redis.call('ZADD', K_LEASE_EXP, int(now + req.ttl_ms), id)
+  local ev = lease_fields(rec)
+  ev.waited_ms = now - req.requested_at
+  ev.token = token
+  ev.ttl_ms = req.ttl_ms
+  emit('granted', now, ev)
   return raw
 end
 

@@ -11,7 +11,9 @@
     KEYS[7] tickets    hash  request id -> JSON request record
     KEYS[8] queue_exp  zset  request id by expiry (ms)
     KEYS[9] token      string fencing-token counter
-  and ARGV[1] = the wake-list prefix (a request id is appended to it).
+  and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
+  these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
+  cap is always the last ARGV.
 ]]
 local K_GPUS, K_CAPACITY, K_USED = KEYS[1], KEYS[2], KEYS[3]
 local K_LEASES, K_LEASE_EXP = KEYS[4], KEYS[5]

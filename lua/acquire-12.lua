@@ -6,9 +6,13 @@
   has the same or a higher priority; otherwise (mode "wait") it is queued. Calling again with the same
   id is harmless: it reports the lease or the queue entry that id already has.
 
+  Events: `granted` (the newcomer, or waiters served first), `queued`, `expired` (what was collected).
+
   Input:
     KEYS[1..9]  the state layout (includes/state.lua)
     KEYS[10]    seq          string, arrival counter
+    KEYS[11]    events       pub/sub channel (includes/emit.lua)
+    KEYS[12]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     request id (becomes the lease id)
     ARGV[3]     vram, integer MiB > 0
@@ -20,6 +24,7 @@
     ARGV[9]     service name
     ARGV[10]    host name
     ARGV[11]    pid
+    ARGV[12]    event log cap (0: no log)
 
   Output:
     {1, lease}                  GRANTED: the lease record (JSON)
@@ -30,6 +35,7 @@
     {-3}                        NO_GPUS: no GPU is registered in this namespace; nothing written
 ]]
 --- @include "state"
+--- @include "emit"
 --- @include "place"
 --- @include "drop"
 --- @include "grant"
@@ -93,4 +99,9 @@ local req = {
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + seq), id)
 redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
-return {2, redis.call('ZRANK', K_QUEUE, id), next_expiry(now)}
+local position = redis.call('ZRANK', K_QUEUE, id)
+local ev = request_fields(req)
+ev.ahead = position
+ev.ttl_ms = ttl
+emit('queued', now, ev)
+return {2, position, next_expiry(now)}

@@ -4,18 +4,25 @@
   A GPU already registered with the same capacity and reserve is left as it is; one registered with a
   different capacity or reserve is a conflict, and then nothing is written.
 
+  Events: `gpu_registered` for each GPU that was new.
+
   Input:
-    KEYS[1]   gpus      hash  gpu id -> JSON declaration
-    KEYS[2]   capacity  hash  gpu id -> leasable MiB
-    KEYS[3]   used      hash  gpu id -> leased MiB
-    ARGV[k]   (k >= 1) one GPU as JSON: {"id", "name", "index", "capacity_mib", "reserve_mib"}
+    KEYS[1]   gpus       hash  gpu id -> JSON declaration
+    KEYS[2]   capacity   hash  gpu id -> leasable MiB
+    KEYS[3]   used       hash  gpu id -> leased MiB
+    KEYS[4]   events     pub/sub channel (includes/emit.lua)
+    KEYS[5]   event_log  stream
+    ARGV[k]   (1 <= k < #ARGV) one GPU as JSON: {"id", "name", "index", "capacity_mib", "reserve_mib"}
+    ARGV[#ARGV]  event log cap (0: no log)
 
   Output:
     {1, added}                    OK: `added` GPUs were new
     {-1, gpu_id, registered}      CONFLICT: `gpu_id` is registered with other sizes (its JSON)
 ]]
+--- @include "emit"
+
 local decls = {}
-for k = 1, #ARGV do
+for k = 1, #ARGV - 1 do
   local gpu = cjson.decode(ARGV[k])
   local raw = redis.call('HGET', KEYS[1], gpu.id)
   if raw then
@@ -27,10 +34,20 @@ for k = 1, #ARGV do
     decls[#decls + 1] = {gpu, ARGV[k]}
   end
 end
+if #decls == 0 then
+  return {1, 0}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, d in ipairs(decls) do
   local gpu = d[1]
   redis.call('HSET', KEYS[1], gpu.id, d[2])
   redis.call('HSET', KEYS[2], gpu.id, string.format('%.0f', gpu.capacity_mib - gpu.reserve_mib))
   redis.call('HSETNX', KEYS[3], gpu.id, 0)
+  emit('gpu_registered', now, {
+    lease = cjson.null, gpu = gpu.id, service = cjson.null, priority = cjson.null, vram_mib = cjson.null,
+    name = gpu.name or '', index = gpu.index,
+    capacity_mib = gpu.capacity_mib, reserve_mib = gpu.reserve_mib,
+  })
 end
 return {1, #decls}

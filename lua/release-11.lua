@@ -5,10 +5,18 @@
   meantime, that grant is released: never leaked), and on shutdown. Releasing an id that is already gone
   is harmless. Any grant pushed for the id but not yet taken by its waiter is deleted.
 
+  Events: `released` (a lease), `timed_out` (a queued request withdrawn with reason 'timeout') or
+  `withdrawn` (one withdrawn for any other reason); `granted` for each waiter served, `expired` for what
+  was collected first.
+
   Input:
     KEYS[1..9]  the state layout (includes/state.lua)
+    KEYS[10]    events       pub/sub channel (includes/emit.lua)
+    KEYS[11]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease or request id
+    ARGV[3]     reason: 'release', 'timeout', 'cancel' or 'close' (carried by the event)
+    ARGV[4]     event log cap (0: no log)
 
   Output:
     {1, granted}    RELEASED: the lease was removed; `granted` queued requests were granted
@@ -16,21 +24,43 @@
     {0, granted}    NOT_FOUND: the id holds nothing (released before, or expired)
 ]]
 --- @include "state"
+--- @include "emit"
 --- @include "place"
 --- @include "drop"
 --- @include "grant"
 
-local id = ARGV[2]
+local id, reason = ARGV[2], ARGV[3]
 local s = load_gpus()
 local now = now_ms()
 collect_expired(s, now)
 
 local code = 0
-if drop_lease(s, id) then
+local rec = drop_lease(s, id)
+if rec then
   code = 1
+  local ev = lease_fields(rec)
+  ev.held_ms = since_ms(now, rec.acquired_at)
+  ev.reason = reason
+  emit('released', now, ev)
 end
 redis.call('DEL', WAKE_PREFIX .. id)
+local ticket = nil
+if code == 0 then
+  ticket = redis.call('HGET', K_TICKETS, id)
+end
 if drop_request(id) then
   code = 2
+  local req = {id = id}
+  if ticket then
+    req = cjson.decode(ticket)
+  end
+  local ev = request_fields(req)
+  ev.waited_ms = since_ms(now, req.requested_at)
+  ev.reason = reason
+  if reason == 'timeout' then
+    emit('timed_out', now, ev)
+  else
+    emit('withdrawn', now, ev)
+  end
 end
 return {code, grant_waiting(s, now)}

@@ -5,10 +5,15 @@
   arrives a moment later: a lease past its deadline never comes back. Then each live id gets a new
   deadline of now + its ttl, and freed capacity goes to the queue.
 
+  Events: a renewal is not an event; `expired` and `granted` for what was collected and served.
+
   Input:
     KEYS[1..9]       the state layout (includes/state.lua)
+    KEYS[10]         events       pub/sub channel (includes/emit.lua)
+    KEYS[11]         event_log    stream
     ARGV[1]          wake-list prefix
-    ARGV[2k], ARGV[2k+1] (k >= 1)   an id and its ttl in ms
+    ARGV[2k], ARGV[2k+1] (k >= 1, 2k+1 < #ARGV)   an id and its ttl in ms
+    ARGV[#ARGV]      event log cap (0: no log)
 
   Output:
     {next_ms, now_ms, st_1, ...} next_ms: ms until the next expiry (-1: none); now_ms: Redis time;
@@ -18,6 +23,7 @@
                                  0 GONE (nothing under that id: lost, expired or released)
 ]]
 --- @include "state"
+--- @include "emit"
 --- @include "place"
 --- @include "drop"
 --- @include "grant"
@@ -28,7 +34,7 @@ collect_expired(s, now)
 grant_waiting(s, now)
 
 local reply = {0, now}
-for k = 2, #ARGV - 1, 2 do
+for k = 2, #ARGV - 2, 2 do
   local id, ttl = ARGV[k], tonumber(ARGV[k + 1])
   local st = 0
   local raw = redis.call('HGET', K_LEASES, id)

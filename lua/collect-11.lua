@@ -1,0 +1,32 @@
+--[[
+  collect: reclaim expired leases and queued requests now, and hand the capacity to the queue.
+
+  Every other state script does the same first; this one exists for `gpuboss gc` and for a waiter at
+  the head of the queue that wakes at the next expiry.
+
+  Events: `expired` for each lease and queued request collected, `granted` for each waiter served.
+
+  Input:
+    KEYS[1..9]  the state layout (includes/state.lua)
+    KEYS[10]    events       pub/sub channel (includes/emit.lua)
+    KEYS[11]    event_log    stream
+    ARGV[1]     wake-list prefix
+    ARGV[2]     event log cap (0: no log)
+
+  Output:
+    {leases, requests, granted, next_ms, lease_records, request_records}
+        expired leases and requests collected, queued requests granted, ms until the next expiry
+        (-1: none), and the records (JSON) of the leases and requests collected
+]]
+--- @include "state"
+--- @include "emit"
+--- @include "place"
+--- @include "drop"
+--- @include "grant"
+
+local s = load_gpus()
+local now = now_ms()
+local out = {leases = {}, requests = {}}
+local leases, requests = collect_expired(s, now, out)
+local granted = grant_waiting(s, now)
+return {leases, requests, granted, next_expiry(now), out.leases, out.requests}

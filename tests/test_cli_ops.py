@@ -1,0 +1,459 @@
+"""The operator's commands: leases, queue, gpus, health, config check, gc, release (force-release, also of a
+lease another process holds), watch and top; through click's runner and the installed executable."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from gpuboss import GPUBoss, GPUBossError, Keys, Lease, events
+from gpuboss.cli import cli
+from gpuboss.config import BossConfig
+from gpuboss.core import Core
+from gpuboss.redis_io import evalsha_sync
+
+from tests.conftest import raw_client, snapshot
+from tests.workers import Worker
+
+GPUS2 = [
+    {"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0, "reserve_gb": 1},
+    {"id": "gpu1", "name": "RTX 4080", "vram_gb": 16, "index": 1},
+]
+GPUBOSS = Path(sys.executable).parent / "gpuboss"
+
+
+@pytest.fixture(autouse=True)
+def no_outside_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPUBOSS_REDIS_URL", raising=False)
+    monkeypatch.delenv("GPUBOSS_CONFIG", raising=False)
+
+
+def gpuboss(url: str, namespace: str, *args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(cli, ["--redis-url", url, "--namespace", namespace, *args], input=input)
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def busy(real_url: str, namespace: str) -> Iterator[dict[str, Any]]:
+    """chat holds 20 GB (high) of gpu0 (23 GB leasable), batch 10 GB (low) of gpu1, and "api" waits for
+    8 GB (normal) on any GPU, then "late" for 2 GB (low) pinned to gpu1."""
+    chat = GPUBoss(real_url, namespace=namespace, service="chat", gpus=GPUS2)
+    batch = GPUBoss(real_url, namespace=namespace, service="batch", gpus=GPUS2)
+    api = GPUBoss(real_url, namespace=namespace, service="api", gpus=GPUS2)
+    late = GPUBoss(real_url, namespace=namespace, service="late", gpus=GPUS2)
+    held = {"chat": chat.acquire(20, device="gpu0", priority="high", ttl=3), "batch": batch.acquire(10, device="gpu1")}
+    granted: list[tuple[GPUBoss, Lease]] = []
+
+    def wait(boss: GPUBoss, gb: float, **kw: Any) -> None:
+        with contextlib.suppress(GPUBossError):  # a timeout: the tests check the state themselves
+            granted.append((boss, boss.acquire(gb, timeout=30, **kw)))
+
+    client = raw_client(real_url)
+    threads = [threading.Thread(target=wait, args=(api, 8), kwargs={"priority": "normal"})]
+    threads[0].start()
+    wait_until(lambda: client.zcard(f"{namespace}:queue") == 1)
+    threads.append(threading.Thread(target=wait, args=(late, 2), kwargs={"priority": "low", "device": "gpu1"}))
+    threads[1].start()
+    wait_until(lambda: client.zcard(f"{namespace}:queue") == 2)
+    try:
+        yield {"held": held, "bosses": {"chat": chat, "batch": batch}}
+    finally:
+        for name, boss in (("chat", chat), ("batch", batch)):
+            boss.release(held[name])
+        for t in threads:
+            t.join(timeout=30)
+        for boss, lease in granted:
+            boss.release(lease)
+        for boss in (chat, batch, api, late):
+            boss.close()
+        client.close()
+
+
+# ---------------------------------------------------------------- reads
+
+
+def test_leases_table_filters_and_json(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    every = gpuboss(real_url, namespace, "leases")
+    assert every.exit_code == 0, every.output
+    assert "Leases (2 of 2, 30.0 GB in all)" in every.stdout
+    assert busy["held"]["chat"].id[:8] in every.stdout and busy["held"]["batch"].id[:8] in every.stdout
+
+    chat = gpuboss(real_url, namespace, "leases", "--service", "chat")
+    assert "Leases (1 of 2, 20.0 GB in all)" in chat.stdout
+    line = next(x for x in chat.stdout.splitlines() if busy["held"]["chat"].id[:8] in x)
+    assert line.split()[1:4] == ["chat", "high", "gpu0"]
+    assert busy["held"]["batch"].id[:8] not in chat.stdout
+
+    data = json.loads(gpuboss(real_url, namespace, "--json", "leases", "--gpu", "cuda:1").stdout)
+    assert [(r["id"], r["service"], r["vram_mib"]) for r in data] == [(busy["held"]["batch"].id, "batch", 10240)]
+    assert json.loads(gpuboss(real_url, namespace, "--json", "leases", "--priority", "low").stdout) == []
+    both = json.loads(
+        gpuboss(real_url, namespace, "--json", "leases", "--priority", "low", "--priority", "high").stdout
+    )
+    assert [r["service"] for r in both] == ["chat"]
+
+    bad = gpuboss(real_url, namespace, "leases", "--gpu", "gpu7")
+    assert bad.exit_code == 1 and "--gpu 'gpu7': no such GPU" in bad.stderr
+    wrong = gpuboss(real_url, namespace, "leases", "--priority", "urgent")
+    assert wrong.exit_code == 1 and "urgent" in wrong.stderr
+
+
+def test_queue_says_who_waits_and_why(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    result = gpuboss(real_url, namespace, "queue")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "Queue (2 of 2 waiting" in lines[0]
+    head = next(x for x in lines if " api " in x)
+    assert head.split()[:2] == ["1", head.split()[1]] and "normal" in head
+    assert "needs 8.0 GB, at most 6.0 GB free (on gpu1)" in head
+    second = next(x for x in lines if " late " in x)
+    assert second.split()[0] == "2" and "behind #1 (strict order)" in second and "gpu1" in second
+
+    data = json.loads(gpuboss(real_url, namespace, "--json", "queue", "--gpu", "gpu0").stdout)
+    assert [r["service"] for r in data] == ["api"]  # unpinned: may land on gpu0; "late" is pinned to gpu1
+    assert data[0]["position"] == 1 and data[0]["why"].startswith("needs 8.0 GB")
+    assert 0 < data[0]["expires_in_s"] <= 30
+    data = json.loads(gpuboss(real_url, namespace, "--json", "queue", "--service", "late").stdout)
+    assert [(r["position"], r["pin"], r["priority"]) for r in data] == [(2, "gpu1", "low")]
+
+
+def test_gpus(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    text = gpuboss(real_url, namespace, "gpus")
+    assert text.exit_code == 0
+    row = next(x for x in text.stdout.splitlines() if x.strip().startswith("gpu1"))
+    assert row.split() == ["gpu1", "cuda:1", "RTX", "4080", "16.0", "GB", "0.0", "GB", "10.0", "GB", "6.0", "GB", "1"]
+    data = json.loads(gpuboss(real_url, namespace, "--json", "gpus").stdout)
+    assert [(g["id"], g["capacity_mib"], g["reserve_mib"], g["used_mib"], g["free_mib"]) for g in data] == [
+        ("gpu0", 24576, 1024, 20480, 3072),
+        ("gpu1", 16384, 0, 10240, 6144),
+    ]
+
+
+def test_health(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    result = gpuboss(real_url, namespace, "health")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"gpu_available": True, "vram_total": 40960, "vram_free": 3072 + 6144}
+    picky = gpuboss(real_url, namespace, "health", "--min-free-gb", "7")
+    assert picky.exit_code == 3
+    assert json.loads(picky.stdout)["gpu_available"] is False
+
+
+def test_health_without_gpus_and_without_redis(real_url: str, namespace: str) -> None:
+    empty = gpuboss(real_url, namespace, "health")
+    assert empty.exit_code == 3
+    assert json.loads(empty.stdout) == {"gpu_available": False, "vram_total": 0, "vram_free": 0}
+    down = CliRunner().invoke(cli, ["--redis-url", "redis://127.0.0.1:1/0", "--connect-timeout", "0.2", "health"])
+    assert down.exit_code == 2 and down.stdout == ""
+
+
+def test_reads_write_nothing(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    client = raw_client(real_url)
+    stable = {f"{namespace}:{k}" for k in ("gpus", "capacity", "used", "queue", "token", "seq", "event_log")}
+    before = {k: v for k, v in snapshot(client, namespace).items() if k in stable}
+    for args in (["leases"], ["queue"], ["gpus"], ["health"], ["--json", "status"], ["top", "--once"]):
+        assert gpuboss(real_url, namespace, *args).exit_code == 0, args
+    after = {k: v for k, v in snapshot(client, namespace).items() if k in stable}
+    assert before == after
+
+
+# ---------------------------------------------------------------- config check
+
+
+def test_config_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = tmp_path / "config.yaml"
+    good.write_text(
+        "namespace: prod\nservice: kiwi\nevents_maxlen: 500\nredis_url: redis://:secret@db:6379/0\n"
+        "gpus:\n  - {id: gpu0, name: RTX 4090, vram_gb: 24, index: 0, reserve_gb: 1.5}\n"
+    )
+    result = CliRunner().invoke(cli, ["config", "check", str(good)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"{good}: valid" in out
+    assert "namespace         prod" in out and "events_maxlen     500" in out and "default_ttl       30 s" in out
+    assert "redis://:***@db:6379/0" in out and "secret" not in out
+    gpu = next(x for x in out.splitlines() if x.strip().startswith("gpu0"))
+    assert gpu.split()[-6:] == ["24.0", "GB", "1.5", "GB", "22.5", "GB"]
+
+    monkeypatch.setenv("GPUBOSS_REDIS_URL", "redis://other:6379/1")
+    data = json.loads(CliRunner().invoke(cli, ["--json", "--namespace", "ns2", "config", "check", str(good)]).stdout)
+    assert data["valid"] is True and data["path"] == str(good)
+    assert data["settings"]["redis_url"] == "redis://other:6379/1"
+    assert data["settings"]["namespace"] == "ns2"  # the global option applies, as for every command
+    assert data["settings"]["gpus"][0]["reserve_gb"] == 1.5
+    assert any("GPUBOSS_REDIS_URL" in n for n in data["notes"])
+
+    monkeypatch.setenv("GPUBOSS_CONFIG", str(good))
+    from_env = CliRunner().invoke(cli, ["config", "check"])
+    assert from_env.exit_code == 0 and f"{good}: valid" in from_env.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("gpus:\n  - {id: gpu0, vram_gb: -1}\n", "gpus.0.vram_gb"),
+        ("events_maxlen: lots\n", "events_maxlen"),
+        ("default_priority: urgent\n", "default_priority"),
+        ("nonsense_key: 1\n", "nonsense_key"),
+        ("gpus: [\n", "malformed YAML"),
+    ],
+)
+def test_config_check_names_the_field(tmp_path: Path, text: str, field: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    result = CliRunner().invoke(cli, ["config", "check", str(bad)])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("gpuboss: error:") and field in line
+
+
+def test_config_check_without_a_file(tmp_path: Path) -> None:
+    none = CliRunner().invoke(cli, ["config", "check"])
+    assert none.exit_code == 1 and "no configuration file" in none.stderr
+    missing = CliRunner().invoke(cli, ["config", "check", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1 and "cannot read configuration" in missing.stderr
+
+
+# ---------------------------------------------------------------- gc
+
+
+def test_gc_says_what_it_collected(real_url: str, namespace: str) -> None:
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS2, service="dead"))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    evalsha_sync(client, register)
+    evalsha_sync(client, core.acquire_call("deadbeef01", core.make_request(23, ttl=0.1), "gpu0", "ghost"))
+    evalsha_sync(client, core.acquire_call("deadbeef02", core.make_request(4, ttl=0.1), "gpu0", "lurker"))
+    evalsha_sync(client, core.acquire_call("alive00001", core.make_request(16, ttl=60), "gpu1", "alive"))
+    time.sleep(0.2)
+    text = gpuboss(real_url, namespace, "gc")
+    assert text.exit_code == 0, text.output
+    assert "expired lease deadbeef: ghost on gpu0, 23.0 GB normal" in text.stdout
+    assert "expired queue entry deadbeef: lurker waiting for 4.0 GB normal" in text.stdout
+    assert client.hkeys(f"{namespace}:leases") == ["alive00001"]
+    again = gpuboss(real_url, namespace, "--json", "gc")
+    assert json.loads(again.stdout) == {"leases": [], "requests": [], "granted": 0}
+    assert "nothing had expired" in gpuboss(real_url, namespace, "gc").stdout
+    evalsha_sync(client, core.release_call("alive00001"))
+    client.close()
+
+
+# ---------------------------------------------------------------- release
+
+
+def test_release_by_id_prefix_hands_capacity_to_the_waiter(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    chat = busy["held"]["chat"]
+    result = gpuboss(real_url, namespace, "release", chat.id[:6], "--reason", "stuck")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"revoked {chat.id[:8]} (chat on gpu0, 20.0 GB")
+    assert "granted 2 waiting request(s)" in result.stdout  # the head, then "late" behind it
+    client = raw_client(real_url)
+    placed = sorted((json.loads(r)["service"], json.loads(r)["gpu"]) for r in client.hvals(f"{namespace}:leases"))
+    assert placed == [("api", "gpu0"), ("batch", "gpu1"), ("late", "gpu1")]  # in the same step
+    revoked = [e for e in events.replay(real_url, namespace) if e.type == "revoked"]
+    assert [(e.lease, e["reason"]) for e in revoked] == [(chat.id, "stuck")]
+    assert "@" in revoked[0]["by"]
+    wait_until(lambda: chat.lost, timeout=5)  # the holder's heartbeat finds it gone
+    client.close()
+
+
+def test_release_refuses_bad_ids_and_writes_nothing(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    client = raw_client(real_url)
+    leases_before = client.hgetall(f"{namespace}:leases").keys()
+    queued = client.zrange(f"{namespace}:queue", 0, 0)[0]
+    for args, message in (
+        (["release", busy["held"]["chat"].id, "nope-nope"], "no lease 'nope-nope'"),
+        (["release", "ab"], "at least 4 characters"),
+        (["release", queued], "is a queued request, not a lease"),
+        (["release"], "name the leases to release"),
+        (["release", busy["held"]["chat"].id, "--all"], "not both"),
+        (["release", "--all", "--expired"], "--all selects every lease"),
+    ):
+        result = gpuboss(real_url, namespace, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+    assert client.hgetall(f"{namespace}:leases").keys() == leases_before
+    assert not [e for e in events.replay(real_url, namespace) if e.type == "revoked"]
+    client.close()
+
+
+def test_release_selections_ask_first(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    client = raw_client(real_url)
+    declined = gpuboss(real_url, namespace, "release", "--service", "batch", input="n\n")
+    assert declined.exit_code == 1 and "not confirmed: nothing released" in declined.stderr
+    assert "About to force-release 1 lease(s)" in declined.stdout
+    no_input = gpuboss(real_url, namespace, "release", "--all", input="")
+    assert no_input.exit_code == 1
+    assert client.hlen(f"{namespace}:leases") == 2
+
+    nothing = gpuboss(real_url, namespace, "release", "--service", "nobody")
+    assert nothing.exit_code == 0 and "nothing to release" in nothing.stdout
+    assert gpuboss(real_url, namespace, "release", "--expired", "--yes").stdout.startswith("no lease matches")
+
+    confirmed = gpuboss(real_url, namespace, "release", "--service", "batch", input="y\n")
+    assert confirmed.exit_code == 0, confirmed.output
+    assert f"revoked {busy['held']['batch'].id[:8]} (batch on gpu1" in confirmed.stdout
+    data = json.loads(gpuboss(real_url, namespace, "--json", "release", "--all", "--yes").stdout)
+    assert {r["result"] for r in data} == {"revoked"}
+    assert busy["held"]["chat"].id in {r["id"] for r in data}
+    assert _only_waiters(client, namespace)  # the waiters got the VRAM in the same steps
+    client.close()
+
+
+def _only_waiters(client: Any, namespace: str) -> bool:
+    return {json.loads(r)["service"] for r in client.hvals(f"{namespace}:leases")} <= {"api", "late"}
+
+
+def test_release_expired_collects_what_expired(real_url: str, namespace: str) -> None:
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS2))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    evalsha_sync(client, register)
+    evalsha_sync(client, core.acquire_call("stale0001", core.make_request(2, ttl=0.1), "gpu0", "ghost"))
+    time.sleep(0.2)
+    result = gpuboss(real_url, namespace, "release", "--expired", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "stale000 (ghost on gpu0, 2.0 GB" in result.stdout and "had expired: collected" in result.stdout
+    assert client.hlen(f"{namespace}:leases") == 0
+    client.close()
+
+
+def test_force_release_of_a_lease_held_by_another_process(real_url: str, namespace: str) -> None:
+    """The holder is another process: the executable's force-release makes its on_lost fire, and the
+    waiter (a third process) is granted the VRAM in the same step."""
+    gpu = [{"id": "gpu0", "vram_gb": 24, "index": 0}]
+    holder = Worker("hold", real_url, namespace, gpu, "--vram", "20", "--ttl", "1.5", "--report-lost")
+    waiter: Worker | None = None
+    try:
+        holder.expect("READY")
+        held = json.loads(holder.expect("HELD"))
+        waiter = Worker("wait", real_url, namespace, gpu, "--vram", "8", "--ttl", "10")
+        waiter.expect("READY")
+        waiter.expect("QUEUING")
+        client = raw_client(real_url)
+        wait_until(lambda: client.zcard(Keys(namespace).queue) == 1)
+        done = subprocess.run(
+            [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "release", held["id"], "--yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"revoked {held['id'][:8]}" in done.stdout and "granted 1 waiting request(s)" in done.stdout
+        granted = json.loads(waiter.expect("HELD", timeout=10))
+        assert granted["vram_mib"] == 8192 and granted["token"] > held["token"]
+        assert holder.expect("LOST", timeout=10) == held["id"]  # its heartbeat found the lease gone
+        kinds = [(e.type, e.lease) for e in events.replay(real_url, namespace) if e.type in ("revoked", "granted")]
+        assert kinds[-2:] == [("revoked", held["id"]), ("granted", granted["id"])]
+        client.close()
+    finally:
+        holder.close()
+        if waiter is not None:
+            waiter.close()
+
+
+# ---------------------------------------------------------------- watch and top
+
+
+def test_watch_since_replays(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS2, service="kiwi")
+    lease = boss.acquire(3, priority="high")
+    boss.release(lease)
+    boss.close()
+    result = gpuboss(real_url, namespace, "watch", "--since", "10m", "--count", "4", "--timeout", "10")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["gpu_registered", "gpu_registered", "granted", "released"]
+    assert lines[2].split()[2:7] == [lease.id[:8], "kiwi", "high", "3.0", "GB"]
+    assert "waited 0 ms" in lines[2] and "held " in lines[3] and "reason: release" in lines[3]
+
+    only = gpuboss(real_url, namespace, "--json", "watch", "--since", "1h", "--type", "released", "--timeout", "0.5")
+    (event,) = [json.loads(x) for x in only.stdout.splitlines()]
+    assert event["type"] == "released" and event["lease"] == lease.id and event["id"]
+    assert gpuboss(real_url, namespace, "watch", "--since", "0s", "--timeout", "0.3").stdout == ""
+    bad = gpuboss(real_url, namespace, "watch", "--since", "last tuesday")
+    assert bad.exit_code == 1 and "not a duration" in bad.stderr
+
+
+def test_watch_live_with_the_executable(real_url: str, namespace: str) -> None:
+    watcher = subprocess.Popen(
+        [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "--json", "watch", "--count", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = raw_client(real_url)
+        wait_until(lambda: client.pubsub_numsub(Keys(namespace).events)[0][1] == 1, timeout=20)
+        boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS2, service="live")
+        boss.release(boss.acquire(1))
+        boss.close()
+        out, err = watcher.communicate(timeout=20)
+    finally:
+        if watcher.poll() is None:
+            os.kill(watcher.pid, 9)
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    got = [json.loads(x) for x in out.splitlines()]
+    assert [e["type"] for e in got] == ["gpu_registered", "gpu_registered", "granted", "released"]
+    assert got[2]["service"] == "live"
+
+
+def test_top_once(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
+    result = gpuboss(real_url, namespace, "top", "--once", "--events", "3")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for section in ("GPUs (2)", "Leases (2)", "Queue (2 waiting", "Recent events (3)"):
+        assert section in out
+    assert "\x1b[" not in out  # --once does not clear the screen
+    recent = out[out.index("Recent events") :].splitlines()[1:]
+    assert [line.split()[1] for line in recent] == ["granted", "queued", "queued"]
+    data = json.loads(gpuboss(real_url, namespace, "--json", "top", "--once").stdout)
+    assert len(data["leases"]) == 2 and len(data["queue"]) == 2 and data["events"][-1]["type"] == "queued"
+
+
+# ---------------------------------------------------------------- completion and documentation
+
+
+def test_shell_completion_with_the_executable() -> None:
+    env = {**os.environ, "_GPUBOSS_COMPLETE": "bash_source"}
+    source = subprocess.run([str(GPUBOSS)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert source.returncode == 0 and "_gpuboss_completion()" in source.stdout
+    env = {
+        **os.environ,
+        "_GPUBOSS_COMPLETE": "bash_complete",
+        "COMP_WORDS": "gpuboss watch --type re",
+        "COMP_CWORD": "3",
+    }
+    done = subprocess.run([str(GPUBOSS)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.split() == ["plain,released", "plain,revoked"]
+
+
+def test_every_command_and_exit_code_is_documented() -> None:
+    from gpuboss.cli import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    assert isinstance(cli, click.Group)
+    for name in cli.commands:
+        assert f"gpuboss {name}" in doc, name
+    for code in (EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CHECK_FAILED, EXIT_INTERRUPTED):
+        assert f"| {code} |" in doc, code

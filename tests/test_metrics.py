@@ -1,0 +1,260 @@
+"""Prometheus metrics and the HTTP endpoints: gauges read from Redis, counters and histograms from the
+event log, /health and /metrics over HTTP, and `gpuboss serve` as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpuboss import GPUBoss, Lease
+from gpuboss.config import BossConfig
+from gpuboss.core import Core
+from gpuboss.metrics import Exporter, make_server, wait_ready
+from gpuboss.redis_io import evalsha_sync
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import GPUS, raw_client
+
+GIB = 1024**3
+GPUBOSS = Path(sys.executable).parent / "gpuboss"
+
+
+def samples(exporter: Exporter) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = exporter.metrics().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(data: dict[tuple[str, frozenset[tuple[str, str]]], float], metric: str, **labels: str) -> float:
+    return data[(metric, frozenset(labels.items()))]
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def exporter(real_url: str, namespace: str) -> Iterator[Exporter]:
+    exp = Exporter(real_url, namespace, connect_timeout=2.0)
+    exp.start()
+    assert wait_ready(exp, 10)
+    yield exp
+    exp.close()
+
+
+def test_state_gauges(backend_url: str, namespace: str) -> None:
+    boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="g")
+    exp = Exporter(backend_url, namespace)  # not started: the gauges need no tail
+    try:
+        held = boss.acquire(20, device="gpu0", priority="high")
+        waiting: list[Lease] = []
+        thread = threading.Thread(target=lambda: waiting.append(boss.acquire(8, device="gpu0", priority="low")))
+        thread.start()
+        wait_until(lambda: raw_client(backend_url).zcard(f"{namespace}:queue") == 1)
+        time.sleep(0.05)
+        data = samples(exp)
+        gpu0 = {"namespace": namespace, "gpu": "gpu0", "device": "cuda:0", "name": "RTX 4090"}
+        gpu1 = {"namespace": namespace, "gpu": "gpu1", "device": "cuda:1", "name": "RTX 4080"}
+        assert value(data, "gpuboss_up", namespace=namespace) == 1
+        assert value(data, "gpuboss_gpu_capacity_bytes", **gpu0) == 24 * GIB
+        assert value(data, "gpuboss_gpu_leased_bytes", **gpu0) == 20 * GIB
+        assert value(data, "gpuboss_gpu_free_bytes", **gpu0) == 4 * GIB
+        assert value(data, "gpuboss_gpu_reserve_bytes", **gpu1) == 1 * GIB
+        assert value(data, "gpuboss_gpu_free_bytes", **gpu1) == 15 * GIB
+        assert value(data, "gpuboss_gpu_leases", **gpu0) == 1
+        assert value(data, "gpuboss_queue_length", namespace=namespace, priority="low") == 1
+        assert value(data, "gpuboss_queue_length", namespace=namespace, priority="high") == 0
+        assert value(data, "gpuboss_queue_oldest_wait_seconds", namespace=namespace, priority="low") >= 0.05
+        boss.release(held)
+        thread.join(timeout=10)
+        data = samples(exp)
+        assert value(data, "gpuboss_gpu_leased_bytes", **gpu0) == 8 * GIB
+        assert value(data, "gpuboss_queue_length", namespace=namespace, priority="low") == 0
+    finally:
+        for lease in waiting:
+            boss.release(lease)
+        boss.close()
+        exp.close()
+
+
+def test_event_counters_and_histograms(exporter: Exporter, real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS, service="m")
+    other = GPUBoss(real_url, namespace=namespace, gpus=GPUS, service="n")
+    try:
+        for _ in range(3):
+            lease = boss.acquire(1, priority="high")
+            time.sleep(0.02)
+            boss.release(lease)
+        big = boss.acquire(24, device="gpu0")
+        got: list[Lease] = []
+        thread = threading.Thread(target=lambda: got.append(other.acquire(4, device="gpu0", priority="low")))
+        thread.start()
+        wait_until(lambda: raw_client(real_url).zcard(f"{namespace}:queue") == 1)
+        time.sleep(0.3)
+        core = Core(BossConfig(namespace=namespace))
+        evalsha_sync(raw_client(real_url), core.revoke_call(big.id, "ops", "test"))  # the waiter gets gpu0
+        thread.join(timeout=10)
+        other.release(got[0])
+        # 2 registrations, 3 x (granted, released), granted big, queued, revoked, granted, released
+        wait_until(lambda: exporter.tail.seen >= 2 + 6 + 5)
+    finally:
+        boss.close()
+        other.close()
+    data = samples(exporter)
+    ns = namespace
+
+    def events(kind: str, priority: str) -> float:
+        return value(data, "gpuboss_events_total", namespace=ns, type=kind, priority=priority)
+
+    assert events("granted", "high") == 3 and events("released", "high") == 3
+    assert events("granted", "normal") == 1 and events("revoked", "normal") == 1
+    assert events("queued", "low") == 1 and events("granted", "low") == 1 and events("released", "low") == 1
+    assert events("gpu_registered", "") == 2
+    assert value(data, "gpuboss_wait_seconds_count", namespace=ns, priority="high") == 3
+    assert value(data, "gpuboss_wait_seconds_sum", namespace=ns, priority="high") < 0.1  # granted at once
+    assert value(data, "gpuboss_wait_seconds_count", namespace=ns, priority="low") == 1
+    assert value(data, "gpuboss_wait_seconds_sum", namespace=ns, priority="low") >= 0.3
+    assert value(data, "gpuboss_wait_seconds_bucket", namespace=ns, priority="low", le="0.25") == 0
+    assert value(data, "gpuboss_wait_seconds_bucket", namespace=ns, priority="low", le="+Inf") == 1
+    assert value(data, "gpuboss_hold_seconds_count", namespace=ns, priority="high", end="released") == 3
+    assert value(data, "gpuboss_hold_seconds_sum", namespace=ns, priority="high", end="released") >= 0.06
+    assert value(data, "gpuboss_hold_seconds_count", namespace=ns, priority="normal", end="revoked") == 1
+
+
+def test_counters_start_at_the_exporters_start(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
+    try:
+        boss.release(boss.acquire(1))  # before the exporter: not counted
+        exp = Exporter(real_url, namespace)
+        exp.start()
+        try:
+            assert wait_ready(exp, 10)
+            boss.release(boss.acquire(1))
+            wait_until(lambda: exp.tail.seen >= 2)
+            time.sleep(0.2)
+            data = samples(exp)
+        finally:
+            exp.close()
+    finally:
+        boss.close()
+    assert value(data, "gpuboss_events_total", namespace=namespace, type="granted", priority="normal") == 1
+    assert (
+        "gpuboss_events_total",
+        frozenset({("namespace", namespace), ("type", "gpu_registered"), ("priority", "")}),
+    ) not in data
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def test_http_endpoints(exporter: Exporter, real_url: str, namespace: str) -> None:
+    server = make_server(exporter, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        status, ctype, body = get(f"{base}/health")
+        assert (status, ctype) == (503, "application/json")  # nothing registered yet
+        assert json.loads(body) == {"gpu_available": False, "vram_total": 0, "vram_free": 0}
+        boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
+        lease = boss.acquire(4)
+        status, _, body = get(f"{base}/health")
+        assert status == 200
+        assert json.loads(body) == {"gpu_available": True, "vram_total": 40 * 1024, "vram_free": 39 * 1024 - 4 * 1024}
+        boss.release(lease)
+        boss.close()
+        status, ctype, body = get(f"{base}/metrics")
+        assert status == 200 and ctype.startswith("text/plain")
+        assert re.search(
+            rf'gpuboss_gpu_capacity_bytes\{{.*gpu="gpu0".*namespace="{namespace}".*\}} 2\.5769803776e\+10', body
+        )
+        assert get(f"{base}/nope")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_unreachable_redis_is_reported() -> None:
+    exp = Exporter("redis://127.0.0.1:1/0", "ns", connect_timeout=0.2)
+    try:
+        status, report = exp.health()
+        assert status == 503 and report["gpu_available"] is False and "unreachable" in report["error"]
+        data = samples(exp)
+        assert value(data, "gpuboss_up", namespace="ns") == 0
+        assert not [k for k in data if k[0].startswith("gpuboss_gpu_")]
+    finally:
+        exp.close()
+
+
+def test_serve_with_the_executable(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
+    boss.release(boss.acquire(1))
+    proc = subprocess.Popen(
+        [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 20
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            match = re.search(r"serving http://127\.0\.0\.1:(\d+)/metrics", line)
+            port = int(match[1]) if match else None
+        assert port, "the server did not say where it listens"
+        status, _, body = get(f"http://127.0.0.1:{port}/health")
+        assert status == 200 and json.loads(body)["vram_total"] == 40 * 1024
+        status, _, body = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and "gpuboss_queue_length" in body
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        boss.close()
+
+
+def test_serve_refuses_a_busy_port(real_url: str, namespace: str) -> None:
+    import socket
+
+    from click.testing import CliRunner
+    from gpuboss.cli import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            cli, ["--redis-url", real_url, "--namespace", namespace, "serve", "--port", str(port)]
+        )
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
