@@ -5,17 +5,28 @@ One run measures, against a private redis-server on a unix socket:
 1. floor A: one round trip of a trivial EVALSHA (``return 1``);
 2. floor B: an exclusive token handed between N processes by BLPOP/RPUSH (the push-based floor);
 3. uncontended acquire and release with ``GPUBoss``, ``AsyncGPUBoss`` and the bare scripts;
-4. handoff of an exclusive lease between N processes, with fairness (consecutive grants to one process);
-5. peers on the same Redis: redis-py's ``Lock`` with its default sleep (0.1 s) and with 0.001 s.
+4. handoff of an exclusive lease between N processes (2, 8, 32), with fairness (consecutive grants to one
+   process, and grants retaken by the releaser ahead of a waiter), against the exclusive-lock peers on the
+   same Redis: redis-py's ``Lock`` (its default sleep, 0.1 s, and 0.001 s), python-redis-lock, pottery's
+   ``Redlock`` with one master;
+5. weighted throughput (``weighted.py``): 16 processes, one 24 GB GPU, random sizes 1 to 8 GB, several hold
+   times: gpuboss against a trivial EVALSHA counter with busy retry, the npm ``redis-semaphore``
+   ``MultiSemaphore`` (Node) and reslock;
+6. scaling and Redis cost (``scaling.py``): grant latency and Redis time per script with 10 to 10,000
+   waiting requests and 1 to 256 GPUs in a namespace, Redis memory per lease and per waiting request, and
+   the keys left at the end;
+7. the targets of issue 9, each with the measured value and met or missed by how much (``targets.py``).
 
 It prints a table; a full run also writes it to ``docs/performance.md`` (``--smoke`` only prints, unless
-``--out`` is given). The exit status is 0 when every measurement worked, 1 when one failed.
+``--out`` is given). The exit status is 0 when every measurement worked, 1 when one failed (a peer that is
+not installed is skipped with a message, not a failure).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import signal
 import sys
@@ -24,17 +35,19 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import redis
 
-from bench import floor, uncontended
+from bench import floor, peers, scaling, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
 from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
-from bench.report import Report, Row, Section, render_markdown, render_text
+from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
 from bench.stats import Summary, summarize
+from bench.targets import Results, build_targets
 
 DEFAULT_OUT = ROOT / "docs" / "performance.md"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,10 +57,38 @@ class Plan:
     procs: tuple[int, ...]
     max_s: float
     lock_sleeps: tuple[float, ...] = (0.1, 0.001)
+    #: also run GPUBoss with its heartbeat never woken (a diagnostic)
+    diagnostic: bool = True
+    #: weighted throughput: processes, hold times (ms, one phase each) and seconds per phase
+    weighted_procs: int = 16
+    weighted_holds: tuple[float, ...] = (0.0, 1.0, 10.0)
+    weighted_s: float = 3.0
+    #: scaling: waiting requests and GPUs per level, samples per measurement and level, in rounds
+    waiting: tuple[int, ...] = (10, 1_000, 10_000)
+    gpu_counts: tuple[int, ...] = (1, 16, 256)
+    scale_samples: int = 1000
+    scale_rounds: int = 20
+    memory_count: int = 1000
 
 
-FULL = Plan(iterations=3000, rounds=5, procs=(2, 8), max_s=20.0)
-SMOKE = Plan(iterations=100, rounds=2, procs=(2,), max_s=3.0)
+FULL = Plan(iterations=3000, rounds=5, procs=(2, 8, 32), max_s=20.0)
+SMOKE = Plan(
+    iterations=100,
+    rounds=2,
+    procs=(2, 8),
+    max_s=3.0,
+    lock_sleeps=(0.001,),
+    diagnostic=False,
+    weighted_procs=4,
+    weighted_holds=(0.0, 1.0),
+    weighted_s=0.4,
+    waiting=(10, 1_000),
+    gpu_counts=(1, 16),
+    scale_samples=60,
+    scale_rounds=2,
+    memory_count=200,
+)
+PARTS = ("single", "handoff", "weighted", "scaling")
 #: The whole run is stopped (workers killed, redis-server stopped, exit status 1) after this long.
 FULL_LIMIT_S = 600
 SMOKE_LIMIT_S = 120
@@ -69,6 +110,14 @@ def parse_procs(text: str) -> tuple[int, ...]:
     if not procs or any(p < 2 or p > 64 for p in procs):
         raise argparse.ArgumentTypeError("process counts must be 2..64")
     return procs
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if not parts or unknown:
+        raise argparse.ArgumentTypeError(f"parts must be among {', '.join(PARTS)}")
+    return parts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +143,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--procs",
         type=parse_procs,
         metavar="N,M",
-        help="competing processes per contention run (default 2,8; smoke 2)",
+        help="competing processes per contention run (default 2,8,32; smoke 2,8)",
+    )
+    parser.add_argument(
+        "--only",
+        type=parse_parts,
+        metavar="PART,PART",
+        help=f"run only these parts: {', '.join(PARTS)} (default all; 'single' also gives the floor A that "
+        "every ratio needs)",
     )
     args = parser.parse_args(argv)
     if args.iterations is not None and not 1 <= args.iterations <= 1_000_000:
@@ -126,19 +182,38 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     cpu_notes: list[str] = field(default_factory=list)
     floor_a: Summary | None = None
+    results: Results = field(default_factory=Results)
+    #: peers that cannot run here, and why
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: gpuboss namespaces the run used
+    namespaces: list[str] = field(default_factory=list)
+
+    def find_peers(self) -> None:
+        for name in peers.PYTHON_PEERS:
+            found = peers.python_peer(name)
+            if not found.ok:
+                self.skipped[name] = found.why
+        node = peers.node_peer()
+        if not node.ok:
+            self.skipped["semaphore"] = node.why
+        for why in sorted(set(self.skipped.values())):
+            print(f"  {why}", file=sys.stderr, flush=True)
 
     @property
     def url(self) -> str:
         return self.server.unix_url
 
-    def step(self, what: str, fn: Callable[[], list[Row]]) -> list[Row]:
+    def step(self, what: str, fn: Callable[[], list[T]]) -> list[T]:
         print(f"  {what} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - one failed measurement must not hide the others
             self.errors.append(f"{what}: {type(err).__name__}: {err}")
             traceback.print_exc()
             return []
+        finally:
+            print(f"  {what}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
     # -- one process: floor A and uncontended leases, interleaved in rounds
 
@@ -175,32 +250,35 @@ class Bench:
         self.floor_a = summarize(fa.samples)
         fas = summarize(fa_async.samples)
         floors = [
-            Row("A: EVALSHA `return 1`, sync client", self.floor_a, "A", self.floor_a),
-            Row("A: EVALSHA `return 1`, asyncio client", fas, "A", self.floor_a),
+            Row("A: EVALSHA `return 1`, sync client", self.floor_a),
+            Row("A: EVALSHA `return 1`, asyncio client", fas),
         ]
         if fa_tcp is not None:
-            floors.append(
-                Row("A: EVALSHA `return 1`, sync, TCP loopback", summarize(fa_tcp.samples), "A", self.floor_a)
-            )
+            floors.append(Row("A: EVALSHA `return 1`, sync, TCP loopback", summarize(fa_tcp.samples)))
+        sync_total, async_total = summarize(sync.cycles.total), summarize(aio.cycles.total)
         rows = [
-            Row("bare scripts: acquire EVALSHA", summarize(bare.cycles.acquire), "A", self.floor_a),
-            Row("bare scripts: release EVALSHA", summarize(bare.cycles.release), "A", self.floor_a),
-            Row("GPUBoss acquire()", summarize(sync.cycles.acquire), "A", self.floor_a),
-            Row("GPUBoss release()", summarize(sync.cycles.release), "A", self.floor_a),
-            Row("GPUBoss acquire() + release()", summarize(sync.cycles.total), "A", self.floor_a),
+            Row("bare scripts: acquire EVALSHA", summarize(bare.cycles.acquire)),
+            Row("bare scripts: release EVALSHA", summarize(bare.cycles.release)),
+            Row("bare scripts: acquire + release", summarize(bare.cycles.total), "2A", doubled(self.floor_a)),
+            Row("GPUBoss acquire()", summarize(sync.cycles.acquire)),
+            Row("GPUBoss release()", summarize(sync.cycles.release)),
+            Row("GPUBoss acquire() + release()", sync_total, "2A", doubled(self.floor_a)),
             Row("AsyncGPUBoss acquire()", summarize(aio.cycles.acquire), "A async", fas),
             Row("AsyncGPUBoss release()", summarize(aio.cycles.release), "A async", fas),
-            Row("AsyncGPUBoss acquire() + release()", summarize(aio.cycles.total), "A async", fas),
+            Row("AsyncGPUBoss acquire() + release()", async_total, "2A async", doubled(fas)),
         ]
+        self.results.floor_a, self.results.floor_a_async = self.floor_a, fas
+        self.results.sync_cycle, self.results.async_cycle = sync_total, async_total
         self.notes.append(script_note(spent))
         return floors, rows
 
     # -- N processes: floor B, gpuboss, peers
 
     def contention(self, kind: str, label: str, procs: int, required: bool = True, **extra: object) -> Contention:
-        print(f"    {label} ...", file=sys.stderr, flush=True)
         plan = self.plan
+        started = time.monotonic()
         result = run_contention(kind, label, self.url, self.server.workdir, procs, plan.iterations, plan.max_s, **extra)
+        print(f"    {label}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
         self.errors += result.errors if required else [e for e in result.errors if "no handoff" not in e]
         if result.capped:
             self.notes.append(f"{label}: stopped by the {plan.max_s:g} s cap after {result.grants} grants.")
@@ -211,39 +289,261 @@ class Bench:
     def handoffs(self, n: int) -> list[Row]:
         b = self.contention("token", f"floor B, N={n}", n)
         g = self.contention("gpuboss", f"GPUBoss, N={n}", n)
-        q = self.contention("gpuboss", f"GPUBoss heartbeat not woken, N={n}", n, quiet_heartbeat=True)
+        q = None
+        if self.plan.diagnostic:
+            q = self.contention("gpuboss", f"GPUBoss heartbeat not woken, N={n}", n, quiet_heartbeat=True)
+        self.results.floor_b[n], self.results.gpuboss[n] = b, g
+        if g.late is not None:
+            self.notes.append(
+                f"GPUBoss, N={n}: of the handoffs whose waiter was woken by the pushed grant, {g.late:.0%} had the "
+                "waiter send its BLPOP only after release() had returned (the grant was already in its wake list: "
+                "the acquire script's QUEUED reply and the BLPOP are two round trips, and the release fell between)."
+            )
+        self.namespaces += [c.namespace for c in (g, q) if c is not None]
         rows = [
-            Row("B: token BLPOP/RPUSH, from RPUSH returned", b.handoff, "B", b.handoff, b.same_holder, b.wait),
+            Row(
+                "B: token BLPOP/RPUSH, from RPUSH returned", b.handoff, "B", b.handoff, b.same_holder, b.wait, b.retakes
+            ),
             Row("B: token BLPOP/RPUSH, from RPUSH called", b.from_call, "B call", b.from_call),
-            Row("GPUBoss, from release() returned", g.handoff, "B", b.handoff, g.same_holder, g.wait),
+            Row("GPUBoss, from release() returned", g.handoff, "B", b.handoff, g.same_holder, g.wait, g.retakes),
             Row("GPUBoss, from release() called", g.from_call, "B call", b.from_call),
             Row("  waiter woken by the pushed grant", g.woken, "B", b.handoff),
             Row("    release() returned → its BLPOP returned", g.wake, "B", b.handoff),
-            Row("    its BLPOP returned → acquire() returned", g.client, "A", self.floor_a),
-            Row(
-                "  diagnostic, heartbeat never woken: from release() called",
-                q.from_call,
-                "B call",
-                b.from_call,
-                q.same_holder,
-                q.wait,
-            ),
-            Row("    its BLPOP returned → acquire() returned", q.client, "A", self.floor_a),
+            Row("    its BLPOP returned → acquire() returned", g.client),
+            Row("  waiter already in BLPOP when release() was called", g.blocked, "B", b.handoff),
         ]
-        for sleep in self.plan.lock_sleeps:
-            label = f"redis-py Lock sleep={sleep:g}, N={n}"
-            lock = self.contention("redis-lock", label, n, required=False, sleep=sleep)
+        if q is not None:
+            rows += [
+                Row(
+                    "  diagnostic, heartbeat never woken: from release() called",
+                    q.from_call,
+                    "B call",
+                    b.from_call,
+                    q.same_holder,
+                    q.wait,
+                    q.retakes,
+                ),
+                Row("    its BLPOP returned → acquire() returned", q.client),
+            ]
+        peer_runs: list[tuple[str, str, dict[str, object]]] = [
+            ("redis-lock", f"redis-py Lock sleep={sleep:g}", {"sleep": sleep}) for sleep in self.plan.lock_sleeps
+        ]
+        peer_runs += [
+            ("python-redis-lock", "python-redis-lock Lock", {}),
+            ("pottery", "pottery Redlock, one master", {}),
+        ]
+        self.results.peers[n] = []
+        for kind, name, extra in peer_runs:
+            if kind in self.skipped:
+                rows.append(Row(f"{name}: {self.skipped[kind]}", None))
+                continue
+            lock = self.contention(kind, f"{name}, N={n}", n, required=False, **extra)
+            self.results.peers[n].append(lock)
             rows.append(
                 Row(
-                    f"redis-py Lock sleep={sleep:g}, from release() returned",
+                    f"{name}, from release() returned",
                     lock.handoff,
                     "B",
                     b.handoff,
                     lock.same_holder,
                     lock.wait,
+                    lock.retakes,
                 )
             )
         return rows
+
+    # -- weighted throughput
+
+    def weighted(self) -> list[Section]:
+        plan = self.plan
+        kinds = [
+            ("gpuboss", "GPUBoss"),
+            ("counter", "EVALSHA counter, busy retry"),
+            ("semaphore", "npm redis-semaphore MultiSemaphore"),
+            ("reslock", "reslock (state file)"),
+        ]
+        socket = self.url.removeprefix("unix://")
+        table = Table(
+            [
+                "library",
+                "hold ms",
+                "grants",
+                "grants/s",
+                "wait p50 ms (x A)",
+                "wait p99 ms (x A)",
+                "7-8 GB wait p99 ms (x A)",
+                "7-8 GB longest ms",
+                "utilisation",
+                "Redis CPU us/grant",
+                "scripts/grant",
+            ],
+            numeric=set(range(1, 11)),
+        )
+        for kind, label in kinds:
+            if kind in self.skipped:
+                table.rows.append([label, self.skipped[kind], *["-"] * 9])
+                continue
+            started = time.monotonic()
+            result = weighted.run_weighted(
+                kind,
+                label,
+                self.url,
+                socket,
+                self.server.workdir,
+                plan.weighted_procs,
+                plan.weighted_holds,
+                plan.weighted_s,
+            )
+            print(f"    weighted, {label}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+            self.errors += result.errors
+            self.results.weighted.append(result)
+            if result.namespace:
+                self.namespaces.append(result.namespace)
+            for ph in result.phases:
+                w, large, a = ph.wait, ph.wait_large, self.floor_a
+                table.rows.append(
+                    [
+                        label,
+                        f"{ph.hold_ms:g}",
+                        str(ph.grants),
+                        "-" if ph.rate is None else f"{ph.rate:.0f}",
+                        with_a(w.p50 if w else None, a.p50 if a else None),
+                        with_a(w.p99 if w else None, a.p99 if a else None),
+                        with_a(large.p99 if large else None, a.p99 if a else None),
+                        "-" if large is None else ms(large.max),
+                        "-" if ph.utilisation is None else f"{ph.utilisation:.1%}",
+                        "-" if ph.redis_us_per_grant is None else f"{ph.redis_us_per_grant:.0f}",
+                        "-" if ph.calls_per_grant is None else f"{ph.calls_per_grant:.2f}",
+                    ]
+                )
+                if ph.failures:
+                    self.notes.append(
+                        f"Weighted, {label}, hold {ph.hold_ms:g} ms: {ph.failures} acquire calls raised and were "
+                        f"retried (the first: {ph.failure})."
+                    )
+                if ph.grants == 0:
+                    self.errors.append(f"weighted: {label}, hold {ph.hold_ms:g} ms: no grants")
+        return [
+            Section(
+                f"Weighted throughput: {plan.weighted_procs} processes, one {weighted.CAPACITY_GB} GB GPU, "
+                f"random sizes {weighted.MIN_GB} to {weighted.MAX_GB} GB, {plan.weighted_s:g} s per hold time",
+                table=table,
+            )
+        ]
+
+    # -- scaling, Redis cost, memory, keys
+
+    def scaling(self) -> list[Section]:
+        plan = self.plan
+        levels, floor_samples = scaling.run_scaling(
+            self.url,
+            scaling.ScalePlan(plan.waiting, plan.gpu_counts, plan.scale_samples, plan.scale_rounds),
+            lambda what: print(f"    scaling: {what} ...", file=sys.stderr, flush=True),
+        )
+        self.results.levels = levels
+        self.namespaces += [lv.namespace for lv in levels]
+        local_a = summarize(floor_samples)
+        sections = [
+            Section(
+                "Floor A again, sampled in the scaling rounds",
+                [Row("A: EVALSHA `return 1`, sync client", local_a, floor_a=local_a)],
+            )
+        ]
+        for kind in ("waiting", "gpus"):
+            group = [lv for lv in levels if (lv.waiting > 0) == (kind == "waiting")]
+            if not group:
+                continue
+            base = group[0]
+            rows = []
+            for what, attr in (
+                ("acquire EVALSHA, fits at once", "fit_acquire"),
+                ("release EVALSHA", "fit_release"),
+                ("GPUBoss.acquire(), fits at once", "boss_acquire"),
+                ("GPUBoss acquire() + release()", "boss_cycle"),
+                ("handoff to the head: release EVALSHA → head's BLPOP", "handoff"),
+            ):
+                reference = summarize(getattr(base, attr))
+                for lv in group:
+                    rows.append(
+                        Row(f"{what}, {lv.name}", summarize(getattr(lv, attr)), base.name, reference, floor_a=local_a)
+                    )
+            title = (
+                "Scaling with waiting requests in the namespace (2 GPUs; the waiting requests are parked on the second)"
+                if kind == "waiting"
+                else "Scaling with GPUs registered in the namespace (nothing waiting)"
+            )
+            sections.append(Section(title, rows))
+        cost = Table(
+            [
+                "level",
+                "script call",
+                "n",
+                "p50 us",
+                "p99 us",
+                "mean us",
+                "its own commands",
+                "their us",
+                "EVALSHA usec_per_call (commandstats)",
+            ],
+            numeric={2, 3, 4, 5, 6, 7, 8},
+        )
+        for lv in levels:
+            per_call = f"{lv.evalsha_usec / lv.evalsha_calls:.1f}" if lv.evalsha_calls else "-"
+            for i, label in enumerate(scaling.LABELS):
+                us = scaling.us_summary(lv.redis_us.get(label, []))
+                inner = lv.inner.get(label, [])
+                cost.rows.append(
+                    [
+                        lv.name if i == 0 else "",
+                        label,
+                        "0" if us is None else str(us.n),
+                        "-" if us is None else f"{us.p50:.0f}",
+                        "-" if us is None else f"{us.p99:.0f}",
+                        "-" if us is None else f"{us.mean:.1f}",
+                        f"{sum(n for n, _ in inner) / len(inner):.1f}" if inner else "-",
+                        f"{sum(u for _, u in inner) / len(inner):.1f}" if inner else "-",
+                        per_call if i == 0 else "",
+                    ]
+                )
+        sections.append(Section("Redis time per script call (SLOWLOG)", table=cost))
+        return sections
+
+    def memory_and_keys(self) -> list[Section]:
+        table = Table(["measurement", "value"], numeric={1})
+        mem = scaling.measure_memory(self.url, self.plan.memory_count)
+        table.rows += [
+            [f"used_memory per live lease (over {mem.count:,})", f"{mem.per_lease:.0f} B"],
+            ["  of which the namespace's fixed keys (event log)", f"{mem.lease_in_fixed:.0f} B"],
+            [f"used_memory per waiting request (over {mem.count:,})", f"{mem.per_request:.0f} B"],
+            ["  of which the namespace's fixed keys (event log)", f"{mem.request_in_fixed:.0f} B"],
+        ]
+        left = scaling.keys_left(self.url)
+        self.results.keys = left
+        other = ", ".join(f"{k} x{v}" for k, v in sorted(left.other.items())) or "none"
+        foreign = ", ".join(f"{k} x{v}" for k, v in sorted(left.foreign.items())) or "none"
+        table.rows += [
+            ["gpuboss namespaces left in Redis at the end", str(left.namespaces)],
+            ["  their fixed keys found", ", ".join(sorted(left.fixed)) or "none"],
+            ["  any other key of theirs", other],
+            ["keys of no gpuboss namespace (peers, barriers)", foreign],
+        ]
+        if left.other:
+            self.errors.append(f"keys left beyond the fixed ones: {other}")
+        return [Section("Redis memory and keys left after the run", table=table)]
+
+
+def with_a(value: float | None, floor_a: float | None) -> str:
+    """A latency in ms with its multiple of floor A: ``5.139 (52x)``."""
+    if value is None:
+        return "-"
+    return ms(value) if floor_a is None else f"{ms(value)} ({times(value, floor_a)})"
+
+
+def doubled(s: Summary | None) -> Summary | None:
+    """Two round trips of a floor: its p50 and p99 doubled (the cost of two script calls in a row)."""
+    if s is None:
+        return None
+    return Summary(n=s.n, p50=2 * s.p50, p99=2 * s.p99, mean=2 * s.mean, max=2 * s.max)
 
 
 def evalsha_stats(client: redis.Redis) -> tuple[int, int]:
@@ -277,36 +577,47 @@ def script_note(spent: dict[str, ScriptTime]) -> str:
 
 def run(args: argparse.Namespace) -> Report:
     base = SMOKE if args.smoke else FULL
-    plan = Plan(
-        iterations=args.iterations or base.iterations,
-        rounds=base.rounds,
-        procs=args.procs or base.procs,
-        max_s=base.max_s,
-    )
+    plan = dataclasses.replace(base, iterations=args.iterations or base.iterations, procs=args.procs or base.procs)
+    parts = args.only or PARTS
     started, load_before = time.monotonic(), load_average()
     with private_server() as server:
-        environment = [*describe_machine(server.unix_url), ("gpuboss", code_version(ROOT))]
-        bench = Bench(server, plan)
-        single = bench.step(
-            "one process: floor A, uncontended leases", lambda: [r for part in bench.single_process() for r in part]
-        )
-        split = next((i for i, r in enumerate(single) if not r.name.startswith("A:")), len(single))
-        sections = [
-            Section("Floor A: one script round trip, one process", single[:split]),
-            Section("Uncontended acquire and release, one process", single[split:]),
+        environment = [
+            *describe_machine(server.unix_url),
+            ("gpuboss", code_version(ROOT)),
+            ("peers", peers.versions()),
         ]
-        for n in plan.procs:
-            rows = bench.step(f"exclusive handoff, N={n}", lambda n=n: bench.handoffs(n))  # type: ignore[misc]
-            sections.append(Section(f"Exclusive handoff between N={n} processes (floor B and peers)", rows))
+        bench = Bench(server, plan)
+        bench.find_peers()
+        sections: list[Section] = []
+        if "single" in parts:
+            single = bench.step(
+                "one process: floor A, uncontended leases",
+                lambda: [r for part in bench.single_process() for r in part],
+            )
+            split = next((i for i, r in enumerate(single) if not r.name.startswith("A:")), len(single))
+            sections += [
+                Section("Floor A: one script round trip, one process", single[:split]),
+                Section("Uncontended acquire and release, one process", single[split:]),
+            ]
+        if "handoff" in parts:
+            for n in plan.procs:
+                rows = bench.step(f"exclusive handoff, N={n}", lambda n=n: bench.handoffs(n))  # type: ignore[misc]
+                sections.append(Section(f"Exclusive handoff between N={n} processes (floor B and peers)", rows))
+        if "weighted" in parts:
+            sections += bench.step("weighted throughput", bench.weighted)
+        if "scaling" in parts:
+            sections += bench.step("scaling and Redis cost", bench.scaling)
+        sections += bench.step("Redis memory and keys left", bench.memory_and_keys)
     elapsed = time.monotonic() - started
     for sec in sections:
-        if not sec.rows:
+        if not sec.rows and sec.table is None:
             bench.errors.append(f"{sec.title}: no results")
         for row in sec.rows:
-            if row.summary is None and not row.name.startswith("redis-py"):
+            if row.summary is None and not optional_row(row.name):
                 bench.errors.append(f"{sec.title}: {row.name.strip()}: no samples")
+    bench.results.skipped = bench.skipped
     parameters = [
-        ("run", f"{'smoke' if args.smoke else 'full'}, {elapsed:.0f} s in all"),
+        ("run", f"{'smoke' if args.smoke else 'full'}, {elapsed:.0f} s in all; parts: {', '.join(parts)}"),
         (
             "iterations",
             f"{plan.iterations} samples per one-process measurement (in {plan.rounds} interleaved rounds); "
@@ -318,7 +629,20 @@ def run(args: argparse.Namespace) -> Report:
             f"{EXCLUSIVE_GB:g} GB on one {GPUS[0]['vram_gb']} GB GPU (exclusive), default TTL (30 s), "
             "released at once, re-requested at once",
         ),
-        ("clock", "time.monotonic() (CLOCK_MONOTONIC: one clock for every process)"),
+        (
+            "weighted",
+            f"{plan.weighted_procs} processes, one {weighted.CAPACITY_GB} GB GPU, whole-GB sizes drawn uniformly "
+            f"from {weighted.MIN_GB} to {weighted.MAX_GB} (seeded per process), hold times "
+            f"{', '.join(f'{h:g}' for h in plan.weighted_holds)} ms, {plan.weighted_s:g} s each",
+        ),
+        (
+            "scaling",
+            f"waiting requests {', '.join(f'{w:,}' for w in plan.waiting)}; GPUs "
+            f"{', '.join(str(g) for g in plan.gpu_counts)}; {plan.scale_samples} samples per measurement and "
+            f"level in {plan.scale_rounds} interleaved rounds; memory over {plan.memory_count:,} leases and "
+            f"{plan.memory_count:,} waiting requests",
+        ),
+        ("clock", "time.monotonic() (CLOCK_MONOTONIC: one clock for every process, Node's hrtime too)"),
         (
             "load average",
             f"{load_before} before the run, {load_average()} after it (1 min; other work on the machine "
@@ -330,36 +654,82 @@ def run(args: argparse.Namespace) -> Report:
         environment=environment,
         parameters=parameters,
         sections=sections,
-        notes=NOTES + bench.notes + bench.cpu_notes,
+        notes=NOTES + bench.notes + bench.cpu_notes + [why for why in sorted(set(bench.skipped.values()))],
         errors=bench.errors,
+        floor_a=bench.floor_a,
+        targets=build_targets(bench.results),
     )
+
+
+def optional_row(name: str) -> bool:
+    """Rows that may have no samples in a run that worked: peers (skipped, or never handing over) and the
+    diagnostic split of woken handoffs."""
+    return name.startswith(("redis-py", "python-redis-lock", "pottery")) or "already in BLPOP" in name
 
 
 NOTES = [
     "Floor A is one round trip of the cheapest script call from the same kind of client gpuboss uses "
-    "(redis-py with hiredis, decoded replies). Without a waiter, acquire() and release() are one script call "
-    "each, so 1x floor A each is the ideal; the 'bare scripts' rows are those same calls sent from a plain "
-    "client, which splits the time between the scripts in Redis and the Python library around them. The "
-    "AsyncGPUBoss rows are compared with the same floor from an asyncio client ('A async').",
+    "(redis-py with hiredis, decoded replies). Every latency row gives its p50 and p99 as a multiple of floor A "
+    "('x A'; the asyncio rows too, against the sync floor A); 'vs' names a second reference where one applies. "
+    "Without a waiter, acquire() and release() are one script call each, so acquire() + release() is compared "
+    "with two round trips ('2A'); the 'bare scripts' rows are those same calls sent from a plain client, which "
+    "splits the time between the scripts in Redis and the Python library around them. Floor A depends on the "
+    "state of the machine more than anything measured here: on an idle VM its vCPUs sleep between round trips "
+    "and a wake-up costs tens of microseconds (~0.1 ms at p50 then, ~0.02 ms on a busy one), so it is sampled "
+    "next to what it is compared with: interleaved with the one-process rows, and again inside the scaling "
+    "rounds, which those rows are compared with.",
     "Floor B is the push-based exclusive floor: a token taken by BLPOP and given back by RPUSH by N "
-    "processes. 'from RPUSH returned' is the handoff as the brief defines it: from the RPUSH returning in the "
+    "processes. 'from RPUSH returned' is the handoff as issue 9 defines it: from the RPUSH returning in the "
     "giver to the BLPOP returning in the next taker. Redis answers the giver and wakes the taker in the same "
     "event-loop turn, so it measures which of two runnable processes the kernel runs first, and is often "
-    "near 0 or negative (no ratio is given against a floor below 0.01 ms). 'from RPUSH called' counts from the moment "
-    "the giver sent its RPUSH and is always positive: one round trip plus the wake-up.",
+    "near 0 or negative (no ratio is given against a floor below 0.01 ms, nor for a negative value). 'from RPUSH "
+    "called' counts from the moment the giver sent its RPUSH and is always positive: one round trip plus the "
+    "wake-up.",
     "A lease handoff is measured the same two ways: to acquire() returning in the next holder from release() "
     "returning ('B') or from release() being called ('B call') in the previous one. Only changes of holder "
     "count; n is how many there were. The indented rows take the handoffs whose waiter was woken by the "
-    "grant that the release script pushed, and split them at the moment the waiter's BLPOP returned.",
+    "grant that the release script pushed, split them at the moment the waiter's BLPOP returned, and pick out "
+    "those whose waiter had sent its BLPOP before release() was called (already blocked in Redis).",
     "The diagnostic rows run the same GPUBoss workers with the heartbeat thread never woken (its watch() and "
     "hold() made no-ops; a 30 s lease needs no renewal within the run); set against the rows above them, "
     "they show what waking that thread on every grant costs: it competes for the GIL and a CPU while "
     "acquire() returns.",
     "'same holder' is the share of consecutive grants that went to the process that had just released: near "
-    "0 when waiters are served in order, near 100% when the releaser takes it again. 'longest wait' is "
-    "the longest any acquire() took from call to return in that run: what unfairness costs a waiter.",
-    "A p99 over fewer than 100 samples is close to the maximum; redis-py's Lock hands over so rarely that "
-    "its handoff rows have few samples.",
+    "0 when waiters are served in order, near 100% when the releaser takes it again. 'ahead of a waiter' counts "
+    "only the retakes while another process was already waiting (it had called acquire() before the releaser "
+    "called release(), and was served later): with zero hold time a same-holder grant is fair when the others "
+    "were between their turns. A call's start is taken before the client sends it, so a waiter descheduled "
+    "between the two can look waiting when Redis had not seen it yet: a few tenths of a percent are noise. "
+    "'p99 wait' and 'longest wait' are taken over every acquire() of the run, from call to return: what "
+    "unfairness costs a waiter (a lock that mostly hands itself back has a short p99 wait and a long tail).",
+    "A p99 over fewer than 100 samples is close to the maximum; redis-py's Lock and pottery's Redlock hand "
+    "over so rarely that their handoff rows have few samples.",
+    "Weighted throughput: every process draws whole-GB sizes (1 to 8) from its own seeded sequence and takes, "
+    "holds and gives back one lease at a time. grants/s counts the grants inside the window in which every "
+    "process was running; wait is acquire called -> returned (its multiple of floor A in brackets); the 7-8 GB "
+    "columns take the largest requests apart (starvation shows there). Utilisation is the VRAM the clients "
+    "held (from acquire returning to release being called) integrated over the window, over capacity x window: "
+    "with zero hold time it is ~0 by construction, and that phase measures throughput. Redis CPU per grant is "
+    "redis-server's user+system CPU over the phase (INFO cpu) divided by the grants: what the library costs "
+    "the Redis it shares; scripts/grant counts EVALSHA calls (busy retry shows there). The npm MultiSemaphore "
+    "runs with its defaults (a failed try is retried after 10 ms); reslock with its defaults (a JSON state file "
+    "under a file lock, polled every 0.25 s; no Redis).",
+    "Scaling: each level is its own namespace, sampled in interleaved rounds. The p50 rows are the latency a "
+    "client sees; their p99 over ~1,000 samples is sensitive to any other work on the 2 CPUs, so the Redis "
+    "time of the scripts (SLOWLOG: each call's own duration in Redis) is the direct evidence of whether a script does work proportional to the queue or the "
+    "number of GPUs. The durations are taken with slowlog-log-slower-than 5 us (every script call is slower, "
+    "nearly none of its own commands is: logging those at threshold 0 makes each call ~10 us slower). 'its "
+    "own commands' and 'their us' come from a separate pass at threshold 0 (Redis 7 logs a script's own "
+    "commands too): how many commands a script call ran inside Redis and their summed durations; the rest of "
+    "a call's time is Lua itself (JSON encoding and decoding, tables, the redis.call bridge). The EVALSHA "
+    "usec_per_call column is INFO commandstats over the GPUBoss acquire() + release() samples of that level, "
+    "with SLOWLOG off.",
+    "Memory is INFO memory used_memory before and after 1,000 more live leases, then 1,000 more waiting "
+    "requests, in a namespace of their own (after 200 of each, so the small-collection encodings have "
+    "already been converted); 'of which the namespace's fixed keys' is what those keys (an event log) grew by "
+    "(MEMORY USAGE), and stays after the leases are gone, up to the log's cap. Keys left: every key in the "
+    "private Redis at the end of the run, sorted into each gpuboss namespace's fixed keys (gpuboss.keys."
+    "FIXED_SUFFIXES) and anything else.",
 ]
 
 

@@ -11,9 +11,12 @@ that went to the same process measures fairness.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +46,7 @@ class Grant:
     t_release: float
     t_released: float
     t_woken: float | None
+    t_pop: float | None = None  # gpuboss: when the BLPOP that returned the grant was sent
 
 
 @dataclass(frozen=True)
@@ -106,11 +110,15 @@ class Contention:
     from_call: Summary | None  # release called -> the next holder's acquire returned
     wait: Summary | None  # acquire called -> acquire returned, every grant
     same_holder: float | None
+    retakes: float | None = None  # share of grants the releaser retook while another process already waited
     # gpuboss, the handoffs where the waiter was woken by the pushed grant:
     woken: Summary | None = None  # release returned -> the next holder's acquire returned
     wake: Summary | None = None  # release returned -> the waiter's BLPOP returned
     client: Summary | None = None  # the waiter's BLPOP returned -> acquire() returned
+    blocked: Summary | None = None  # woken handoffs whose waiter sent its BLPOP before release() was called
+    late: float | None = None  # share of woken handoffs whose waiter sent its BLPOP after release() returned
     capped: bool = False
+    namespace: str = ""  # gpuboss: the namespace the run used (its keys are checked at the end)
     cpu: CpuUse | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -150,6 +158,7 @@ def run_contention(
         "gpus": GPUS,
         "vram_gb": EXCLUSIVE_GB,
         "lock_name": f"bench:{run_id}:lock",
+        "locks_prefix": f"bench:{run_id}:",
         **extra,
     }
     control = connect(url)
@@ -194,11 +203,11 @@ def run_contention(
             except subprocess.TimeoutExpired:
                 errors.append(f"worker {proc.pid} did not finish in time; killed")
     finally:
-        for proc, _, _ in running:
-            if proc.poll() is None:
-                proc.kill()  # by PID: only the workers started here
-                proc.wait()
+        stop_workers([proc for proc, _, _ in running])
         control.delete(ready_key, go_key, done_key, base["token_key"], base["lock_name"])
+        leftover = list(control.scan_iter(match=f"*bench:{run_id}:*", count=1000))  # peers' own keys (signals, locks)
+        if leftover:
+            control.delete(*leftover)
         control.close()
 
     grants: list[Grant] = []
@@ -216,10 +225,12 @@ def run_contention(
         starts.append(data["start"])
         ends.append(data["end"])
         worker_cpu += data["cpu_s"]
-        for seq, t_request, t_granted, t_release, t_released, t_woken in data["samples"]:
-            grants.append(Grant(data["pid"], seq, t_request, t_granted, t_release, t_released, t_woken))
+        for seq, t_request, t_granted, t_release, t_released, t_woken, *rest in data["samples"]:
+            t_pop = rest[0] if rest else None
+            grants.append(Grant(data["pid"], seq, t_request, t_granted, t_release, t_released, t_woken, t_pop))
     result = analyze(label, procs, grants, errors)
     result.capped = len(grants) < per_proc * procs
+    result.namespace = base["namespace"] if kind == "gpuboss" else ""
     if starts and max(ends) > min(starts):
         busy = None
         if stat_before is not None and stat_after is not None and stat_after[1] > stat_before[1]:
@@ -238,6 +249,21 @@ def run_contention(
     return result
 
 
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill the workers still running (by PID: only those started here), after asking each for its Python
+    stacks (faulthandler on SIGUSR1, into its stderr file) so that a hang can be read afterwards."""
+    alive = [p for p in procs if p.poll() is None]
+    for proc in alive:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGUSR1)
+    if alive:
+        time.sleep(0.3)
+    for proc in alive:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def analyze(label: str, procs: int, grants: list[Grant], errors: list[str]) -> Contention:
     """Order the grants, check exclusion, and measure handoffs and fairness."""
     grants = sorted(grants, key=lambda g: g.t_granted)
@@ -246,6 +272,8 @@ def analyze(label: str, procs: int, grants: list[Grant], errors: list[str]) -> C
     woken: list[float] = []
     wake: list[float] = []
     client: list[float] = []
+    blocked: list[float] = []
+    late = popped = 0
     same = 0
     for prev, nxt in pairwise(grants):
         if nxt.t_granted < prev.t_release:
@@ -263,7 +291,14 @@ def analyze(label: str, procs: int, grants: list[Grant], errors: list[str]) -> C
             woken.append(nxt.t_granted - prev.t_released)
             wake.append(nxt.t_woken - prev.t_released)
             client.append(nxt.t_granted - nxt.t_woken)
+            if nxt.t_pop is not None:
+                popped += 1
+                if nxt.t_pop < prev.t_release:
+                    blocked.append(nxt.t_granted - prev.t_released)
+                elif nxt.t_pop > prev.t_released:
+                    late += 1
     pairs = len(grants) - 1
+    retakes = count_retakes(grants)
     if not handoffs:
         errors.append(f"{label}: no handoff between processes was observed")
     return Contention(
@@ -274,8 +309,34 @@ def analyze(label: str, procs: int, grants: list[Grant], errors: list[str]) -> C
         from_call=summarize(from_call),
         wait=summarize([g.t_granted - g.t_request for g in grants]),
         same_holder=same / pairs if pairs > 0 else None,
+        retakes=retakes / pairs if pairs > 0 else None,
         woken=summarize(woken),
         wake=summarize(wake),
         client=summarize(client),
+        blocked=summarize(blocked),
+        late=late / popped if popped else None,
         errors=errors,
     )
+
+
+def count_retakes(grants: list[Grant]) -> int:
+    """Grants (in order) that went back to the process that had just released although another process was
+    already waiting when the release began (it had called acquire() before the releaser called release(), and
+    was served only later): the lease taken back ahead of a waiter. A same-holder grant with nobody waiting
+    is not one: the others were between their turns."""
+    by_pid: dict[int, list[Grant]] = {}
+    for g in grants:
+        by_pid.setdefault(g.pid, []).append(g)
+    granted_at = {pid: [g.t_granted for g in own] for pid, own in by_pid.items()}
+    count = 0
+    for prev, nxt in pairwise(grants):
+        if nxt.pid != prev.pid:
+            continue
+        for pid, own in by_pid.items():
+            if pid == nxt.pid:
+                continue
+            i = bisect.bisect_right(granted_at[pid], nxt.t_granted)  # its first grant after the retake
+            if i < len(own) and own[i].t_request < prev.t_release:
+                count += 1
+                break
+    return count

@@ -14,16 +14,24 @@ Kinds:
     ``GPUBoss.acquire`` of the whole GPU, then ``release``.
 ``redis-lock``
     redis-py's ``Lock`` (a SET NX polled every ``sleep`` seconds), then its release.
+``python-redis-lock``
+    python-redis-lock's ``Lock`` (SET NX; a waiter BLPOPs a signal list the release script pushes to).
+``pottery``
+    pottery's ``Redlock`` with one master (SET NX through a thread pool, retried after a random sleep of
+    up to 0.2 s).
 
-A sample is ``[seq, t_request, t_granted, t_release, t_released, t_woken]``: ``seq`` the token number or
-fencing token (None for the lock), and ``t_woken`` when gpuboss's BLPOP returned the grant (None if the
-grant came without waiting, and for the other kinds).
+A sample is ``[seq, t_request, t_granted, t_release, t_released, t_woken, t_pop]``: ``seq`` the token number
+or fencing token (None for the lock), ``t_woken`` when gpuboss's BLPOP returned the grant and ``t_pop`` when
+that BLPOP was sent (both None if the grant came without waiting, and for the other kinds; ``t_pop`` may be
+left out).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -94,12 +102,15 @@ def run_gpuboss(spec: dict[str, Any]) -> tuple[list[Sample], str]:
         heartbeat.watch = lambda request_id, ttl_ms: None  # type: ignore[union-attr]
         heartbeat.hold = lambda lease: None  # type: ignore[union-attr]
     woken: list[float | None] = [None]
+    popping: list[float | None] = [None]  # when the last BLPOP for the grant was sent
     mono = time.monotonic
     perform: Callable[[Any], Any] | None = getattr(boss, "_perform", None)
     if perform is not None:  # timestamp the BLPOP that returns the grant (diagnostic only)
         inner = perform
 
         def timed(op: Any) -> Any:
+            if isinstance(op, Pop):
+                popping[0] = mono()
             result = inner(op)
             if isinstance(op, Pop) and result is not None:
                 woken[0] = mono()
@@ -111,7 +122,7 @@ def run_gpuboss(spec: dict[str, Any]) -> tuple[list[Sample], str]:
     error = ""
     try:
         while len(samples) < spec["count"] and mono() < deadline:
-            woken[0] = None
+            woken[0] = popping[0] = None
             t_req = mono()
             try:
                 lease = boss.acquire(vram, timeout=STALL_S)
@@ -123,7 +134,7 @@ def run_gpuboss(spec: dict[str, Any]) -> tuple[list[Sample], str]:
             t_release = mono()
             boss.release(lease)
             t_released = mono()
-            samples.append([lease.token, t_req, t_granted, t_release, t_released, t_woken])
+            samples.append([lease.token, t_req, t_granted, t_release, t_released, t_woken, popping[0]])
     finally:
         boss.close()
         control.close()
@@ -151,14 +162,55 @@ def run_lock(spec: dict[str, Any]) -> tuple[list[Sample], str]:
     return samples, ""
 
 
+def run_polled(spec: dict[str, Any], take: Callable[[], bool], give: Callable[[], None]) -> tuple[list[Sample], str]:
+    """The loop of the lock peers: ``take()`` blocks until the lock is held (False: it gave up)."""
+    control = connect(spec["url"])
+    if not take():  # warm up: load the scripts
+        return [], "could not take the lock once to warm up"
+    give()
+    deadline = wait_for_start(control, spec)
+    samples: list[Sample] = []
+    mono = time.monotonic
+    while len(samples) < spec["count"] and mono() < deadline:
+        t_req = mono()
+        if not take():
+            return samples, f"no lock within {STALL_S:g} s"
+        t_granted = mono()
+        t_release = mono()
+        give()
+        t_released = mono()
+        samples.append([None, t_req, t_granted, t_release, t_released, None])
+    control.close()
+    return samples, ""
+
+
+def run_python_redis_lock(spec: dict[str, Any]) -> tuple[list[Sample], str]:
+    import redis_lock  # type: ignore[import-not-found,unused-ignore]
+
+    client = connect(spec["url"])
+    lock = redis_lock.Lock(client, spec["lock_name"], expire=60)
+    return run_polled(spec, lambda: bool(lock.acquire(timeout=int(STALL_S))), lock.release)
+
+
+def run_pottery(spec: dict[str, Any]) -> tuple[list[Sample], str]:
+    from pottery import Redlock  # type: ignore[import-not-found,unused-ignore]
+
+    client = connect(spec["url"])
+    lock = Redlock(key=spec["lock_name"], masters={client}, auto_release_time=60)
+    return run_polled(spec, lambda: bool(lock.acquire(timeout=STALL_S)), lock.release)
+
+
 RUNNERS: dict[str, Callable[[dict[str, Any]], tuple[list[Sample], str]]] = {
     "token": run_token,
     "gpuboss": run_gpuboss,
     "redis-lock": run_lock,
+    "python-redis-lock": run_python_redis_lock,
+    "pottery": run_pottery,
 }
 
 
 def main(argv: list[str]) -> int:
+    faulthandler.register(signal.SIGUSR1)  # the parent asks for the stacks of a worker that hangs
     spec: dict[str, Any] = json.loads(argv[1])
     done = connect(spec["url"])
     done.ping()

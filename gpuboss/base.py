@@ -9,7 +9,7 @@ from typing import Any, Self
 
 from gpuboss.config import BossConfig, config_from_arguments, load_config
 from gpuboss.core import Core, redact_url
-from gpuboss.errors import LeaseLost
+from gpuboss.errors import InvalidRequest, LeaseLost
 from gpuboss.heartbeat import Heartbeat
 from gpuboss.lease import Lease
 from gpuboss.urls import resolve_redis_url
@@ -53,6 +53,8 @@ class BossBase:
 
     def _begin_release(self, lease: Lease | str) -> tuple[str, int]:
         """Mark a lease released and stop renewing it; its id and TTL (ms) for the release call."""
+        if not isinstance(lease, str | Lease):
+            raise InvalidRequest("lease", lease, "must be a Lease or a lease id (str)")
         lease_id = lease if isinstance(lease, str) else lease.id
         obj = self._leases.pop(lease_id, None) or (lease if isinstance(lease, Lease) else None)
         if obj is not None:

@@ -37,9 +37,9 @@ class GPUConfig(BaseModel):
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
     name: str = ""
-    vram_gb: float = Field(gt=0, allow_inf_nan=False)
+    vram_gb: float = Field(gt=0, le=2**20, allow_inf_nan=False)
     index: int = Field(default=0, ge=0)
-    reserve_gb: float = Field(default=0, ge=0, allow_inf_nan=False)
+    reserve_gb: float = Field(default=0, ge=0, le=2**20, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _reserve_below_capacity(self) -> GPUConfig:
@@ -79,7 +79,7 @@ class BossConfig(BaseModel):
     @field_validator("namespace")
     @classmethod
     def _namespace_chars(cls, value: str) -> str:
-        if not NAMESPACE_RE.match(value):
+        if not NAMESPACE_RE.fullmatch(value):
             raise ValueError("namespace must be 1 to 64 of A-Z a-z 0-9 _ . - { }")
         return value
 
@@ -121,10 +121,14 @@ def read_config_file(path: str | os.PathLike[str] | None, use_env: bool = True) 
         text = file.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{file}: cannot read configuration ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{file}: malformed YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: malformed YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

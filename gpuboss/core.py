@@ -29,6 +29,8 @@ MAX_WAIT_CHUNK_S = 30.0
 #: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
 EXPIRY_WATCH_POSITIONS = 2
 MAX_TTL_S = 86400.0
+#: No GPU is larger (1 PiB); a request above it is clamped here and can never fit.
+MAX_VRAM_GB = 2**20
 
 
 class _Default(enum.Enum):
@@ -136,14 +138,18 @@ class LeaseRequest:
 def _number(field: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(field, value, "must be a number (int or float)")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidRequest(field, value, "must be a number within float range") from None
 
 
 def validate_vram(vram_gb: object) -> int:
     gb = _number("vram_gb", vram_gb)
     if not math.isfinite(gb) or gb <= 0:
         raise InvalidRequest("vram_gb", vram_gb, "must be a finite number of gigabytes greater than 0")
-    return gb_to_mib(gb)
+    # Beyond any GPU: kept as a big integer so the capacity check answers InsufficientCapacity.
+    return gb_to_mib(gb) if gb <= MAX_VRAM_GB else MAX_VRAM_GB * 1024
 
 
 def validate_priority(priority: object) -> tuple[str, int]:
@@ -190,7 +196,13 @@ def resolve_device(device: str | int | None, gpus: Mapping[str, GpuInfo]) -> str
     if isinstance(device, str) and device in gpus:
         return device
     index: int | None = device if isinstance(device, int) else None
-    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+    if (
+        isinstance(device, str)
+        and device.startswith("cuda:")
+        and device[5:].isascii()
+        and device[5:].isdigit()
+        and len(device) < 16
+    ):
         index = int(device[5:])
     if index is not None:
         matches = [g.id for g in gpus.values() if g.index == index]

@@ -46,3 +46,7 @@ class LeaseLost(GPUBossError):
 
 class RedisUnavailable(GPUBossError, ConnectionError):
     """Redis could not be reached; the message names the URL without its password."""
+
+
+class LeaseEvicted(GPUBossError):
+    """The lease was handed back after an eviction request (``resume=False``); raised at the next safe point."""

@@ -23,7 +23,7 @@ from tenacity import (
 )
 
 from gpuboss import scripts
-from gpuboss.core import Call, Flow, Op
+from gpuboss.core import Call, Flow, Op, redact_url
 from gpuboss.errors import ConfigError, RedisUnavailable
 
 log = logging.getLogger("gpuboss")
@@ -50,12 +50,21 @@ def _fake_server(url: str) -> Any:
     return _fake_servers[name]
 
 
+URL_SCHEMES = ("redis://", "rediss://", "unix://", FAKE_SCHEME)
+
+
+def _check_scheme(url: str) -> None:
+    if not url.startswith(URL_SCHEMES):
+        raise ConfigError(f"redis_url {redact_url(url)!r} must start with one of {', '.join(URL_SCHEMES)}")
+
+
 def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None = None) -> redis.Redis:
     if url.startswith(FAKE_SCHEME):
         import fakeredis
 
         client: redis.Redis = fakeredis.FakeRedis(server=_fake_server(url), decode_responses=True)
         return client
+    _check_scheme(url)
     return redis.Redis.from_url(
         url,
         decode_responses=True,
@@ -70,6 +79,7 @@ def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
 
         client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(server=_fake_server(url), decode_responses=True)
         return client
+    _check_scheme(url)
     return redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout)
 
 

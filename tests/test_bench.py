@@ -22,6 +22,20 @@ def test_bench_smoke_runs_and_reports(tmp_path: Path) -> None:
         timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for row in ("EVALSHA `return 1`", "GPUBoss acquire() + release()", "GPUBoss, from release() returned"):
+    for row in (
+        "EVALSHA `return 1`",
+        "GPUBoss acquire() + release()",
+        "GPUBoss, from release() returned",
+        "Exclusive handoff between N=8 processes",
+        "Weighted throughput",
+        "EVALSHA counter, busy retry",
+        "handoff to the head",
+        "Redis time per script call",
+        "used_memory per live lease",
+        "Keys left beyond the fixed ones",
+        "Targets (issue 9)",
+    ):
         assert row in result.stdout, row
-    assert "GPUBoss" in out.read_text()
+    text = out.read_text()
+    assert "GPUBoss" in text
+    assert "## Targets (issue 9)" in text

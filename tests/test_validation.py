@@ -149,3 +149,10 @@ def test_unreachable_redis_is_typed_bounded_and_hides_the_password() -> None:
     assert time.monotonic() - started < 3
     assert "s3cret" not in str(err.value) and "127.0.0.1:1" in str(err.value)
     boss.close()
+
+
+def test_lease_evicted_is_a_gpuboss_error() -> None:
+    import gpuboss
+
+    assert issubclass(gpuboss.LeaseEvicted, gpuboss.GPUBossError)
+    assert "LeaseEvicted" in gpuboss.__all__

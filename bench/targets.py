@@ -1,0 +1,232 @@
+"""The targets of issue 9, checked against what one run measured: each with its measured value, what it
+requires, and whether it was met or missed by how much."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.handoff import Contention
+from bench.report import MIN_FLOOR_MS, Table, ms
+from bench.scaling import FIT_ACQUIRE, HANDOFF_RELEASE, KeysLeft, Level, us_summary
+from bench.stats import Summary, summarize
+from bench.weighted import Phase, Weighted
+
+HANDOFF_LIMIT = 2.0  # x floor B
+UNCONTENDED_LIMIT = 2.5  # x two EVALSHA round trips
+LARGE_SHARE_LIMIT = 0.5  # x the MultiSemaphore's p99 wait of large requests
+SCALING_LIMIT = 2.0
+REDIS_US_LIMIT = 50.0
+FAIRNESS_LIMIT = 0.01  # share of grants retaken ahead of a waiter that still counts as "near 0"
+TARGET_HOLD_MS = 1.0
+
+
+@dataclass
+class Results:
+    """What the targets need, filled in by the parts of the run that worked."""
+
+    floor_a: Summary | None = None
+    floor_a_async: Summary | None = None
+    sync_cycle: Summary | None = None
+    async_cycle: Summary | None = None
+    floor_b: dict[int, Contention] = field(default_factory=dict)
+    gpuboss: dict[int, Contention] = field(default_factory=dict)
+    peers: dict[int, list[Contention]] = field(default_factory=dict)
+    weighted: list[Weighted] = field(default_factory=list)
+    levels: list[Level] = field(default_factory=list)
+    keys: KeysLeft | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # peer -> why
+
+
+def verdict_at_most(value: float, limit: float) -> str:
+    return "met" if value <= limit else f"missed by {value / limit - 1:.0%}"
+
+
+def verdict_at_least(value: float, limit: float) -> str:
+    return "met" if value >= limit else f"missed by {1 - value / limit:.0%}"
+
+
+def ratio(value: float, base: float) -> float | None:
+    return value / base if base >= MIN_FLOOR_MS else None
+
+
+def build_targets(r: Results) -> Table:
+    t = Table(["target", "measured", "required", "verdict"])
+    add = t.rows.append
+
+    # -- handoff against floor B, and against the peers
+    for n, g in sorted(r.gpuboss.items()):
+        b = r.floor_b.get(n)
+        if b is None:
+            continue
+        for what, mine, floor in (
+            ("from release() called", g.from_call, b.from_call),
+            ("from release() returned", g.handoff, b.handoff),
+        ):
+            if mine is None or floor is None:
+                add([f"Handoff N={n} {what}", "no samples", f"<= {HANDOFF_LIMIT:g}x floor B", "not measured"])
+                continue
+            for stat in ("p50", "p99"):
+                value, base = getattr(mine, stat), getattr(floor, stat)
+                x = ratio(value, base)
+                measured = f"{ms(value)} ms vs {ms(base)} ms"
+                if x is None:
+                    add([f"Handoff {stat}, N={n}, {what}", measured, f"<= {HANDOFF_LIMIT:g}x floor B", "n/a: floor ~0"])
+                else:
+                    add(
+                        [
+                            f"Handoff {stat}, N={n}, {what}",
+                            f"{measured} = {x:.1f}x",
+                            f"<= {HANDOFF_LIMIT:g}x floor B",
+                            verdict_at_most(x, HANDOFF_LIMIT),
+                        ]
+                    )
+        others = [p for p in r.peers.get(n, []) if p.handoff is not None]
+        if g.handoff is not None and others:
+            best = min(others, key=lambda p: p.handoff.p99 if p.handoff else 0.0)
+            assert best.handoff is not None
+            add(
+                [
+                    f"Handoff p99 ahead of every peer, N={n}",
+                    f"{ms(g.handoff.p99)} ms; best peer {best.label.rsplit(',', 1)[0]} {ms(best.handoff.p99)} ms "
+                    f"(n={best.handoff.n})",
+                    "< every peer's p99",
+                    "met"
+                    if g.handoff.p99 < best.handoff.p99
+                    else f"missed by {g.handoff.p99 / best.handoff.p99 - 1:.0%}",
+                ]
+            )
+        if g.retakes is not None:
+            add(
+                [
+                    f"Fairness, N={n}: grants retaken by the releaser ahead of a waiter",
+                    f"{g.retakes:.2%} (same holder: {g.same_holder:.1%})"
+                    if g.same_holder is not None
+                    else f"{g.retakes:.2%}",
+                    f"~0 (<= {FAIRNESS_LIMIT:.0%})",
+                    "met" if g.retakes <= FAIRNESS_LIMIT else f"missed ({g.retakes:.2%})",
+                ]
+            )
+
+    # -- uncontended
+    for label, cycle, base in (
+        ("GPUBoss", r.sync_cycle, r.floor_a),
+        ("AsyncGPUBoss (vs the asyncio floor)", r.async_cycle, r.floor_a_async),
+    ):
+        if cycle is None or base is None:
+            continue
+        for stat in ("p50", "p99"):
+            value, two = getattr(cycle, stat), 2 * getattr(base, stat)
+            add(
+                [
+                    f"Uncontended {label} acquire()+release() {stat}",
+                    f"{ms(value)} ms vs 2 x {ms(two / 2)} ms = {value / two:.2f}x",
+                    f"<= {UNCONTENDED_LIMIT:g}x two EVALSHA",
+                    verdict_at_most(value / two, UNCONTENDED_LIMIT),
+                ]
+            )
+
+    # -- weighted
+    def phase(kind: str) -> tuple[Weighted, Phase] | None:
+        for w in r.weighted:
+            if w.kind == kind:
+                for ph in w.phases:
+                    if ph.hold_ms == TARGET_HOLD_MS:
+                        return w, ph
+        return None
+
+    mine_w, sem, counter = phase("gpuboss"), phase("semaphore"), phase("counter")
+    if mine_w is not None and mine_w[1].wait_large is not None:
+        large = mine_w[1].wait_large
+        if sem is not None and sem[1].wait_large is not None:
+            theirs = sem[1].wait_large.p99
+            add(
+                [
+                    f"Weighted, {TARGET_HOLD_MS:g} ms hold: p99 wait of 7-8 GB requests",
+                    f"{ms(large.p99)} ms vs MultiSemaphore {ms(theirs)} ms = {large.p99 / theirs:.2f}x",
+                    f"<= {LARGE_SHARE_LIMIT:g}x MultiSemaphore",
+                    verdict_at_most(large.p99 / theirs, LARGE_SHARE_LIMIT),
+                ]
+            )
+        else:
+            why = r.skipped.get("semaphore", "MultiSemaphore not measured")
+            add([f"Weighted, {TARGET_HOLD_MS:g} ms hold: p99 wait of 7-8 GB requests", ms(large.p99) + " ms", "", why])
+    if mine_w is not None and counter is not None and mine_w[1].utilisation is not None and counter[1].utilisation:
+        u, c = mine_w[1].utilisation, counter[1].utilisation
+        add(
+            [
+                f"Weighted, {TARGET_HOLD_MS:g} ms hold: utilisation",
+                f"{u:.1%} vs EVALSHA counter {c:.1%}",
+                ">= the counter's",
+                verdict_at_least(u, c),
+            ]
+        )
+
+    # -- scaling: the largest level of each kind against the smallest
+    by_queue = sorted((lv for lv in r.levels if lv.waiting), key=lambda lv: lv.waiting)
+    by_gpus = sorted((lv for lv in r.levels if not lv.waiting), key=lambda lv: len(lv.gpus))
+    for group in (by_queue, by_gpus):
+        if len(group) < 2:
+            continue
+        a, b = group[0], group[-1]
+        low, high = a.name, b.name
+        for what, attr in (
+            ("acquire EVALSHA, fits at once", "fit_acquire"),
+            ("GPUBoss.acquire(), fits at once", "boss_acquire"),
+            ("handoff to the head", "handoff"),
+        ):
+            sa, sb = summarize(getattr(a, attr)), summarize(getattr(b, attr))
+            if sa is None or sb is None:
+                continue
+            for stat in ("p50", "p99"):
+                x = getattr(sb, stat) / getattr(sa, stat)
+                add(
+                    [
+                        f"Scaling {stat}: {what}, {high} vs {low}",
+                        f"{ms(getattr(sb, stat))} vs {ms(getattr(sa, stat))} ms = {x:.2f}x",
+                        f"<= {SCALING_LIMIT:g}x",
+                        verdict_at_most(x, SCALING_LIMIT),
+                    ]
+                )
+
+        for label in (FIT_ACQUIRE, HANDOFF_RELEASE):
+            ua, ub = us_summary(a.redis_us.get(label, [])), us_summary(b.redis_us.get(label, []))
+            if ua is None or ub is None:
+                continue
+            x = ub.mean / ua.mean
+            add(
+                [
+                    f"Scaling, Redis time (SLOWLOG mean): {label}, {high} vs {low}",
+                    f"{ub.mean:.1f} vs {ua.mean:.1f} us = {x:.2f}x",
+                    f"<= {SCALING_LIMIT:g}x",
+                    verdict_at_most(x, SCALING_LIMIT),
+                ]
+            )
+
+    # -- Redis CPU per grant at the largest queue
+    big = max((lv for lv in r.levels if lv.waiting), key=lambda lv: lv.waiting, default=None)
+    if big is not None:
+        for label in (FIT_ACQUIRE, HANDOFF_RELEASE):
+            us = us_summary(big.redis_us.get(label, []))
+            if us is None:
+                continue
+            add(
+                [
+                    f"Redis time per grant, {big.name}: {label}",
+                    f"mean {us.mean:.1f} us (p50 {us.p50:.0f}, p99 {us.p99:.0f})",
+                    f"< {REDIS_US_LIMIT:g} us",
+                    "met" if us.mean < REDIS_US_LIMIT else f"missed by {us.mean / REDIS_US_LIMIT - 1:.0%}",
+                ]
+            )
+
+    # -- keys
+    if r.keys is not None:
+        other = ", ".join(f"{k} x{v}" for k, v in sorted(r.keys.other.items())) or "none"
+        add(
+            [
+                "Keys left beyond the fixed ones",
+                f"{other} (in {r.keys.namespaces} namespaces; fixed: {', '.join(sorted(r.keys.fixed))})",
+                "none",
+                "met" if not r.keys.other else "missed",
+            ]
+        )
+    return t
