@@ -113,7 +113,7 @@ def is_number(x: object) -> bool:
 
 
 def known_bug(kw: dict[str, Any]) -> str | None:
-    """Why these arguments would hit a bug that an xfail test below pins, or None."""
+    """Why these arguments are kept out of the general properties (a fixed bug pinned by a test below), or None."""
     for name in ("vram_gb", "timeout", "ttl"):
         x = kw.get(name)
         if isinstance(x, int) and not isinstance(x, bool) and abs(x) > FLOAT_MAX:
@@ -294,7 +294,7 @@ GPU_ID_OK = set(string.ascii_letters + string.digits + "_.:-")
 
 
 def config_bug(values: dict[str, Any]) -> str | None:
-    """Settings that hit a bug pinned by an xfail test below, or None."""
+    """Settings kept out of the general properties (a fixed bug pinned by a test below), or None."""
     ns = values.get("namespace")
     if isinstance(ns, str) and ns.endswith("\n"):
         return "a namespace with a trailing newline is accepted"
@@ -394,7 +394,7 @@ def test_build_config_names_the_field() -> None:
         build_config(gpus=[{"id": "gpu0", "vram_gb": -1}])
 
 
-# ---------------------------------------------------------------- known bugs, one narrow test each
+# ---------------------------------------------------------------- bugs fuzzing found (fixed), one regression test each
 
 
 @pytest.mark.parametrize("name", ["vram_gb", "timeout", "ttl"])
