@@ -4,6 +4,7 @@ the two drivers that run a core flow (:func:`run_flow_sync`, :func:`run_flow_asy
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -85,7 +86,7 @@ def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
 
 def _retry_args(within: float) -> dict[str, Any]:
     return {
-        "stop": stop_after_delay(within),
+        "stop": stop_after_delay(max(0.0, within)),
         "wait": wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
         "retry": retry_if_exception_type(TRANSIENT),
         "reraise": False,
@@ -116,9 +117,18 @@ async def evalsha_async(client: redis.asyncio.Redis, call: Call) -> Any:
 
 
 def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
-    """Run ``fn``, sending it again on connection errors for up to ``within`` seconds."""
+    """Run ``fn``, sending it again on connection errors for up to ``within`` seconds.
+
+    The first try is a plain call: the retry machinery costs tens of microseconds, so it only starts
+    once a try has failed.
+    """
+    started = time.monotonic()
     try:
-        for attempt in Retrying(**_retry_args(within)):
+        return fn()
+    except TRANSIENT:
+        pass  # Redis is unreachable or reconnecting: retry with backoff below
+    try:
+        for attempt in Retrying(**_retry_args(within - (time.monotonic() - started))):
             with attempt:
                 return fn()
     except RetryError as err:
@@ -127,8 +137,14 @@ def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
 
 
 async def retry_async(fn: Callable[[], Awaitable[T]], url: str, within: float) -> T:
+    """The asyncio twin of :func:`retry_sync`."""
+    started = time.monotonic()
     try:
-        async for attempt in AsyncRetrying(**_retry_args(within)):
+        return await fn()
+    except TRANSIENT:
+        pass  # Redis is unreachable or reconnecting: retry with backoff below
+    try:
+        async for attempt in AsyncRetrying(**_retry_args(within - (time.monotonic() - started))):
             with attempt:
                 return await fn()
     except RetryError as err:

@@ -12,10 +12,11 @@
   Needs the emit and drop includes above it.
 ]]
 local function grant(s, id, req, gpu, now)
-  if redis.call('EXISTS', K_TOKEN) == 0 then
-    redis.call('SET', K_TOKEN, int(now * 10))
-  end
   local token = redis.call('INCR', K_TOKEN)
+  if token == 1 then -- the counter was missing: start it from Redis time
+    token = now * 10 + 1
+    redis.call('SET', K_TOKEN, int(token))
+  end
   s.used[gpu] = redis.call('HINCRBY', K_USED, gpu, req.vram_mib)
   local index = 0
   local decl = redis.call('HGET', K_GPUS, gpu)
