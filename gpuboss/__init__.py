@@ -19,8 +19,11 @@ from gpuboss.errors import (
     RedisUnavailable,
 )
 from gpuboss.events import Event
+from gpuboss.inventory import VRAMStatus
 from gpuboss.keys import Keys
 from gpuboss.lease import Device, Lease, LeaseState
+from gpuboss.registry import DeviceOrdinalWarning
+from gpuboss.sampler import VramOverBudgetWarning
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ __all__ = [
     "BossConfig",
     "ConfigError",
     "Device",
+    "DeviceOrdinalWarning",
     "Event",
     "GPUBoss",
     "GPUBossError",
@@ -43,6 +47,8 @@ __all__ = [
     "LeaseState",
     "LeaseTimeout",
     "RedisUnavailable",
+    "VRAMStatus",
+    "VramOverBudgetWarning",
     "__version__",
     "load_config",
 ]

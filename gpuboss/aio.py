@@ -27,15 +27,19 @@ from gpuboss.core import (
     ReleaseReason,
     Timeout,
     Watch,
+    YieldOutcome,
+    YieldReply,
     new_request_id,
 )
-from gpuboss.lease import Device, Lease
+from gpuboss.errors import LeaseCancelled, RedisUnavailable
+from gpuboss.lease import Device, Lease, LeaseState, call_on_evict
 from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_async, evalsha_async, retry_async, run_flow_async
+from gpuboss.registry import AsyncInventoryMethods
 
 log = logging.getLogger("gpuboss")
 
 
-class AsyncGPUBoss(BossBase):
+class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     """Asyncio VRAM leases.
 
     >>> boss = AsyncGPUBoss(redis_url="redis://localhost:6379/0", gpus=[{"id": "gpu0", "vram_gb": 24}])
@@ -90,12 +94,18 @@ class AsyncGPUBoss(BossBase):
         ttl: float | None = None,
         device: str | int | None = None,
         on_lost: Any = None,
+        *,
+        preemptible: bool | None = None,
+        on_evict: Any = None,
+        resume: bool = True,
     ) -> Lease:
-        """Wait for a lease of ``vram_gb`` GB; see the README for every argument."""
-        req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost)
+        """Wait for a lease of ``vram_gb`` GB; see the README and docs/eviction.md for every argument."""
+        req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume)
         self._loop = asyncio.get_running_loop()
         async with self._ready_lock:
-            await self._run(self._core.prepare_flow(req))
+            req = await self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
+        if self._may_be_evicted(req):
+            await asyncio.to_thread(self._notices.start)
         request_id = new_request_id()
         try:
             lease: Lease = await self._run(self._core.acquire_flow(req, request_id))
@@ -106,7 +116,71 @@ class AsyncGPUBoss(BossBase):
             self._heartbeat.forget(request_id)
             await self._release_id(request_id, req.ttl_ms, "cancel")
             raise
+        lease._handling = asyncio.Lock()
         return self._granted(lease)
+
+    # -- eviction
+
+    def _start_eviction(self, lease: Lease) -> None:
+        """From the notice thread: run the hand-back as a task on the boss's event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            log.warning("gpuboss: lease %s is asked to checkpoint, but its event loop is gone", lease.id)
+            return
+
+        def start() -> None:
+            task = asyncio.ensure_future(self._evict_now(lease))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    async def _evict_now(self, lease: Lease) -> None:
+        """Checkpoint (``on_evict``), hand the VRAM back and, with ``resume``, wait to be granted again."""
+        async with lease._handling:
+            if lease.state is not LeaseState.EVICTING:
+                return
+            try:
+                await self._eval(self._core.checkpoint_call(lease.id))
+            except RedisUnavailable as err:
+                log.warning("gpuboss: could not record the checkpoint start of %s (%s)", lease.id, err)
+            if lease.on_evict is not None:
+                try:
+                    result = call_on_evict(lease.on_evict, lease.notice)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("gpuboss: on_evict of lease %s failed; the lease is not handed back", lease.id)
+                    return
+            if lease.state is not LeaseState.EVICTING:
+                return  # called off, or shrunk enough, while it checkpointed
+            self._before_yield(lease)
+            try:
+                outcome = await self._run(self._core.yield_flow(lease, stop=lambda: self._stop_waiting(lease)))
+            except LeaseCancelled:
+                return
+            except RedisUnavailable:
+                log.exception("gpuboss: could not hand back lease %s; its TTL will reclaim it", lease.id)
+                outcome = YieldOutcome(YieldReply.GONE, None)
+            self._after_yield(lease, outcome)
+
+    async def _yield_if_requested(self, lease: Lease) -> bool:
+        lease.raise_if_lost()
+        if lease.state is LeaseState.GRANTED:
+            return False
+        if lease.state is LeaseState.EVICTING:
+            await self._evict_now(lease)
+        if not lease._settled.is_set():
+            await asyncio.to_thread(lease._settled.wait)
+        lease.raise_if_lost()
+        return True
+
+    async def _resize(self, lease: Lease, vram_gb: float, timeout: float | None) -> Lease:
+        record = await self._run(self._core.resize_flow(lease, vram_gb, timeout))
+        lease.apply_record(record)
+        if record.get("state") == "active":
+            lease._move_if("continue")
+        return lease
 
     async def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
         """Release in a task of its own, so cancelling the caller cannot cut the release in half.
@@ -138,13 +212,19 @@ class AsyncGPUBoss(BossBase):
         ttl: float | None = None,
         device: str | int | None = None,
         on_lost: Any = None,
+        *,
+        preemptible: bool | None = None,
+        on_evict: Any = None,
+        resume: bool = True,
     ) -> AsyncIterator[Device]:
         """``async with boss.lease(vram_gb=8) as device:`` holds a lease for the block, releases it after.
 
         If the lease was lost while the block ran and no ``on_lost`` was given, :class:`LeaseLost` is
         raised at the end of the block.
         """
-        held = await self.acquire(vram_gb, priority, timeout, ttl, device, on_lost)
+        held = await self.acquire(
+            vram_gb, priority, timeout, ttl, device, on_lost, preemptible=preemptible, on_evict=on_evict, resume=resume
+        )
         try:
             yield Device(held)
         finally:
@@ -166,7 +246,9 @@ class AsyncGPUBoss(BossBase):
             await self.release(lease_id)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.to_thread(self._notices.close)
         await asyncio.to_thread(self._heartbeat.close, True)
+        await asyncio.to_thread(self._inventory.close)
         await self._redis.aclose()
 
     async def __aenter__(self) -> AsyncGPUBoss:

@@ -8,10 +8,13 @@ import os
 from typing import Any, Self
 
 from gpuboss.config import BossConfig, config_from_arguments, load_config
-from gpuboss.core import Core, redact_url
-from gpuboss.errors import InvalidRequest, LeaseLost
+from gpuboss.core import Core, LeaseRequest, YieldOutcome, YieldReply
+from gpuboss.errors import InvalidRequest, LeaseEvicted, LeaseLost
 from gpuboss.heartbeat import Heartbeat
-from gpuboss.lease import Lease
+from gpuboss.lease import EvictNotice, Lease, LeaseState
+from gpuboss.notices import NoticeListener
+from gpuboss.registry import Inventory
+from gpuboss.topology import redact_url
 from gpuboss.urls import resolve_redis_url
 
 log = logging.getLogger("gpuboss")
@@ -25,8 +28,12 @@ class BossBase:
         self._core = Core(config if config is not None else config_from_arguments(redis_url=redis_url, **settings))
         self.url = resolve_redis_url(self._core.config)
         self._shown_url = redact_url(self.url)
-        self._heartbeat = Heartbeat(self._core, self.url, self._lost)
+        self._heartbeat = Heartbeat(self._core, self.url, self._lost, self._on_notice)
+        self._notices = NoticeListener(
+            self.url, self._core.notify_channel, self._on_notice, self._core.config.connect_timeout
+        )
         self._leases: dict[str, Lease] = {}
+        self._inventory = Inventory(self._core, self.url, self.held)  # GPU discovery, sampler (registry.py)
         log.info("gpuboss: namespace %r on Redis %s", self._core.config.namespace, self._shown_url)
 
     @classmethod
@@ -47,9 +54,73 @@ class BossBase:
         return list(self._leases.values())
 
     def _granted(self, lease: Lease) -> Lease:
+        self._inventory.localize(lease)  # uuid, and this process's cuda:N for it
+        lease._driver = self
         self._leases[lease.id] = lease
         self._heartbeat.hold(lease)
         return lease
+
+    def _may_be_evicted(self, req: LeaseRequest) -> bool:
+        """Whether a lease of this request may get eviction notices (then the listener runs first)."""
+        return req.preemptible or req.on_evict is not None or bool(self._core.config.pause)
+
+    # -- eviction: notices, and what a hand-back did
+
+    def _on_notice(self, notice: dict[str, Any]) -> None:
+        """From the notice listener or the heartbeat thread: an eviction notice for one of our leases."""
+        lease = self._leases.get(str(notice.get("lease")))
+        if lease is None:
+            return
+        kind = notice.get("type")
+        if kind == "evict":
+            try:
+                parsed = EvictNotice.from_json(notice)
+            except (KeyError, TypeError, ValueError):
+                log.warning("gpuboss: ignoring a malformed eviction notice %r", notice)
+                return
+            lease.notice = parsed
+            if lease._move_if("evicting"):
+                log.info(
+                    "gpuboss: lease %s on %s is asked to checkpoint (%d MiB for %s)",
+                    lease.id,
+                    lease.gpu,
+                    parsed.need_mib,
+                    parsed.by,
+                )
+                if lease.on_evict is not None:
+                    self._start_eviction(lease)
+        elif kind == "continue" and lease._move_if("continue"):
+            log.info("gpuboss: eviction of lease %s was called off (%s)", lease.id, notice.get("reason"))
+
+    def _start_eviction(self, lease: Lease) -> None:
+        """Run the lease's checkpoint and hand-back in the background (a thread, or a task)."""
+        raise NotImplementedError
+
+    def _before_yield(self, lease: Lease) -> None:
+        """The checkpoint is done: stop renewing the lease, which is about to be handed back."""
+        self._heartbeat.forget(lease.id)
+        if lease.resume:
+            lease._move_if("suspended")
+
+    def _after_yield(self, lease: Lease, outcome: YieldOutcome) -> None:
+        """Apply what the hand-back (and the wait to resume) did to ``lease``."""
+        if outcome.code in (YieldReply.CONTINUE, YieldReply.GRANTED) and outcome.record is not None:
+            lease.apply_record(outcome.record)
+            if lease._move_if("granted") or lease._move_if("continue"):
+                self._heartbeat.hold(lease)
+                if outcome.code is YieldReply.GRANTED:
+                    log.info("gpuboss: lease %s resumed on %s (eviction %d)", lease.id, lease.gpu, lease.evictions)
+        elif outcome.code is YieldReply.ENDED:
+            lease._move_if("evicted")
+            self._leases.pop(lease.id, None)
+        elif outcome.code is YieldReply.GONE:
+            self._leases.pop(lease.id, None)
+            if lease._move_if("lost") and lease.on_lost is not None:
+                self._dispatch_on_lost(lease)
+
+    def _stop_waiting(self, lease: Lease) -> bool:
+        """For a resume: True once the lease was released meanwhile (its block ended)."""
+        return lease.state is LeaseState.RELEASED
 
     def _begin_release(self, lease: Lease | str) -> tuple[str, int]:
         """Mark a lease released and stop renewing it; its id and TTL (ms) for the release call."""
@@ -64,9 +135,12 @@ class BossBase:
 
     @staticmethod
     def _check_block_end(lease: Lease, on_lost: object) -> None:
-        """At the end of a ``lease()`` block: a lease lost meanwhile, with nobody told, is an error."""
+        """At the end of a ``lease()`` block: a lease lost meanwhile, with nobody told, is an error; so is
+        one handed back for good after an eviction request, unless the block has seen LeaseEvicted."""
         if lease.lost and on_lost is None:
             raise LeaseLost(f"lease {lease.id} on {lease.gpu} was lost while its block ran")
+        if lease.evicted and not lease._evicted_seen:
+            raise LeaseEvicted(f"lease {lease.id} on {lease.gpu} was handed back after an eviction request")
 
     def _lost(self, lease: Lease) -> None:
         """From the heartbeat thread: the lease is gone."""

@@ -2,8 +2,12 @@
 the embedded Redis, run the demo.
 
 Exit codes (docs/cli.md): 0 success, 1 a usage or configuration error, 2 Redis unreachable, 3 a check
-failed (a demo check; ``health``: no GPU available), 130 interrupted. Errors are one line on stderr;
-``--debug`` adds the traceback and debug logs.
+failed (a demo check; ``health``: no GPU available), 4 no GPU found on this host (``gpus discover`` and
+``gpus register``: NVML unavailable or no GPU), 130 interrupted. Errors are one line on stderr; ``--debug``
+adds the traceback and debug logs.
+
+Tables go out through rich on a terminal; piped, with ``--plain`` or ``NO_COLOR``, they are plain, stable
+text (``gpuboss.fmt``); ``--json`` is for programs.
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ from gpuboss.config import (
     load_config,
     read_config_file,
 )
-from gpuboss.core import redact_url
 from gpuboss.errors import ConfigError, GPUBossError, RedisUnavailable
 from gpuboss.events import EVENT_TYPES, Event, decode_entries
-from gpuboss.fmt import gb, seconds, table
+from gpuboss.fmt import Block, Column, Line, Table, bar, gb, plain, seconds, table
 from gpuboss.keys import Keys
 from gpuboss.snapshot import as_int, explain_queue, health_report, read_namespace
+from gpuboss.topology import redact_url
 
 log = logging.getLogger("gpuboss")
 
@@ -54,6 +58,7 @@ EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_UNREACHABLE = 2
 EXIT_CHECK_FAILED = 3
+EXIT_NO_GPU = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -75,6 +80,20 @@ class CliState:
     connect_timeout: float | None = None
     json: bool = False
     debug: bool = False
+    plain: bool = False
+
+    def rich(self, err: bool = False) -> bool:
+        """Whether tables go out through rich: on a terminal (or with FORCE_COLOR set), unless --json,
+        --plain, NO_COLOR or TERM=dumb ask for plain text."""
+        if self.json or self.plain or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+            return False
+        if os.environ.get("FORCE_COLOR"):
+            return True
+        stream = sys.stderr if err else sys.stdout
+        try:
+            return stream.isatty()
+        except ValueError:  # a closed stream
+            return False
 
     def config(self) -> BossConfig:
         """The configuration: ``--config`` (or ``GPUBOSS_CONFIG``) if any, with the options on top."""
@@ -141,26 +160,81 @@ def _expires(value: object) -> str:
     return seconds(float(value)) if value >= 0 else f"expired {seconds(-float(value))} ago"
 
 
-def gpu_table(gpus: list[dict[str, Any]]) -> str:
-    rows = [
-        [
-            g["id"],
-            g["device"],
-            g["name"] or "-",
-            gb(g["capacity_mib"]),
-            gb(g["reserve_mib"]),
-            gb(g["used_mib"]),
-            gb(g["free_mib"]),
-            g["leases"],
-        ]
-        for g in gpus
+PRIORITY_STYLES = {"high": "bold", "low": "dim"}
+
+
+def _gpu_free(g: dict[str, Any]) -> str:
+    return "offline" if g.get("offline") is not None else gb(max(0, g["free_mib"]))
+
+
+def _observed(g: dict[str, Any]) -> str:
+    reading = g.get("observed")
+    if not reading:
+        return "-"
+    if reading.get("fresh"):
+        return gb(as_int(reading.get("used_mib", 0)))
+    return f"stale ({seconds(float(reading.get('age_s', 0)))} old)"
+
+
+def gpu_table(gpus: list[dict[str, Any]], inventory: bool = False, title: str = "", gauge: bool = False) -> Table:
+    """Per GPU: capacity, reserve, leased, (with inventory data) observed used and held VRAM, and free.
+
+    The OBSERVED column appears once a sampler has written a reading or a GPU went offline, HELD once an
+    eviction holds VRAM, HOST when GPUs name their host; ``gauge`` (rich only) adds a usage bar."""
+    hosts = any(g.get("host") for g in gpus)
+    held = any(g.get("hold") for g in gpus)
+    cols = [Column("GPU"), Column("DEVICE"), Column("NAME"), *([Column("HOST")] if hosts else [])]
+    cols += [Column("CAPACITY", True), Column("RESERVE", True), Column("LEASED", True)]
+    if inventory:
+        cols.append(Column("OBSERVED", True, styles={"stale": "dim"}))
+    if held:
+        cols.append(Column("HELD", True, style="yellow"))
+    cols += [Column("FREE", True, styles={"offline": "bold red"}), Column("LEASES", True)]
+    if gauge:
+        cols.append(Column("USE", style="green"))
+    rows = []
+    for g in gpus:
+        row: list[object] = [g["id"], g["device"], g["name"] or "-", *([g.get("host") or "-"] if hosts else [])]
+        row += [gb(g["capacity_mib"]), gb(g["reserve_mib"]), gb(g["used_mib"])]
+        if inventory:
+            row.append(_observed(g))
+        if held:
+            row.append(gb(g["hold"]["vram_mib"]) if g.get("hold") else "-")
+        row += [_gpu_free(g), g["leases"]]
+        if gauge:
+            leasable = g["leasable_mib"]
+            taken = 1.0 if g.get("offline") is not None or leasable <= 0 else 1 - max(0, g["free_mib"]) / leasable
+            row.append(bar(taken))
+        rows.append(row)
+    return Table(title, cols, rows)
+
+
+def _lease_state(r: dict[str, Any]) -> str:
+    state = str(r.get("state") or "active")
+    evict = r.get("evict")
+    if state != "evicting" or not isinstance(evict, dict):
+        return state
+    detail = [f"for {str(evict.get('by', '?'))[:8]}"]
+    left = evict.get("deadline_in_s")
+    if isinstance(left, int | float):
+        detail.append(f"{seconds(float(left))} left" if left >= 0 else f"{seconds(-float(left))} overdue")
+    return f"evicting ({', '.join(detail)})"
+
+
+def lease_table(leases: list[dict[str, Any]], title: str = "") -> Table:
+    cols = [
+        Column("LEASE"),
+        Column("SERVICE"),
+        Column("PRIORITY", styles=PRIORITY_STYLES),
+        Column("GPU"),
+        Column("SIZE", True),
+        Column("STATE", styles={"active": "green", "evicting": "bold yellow"}),
+        Column("AGE", True),
+        Column("EXPIRES IN", styles={"expired": "bold red"}),
+        Column("EVICTIONS", True),
+        Column("TOKEN", True),
+        Column("HOLDER"),
     ]
-    return table(
-        ["GPU", "DEVICE", "NAME", "CAPACITY", "RESERVE", "LEASED", "FREE", "LEASES"], rows, right={3, 4, 5, 6, 7}
-    )
-
-
-def lease_table(leases: list[dict[str, Any]]) -> str:
     rows = [
         [
             str(r.get("id", ""))[:8],
@@ -168,20 +242,31 @@ def lease_table(leases: list[dict[str, Any]]) -> str:
             r.get("priority", "-"),
             r.get("gpu", "-"),
             gb(as_int(r.get("vram_mib", 0))),
+            _lease_state(r),
             seconds(float(r["age_s"])),
             _expires(r["expires_in_s"]),
+            as_int(r.get("evictions", 0)),
             r.get("token", "-"),
             _holder(r),
         ]
         for r in leases
     ]
-    return table(
-        ["LEASE", "SERVICE", "PRIORITY", "GPU", "SIZE", "AGE", "EXPIRES IN", "TOKEN", "HOLDER"], rows, right={4, 5, 7}
-    )
+    return Table(title, cols, rows)
 
 
-def queue_table(queue: list[dict[str, Any]], why: bool = False) -> str:
-    headers = ["#", "REQUEST", "SERVICE", "PRIORITY", "SIZE", "GPU", "WAITING", "EXPIRES IN", "HOLDER"]
+def queue_table(queue: list[dict[str, Any]], why: bool = False, title: str = "") -> Table:
+    cols = [
+        Column("#", True),
+        Column("REQUEST"),
+        Column("SERVICE"),
+        Column("PRIORITY", styles=PRIORITY_STYLES),
+        Column("SIZE", True),
+        Column("GPU"),
+        Column("WAITING", True),
+        Column("EXPIRES IN", styles={"expired": "bold red"}),
+        Column("HOLDER"),
+        *([Column("WHY", style="italic")] if why else []),
+    ]
     rows = [
         [
             r["position"],
@@ -197,27 +282,84 @@ def queue_table(queue: list[dict[str, Any]], why: bool = False) -> str:
         ]
         for r in queue
     ]
-    return table([*headers, *(["WHY"] if why else [])], rows, right={0, 4, 6})
+    return Table(title, cols, rows)
 
 
-def render_status(snap: dict[str, Any], target: Target) -> str:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _clock(value: object) -> str:
+    """A Redis-time stamp (ms) as local time; anything else as it is."""
+    if isinstance(value, int | float) and value > 0:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value / 1000))
+    return str(value) if value not in (None, "") else "?"
+
+
+def hold_lines(snap: dict[str, Any]) -> list[Line]:
+    """One line per eviction hold: ``gpu0: held for 3f2b9c1e of chat, high (8192 MiB, evicting 2 leases: ...)``."""
+    queued = {str(r.get("id")): r for r in snap["queue"]}
+    out = []
+    for g in snap["gpus"]:
+        hold = g.get("hold")
+        if not hold:
+            continue
+        request = str(hold.get("id", "?"))
+        who = queued.get(request, {})
+        victims = hold.get("victims") or []
+        text = (
+            f"  {g['id']}: held for {request[:8]}"
+            + (f" of {who.get('service', '?')}, {who.get('priority', '?')}" if who else "")
+            + f" ({hold['vram_mib']} MiB, evicting {_plural(len(victims), 'lease')}"
+            + (f": {', '.join(v[:8] for v in victims)}" if victims else "")
+            + ")"
+        )
+        left = hold.get("deadline_in_s")
+        if isinstance(left, int | float):
+            text += f"; deadline {'in ' + seconds(float(left)) if left >= 0 else seconds(-float(left)) + ' ago'}"
+        out.append(Line(text, "yellow"))
+    return out
+
+
+def offline_lines(snap: dict[str, Any]) -> list[Line]:
+    """One line per offline GPU: ``gpu1: offline since ... (host box2): reason``."""
+    out = []
+    for g in snap["gpus"]:
+        off = g.get("offline")
+        if off is None:
+            continue
+        host = f" (host {off['host']})" if off.get("host") else ""
+        reason = f": {off['reason']}" if off.get("reason") else ""
+        out.append(Line(f"  {g['id']}: offline since {_clock(off.get('since'))}{host}{reason}", "red"))
+    return out
+
+
+def status_view(snap: dict[str, Any], target: Target, gauge: bool = False) -> list[Block]:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["time"]))
-    out = [f"Redis {target.describe()}, namespace {snap['namespace']!r}, at {stamp} (Redis clock)", ""]
+    out: list[Block] = [
+        Line(f"Redis {target.describe()}, namespace {snap['namespace']!r}, at {stamp} (Redis clock)", "dim"),
+        Line(),
+    ]
     gpus = snap["gpus"]
     if gpus:
-        out.append(f"GPUs ({len(gpus)})")
-        out.append(gpu_table(gpus))
+        out.append(gpu_table(gpus, bool(snap.get("inventory")), f"GPUs ({len(gpus)})", gauge))
     else:
-        out.append(f"GPUs: none registered in namespace {snap['namespace']!r} (no boss has used it yet)")
-    out.append("")
+        out.append(Line(f"GPUs: none registered in namespace {snap['namespace']!r} (no boss has used it yet)"))
+    offline = offline_lines(snap)
+    if offline:
+        out += [Line(), Line(f"Offline ({len(offline)}: no new grants there)", "bold"), *offline]
+    holds = hold_lines(snap)
+    if holds:
+        out += [Line(), Line(f"Held for queued requests ({len(holds)}: VRAM being freed by eviction)", "bold")]
+        out += holds
+    out.append(Line())
     leases = snap["leases"]
-    out.append(f"Leases ({len(leases)})")
-    out.append(lease_table(leases) if leases else "  (none)")
-    out.append("")
+    out.append(lease_table(leases, f"Leases ({len(leases)})"))
+    out.append(Line())
     queue = snap["queue"]
-    out.append(f"Queue ({len(queue)} waiting, in the order they will be served)")
-    out.append(queue_table(queue, why=any("why" in r for r in queue)) if queue else "  (none)")
-    return "\n".join(out)
+    title = f"Queue ({len(queue)} waiting, in the order they will be served)"
+    out.append(queue_table(queue, why=any("why" in r for r in queue), title=title))
+    return out
 
 
 # ---------------------------------------------------------------- the click group
@@ -329,6 +471,9 @@ def _setup_logging(ctx: click.Context, debug: bool) -> None:
     help="How long to try reaching Redis before giving up (default: the config's, 5 s).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option(
+    "--plain", is_flag=True, help="Plain text tables even on a terminal (as when piped, or with NO_COLOR set)."
+)
 @click.option("--debug", is_flag=True, help="Debug logs, and tracebacks on errors.")
 @click.version_option(package_name="gpuboss", prog_name="gpuboss")
 @click.pass_context
@@ -339,6 +484,7 @@ def cli(
     config_path: str | None,
     connect_timeout: float | None,
     as_json: bool,
+    plain: bool,
     debug: bool,
 ) -> None:
     """gpuboss: VRAM leases for shared GPUs, coordinated through Redis.
@@ -346,20 +492,41 @@ def cli(
     \b
     gpuboss demo                run the demo on the embedded Redis
     gpuboss status              GPUs, leases and the queue of a namespace
+    gpuboss top                 the same, refreshed live
     gpuboss watch --since 10m   what happened, then live events
     gpuboss release ID          force-release a stuck lease
+    gpuboss gpus discover       this host's GPUs through NVML (gpus register: register them)
+    gpuboss profile 'RTX 4090'  what a GPU model is (--list: all of them)
     gpuboss serve               /health and Prometheus /metrics over HTTP
     gpuboss server status       the embedded Redis (start, stop)
 
     Exit codes: 0 ok, 1 usage or configuration error, 2 Redis unreachable, 3 a check failed
-    (health: no GPU; a demo check), 130 interrupted. See docs/cli.md.
+    (health: no GPU; a demo check), 4 no GPU found on this host (gpus discover/register),
+    130 interrupted. See docs/cli.md.
     """
     _setup_logging(ctx, debug)
-    ctx.obj = CliState(redis_url, namespace, config_path, connect_timeout, as_json, debug)
+    ctx.obj = CliState(redis_url, namespace, config_path, connect_timeout, as_json, debug, plain)
 
 
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _console(err: bool = False) -> Any:
+    """A rich console on the current stdout (or stderr): click's test runner swaps them."""
+    from rich.console import Console
+
+    return Console(file=sys.stderr if err else sys.stdout, highlight=False, soft_wrap=False)
+
+
+def _show(state: CliState, blocks: Sequence[Block], err: bool = False) -> None:
+    """Print a view: through rich on a terminal, else as plain, stable text."""
+    if state.rich(err):
+        from gpuboss.fmt import rich_view
+
+        _console(err).print(rich_view(blocks))
+    else:
+        click.echo(plain(blocks), err=err)
 
 
 # ---------------------------------------------------------------- gpuboss status
@@ -368,7 +535,9 @@ def _echo_json(value: Any) -> None:
 @cli.command(short_help="GPUs, leases and the queue of a namespace (read-only).")
 @click.pass_obj
 def status(state: CliState) -> None:
-    """Show per GPU capacity, reserve, leased and free VRAM, the leases and the queue (read-only)."""
+    """Show per GPU capacity, reserve, leased, observed (once a sampler reports) and free VRAM, offline GPUs
+    and VRAM held for a queued request by an eviction, the leases (with their state) and the queue
+    (read-only)."""
     config = state.config()
     target = find_target(config, start=False)
     client = connect(target, config)
@@ -380,7 +549,7 @@ def status(state: CliState) -> None:
     if state.json:
         _echo_json({"redis": {"url": target.shown, "embedded": target.embedded, "pid": target.pid}, **snap})
     else:
-        click.echo(render_status(snap, target))
+        _show(state, status_view(snap, target, gauge=state.rich()))
 
 
 # ---------------------------------------------------------------- gpuboss server ...
@@ -512,10 +681,10 @@ def demo(state: CliState, duration: float, seed: int | None, quiet: bool) -> Non
 # ---------------------------------------------------------------- shared by the commands below
 
 
-def _snapshot(state: CliState) -> tuple[BossConfig, Target, dict[str, Any]]:
+def _snapshot(state: CliState, target: Target | None = None) -> tuple[BossConfig, Target, dict[str, Any]]:
     """A read-only snapshot of the namespace, with the queue explained."""
     config = state.config()
-    target = find_target(config, start=False)
+    target = target or find_target(config, start=False)
     client = connect(target, config)
     try:
         snap = read_namespace(client, Keys(config.namespace), target.shown, config.connect_timeout)
@@ -582,7 +751,8 @@ def filter_options(fn: Any) -> Any:
 @filter_options
 @click.pass_obj
 def leases(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], priorities: tuple[str, ...]) -> None:
-    """The leases held now: service, priority, GPU, size, age, expiry, fencing token and holder.
+    """The leases held now: service, priority, GPU, size, state (active, or evicting: asked to checkpoint
+    and hand back its VRAM), age, expiry, evictions so far, fencing token and holder.
 
     Lease ids are shortened to 8 characters (``--json`` has them whole); ``gpuboss release`` takes a unique
     prefix.
@@ -593,8 +763,7 @@ def leases(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], pr
         _echo_json(chosen)
         return
     held = sum(as_int(r.get("vram_mib", 0)) for r in chosen)
-    click.echo(f"Leases ({len(chosen)} of {len(snap['leases'])}, {gb(held)} in all)")
-    click.echo(lease_table(chosen) if chosen else "  (none)")
+    _show(state, [lease_table(chosen, f"Leases ({len(chosen)} of {len(snap['leases'])}, {gb(held)} in all)")])
 
 
 @cli.command(short_help="The waiting requests, in serving order (read-only).")
@@ -611,14 +780,24 @@ def queue(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], pri
     if state.json:
         _echo_json(chosen)
         return
-    click.echo(f"Queue ({len(chosen)} of {len(snap['queue'])} waiting, in the order they will be served)")
-    click.echo(queue_table(chosen, why=True) if chosen else "  (none)")
+    title = f"Queue ({len(chosen)} of {len(snap['queue'])} waiting, in the order they will be served)"
+    _show(state, [queue_table(chosen, why=True, title=title)])
 
 
-@cli.command(short_help="The GPUs registered in the namespace (read-only).")
-@click.pass_obj
-def gpus(state: CliState) -> None:
-    """The GPUs registered in the namespace: capacity, reserve, leased and free VRAM, number of leases."""
+@cli.group(invoke_without_command=True, short_help="The GPUs of the namespace; discover and register this host's.")
+@click.pass_context
+def gpus(ctx: click.Context) -> None:
+    """The GPUs registered in the namespace: capacity, reserve, leased, observed (once a sampler reports)
+    and free VRAM, number of leases, offline GPUs and VRAM held for a queued request (read-only).
+
+    \b
+    gpuboss gpus              list them
+    gpuboss gpus discover     this host's GPUs as NVML reports them (nothing is written)
+    gpuboss gpus register     register this host's GPUs in the namespace
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    state: CliState = ctx.obj
     _, _, snap = _snapshot(state)
     if state.json:
         _echo_json(snap["gpus"])
@@ -626,8 +805,189 @@ def gpus(state: CliState) -> None:
     if not snap["gpus"]:
         click.echo(f"no GPU registered in namespace {snap['namespace']!r} (no boss has used it yet)")
         return
-    click.echo(f"GPUs ({len(snap['gpus'])})")
-    click.echo(gpu_table(snap["gpus"]))
+    view: list[Block] = [
+        gpu_table(snap["gpus"], bool(snap.get("inventory")), f"GPUs ({len(snap['gpus'])})", state.rich())
+    ]
+    view += offline_lines(snap) + hold_lines(snap)
+    _show(state, view)
+
+
+def _discover(reserve_gb: float | None, state: CliState) -> tuple[Any, list[Any]]:
+    """NVML's view of this host (the Discovery) and its leasable GPUs as declarations; exit code 4 (with
+    NVML's reason) when NVML is unavailable or finds no GPU."""
+    from gpuboss.inventory import declarations
+    from gpuboss.nvml import discover
+
+    reserve = state.config().auto_reserve_gb if reserve_gb is None else reserve_gb
+    found = discover()
+    if not found.available:
+        raise CliError(f"no GPU discovered: {found.reason}", EXIT_NO_GPU)
+    found_gpus = declarations(found, reserve_gb=reserve)
+    if not found_gpus:
+        extra = f" ({'; '.join(found.problems)})" if found.problems else ""
+        raise CliError(f"no GPU discovered: NVML found no usable GPU on this host{extra}", EXIT_NO_GPU)
+    return found, found_gpus
+
+
+reserve_option = click.option(
+    "--reserve-gb",
+    type=click.FloatRange(min=0, max=2**20),
+    default=None,
+    metavar="GB",
+    help="VRAM of each GPU never leased out (default: the config's auto_reserve_gb, else 0).",
+)
+
+
+@gpus.command("discover", short_help="This host's GPUs as NVML reports them (nothing is written).")
+@reserve_option
+@click.pass_obj
+def gpus_discover(state: CliState, reserve_gb: float | None) -> None:
+    """This host's GPUs through NVML, one per GPU (one per MIG instance of a GPU with MIG enabled): UUID,
+    name, memory, PCI bus id, MIG parent, host. Reads NVML only: nothing is written. Exit 4 when NVML is
+    unavailable (no NVIDIA driver) or finds no GPU."""
+    found, found_gpus = _discover(reserve_gb, state)
+    if state.json:
+        _echo_json([{**g.model_dump(mode="json"), "capacity_mib": g.capacity_mib} for g in found_gpus])
+        return
+    rows = [
+        [
+            g.id,
+            g.name,
+            gb(g.capacity_mib),
+            g.index,
+            g.pci_bus_id or "-",
+            ".".join(map(str, g.compute_capability)) if g.compute_capability else "-",
+            g.parent_uuid or "-",
+            g.host,
+        ]
+        for g in found_gpus
+    ]
+    cols = [
+        Column("UUID"),
+        Column("NAME"),
+        Column("MEMORY", True),
+        Column("INDEX", True),
+        Column("PCI BUS ID"),
+        Column("CC"),
+        Column("MIG PARENT"),
+        Column("HOST"),
+    ]
+    driver = f"driver {found.driver_version}, " if found.driver_version else ""
+    view: list[Block] = [Table(f"GPUs on this host ({len(found_gpus)}; NVML: {driver}nothing written)", cols, rows)]
+    view += [Line(f"note: {problem}", "yellow") for problem in found.problems]
+    _show(state, view)
+
+
+@gpus.command("register", short_help="Register GPUs in the namespace now: the config's, else this host's.")
+@reserve_option
+@click.pass_obj
+def gpus_register(state: CliState, reserve_gb: float | None) -> None:
+    """Register GPUs in the namespace now (a script, as a boss does at its first request), then list the
+    namespace's GPUs: the GPUs the config declares, else this host's GPUs discovered through NVML (as with
+    `gpus: auto`). Starts the embedded Redis when none is configured. Exit 4 when NVML is needed but
+    unavailable, or finds no GPU."""
+    from gpuboss.client import GPUBoss
+
+    cfg = state.config()
+    update: dict[str, Any] = {}
+    ids = [g.id for g in cfg.gpus]
+    if not cfg.gpus:
+        if cfg.gpu_discovery == "off":
+            raise CliError("the config declares no GPUs and sets gpu_discovery: off: there is nothing to register")
+        _, found = _discover(reserve_gb, state)  # the clear exit 4 without NVML, before any boss is built
+        ids = [g.id for g in found]
+        update = {"gpu_discovery": "auto", "auto_reserve_gb": cfg.auto_reserve_gb if reserve_gb is None else reserve_gb}
+    elif reserve_gb is not None:
+        raise click.UsageError("--reserve-gb applies to discovered GPUs; the config declares its GPUs' reserves")
+    target = find_target(cfg, start=True)
+    boss = GPUBoss(config=cfg.model_copy(update={**update, "redis_url": target.url}))
+    try:
+        boss.register_gpus()
+    finally:
+        boss.close()
+    _, _, snap = _snapshot(state, target)
+    if state.json:
+        _echo_json(snap["gpus"])
+        return
+    title = f"GPUs of namespace {snap['namespace']!r} ({len(snap['gpus'])})"
+    view: list[Block] = [Line(f"registered {_plural(len(ids), 'GPU')}: {', '.join(ids)}"), Line()]
+    view.append(gpu_table(snap["gpus"], bool(snap.get("inventory")), title, state.rich()))
+    _show(state, view)
+
+
+# ---------------------------------------------------------------- gpuboss profile
+
+
+_PRECISION_NAMES = ("fp16", "bf16", "fp8", "int8", "int4", "fp4")
+
+
+def _precisions(profile: Any) -> str:
+    return " ".join(p for p in ("fp32", "tf32", *_PRECISION_NAMES) if profile.supports(p))
+
+
+@cli.command(short_help="What a GPU model is: memory, compute capability, fast precisions.")
+@click.argument("name", required=False)
+@click.option("--list", "list_all", is_flag=True, help="List every known GPU profile.")
+@click.option(
+    "--memory-gb",
+    type=click.FloatRange(min=0, min_open=True, max=2**20),
+    default=None,
+    metavar="GB",
+    help="The card's memory, to tell apart variants of one name (a 4060 Ti of 8 or 16 GB).",
+)
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="A YAML file of more profiles, read after the shipped ones (repeatable).",
+)
+@click.pass_obj
+def profile(state: CliState, name: str | None, list_all: bool, memory_gb: float | None, files: tuple[str, ...]) -> None:
+    """The profile of a GPU model, by its short name ('RTX 4090', 'A100 80GB') or the name NVML reports
+    ('NVIDIA GeForce RTX 4090'); --list lists them all. An unknown name exits 1 with the near matches."""
+    from gpuboss.profiles import get_gpu_profile, load_profiles
+
+    if list_all and name is not None:
+        raise click.UsageError("give a GPU model NAME or --list, not both")
+    registry = load_profiles(*files)
+    if list_all:
+        if state.json:
+            _echo_json([p.model_dump(mode="json") for p in registry.profiles])
+            return
+        rows = [
+            [p.name, p.architecture or "-", p.compute_capability, gb(p.vram_mib), _precisions(p), p.max_batch_hint]
+            for p in registry.profiles
+        ]
+        cols = [
+            Column("NAME"),
+            Column("ARCHITECTURE"),
+            Column("CC", True),
+            Column("VRAM", True),
+            Column("PRECISIONS"),
+            Column("BATCH HINT", True),
+        ]
+        _show(state, [Table(f"GPU profiles ({len(rows)})", cols, rows)])
+        return
+    if name is None:
+        raise click.UsageError("give a GPU model NAME (e.g. 'RTX 4090'), or --list")
+    memory_mib = None if memory_gb is None else math.ceil(memory_gb * 1024)
+    found = get_gpu_profile(name, memory_mib=memory_mib, registry=registry)
+    if state.json:
+        _echo_json(found.model_dump(mode="json"))
+        return
+    shown = {
+        "name": found.name,
+        "aliases": ", ".join(found.aliases) or "-",
+        "architecture": found.architecture or "-",
+        "compute capability": found.compute_capability,
+        "VRAM": f"{gb(found.vram_mib)} ({found.vram_mib} MiB)",
+        "precisions": _precisions(found),
+        "batch size hint": found.max_batch_hint,
+        **({"MIG profile": found.mig_profile} if found.mig_profile else {}),
+    }
+    _show(state, [Line(f"  {k:<19} {v}") for k, v in shown.items()])
 
 
 # ---------------------------------------------------------------- gpuboss health
@@ -644,8 +1004,8 @@ def gpus(state: CliState) -> None:
 @click.pass_obj
 def health(state: CliState, min_free_gb: float | None) -> int:
     """Print {"gpu_available": ..., "vram_total": ..., "vram_free": ...} (MiB) and exit 0 when a GPU is
-    registered in the namespace (with --min-free-gb: one with that much free), 3 when none is, 2 when Redis
-    is unreachable."""
+    registered in the namespace and not offline (with --min-free-gb: one with that much free now), 3 when
+    none is, 2 when Redis is unreachable."""
     _, _, snap = _snapshot(state)
     report = health_report(snap, None if min_free_gb is None else math.ceil(min_free_gb * 1024))
     click.echo(json.dumps(report, indent=2 if state.json else None))
@@ -830,8 +1190,7 @@ def release(
                 click.echo("no lease matches: nothing to release")
             return
         if not yes:
-            click.echo(f"About to force-release {len(chosen)} lease(s):", err=state.json)
-            click.echo(lease_table(chosen), err=state.json)
+            _show(state, [Line(f"About to force-release {len(chosen)} lease(s):"), lease_table(chosen)], err=state.json)
             try:
                 confirmed = click.confirm("Force-release them?", default=False, err=True)
             except click.Abort:
@@ -922,6 +1281,22 @@ def format_event(event: Event) -> str:
         detail.append(f"({event.get('entry', 'lease')})")
     if event.type == "revoked":
         detail.append(f"by {event.get('by', '?')}")
+    if event.type in ("evict_requested", "evicted", "evict_cancelled", "evict_overdue") and event.get("by"):
+        detail.append(f"for {str(event.get('by'))[:8]}")
+    if event.type == "evict_requested" and event.get("need_mib") is not None:
+        detail.append(f"needs {gb(as_int(event.get('need_mib')))} back")
+    if event.type == "evicted" and event.get("checkpoint_ms") is not None:
+        detail.append(f"checkpoint {seconds(as_int(event.get('checkpoint_ms')) / 1000)}")
+        detail.append("queued again" if event.get("resume") else "ended")
+    if event.type == "vram_alert":
+        detail.append(
+            f"pid {event.get('pid', '?')} uses {gb(as_int(event.get('used_mib')))} of "
+            f"{gb(as_int(event.get('leased_mib')))} leased"
+        )
+    if event.type in ("gpu_offline", "gpu_online") and event.get("host"):
+        detail.append(f"host {event.get('host')}")
+    if event.type in ("evicted", "resumed", "granted") and as_int(event.get("evictions", 0)):
+        detail.append(f"evictions {as_int(event.get('evictions'))}")
     if event.get("reason") and event.type != "timed_out":
         detail.append(f"reason: {event.get('reason')}")
     return " ".join([*head, *parts]) + ("  " + ", ".join(detail) if detail else "")
@@ -992,12 +1367,27 @@ def recent_events(client: redis.Redis, keys: Keys, count: int) -> list[Event]:
     return list(reversed(decode_entries(entries)))
 
 
-def render_top(snap: dict[str, Any], target: Target, recent: list[Event]) -> str:
-    out = [render_status(snap, target)]
+#: How ``top`` colours the events it lists (rich only).
+EVENT_STYLES = {
+    "revoked": "red",
+    "expired": "red",
+    "lost": "bold red",
+    "timed_out": "yellow",
+    "evict_requested": "yellow",
+    "evicted": "yellow",
+    "vram_alert": "bold red",
+    "gpu_offline": "bold red",
+    "gpu_online": "green",
+    "granted": "green",
+}
+
+
+def top_view(snap: dict[str, Any], target: Target, recent: list[Event], gauge: bool = False) -> list[Block]:
+    out = status_view(snap, target, gauge)
     if recent:
-        out += ["", f"Recent events ({len(recent)})"]
-        out += [f"  {format_event(e)}" for e in recent]
-    return "\n".join(out)
+        out += [Line(), Line(f"Recent events ({len(recent)})", "bold")]
+        out += [Line(f"  {format_event(e)}", EVENT_STYLES.get(e.type, "")) for e in recent]
+    return out
 
 
 @cli.command(short_help="A live, refreshing view of GPUs, leases, queue and events.")
@@ -1007,29 +1397,49 @@ def render_top(snap: dict[str, Any], target: Target, recent: list[Event]) -> str
 @click.pass_obj
 def top(state: CliState, interval: float, n_events: int, once: bool) -> None:
     """GPUs, leases, the queue (with why each request waits) and the latest events, refreshed every
-    --interval seconds until Ctrl-C."""
+    --interval seconds until Ctrl-C. On a terminal it takes the whole screen (rich) and gives it back on
+    exit; elsewhere it prints plain views one after another (--json: one JSON object per view)."""
     from gpuboss.redis_io import retry_sync
 
     cfg = state.config()
     target = find_target(cfg, start=False)
     keys = Keys(cfg.namespace)
     client = connect(target, cfg)
+
+    def read() -> tuple[dict[str, Any], list[Event]]:
+        snap = read_namespace(client, keys, target.shown, cfg.connect_timeout)
+        explain_queue(snap)
+        recent = retry_sync(lambda: recent_events(client, keys, n_events), target.shown, cfg.connect_timeout)
+        return snap, recent
+
+    footer = Line(f"(every {interval:g} s; Ctrl-C to quit)", "dim")
     try:
-        while True:
-            snap = read_namespace(client, keys, target.shown, cfg.connect_timeout)
-            explain_queue(snap)
-            recent = retry_sync(lambda: recent_events(client, keys, n_events), target.shown, cfg.connect_timeout)
-            if state.json:
+        if state.json:
+            while True:
+                snap, recent = read()
                 click.echo(json.dumps({**snap, "events": [e.to_dict() for e in recent]}, sort_keys=True, default=str))
-            elif once:
-                click.echo(render_top(snap, target, recent))
-            else:
+                if once:
+                    return
+                time.sleep(interval)
+        elif once:
+            snap, recent = read()
+            _show(state, top_view(snap, target, recent, gauge=state.rich()))
+        elif state.rich():
+            from rich.live import Live
+
+            from gpuboss.fmt import rich_view
+
+            with Live(console=_console(), screen=True, auto_refresh=False, redirect_stderr=False) as live:
+                while True:
+                    snap, recent = read()
+                    live.update(rich_view([*top_view(snap, target, recent, gauge=True), Line(), footer]), refresh=True)
+                    time.sleep(interval)
+        else:
+            while True:
+                snap, recent = read()
                 click.clear()
-                click.echo(render_top(snap, target, recent))
-                click.echo(f"\n(every {interval:g} s; Ctrl-C to quit)")
-            if once:
-                return
-            time.sleep(interval)
+                click.echo(plain([*top_view(snap, target, recent), Line(), footer]))
+                time.sleep(interval)
     except KeyboardInterrupt:
         return
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import threading
 from collections.abc import Iterator
@@ -22,15 +24,19 @@ from gpuboss.core import (
     ReleaseReason,
     Timeout,
     Watch,
+    YieldOutcome,
+    YieldReply,
     new_request_id,
 )
-from gpuboss.lease import Device, Lease
+from gpuboss.errors import LeaseCancelled, RedisUnavailable
+from gpuboss.lease import Device, Lease, LeaseState, call_on_evict
 from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_sync, evalsha_sync, retry_sync, run_flow_sync
+from gpuboss.registry import InventoryMethods
 
 log = logging.getLogger("gpuboss")
 
 
-class GPUBoss(BossBase):
+class GPUBoss(InventoryMethods, BossBase):
     """Blocking VRAM leases.
 
     >>> boss = GPUBoss(redis_url="redis://localhost:6379/0", gpus=[{"id": "gpu0", "vram_gb": 24}])
@@ -77,11 +83,17 @@ class GPUBoss(BossBase):
         ttl: float | None = None,
         device: str | int | None = None,
         on_lost: Any = None,
+        *,
+        preemptible: bool | None = None,
+        on_evict: Any = None,
+        resume: bool = True,
     ) -> Lease:
-        """Wait for a lease of ``vram_gb`` GB; see the README for every argument."""
-        req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost)
+        """Wait for a lease of ``vram_gb`` GB; see the README and docs/eviction.md for every argument."""
+        req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume)
         with self._ready_lock:
-            self._run(self._core.prepare_flow(req))
+            req = self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
+        if self._may_be_evicted(req):
+            self._notices.start()
         request_id = new_request_id()
         try:
             lease: Lease = self._run(self._core.acquire_flow(req, request_id))
@@ -92,7 +104,59 @@ class GPUBoss(BossBase):
             self._heartbeat.forget(request_id)
             self._release_id(request_id, req.ttl_ms, "cancel")
             raise
+        lease._handling = threading.Lock()
         return self._granted(lease)
+
+    # -- eviction
+
+    def _start_eviction(self, lease: Lease) -> None:
+        threading.Thread(target=self._evict_now, args=(lease,), name=f"gpuboss-evict-{lease.id[:8]}", daemon=True).start()
+
+    def _evict_now(self, lease: Lease) -> None:
+        """Checkpoint (``on_evict``), hand the VRAM back and, with ``resume``, wait to be granted again."""
+        with lease._handling:
+            if lease.state is not LeaseState.EVICTING:
+                return
+            try:
+                self._eval(self._core.checkpoint_call(lease.id))
+            except RedisUnavailable as err:
+                log.warning("gpuboss: could not record the checkpoint start of %s (%s)", lease.id, err)
+            if lease.on_evict is not None:
+                try:
+                    result = call_on_evict(lease.on_evict, lease.notice)
+                    if inspect.isawaitable(result):
+                        asyncio.run(_awaited(result))
+                except Exception:
+                    log.exception("gpuboss: on_evict of lease %s failed; the lease is not handed back", lease.id)
+                    return
+            if lease.state is not LeaseState.EVICTING:
+                return  # called off, or shrunk enough, while it checkpointed
+            self._before_yield(lease)
+            try:
+                outcome = self._run(self._core.yield_flow(lease, stop=lambda: self._stop_waiting(lease)))
+            except LeaseCancelled:
+                return
+            except RedisUnavailable:
+                log.exception("gpuboss: could not hand back lease %s; its TTL will reclaim it", lease.id)
+                outcome = YieldOutcome(YieldReply.GONE, None)
+            self._after_yield(lease, outcome)
+
+    def _yield_if_requested(self, lease: Lease) -> bool:
+        lease.raise_if_lost()
+        if lease.state is LeaseState.GRANTED:
+            return False
+        if lease.state is LeaseState.EVICTING:
+            self._evict_now(lease)
+        lease._settled.wait()
+        lease.raise_if_lost()
+        return True
+
+    def _resize(self, lease: Lease, vram_gb: float, timeout: float | None) -> Lease:
+        record = self._run(self._core.resize_flow(lease, vram_gb, timeout))
+        lease.apply_record(record)
+        if record.get("state") == "active":
+            lease._move_if("continue")
+        return lease
 
     def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
         try:
@@ -114,13 +178,19 @@ class GPUBoss(BossBase):
         ttl: float | None = None,
         device: str | int | None = None,
         on_lost: Any = None,
+        *,
+        preemptible: bool | None = None,
+        on_evict: Any = None,
+        resume: bool = True,
     ) -> Iterator[Device]:
         """``with boss.lease(vram_gb=8) as device:`` holds a lease for the block and releases it after.
 
         If the lease was lost while the block ran and no ``on_lost`` was given, :class:`LeaseLost` is
         raised at the end of the block, so work done without a lease never passes silently.
         """
-        held = self.acquire(vram_gb, priority, timeout, ttl, device, on_lost)
+        held = self.acquire(
+            vram_gb, priority, timeout, ttl, device, on_lost, preemptible=preemptible, on_evict=on_evict, resume=resume
+        )
         try:
             yield Device(held)
         finally:
@@ -139,7 +209,9 @@ class GPUBoss(BossBase):
     def close(self) -> None:
         """Release every lease this boss holds and stop its heartbeat. Safe to call twice."""
         self._leases.clear()
+        self._notices.close()
         self._heartbeat.close(release=True)
+        self._inventory.close()
         self._redis.close()
 
     def __enter__(self) -> GPUBoss:
@@ -155,3 +227,7 @@ class GPUBoss(BossBase):
                 lease.on_lost(lease)
         except Exception:
             log.exception("gpuboss: on_lost callback of lease %s failed", lease.id)
+
+
+async def _awaited(result: Any) -> Any:
+    return await result

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gpuboss.errors import ConfigError
 from gpuboss.keys import NAMESPACE_RE
+from gpuboss.topology import FAKE_SCHEME, check_cluster_namespace, is_cluster_url, parse_url
 
 ENV_CONFIG = "GPUBOSS_CONFIG"
 ENV_REDIS_URL = "GPUBOSS_REDIS_URL"
@@ -60,6 +61,26 @@ class GPUConfig(BaseModel):
         return f"cuda:{self.index}"
 
 
+class PauseRule(BaseModel):
+    """``{class: low, while: [high], evict: true}``: no ``low`` grant while any ``high`` lease is active; with
+    ``evict``, active ``low`` leases are asked to checkpoint when a ``high`` one is granted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    paused: PriorityName = Field(alias="class")
+    while_active: list[PriorityName] = Field(alias="while", min_length=1)
+    evict: bool = False
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> PauseRule:
+        if self.paused in self.while_active:
+            raise ValueError(f"a class cannot pause itself ({self.paused!r} in while)")
+        return self
+
+    def to_lua(self) -> dict[str, Any]:
+        return {"class": self.paused, "while": list(self.while_active), "evict": self.evict}
+
+
 class BossConfig(BaseModel):
     """Everything a :class:`~gpuboss.GPUBoss` or :class:`~gpuboss.AsyncGPUBoss` is built from."""
 
@@ -75,12 +96,72 @@ class BossConfig(BaseModel):
     connect_timeout: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     #: About how many events the namespace's event log (a Redis stream) keeps; 0 keeps none (publish only).
     events_maxlen: int = Field(default=10_000, ge=0, le=10_000_000, strict=True)
+    #: GPU discovery through NVML (docs/inventory.md): "auto" (what ``gpus: auto`` sets), "off", or None: auto
+    #: when no GPU list is given and NVML works on this host.
+    gpu_discovery: Literal["auto", "off"] | None = None
+    #: The reserve (GB never leased out) of each discovered GPU.
+    auto_reserve_gb: float = Field(default=0, ge=0, le=2**20, allow_inf_nan=False)
+    #: Seconds between two NVML readings of this host's GPUs (and two host heartbeats).
+    sample_interval_s: float = Field(default=2.0, ge=0.1, le=300, allow_inf_nan=False)
+    #: A host silent for this long has its GPUs marked offline (no new grants there).
+    host_timeout_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    #: A holder using more than its leases plus this (GB: its CUDA context, say) gets a ``vram_alert``.
+    alert_margin_gb: float = Field(default=0.5, ge=0, le=2**20, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_auto(cls, data: Any) -> Any:
+        """``gpus: auto`` is ``gpus: []`` with ``gpu_discovery: auto``."""
+        if isinstance(data, dict) and isinstance(data.get("gpus"), str):
+            if data["gpus"] != "auto":
+                raise ValueError(f"gpus must be a list of GPUs or 'auto', not {data['gpus']!r}")
+            if data.get("gpu_discovery") == "off":
+                raise ValueError("gpus: 'auto' contradicts gpu_discovery: 'off'")
+            data = {**data, "gpus": [], "gpu_discovery": "auto"}
+        return data
+
+    @model_validator(mode="after")
+    def _discovery_fits(self) -> BossConfig:
+        if self.gpu_discovery == "auto" and self.gpus:
+            raise ValueError("gpus: give a list of GPUs or 'auto', not both (gpu_discovery: 'auto' with a list)")
+        if self.host_timeout_s < 3 * self.sample_interval_s:
+            raise ValueError(
+                f"host_timeout_s ({self.host_timeout_s:g}) must be at least 3 x sample_interval_s "
+                f"({self.sample_interval_s:g}), or a host would go offline between two beats"
+            )
+        return self
+
+    # -- cooperative eviction (docs/eviction.md)
+    #: Priority classes whose leases are preemptible unless the request says otherwise.
+    preemptible: list[PriorityName] = Field(default_factory=lambda: list[PriorityName](["low"]))
+    #: Seconds a lease asked to checkpoint gets before ``evict_on_grace`` decides.
+    evict_grace_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    #: After the grace: "wait" (keep waiting, report it) or "revoke" (remove the victims' leases).
+    evict_on_grace: Literal["wait", "revoke"] = "wait"
+    #: Pause rules every process obeys (stored in Redis on first use); None leaves the namespace's rules alone.
+    pause: list[PauseRule] | None = None
 
     @field_validator("namespace")
     @classmethod
     def _namespace_chars(cls, value: str) -> str:
         if not NAMESPACE_RE.fullmatch(value):
             raise ValueError("namespace must be 1 to 64 of A-Z a-z 0-9 _ . - { }")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_on_cluster(cls, value: str, info: ValidationInfo) -> str:
+        """On a Redis Cluster every key of a namespace must hash to one slot: the namespace needs a hash tag."""
+        if is_cluster_url(info.data.get("redis_url")):
+            check_cluster_namespace(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, value: str | None) -> str | None:
+        """One of the forms in docs/topologies.md, with known options (the error never shows the password)."""
+        if value is not None and not value.startswith(f"{FAKE_SCHEME}://"):
+            parse_url(value)
         return value
 
     @model_validator(mode="after")

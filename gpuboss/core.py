@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gpuboss.config import PRIORITIES, BossConfig, GPUConfig, gb_to_mib
-from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseTimeout
+from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseCancelled, LeaseLost, LeaseTimeout
 from gpuboss.keys import Keys
-from gpuboss.lease import Lease, OnLost
+from gpuboss.lease import Lease, OnEvict, OnLost
 
 #: The longest a waiter blocks before it checks its own request again (liveness, not handoff).
 MAX_WAIT_CHUNK_S = 30.0
@@ -73,17 +73,41 @@ class RenewStatus(enum.IntEnum):
     GONE = 0
     LEASE = 1
     QUEUED = 2
+    EVICTING = 3
+
+
+class YieldReply(enum.IntEnum):
+    """Replies of ``lua/yield-17.lua``: what handing back an evicted lease did."""
+
+    GONE = 0
+    GRANTED = 1
+    QUEUED = 2
+    CONTINUE = 3
+    ENDED = 4
+
+
+class ResizeReply(enum.IntEnum):
+    GONE = 0
+    DONE = 1
+    QUEUED = 2
+    INSUFFICIENT = -1
 
 
 @dataclass(frozen=True)
 class GpuInfo:
-    """A GPU as registered in Redis."""
+    """A GPU as registered in Redis. ``host``, ``uuid``, ``pci_bus_id`` and ``parent_uuid`` are set for GPUs
+    discovered through NVML (``gpus: auto``; docs/inventory.md) and None for declared ones."""
 
     id: str
     name: str
     index: int
     capacity_mib: int
     reserve_mib: int
+    host: str | None = None
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    #: The physical GPU of a MIG instance.
+    parent_uuid: str | None = None
 
     @property
     def device(self) -> str:
@@ -100,19 +124,37 @@ class GpuInfo:
     @classmethod
     def from_json(cls, raw: str) -> GpuInfo:
         d = json.loads(raw)
-        return cls(str(d["id"]), str(d.get("name", "")), int(d["index"]), int(d["capacity_mib"]), int(d["reserve_mib"]))
+
+        def opt(key: str) -> str | None:
+            value = d.get(key)
+            return None if value is None else str(value)
+
+        return cls(
+            str(d["id"]),
+            str(d.get("name", "")),
+            int(d["index"]),
+            int(d["capacity_mib"]),
+            int(d["reserve_mib"]),
+            opt("host"),
+            opt("uuid"),
+            opt("pci_bus_id"),
+            opt("parent_uuid"),
+        )
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "id": self.id,
-                "name": self.name,
-                "index": self.index,
-                "capacity_mib": self.capacity_mib,
-                "reserve_mib": self.reserve_mib,
-            },
-            sort_keys=True,
-        )
+        """The declaration as registered; the discovery fields only when set (so declared GPUs keep their JSON)."""
+        d: dict[str, object] = {
+            "id": self.id,
+            "name": self.name,
+            "index": self.index,
+            "capacity_mib": self.capacity_mib,
+            "reserve_mib": self.reserve_mib,
+        }
+        for key in ("host", "uuid", "pci_bus_id", "parent_uuid"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value
+        return json.dumps(d, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -126,6 +168,9 @@ class LeaseRequest:
     timeout: float | None
     device: str | int | None
     on_lost: OnLost | None
+    preemptible: bool = False
+    on_evict: OnEvict | None = None
+    resume: bool = True
 
     @property
     def ttl(self) -> float:
@@ -187,6 +232,20 @@ def validate_on_lost(on_lost: object) -> OnLost | None:
     if on_lost is not None and not callable(on_lost):
         raise InvalidRequest("on_lost", on_lost, "must be a callable taking the Lease, or None")
     return on_lost
+
+
+def validate_on_evict(on_evict: object) -> OnEvict | None:
+    if on_evict is not None and not callable(on_evict):
+        raise InvalidRequest(
+            "on_evict", on_evict, "must be a callable (sync or async) taking nothing or an EvictNotice, or None"
+        )
+    return on_evict
+
+
+def validate_flag(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(field, value, "must be True or False")
+    return value
 
 
 def resolve_device(device: str | int | None, gpus: Mapping[str, GpuInfo]) -> str:
@@ -253,6 +312,12 @@ Flow = Generator[Op, Any, Lease]
 CLEAN_ERRORS = (LeaseTimeout, InsufficientCapacity, InvalidRequest, ConfigError)
 
 
+@dataclass(frozen=True)
+class YieldOutcome:
+    code: YieldReply
+    record: dict[str, Any] | None
+
+
 # ---------------------------------------------------------------- the core
 
 
@@ -265,7 +330,11 @@ class Core:
         self.declared = {g.id: GpuInfo.from_config(g) for g in config.gpus}
         self.registry: dict[str, GpuInfo] = dict(self.declared)
         self.registry_loaded = False
+        self.policy_applied = self.config.pause is None
         self.host = socket.gethostname()
+        #: This boss's notice channel: eviction notices for its leases arrive there.
+        self.holder = uuid.uuid4().hex
+        self.notify_channel = self.keys.holder_channel(self.holder)
 
     @property
     def pid(self) -> int:
@@ -281,6 +350,9 @@ class Core:
         ttl: object = None,
         device: object = None,
         on_lost: object = None,
+        preemptible: object = None,
+        on_evict: object = None,
+        resume: object = True,
     ) -> LeaseRequest:
         """Validate the arguments of ``lease()``/``acquire()``; None (DEFAULT for timeout) means the default."""
         vram_mib = validate_vram(vram_gb)
@@ -295,6 +367,9 @@ class Core:
             timeout=wait,
             device=validate_device(device),
             on_lost=validate_on_lost(on_lost),
+            preemptible=name in self.config.preemptible if preemptible is None else validate_flag("preemptible", preemptible),
+            on_evict=validate_on_evict(on_evict),
+            resume=validate_flag("resume", resume),
         )
 
     def check_fits(self, req: LeaseRequest, pin: str) -> None:
@@ -340,6 +415,9 @@ class Core:
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
         """Before a request: read the registry (first time, or to resolve a pin), check the request against
         it, and only then register this boss's GPUs, so a bad request writes nothing."""
+        if not self.policy_applied:
+            yield self.policy_call()
+            self.policy_applied = True
         if self.registry_loaded and req.device is None:
             self.check_request(req)
             return
@@ -386,9 +464,13 @@ class Core:
             service,
             self.host,
             self.pid,
+            "1" if req.preemptible else "0",
+            self.notify_channel,
+            max(1, math.ceil(self.config.evict_grace_s * 1000)),
+            self.config.evict_on_grace,
             self._cap,
         ]
-        return Call("acquire", [*self.state_keys(), self.keys.seq, *self._event_keys()], args)
+        return Call("acquire", [*self.state_keys(), *self._event_keys()], args)
 
     def release_call(self, lease_id: str, reason: ReleaseReason = "release") -> Call:
         """Release a lease or withdraw a request; ``reason`` picks the event (``timeout``: ``timed_out``)."""
@@ -409,6 +491,28 @@ class Core:
         for lease_id, ttl_ms in items.items():
             args += [lease_id, ttl_ms]
         return Call("renew", [*self.state_keys(), *self._event_keys()], [*args, self._cap])
+
+    def yield_call(self, lease_id: str, resume: bool) -> Call:
+        """Hand back a lease asked to checkpoint; with ``resume``, queue it again at its arrival position."""
+        return Call(
+            "yield",
+            [*self.state_keys(), *self._event_keys()],
+            [self.keys.wake_prefix, lease_id, "1" if resume else "0", self._cap],
+        )
+
+    def resize_call(self, lease_id: str, vram_mib: int) -> Call:
+        return Call(
+            "resize", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, lease_id, vram_mib, self._cap]
+        )
+
+    def checkpoint_call(self, lease_id: str) -> Call:
+        """Say that the checkpoint of an evicted lease has started (an event for operators)."""
+        return Call("checkpoint", [self.keys.leases, *self._event_keys()], [lease_id, self._cap])
+
+    def policy_call(self) -> Call:
+        rules = [r.to_lua() for r in self.config.pause or []]
+        value = json.dumps(rules, sort_keys=True) if rules else ""
+        return Call("policy", [self.keys.policy, *self._event_keys()], ["pause", value, self._cap])
 
     def collect_call(self) -> Call:
         return Call("collect", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, self._cap])
@@ -444,17 +548,23 @@ class Core:
         req: LeaseRequest,
         request_id: str,
         clock: Callable[[], float] = time.monotonic,
+        stop: Callable[[], bool] | None = None,
     ) -> Flow:
         """Acquire a lease: yields operations for a driver, returns the :class:`Lease`.
 
         Raises :class:`LeaseTimeout` (its request withdrawn, and a grant that raced the timeout released),
-        :class:`InsufficientCapacity` or :class:`InvalidRequest`.
+        :class:`InsufficientCapacity` or :class:`InvalidRequest`. ``stop`` is asked before each look: when
+        it says True the request is withdrawn and :class:`LeaseCancelled` raised (a resume whose block
+        ended meanwhile).
         """
         pin = self.check_request(req)
         deadline = None if req.timeout is None else clock() + req.timeout
         call = self.acquire_call(request_id, req, pin, self.config.service)
         watching = False
         while True:
+            if stop is not None and stop():
+                yield self.release_call(request_id, "cancel")
+                raise LeaseCancelled(f"request {request_id} was withdrawn: its lease was released meanwhile")
             reply = yield call
             code = Reply(int(reply[0]))
             if code is Reply.NO_GPUS:
@@ -471,7 +581,7 @@ class Core:
             if code is Reply.INSUFFICIENT:
                 raise InsufficientCapacity(req.vram_mib, int(reply[1]), [pin] if pin else [])
             if code is Reply.GRANTED:
-                return Lease.from_record(str(reply[1]), on_lost=req.on_lost)
+                return self.make_lease(str(reply[1]), req)
             if code is Reply.BUSY:
                 raise LeaseTimeout(
                     f"no GPU has {req.vram_mib} MiB free for a {req.priority} request right now (timeout=0)"
@@ -492,12 +602,77 @@ class Core:
                 chunk = min(chunk, left)
             popped = yield Pop(self.keys.wake(request_id), max(chunk, 0.001))
             if popped is not None:
-                return Lease.from_record(str(popped), on_lost=req.on_lost)
+                return self.make_lease(str(popped), req)
             if deadline is not None and deadline - clock() <= 0:
                 yield self.release_call(request_id, "timeout")
                 raise LeaseTimeout(self._timeout_message(req))
             # Not granted yet: look again (this also collects what expired, and re-queues a request whose
             # queue entry was lost while this process was stopped).
+
+    @staticmethod
+    def make_lease(record: str, req: LeaseRequest) -> Lease:
+        return Lease.from_record(record, on_lost=req.on_lost, on_evict=req.on_evict, resume=req.resume)
+
+    # -- eviction: handing back, resuming, resizing
+
+    def request_of(self, lease: Lease) -> LeaseRequest:
+        """The request that waits to resume ``lease``: same size, priority and TTL, pinned to its GPU."""
+        return LeaseRequest(
+            vram_mib=lease.vram_mib,
+            priority=lease.priority,
+            rank=PRIORITIES[lease.priority],
+            ttl_ms=int(lease.ttl * 1000),
+            timeout=None,
+            device=lease.gpu,
+            on_lost=lease.on_lost,
+            preemptible=lease.preemptible,
+            on_evict=lease.on_evict,
+            resume=lease.resume,
+        )
+
+    def yield_flow(self, lease: Lease, stop: Callable[[], bool] | None = None) -> Generator[Op, Any, YieldOutcome]:
+        """Hand back a lease asked to checkpoint; with ``lease.resume``, wait until it is granted again.
+
+        Returns what happened and, for CONTINUE and GRANTED, the lease record to apply to ``lease``.
+        """
+        reply = yield self.yield_call(lease.id, lease.resume)
+        code = YieldReply(int(reply[0]))
+        if code in (YieldReply.CONTINUE, YieldReply.GRANTED):
+            return YieldOutcome(code, json.loads(str(reply[1])))
+        if code is not YieldReply.QUEUED:
+            return YieldOutcome(code, None)
+        resumed = yield from self.acquire_flow(self.request_of(lease), lease.id, stop=stop)
+        return YieldOutcome(YieldReply.GRANTED, resumed.record)
+
+    def resize_flow(
+        self, lease: Lease, vram_gb: object, timeout: object = None, clock: Callable[[], float] = time.monotonic
+    ) -> Generator[Op, Any, dict[str, Any]]:
+        """Change a lease's size; growing may wait (``timeout`` seconds, None: forever). Returns the record."""
+        vram_mib = validate_vram(vram_gb)
+        wait = validate_timeout(timeout)
+        deadline = None if wait is None else clock() + wait
+        grow_id = f"{lease.id}:grow"
+        watching = False
+        while True:
+            reply = yield self.resize_call(lease.id, vram_mib)
+            code = ResizeReply(int(reply[0]))
+            if code is ResizeReply.GONE:
+                raise LeaseLost(f"lease {lease.id} is gone: it cannot be resized")
+            if code is ResizeReply.INSUFFICIENT:
+                raise InsufficientCapacity(vram_mib, int(reply[1]), [lease.gpu])
+            if code is ResizeReply.DONE:
+                return dict(json.loads(str(reply[1])))
+            if not watching:
+                yield Watch(grow_id, int(lease.ttl * 1000))
+                watching = True
+            chunk = min(MAX_WAIT_CHUNK_S, max(lease.ttl, 1.0))
+            if deadline is not None:
+                left = deadline - clock()
+                if left <= 0:
+                    yield self.release_call(grow_id, "timeout")
+                    raise LeaseTimeout(f"lease {lease.id} could not grow to {vram_mib} MiB within {wait:g} s")
+                chunk = min(chunk, left)
+            yield Pop(self.keys.wake(grow_id), max(chunk, 0.001))
 
     @staticmethod
     def _timeout_message(req: LeaseRequest) -> str:

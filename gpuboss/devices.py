@@ -312,3 +312,24 @@ def child_env(uuids: str | Iterable[str]) -> dict[str, str]:
             "uuids", items, "a MIG instance must be alone: CUDA enumerates one MIG instance per process"
         )
     return {ENV_VISIBLE: ",".join(items)}
+
+
+def child_env_for_device(device: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that gives a child process the GPU this process calls ``device`` (``"cuda:N"``), for GPUs
+    known only by their CUDA index (declared GPUs, no UUID): this process's ``CUDA_VISIBLE_DEVICES`` entry N
+    when it is set, else ``N``. The child must inherit ``CUDA_DEVICE_ORDER``; with the GPU's UUID, use
+    :func:`child_env` instead, which does not depend on it."""
+    text = device[5:] if isinstance(device, str) and device.startswith("cuda:") else ""
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidRequest("device", device, "must be 'cuda:N' with N >= 0")
+    ordinal = int(text)
+    environ: Mapping[str, str] = os.environ if env is None else env
+    raw = environ.get(ENV_VISIBLE)
+    if raw is None:
+        return {ENV_VISIBLE: str(ordinal)}
+    entries = [e.strip() for e in raw.split(",") if e.strip()]
+    if ordinal >= len(entries):
+        raise InvalidRequest(
+            "device", device, f"is not visible to this process ({ENV_VISIBLE}={raw!r} lists {len(entries)} devices)"
+        )
+    return {ENV_VISIBLE: entries[ordinal]}

@@ -40,6 +40,10 @@ class LeaseTimeout(GPUBossError, TimeoutError):
     """No lease was granted within the timeout; the request has left the queue."""
 
 
+class LeaseCancelled(GPUBossError):
+    """A wait was given up because its lease was released meanwhile (the block ended during a resume)."""
+
+
 class LeaseLost(GPUBossError):
     """The lease is gone (expired, revoked or lost with Redis) while its holder still used it."""
 

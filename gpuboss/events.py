@@ -33,10 +33,10 @@ import redis
 import redis.asyncio
 
 from gpuboss.config import config_from_arguments
-from gpuboss.core import redact_url
 from gpuboss.errors import InvalidRequest, RedisUnavailable
 from gpuboss.keys import Keys
-from gpuboss.redis_io import TRANSIENT, connect_async, connect_sync
+from gpuboss.redis_io import DENIED, TRANSIENT, connect_async, connect_sync, denied, pubsub_async
+from gpuboss.topology import redact_url
 from gpuboss.urls import resolve_redis_url
 
 #: The schema version every event carries as ``v``.
@@ -267,6 +267,9 @@ class Subscription:
             try:
                 self._open(first)
                 return
+            except DENIED as err:  # wrong password, or an ACL without the channel: no retry helps
+                self._drop()
+                raise denied(self.url, err) from None
             except TRANSIENT as err:
                 self._drop()
                 if time.monotonic() >= deadline:
@@ -384,6 +387,9 @@ class AsyncSubscription:
             try:
                 await self._open(first)
                 return
+            except DENIED as err:  # wrong password, or an ACL without the channel: no retry helps
+                await self._drop()
+                raise denied(self.url, err) from None
             except TRANSIENT as err:
                 await self._drop()
                 if time.monotonic() >= deadline:
@@ -392,7 +398,7 @@ class AsyncSubscription:
 
     async def _open(self, first: bool) -> None:
         self._client = connect_async(self.url, self._within)
-        self._pubsub = self._client.pubsub()
+        self._pubsub = await pubsub_async(self._client)
         await self._pubsub.subscribe(self.keys.events)
         deadline = time.monotonic() + self._within
         while True:

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.exceptions import RedisError
 
 from gpuboss.core import Core, RenewStatus
-from gpuboss.lease import Lease
+from gpuboss.lease import Lease, LeaseState
 from gpuboss.redis_io import TRANSIENT, connect_sync, evalsha_sync
 
 log = logging.getLogger("gpuboss")
@@ -32,6 +34,7 @@ MIN_INTERVAL_S = 0.05
 RETRY_INTERVAL_S = 0.5
 
 Dispatch = Callable[[Lease], None]
+Notice = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -43,10 +46,11 @@ class _Entry:
 class Heartbeat:
     """Renews the leases and queue entries of one boss from a daemon thread."""
 
-    def __init__(self, core: Core, url: str, dispatch_lost: Dispatch) -> None:
+    def __init__(self, core: Core, url: str, dispatch_lost: Dispatch, dispatch_notice: Notice | None = None) -> None:
         self._core = core
         self._url = url
         self._dispatch_lost = dispatch_lost
+        self._dispatch_notice = dispatch_notice
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, float] = {}  # id -> monotonic time after which it expired anyway
         self._lock = threading.Lock()
@@ -193,9 +197,12 @@ class Heartbeat:
             return
         reply = evalsha_sync(client, self._core.renew_call(batch))
         now_ms = int(reply[1])
+        statuses = reply[2 : 2 + len(batch)]
+        notices = [json.loads(str(n)) for n in reply[2 + len(batch) :]]
         lost: list[Lease] = []
+        called_off: list[dict[str, Any]] = []
         with self._lock:
-            for (item_id, ttl_ms), status in zip(batch.items(), reply[2:], strict=True):
+            for (item_id, ttl_ms), status in zip(batch.items(), statuses, strict=True):
                 entry = self._entries.get(item_id)
                 if entry is None:
                     continue  # released meanwhile
@@ -207,10 +214,22 @@ class Heartbeat:
                             lost.append(entry.lease)
                 elif entry.lease is not None:
                     entry.lease.expires_at = (now_ms + ttl_ms) / 1000
+                    notice = entry.lease.notice
+                    if (
+                        RenewStatus(int(status)) is RenewStatus.LEASE
+                        and entry.lease.state is LeaseState.EVICTING
+                        and notice is not None
+                        and notice.requested_at * 1000 < now_ms
+                    ):
+                        # Renewed after the eviction was asked, and no longer evicting: it was called off.
+                        called_off.append({"type": "continue", "lease": item_id, "reason": "heartbeat"})
         for lease in lost:
             log.warning("gpuboss: lease %s on %s was lost (expired or revoked)", lease.id, lease.gpu)
             if lease.on_lost is not None:
                 self._dispatch_lost(lease)
+        if self._dispatch_notice is not None:
+            for notice in [*notices, *called_off]:
+                self._dispatch_notice(notice)
 
 
 _LIVE: weakref.WeakSet[Heartbeat] = weakref.WeakSet()

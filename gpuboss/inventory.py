@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpuboss.config import GPUConfig, format_validation_error, gb_to_mib
+from gpuboss.core import GpuInfo
 from gpuboss.errors import ConfigError, InvalidRequest
 from gpuboss.nvml import Discovery, GpuProcess, MigInstance, Sampling, discover, sample
 
@@ -60,6 +61,20 @@ class DiscoveredGpu(BaseModel):
     @property
     def is_mig(self) -> bool:
         return self.parent_uuid is not None
+
+    def to_gpu_info(self) -> GpuInfo:
+        """The registry entry (the gpus hash): the declaration with its host, UUID, PCI bus id and MIG parent."""
+        return GpuInfo(
+            id=self.id,
+            name=self.name,
+            index=self.index,
+            capacity_mib=self.capacity_mib,
+            reserve_mib=self.reserve_mib,
+            host=self.host,
+            uuid=self.id,
+            pci_bus_id=self.pci_bus_id or None,
+            parent_uuid=self.parent_uuid,
+        )
 
     def to_gpu_config(self) -> GPUConfig:
         """The declaration the core registers (id = UUID; capacity exactly the MiB NVML reported)."""
@@ -111,7 +126,14 @@ def discover_gpus(
 
     Without NVML (or with no GPU) the list is empty, unless ``required``: then :class:`ConfigError` says
     why and what to do instead (declare ``gpus`` in the configuration)."""
-    found = discover(nvml)
+    return declarations_of(discover(nvml), host=host, reserve_gb=reserve_gb, required=required)
+
+
+def declarations_of(
+    found: Discovery, *, host: str | None = None, reserve_gb: float = 0.0, required: bool = False
+) -> list[DiscoveredGpu]:
+    """:func:`declarations` of a discovery that may have failed: empty then, or :class:`ConfigError` if
+    ``required``, saying why and how to declare GPUs instead."""
     gpus = declarations(found, host=host, reserve_gb=reserve_gb) if found.available else []
     if required and not gpus:
         why = found.reason if not found.available else "NVML found no usable GPU on this host"

@@ -15,13 +15,22 @@ key                 type   contents
 ``ns:queue_exp``    zset   ticket id, scored by expiry (ms, Redis time)
 ``ns:token``        string the last fencing token handed out
 ``ns:seq``          string the last arrival number handed out
+``ns:observed``     hash   gpu id -> "used_mib,sampled_at_ms,max_age_ms": the last NVML reading (sampler)
+``ns:offline``      hash   gpu id -> JSON {host, since, reason}: GPUs that get no new grants
+``ns:holds``        hash   gpu id -> JSON reservation: VRAM being freed by eviction for one request
+``ns:policy``       hash   rule name -> JSON: scheduling rules every process obeys (pause rules, ...)
+``ns:usage``        hash   ``class:<name>`` -> active leases of that priority class
+``ns:hosts``        hash   host -> last heartbeat (ms, Redis time) of that host's GPU inventory
+``ns:sampler:<gpu>`` string the holder of the right to sample one GPU (expires by itself)
+``ns:holder:<id>``  pubsub a holder's own channel: eviction notices for its leases (a channel, not a key)
 ``ns:wake:<id>``    list   a grant pushed to the one waiter that asked for ``<id>``
 ``ns:event_log``    stream every event, capped (``XADD MAXLEN ~``), for replay and audit
 ``ns:events``       pubsub the channel every event is published on (a channel, not a key)
 ==================  =====  ===============================================================
 
-The fixed keys are ``gpus``, ``capacity``, ``used``, ``token``, ``seq`` and ``event_log``; every other key
-exists only while a lease or a waiting request does.
+The fixed keys are ``gpus``, ``capacity``, ``used``, ``token``, ``seq``, ``event_log``, ``observed``,
+``offline``, ``policy``, ``usage`` and ``hosts`` (each exists once something wrote it); every other key exists
+only while a lease, a waiting request, a reservation or a sampler's turn does.
 """
 
 from __future__ import annotations
@@ -32,7 +41,19 @@ from dataclasses import dataclass
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.{}\-]{1,64}$")
 
 #: Keys that stay once every lease is released: the GPU registry, the two counters and the event log.
-FIXED_SUFFIXES = ("gpus", "capacity", "used", "token", "seq", "event_log")
+FIXED_SUFFIXES = (
+    "gpus",
+    "capacity",
+    "used",
+    "token",
+    "seq",
+    "event_log",
+    "observed",
+    "offline",
+    "policy",
+    "usage",
+    "hosts",
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,38 @@ class Keys:
         return self._key("seq")
 
     @property
+    def observed(self) -> str:
+        return self._key("observed")
+
+    @property
+    def offline(self) -> str:
+        return self._key("offline")
+
+    @property
+    def holds(self) -> str:
+        return self._key("holds")
+
+    @property
+    def policy(self) -> str:
+        return self._key("policy")
+
+    @property
+    def usage(self) -> str:
+        return self._key("usage")
+
+    @property
+    def hosts(self) -> str:
+        return self._key("hosts")
+
+    def sampler(self, gpu_id: str) -> str:
+        """Who may sample ``gpu_id`` now (a short-lived string key)."""
+        return self._key(f"sampler:{gpu_id}")
+
+    def holder_channel(self, holder_id: str) -> str:
+        """The pub/sub channel on which one holder (one boss) hears eviction notices for its leases."""
+        return self._key(f"holder:{holder_id}")
+
+    @property
     def events(self) -> str:
         """The pub/sub channel every event is published on (a channel name, not a key)."""
         return self._key("events")
@@ -126,4 +179,10 @@ class Keys:
             self.tickets,
             self.queue_exp,
             self.token,
+            self.seq,
+            self.observed,
+            self.offline,
+            self.holds,
+            self.policy,
+            self.usage,
         ]

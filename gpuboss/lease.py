@@ -4,24 +4,31 @@ A request and the lease it becomes move through these states; every change goes 
 :func:`advance`, so an impossible change (a released lease granted again, say) is a bug caught at once::
 
     requested --queued--> queued --granted--> granted --released--> released
-        |                   |                    '------lost------> lost     (expired, revoked, Redis lost it)
-        '--granted----------+--timed_out-------> timed_out
-                            '--cancelled-------> cancelled
+        |                   |                  |   '-----lost-----> lost     (expired, revoked, Redis lost it)
+        '--granted----------+--timed_out--> timed_out
+                            '--cancelled--> cancelled
+                                    evicting   |   ^  continue (called off, or shrunk enough)
+                                               v   |
+                                             evicting --suspended--> suspended --granted--> granted
+                                                 '------evicted----> evicted   (handed back, no resume)
 
-``renewing`` is not a state of its own: a granted lease is renewed by the heartbeat until it leaves
-``granted``.
+``renewing`` is not a state of its own: a lease is renewed by the heartbeat while it is ``granted`` or
+``evicting``. A ``suspended`` lease has handed its VRAM back after a checkpoint and waits in the queue, at
+its original arrival position, to be granted again (docs/eviction.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import inspect
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuboss.errors import LeaseLost
+from gpuboss.errors import LeaseEvicted, LeaseLost
 
 
 class LeaseState(enum.Enum):
@@ -32,25 +39,43 @@ class LeaseState(enum.Enum):
     LOST = "lost"
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
+    EVICTING = "evicting"
+    SUSPENDED = "suspended"
+    EVICTED = "evicted"
 
+
+S = LeaseState
 
 #: (state, event) -> next state. Nothing else is allowed.
 TRANSITIONS: dict[tuple[LeaseState, str], LeaseState] = {
-    (LeaseState.REQUESTED, "queued"): LeaseState.QUEUED,
-    (LeaseState.REQUESTED, "granted"): LeaseState.GRANTED,
-    (LeaseState.REQUESTED, "timed_out"): LeaseState.TIMED_OUT,
-    (LeaseState.REQUESTED, "cancelled"): LeaseState.CANCELLED,
-    (LeaseState.QUEUED, "queued"): LeaseState.QUEUED,
-    (LeaseState.QUEUED, "granted"): LeaseState.GRANTED,
-    (LeaseState.QUEUED, "timed_out"): LeaseState.TIMED_OUT,
-    (LeaseState.QUEUED, "cancelled"): LeaseState.CANCELLED,
-    (LeaseState.GRANTED, "released"): LeaseState.RELEASED,
-    (LeaseState.GRANTED, "lost"): LeaseState.LOST,
-    # A release after the lease was found lost, or a second release, changes nothing.
-    (LeaseState.LOST, "released"): LeaseState.LOST,
-    (LeaseState.RELEASED, "released"): LeaseState.RELEASED,
-    (LeaseState.RELEASED, "lost"): LeaseState.RELEASED,
-    (LeaseState.LOST, "lost"): LeaseState.LOST,
+    (S.REQUESTED, "queued"): S.QUEUED,
+    (S.REQUESTED, "granted"): S.GRANTED,
+    (S.REQUESTED, "timed_out"): S.TIMED_OUT,
+    (S.REQUESTED, "cancelled"): S.CANCELLED,
+    (S.QUEUED, "queued"): S.QUEUED,
+    (S.QUEUED, "granted"): S.GRANTED,
+    (S.QUEUED, "timed_out"): S.TIMED_OUT,
+    (S.QUEUED, "cancelled"): S.CANCELLED,
+    (S.GRANTED, "released"): S.RELEASED,
+    (S.GRANTED, "lost"): S.LOST,
+    # Eviction: asked to checkpoint, then called off, handed back for a resume, or handed back for good.
+    (S.GRANTED, "evicting"): S.EVICTING,
+    (S.EVICTING, "evicting"): S.EVICTING,
+    (S.EVICTING, "continue"): S.GRANTED,
+    (S.EVICTING, "suspended"): S.SUSPENDED,
+    (S.EVICTING, "evicted"): S.EVICTED,
+    (S.EVICTING, "released"): S.RELEASED,
+    (S.EVICTING, "lost"): S.LOST,
+    (S.SUSPENDED, "granted"): S.GRANTED,
+    (S.SUSPENDED, "evicted"): S.EVICTED,
+    (S.SUSPENDED, "released"): S.RELEASED,
+    # A release after the lease was found lost or handed back, or a second release, changes nothing.
+    (S.LOST, "released"): S.LOST,
+    (S.EVICTED, "released"): S.EVICTED,
+    (S.RELEASED, "released"): S.RELEASED,
+    (S.RELEASED, "lost"): S.RELEASED,
+    (S.LOST, "lost"): S.LOST,
+    (S.EVICTED, "lost"): S.EVICTED,
 }
 
 
@@ -66,6 +91,98 @@ def advance(state: LeaseState, event: str) -> LeaseState:
 
 
 OnLost = Callable[["Lease"], Any]
+#: ``on_evict()`` or ``on_evict(notice)``, sync or async: checkpoint, then return.
+OnEvict = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class EvictNotice:
+    """A request to checkpoint: who asked, how much is needed, and by when. Times are Unix seconds."""
+
+    lease_id: str
+    by: str
+    need_mib: int
+    requested_at: float
+    deadline: float
+    reason: str
+
+    @property
+    def need_gb(self) -> float:
+        """The VRAM the requester still needs from this lease: a holder that can shrink by this much may
+        ``resize`` instead of handing the whole lease back."""
+        return self.need_mib / 1024
+
+    @classmethod
+    def from_json(cls, raw: str | dict[str, Any]) -> EvictNotice:
+        d = json.loads(raw) if isinstance(raw, str) else raw
+        return cls(
+            lease_id=str(d["lease"]),
+            by=str(d.get("by", "")),
+            need_mib=int(d.get("need_mib", 0)),
+            requested_at=float(d.get("at", 0)) / 1000,
+            deadline=float(d.get("deadline", 0)) / 1000,
+            reason=str(d.get("reason") or "priority"),
+        )
+
+
+class EvictFlag:
+    """``lease.evict_requested``: true while the lease is asked to checkpoint; also waitable.
+
+    ``if lease.evict_requested:`` polls; ``lease.evict_requested.wait(timeout)`` blocks a thread;
+    ``await lease.evict_requested`` waits in a coroutine. It is set from the notice thread, so both kinds of
+    waiter are woken from there.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def __repr__(self) -> str:
+        return f"EvictFlag({bool(self)})"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._event.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._waiters.append((loop, fut))
+        yield from fut.__await__()
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def clear(self) -> None:
+        self._event.clear()
+
+
+def call_on_evict(on_evict: OnEvict, notice: EvictNotice | None) -> Any:
+    """Call ``on_evict()`` or ``on_evict(notice)``, whichever it takes; returns what it returns."""
+    try:
+        params = inspect.signature(on_evict).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it plainly
+        return on_evict()
+    takes = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+    return on_evict(notice) if takes else on_evict()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass(eq=False)
@@ -87,10 +204,40 @@ class Lease:
     ttl: float
     on_lost: OnLost | None = None
     state: LeaseState = LeaseState.GRANTED
+    preemptible: bool = False
+    #: How many times the lease was evicted and resumed.
+    evictions: int = 0
+    on_evict: OnEvict | None = None
+    resume: bool = True
+    #: The eviction request being served, if any.
+    notice: EvictNotice | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _evict_flag: EvictFlag = field(default_factory=EvictFlag, repr=False)
+    #: Set whenever the lease is not suspended (a resume waits on it).
+    _settled: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: The boss that holds it (for resize and yield_if_requested); set when granted.
+    _driver: Any = field(default=None, repr=False)
+    #: A lock (threading or asyncio, per front end) so the eviction handling runs once at a time.
+    _handling: Any = field(default=None, repr=False)
+    #: True once LeaseEvicted was raised to the holder at a safe point.
+    _evicted_seen: bool = field(default=False, repr=False)
+    #: The GPU's UUID when known (GPUs discovered through NVML), else None (docs/inventory.md).
+    uuid: str | None = None
+    #: With ``lease(model=...)``: the model and the quantization chosen for it.
+    model: str | None = None
+    quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        self._settled.set()
 
     @classmethod
-    def from_record(cls, raw: str | dict[str, Any], on_lost: OnLost | None = None) -> Lease:
+    def from_record(
+        cls,
+        raw: str | dict[str, Any],
+        on_lost: OnLost | None = None,
+        on_evict: OnEvict | None = None,
+        resume: bool = True,
+    ) -> Lease:
         rec = json.loads(raw) if isinstance(raw, str) else raw
         return cls(
             id=str(rec["id"]),
@@ -107,7 +254,41 @@ class Lease:
             requested_at=rec["requested_at"] / 1000,
             ttl=rec["ttl_ms"] / 1000,
             on_lost=on_lost,
+            preemptible=bool(rec.get("preemptible", False)),
+            evictions=int(rec.get("evictions", 0)),
+            on_evict=on_evict,
+            resume=resume,
         )
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The lease as a record (the fields the scripts keep), for a flow that needs them."""
+        return {
+            "id": self.id,
+            "gpu": self.gpu,
+            "device": self.device,
+            "vram_mib": self.vram_mib,
+            "priority": self.priority,
+            "token": self.token,
+            "service": self.service,
+            "host": self.host,
+            "pid": self.pid,
+            "acquired_at": round(self.acquired_at * 1000),
+            "expires_at": round(self.expires_at * 1000),
+            "requested_at": round(self.requested_at * 1000),
+            "ttl_ms": round(self.ttl * 1000),
+            "preemptible": self.preemptible,
+            "evictions": self.evictions,
+        }
+
+    def apply_record(self, rec: dict[str, Any]) -> None:
+        """Take the numbers of a newer record of this lease (after a resume or a resize)."""
+        self.gpu = str(rec["gpu"])
+        self.vram_mib = int(rec["vram_mib"])
+        self.token = int(rec["token"])
+        self.acquired_at = rec["acquired_at"] / 1000
+        self.expires_at = rec["expires_at"] / 1000
+        self.evictions = int(rec.get("evictions", self.evictions))
 
     @property
     def vram_gb(self) -> float:
@@ -119,8 +300,23 @@ class Lease:
         return self.state is LeaseState.LOST
 
     @property
+    def evicted(self) -> bool:
+        """True once the lease was handed back after an eviction request for good (``resume=False``)."""
+        return self.state is LeaseState.EVICTED
+
+    @property
     def active(self) -> bool:
-        return self.state is LeaseState.GRANTED
+        """True while the holder may use the VRAM: granted, or asked to checkpoint but not yet handed back."""
+        return self.state in (LeaseState.GRANTED, LeaseState.EVICTING)
+
+    @property
+    def suspended(self) -> bool:
+        return self.state is LeaseState.SUSPENDED
+
+    @property
+    def evict_requested(self) -> EvictFlag:
+        """Truthy while the lease is asked to checkpoint; ``await`` it, or ``.wait()``, to wait for that."""
+        return self._evict_flag
 
     @property
     def waited(self) -> float:
@@ -128,16 +324,72 @@ class Lease:
         return max(0.0, self.acquired_at - self.requested_at)
 
     def raise_if_lost(self) -> None:
-        """Raise :class:`LeaseLost` if the lease is gone: call it at safe points of long work."""
+        """Raise :class:`LeaseLost` if the lease is gone, :class:`LeaseEvicted` if it was handed back for good:
+        call it at safe points of long work."""
         if self.lost:
             raise LeaseLost(f"lease {self.id} on {self.gpu} ({self.device}) was lost (expired or revoked)")
+        if self.evicted:
+            self._evicted_seen = True
+            raise LeaseEvicted(f"lease {self.id} on {self.gpu} was handed back after an eviction request")
+
+    def yield_if_requested(self) -> Any:
+        """At a safe point: if the lease is asked to checkpoint, run ``on_evict``, hand the VRAM back and (with
+        ``resume``) wait until it is granted again. True when it yielded, False when nothing was asked.
+
+        With an async boss this is a coroutine: ``await lease.yield_if_requested()``. Raises
+        :class:`LeaseEvicted` when the lease was handed back for good, :class:`LeaseLost` when it is gone.
+        """
+        if self._driver is None:
+            raise RuntimeError(f"lease {self.id} is not held by a boss")
+        return self._driver._yield_if_requested(self)
+
+    def resize(self, vram_gb: float, timeout: float | None = None) -> Any:
+        """Change the lease's VRAM: shrinking hands the difference to waiters at once; growing waits like a new
+        request of the lease's priority (``timeout`` seconds; None waits forever) while the current part stays
+        held. With an async boss this is a coroutine."""
+        if self._driver is None:
+            raise RuntimeError(f"lease {self.id} is not held by a boss")
+        return self._driver._resize(self, vram_gb, timeout)
 
     def _move(self, event: str) -> bool:
         """Apply an event; True when the state changed."""
         with self._lock:
             before = self.state
             self.state = advance(before, event)
-            return self.state is not before
+            changed = self.state is not before
+            self._after_move()
+            return changed
+
+    def _move_if(self, event: str) -> bool:
+        """Apply an event if the table allows it from the current state; False (and no change) if not."""
+        with self._lock:
+            after = TRANSITIONS.get((self.state, event))
+            if after is None or after is self.state:
+                return False
+            self.state = after
+            self._after_move()
+            return True
+
+    def _after_move(self) -> None:
+        if self.state is LeaseState.EVICTING:
+            self._evict_flag.set()
+        else:
+            self._evict_flag.clear()
+        if self.state is LeaseState.GRANTED:
+            self.notice = None
+        if self.state is LeaseState.SUSPENDED:
+            self._settled.clear()
+        else:
+            self._settled.set()
+
+    def child_env(self) -> dict[str, str]:
+        """The environment that gives a child process this lease's GPU as its ``cuda:0``:
+        ``{"CUDA_VISIBLE_DEVICES": uuid}`` (by UUID, whatever the order); for a declared GPU without UUID, the
+        entry of this process's ``CUDA_VISIBLE_DEVICES`` for its device. Use
+        ``subprocess.run(cmd, env={**os.environ, **lease.child_env()})``."""
+        from gpuboss.devices import child_env, child_env_for_device
+
+        return child_env(self.uuid) if self.uuid else child_env_for_device(self.device)
 
 
 class Device(str):

@@ -3,12 +3,16 @@
 Two sources:
 
 - **State**, read from Redis at each scrape (one consistent read, as ``gpuboss status`` does): per GPU
-  ``gpuboss_gpu_capacity_bytes``, ``..._reserve_bytes``, ``..._leased_bytes``, ``..._free_bytes`` and
+  ``gpuboss_gpu_capacity_bytes``, ``..._reserve_bytes``, ``..._leased_bytes``, ``..._observed_bytes`` (the
+  sampler's NVML reading, only while it is fresh), ``..._free_bytes`` (effective free: capacity - reserve -
+  max(leased, observed) - VRAM held for an eviction; 0 offline), ``gpuboss_gpu_offline`` and
   ``gpuboss_gpu_leases``; ``gpuboss_queue_length`` and ``gpuboss_queue_oldest_wait_seconds`` by priority;
   ``gpuboss_up`` (1 when Redis answered).
 - **Events**, followed in the event log (``XREAD``) from the moment the exporter starts:
-  ``gpuboss_events_total`` by type and priority, ``gpuboss_wait_seconds`` (request to grant) and
-  ``gpuboss_hold_seconds`` (grant to release, expiry or revocation, labelled by how it ended).
+  ``gpuboss_events_total`` by type and priority (evictions too: ``evict_requested``, ``evicted``,
+  ``resumed``, ``revoked``), ``gpuboss_wait_seconds`` (request to grant), ``gpuboss_hold_seconds`` (grant to
+  release, expiry, revocation or eviction, labelled by how it ended) and ``gpuboss_checkpoint_seconds``
+  (eviction request to hand-back).
 
 Counters count from the exporter's start, as Prometheus counters do (``rate()`` handles restarts). They
 need the event log, so a namespace whose bosses set ``events_maxlen: 0`` gets the state metrics only.
@@ -30,12 +34,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gpuboss.config import PRIORITIES
-from gpuboss.core import redact_url
 from gpuboss.errors import GPUBossError
 from gpuboss.events import Event, decode_entries
 from gpuboss.keys import Keys
 from gpuboss.redis_io import TRANSIENT, connect_sync
 from gpuboss.snapshot import health_report, read_namespace
+from gpuboss.topology import redact_url
 
 log = logging.getLogger("gpuboss")
 
@@ -44,8 +48,10 @@ MIB = 1024 * 1024
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 #: Grant-to-end times: from a quick job to a day-long service.
 HOLD_BUCKETS = (0.1, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+#: Eviction request to hand-back: from a holder that drops a cache to one that writes a large checkpoint.
+CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 #: The event types that end a lease, and so observe its hold time.
-LEASE_ENDS = ("released", "expired", "revoked")
+LEASE_ENDS = ("released", "expired", "revoked", "evicted")
 
 Snapshot = dict[str, Any]
 
@@ -86,17 +92,31 @@ def gpu_metrics(snap: Snapshot) -> Iterable[Metric]:
         "used_mib": GaugeMetricFamily("gpuboss_gpu_leased_bytes", "VRAM of the GPU leased now.", labels=labels),
         "free_mib": GaugeMetricFamily(
             "gpuboss_gpu_free_bytes",
-            "VRAM of the GPU that can be leased now (capacity - reserve - leased).",
+            "VRAM of the GPU that can be leased now: capacity - reserve - max(leased, observed used) - VRAM held "
+            "for an eviction; 0 while the GPU is offline.",
             labels=labels,
         ),
     }
+    observed = GaugeMetricFamily(
+        "gpuboss_gpu_observed_bytes",
+        "VRAM of the GPU in use as NVML last read it (only while the reading is fresh).",
+        labels=labels,
+    )
+    offline = GaugeMetricFamily(
+        "gpuboss_gpu_offline", "1 when the GPU is offline (its host stopped beating: no new grants).", labels=labels
+    )
     leases = GaugeMetricFamily("gpuboss_gpu_leases", "Leases held on the GPU now.", labels=labels)
     for gpu in snap["gpus"]:
         values = [ns, gpu["id"], gpu["device"], gpu["name"]]
         for field, family in families.items():
             family.add_metric(values, max(0, int(gpu[field])) * MIB)
+        if gpu.get("observed_mib") is not None:
+            observed.add_metric(values, max(0, int(gpu["observed_mib"])) * MIB)
+        offline.add_metric(values, 0 if gpu.get("offline") is None else 1)
         leases.add_metric(values, gpu["leases"])
     yield from families.values()
+    yield observed
+    yield offline
     yield leases
 
 
@@ -138,9 +158,16 @@ class EventMetrics:
         )
         self.hold = Histogram(
             "gpuboss_hold_seconds",
-            "Time from grant to the lease's end, by how it ended (released, expired, revoked).",
+            "Time from grant to the lease's end, by how it ended (released, expired, revoked, evicted).",
             ["namespace", "priority", "end"],
             buckets=HOLD_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint = Histogram(
+            "gpuboss_checkpoint_seconds",
+            "Time from an eviction request to the holder handing its VRAM back (evicted events).",
+            ["namespace", "priority"],
+            buckets=CHECKPOINT_BUCKETS,
             registry=registry,
         )
 
@@ -155,6 +182,8 @@ class EventMetrics:
             and isinstance(event.get("held_ms"), int | float)
         ):
             self.hold.labels(self.namespace, priority, event.type).observe(max(0.0, event["held_ms"] / 1000))
+        if event.type == "evicted" and isinstance(event.get("checkpoint_ms"), int | float):
+            self.checkpoint.labels(self.namespace, priority).observe(max(0.0, event["checkpoint_ms"] / 1000))
 
 
 class EventTail:

@@ -6,32 +6,49 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from tenacity import (
     AsyncRetrying,
     RetryError,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     wait_exponential,
     wait_random,
 )
 
 from gpuboss import scripts
-from gpuboss.core import Call, Flow, Op, redact_url
+from gpuboss.core import Call, Flow, Op
 from gpuboss.errors import ConfigError, RedisUnavailable
+from gpuboss.topology import SCHEMES, Target, parse_url, redact_url
 
 log = logging.getLogger("gpuboss")
 
 T = TypeVar("T")
 #: Errors after which the same call may simply be sent again (every gpuboss script is idempotent).
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+#: Errors that no retry mends: wrong credentials, a missing ACL permission, a cluster node behind a plain URL.
+#: (AuthenticationError is a ConnectionError to redis-py: these are checked first.) See :func:`is_denied`.
+DENIED = (AuthenticationError, NoPermissionError, MovedError, AskError)
+#: How Redis says that a script ran a command, or touched a key or channel, its caller's ACL does not allow.
+SCRIPT_DENIED = "the user executing the script can't"
 MIN_POP_S = 0.01
 
 
@@ -51,21 +68,52 @@ def _fake_server(url: str) -> Any:
     return _fake_servers[name]
 
 
-URL_SCHEMES = ("redis://", "rediss://", "unix://", FAKE_SCHEME)
+URL_SCHEMES = (*(f"{scheme}://" for scheme in SCHEMES), FAKE_SCHEME)
 
 
-def _check_scheme(url: str) -> None:
+def _check_scheme(url: str) -> Target:
     if not url.startswith(URL_SCHEMES):
         raise ConfigError(f"redis_url {redact_url(url)!r} must start with one of {', '.join(URL_SCHEMES)}")
+    return parse_url(url)
 
 
 def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None = None) -> redis.Redis:
+    """A client for ``url`` (any form of ``topology.py``).
+
+    For ``redis+sentinel://`` it is a :class:`redis.Redis` on the primary that the Sentinels name, found
+    again after a failover; for ``redis+cluster://`` a :class:`redis.cluster.RedisCluster`, which routes each
+    command by its first key and answers the commands gpuboss uses like a :class:`redis.Redis`.
+    """
     if url.startswith(FAKE_SCHEME):
         import fakeredis
 
         client: redis.Redis = fakeredis.FakeRedis(server=_fake_server(url), decode_responses=True)
         return client
-    _check_scheme(url)
+    target = _check_scheme(url)
+    if target.kind == "sentinel":
+        from redis.sentinel import Sentinel
+
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.endpoints),
+            sentinel_kwargs={**_sentinel_kwargs(target, connect_timeout), "retry": Retry(NoBackoff(), 0)},
+            retry=Retry(NoBackoff(), 0),
+            **_node_kwargs(target, connect_timeout),
+        )
+        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service, redis_class=SentinelPrimary, socket_timeout=socket_timeout, db=target.db
+        )
+        return primary
+    if target.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        def make() -> Any:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in target.endpoints],  # type: ignore[no-untyped-call]
+                socket_timeout=socket_timeout,
+                **_node_kwargs(target, connect_timeout),
+            )
+
+        return cast(redis.Redis, LazyCluster(make, url))
     return redis.Redis.from_url(
         url,
         decode_responses=True,
@@ -75,27 +123,174 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
 
 
 def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
+    """The asyncio twin of :func:`connect_sync` (no socket timeout: a BLPOP may block for long)."""
     if url.startswith(FAKE_SCHEME):
         import fakeredis
 
         client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(server=_fake_server(url), decode_responses=True)
         return client
-    _check_scheme(url)
+    target = _check_scheme(url)
+    if target.kind == "sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.endpoints),
+            sentinel_kwargs={**_sentinel_kwargs(target, connect_timeout), "retry": AsyncRetry(NoBackoff(), 0)},
+            retry=AsyncRetry(NoBackoff(), 0),
+            **_node_kwargs(target, connect_timeout),
+        )
+        primary: redis.asyncio.Redis = sentinel.master_for(
+            target.service, redis_class=AsyncSentinelPrimary, socket_timeout=None, db=target.db
+        )
+        return primary
+    if target.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.endpoints],
+            socket_timeout=None,
+            **_node_kwargs(target, connect_timeout),
+        )
+        return cast(redis.asyncio.Redis, cluster)
     return redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout)
+
+
+def _sentinel_clients(client: redis.Redis | redis.asyncio.Redis) -> list[Any]:
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    return list(getattr(manager, "sentinels", []))
+
+
+class SentinelPrimary(redis.Redis):
+    """The primary that the Sentinels name (found again after a failover); closing it also closes the
+    connections to the Sentinels."""
+
+    def close(self) -> None:
+        super().close()
+        for sentinel in _sentinel_clients(self):
+            sentinel.close()
+
+
+class AsyncSentinelPrimary(redis.asyncio.Redis):
+    """The asyncio twin of :class:`SentinelPrimary`."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in _sentinel_clients(self):
+            await sentinel.aclose()
+
+
+class LazyCluster:
+    """A :class:`redis.cluster.RedisCluster` made at its first use.
+
+    redis-py's sync cluster client reaches the cluster in its constructor; every other client connects at its
+    first command. This one does too, so a client made while the cluster is unreachable (a heartbeat's, at
+    exit) fails at its first command with a connection error, like the others, and ``close()`` of a client
+    never used does nothing.
+    """
+
+    def __init__(self, make: Callable[[], Any], url: str) -> None:
+        self._make = make
+        self._url = url
+        self._client: Any = None
+
+    def _get(self) -> Any:
+        if self._client is None:
+            from redis.exceptions import RedisClusterException
+
+            try:
+                self._client = self._make()
+            except RedisClusterException as err:
+                if "cluster mode is not enabled" in str(err).lower():
+                    raise ConfigError(
+                        f"redis_url {redact_url(self._url)!r}: that Redis is not a cluster node ({err}); "
+                        "use redis:// for one server"
+                    ) from None
+                raise RedisConnectionError(str(err)) from None
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+async def pubsub_async(client: redis.asyncio.Redis) -> Any:
+    """``client.pubsub()``; an asyncio Redis Cluster client learns its slots first (its pub/sub needs them)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    return client.pubsub()
+
+
+def _node_kwargs(target: Target, connect_timeout: float) -> dict[str, Any]:
+    """Keyword arguments for the connections to the data nodes (a primary, replicas, cluster nodes)."""
+    return {
+        "decode_responses": True,
+        "socket_connect_timeout": connect_timeout,
+        **target.credentials(),
+        **target.connection_kwargs(),
+        **target.tls_kwargs(),
+    }
+
+
+def _sentinel_kwargs(target: Target, connect_timeout: float) -> dict[str, Any]:
+    """Keyword arguments for the connections to the Sentinels: same TLS, credentials only if asked.
+
+    (With Sentinel, redis-py's own retries are turned off: a failed connection is retried by gpuboss within
+    ``connect_timeout``, where redis-py would back off for seconds more.)
+    """
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": connect_timeout,
+        **target.tls_kwargs(),
+    }
+    if target.sentinel_auth:
+        kwargs.update(target.credentials())
+    return kwargs
 
 
 def _retry_args(within: float) -> dict[str, Any]:
     return {
         "stop": stop_after_delay(max(0.0, within)),
         "wait": wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
-        "retry": retry_if_exception_type(TRANSIENT),
+        "retry": retry_if_exception(lambda err: isinstance(err, TRANSIENT) and not is_denied(err)),
         "reraise": False,
     }
 
 
 def _unavailable(url: str, err: BaseException) -> RedisUnavailable:
     cause = err.last_attempt.exception() if isinstance(err, RetryError) else err
-    return RedisUnavailable(f"Redis at {url} is unreachable: {cause}")
+    # redis-py's "No master found for 'name' : <the Sentinel clients' repr>": the name is what helps.
+    text = str(cause).split(" : <", 1)[0]
+    return RedisUnavailable(f"Redis at {redact_url(url)} is unreachable: {text}")
+
+
+def is_denied(err: BaseException) -> bool:
+    """A refusal that no retry mends: :data:`DENIED`, or a script refused a command by the caller's ACL."""
+    if isinstance(err, DENIED):
+        return True
+    return isinstance(err, ResponseError) and SCRIPT_DENIED in str(err).lower()
+
+
+def denied(url: str, err: BaseException) -> ConfigError:
+    """The error for a refusal (:func:`is_denied`), naming what to fix; the URL without its password."""
+    shown = redact_url(url)
+    if isinstance(err, AuthenticationError):
+        return ConfigError(
+            f"redis_url: Redis at {shown} refused the credentials ({err}): check the user and password in the URL"
+        )
+    if isinstance(err, MovedError | AskError):
+        return ConfigError(
+            f"redis_url: Redis at {shown} is a node of a Redis Cluster ({err}): use redis+cluster://host:port and "
+            "a namespace with a hash tag, e.g. '{gpuboss}'"
+        )
+    return ConfigError(
+        f"redis_url: the Redis user of {shown} lacks a permission gpuboss needs ({err}); "
+        "docs/security.md lists the ACL gpuboss needs"
+    )
 
 
 def evalsha_sync(client: redis.Redis, call: Call) -> Any:
@@ -120,11 +315,16 @@ def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
     """Run ``fn``, sending it again on connection errors for up to ``within`` seconds.
 
     The first try is a plain call: the retry machinery costs tens of microseconds, so it only starts
-    once a try has failed.
+    once a try has failed. A refusal (:func:`is_denied`) is not retried: it raises :func:`denied`'s error.
     """
     started = time.monotonic()
     try:
         return fn()
+    except RedisError as err:
+        if is_denied(err):
+            raise denied(url, err) from None
+        if not isinstance(err, TRANSIENT):
+            raise
     except TRANSIENT:
         pass  # Redis is unreachable or reconnecting: retry with backoff below
     try:
@@ -133,6 +333,10 @@ def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
                 return fn()
     except RetryError as err:
         raise _unavailable(url, err) from None
+    except RedisError as err:
+        if is_denied(err):
+            raise denied(url, err) from None
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -141,6 +345,11 @@ async def retry_async(fn: Callable[[], Awaitable[T]], url: str, within: float) -
     started = time.monotonic()
     try:
         return await fn()
+    except RedisError as err:
+        if is_denied(err):
+            raise denied(url, err) from None
+        if not isinstance(err, TRANSIENT):
+            raise
     except TRANSIENT:
         pass  # Redis is unreachable or reconnecting: retry with backoff below
     try:
@@ -149,6 +358,10 @@ async def retry_async(fn: Callable[[], Awaitable[T]], url: str, within: float) -
                 return await fn()
     except RetryError as err:
         raise _unavailable(url, err) from None
+    except RedisError as err:
+        if is_denied(err):
+            raise denied(url, err) from None
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -1,6 +1,11 @@
 """A consistent, read-only snapshot of a namespace (GPUs, leases, queue), for the CLI and the metrics.
 
 One MULTI/EXEC of reads, so the numbers agree with each other; times are relative to the Redis clock.
+
+Each GPU's ``free_mib`` is its *effective* free VRAM, as the scripts place requests (lua/includes/state.lua):
+leasable (capacity - reserve) - max(leased, observed used) - the VRAM held for a queued request by an
+eviction, where "observed used" is the NVML sampler's last reading while it is fresh (Redis now - sampled_at
+<= max_age); an offline GPU (no new grants) has 0 free.
 """
 
 from __future__ import annotations
@@ -35,13 +40,52 @@ def as_int(value: object, default: int = 0) -> int:
         return default
 
 
+def parse_observed(raw: str, now_ms: int) -> dict[str, Any] | None:
+    """A sampler's reading ``"used_mib,sampled_at_ms,max_age_ms"``: used MiB, its age and whether it is
+    fresh (age <= max_age); None when malformed."""
+    parts = raw.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        return None
+    used, sampled_at, max_age = (int(p) for p in parts)
+    age = now_ms - sampled_at
+    return {
+        "used_mib": used,
+        "sampled_at": sampled_at,
+        "age_s": round(age / 1000, 3),
+        "max_age_s": round(max_age / 1000, 3),
+        "fresh": age <= max_age,
+    }
+
+
+def _hold(raw: str, now_ms: int) -> dict[str, Any]:
+    hold = as_json_object(raw)
+    victims = hold.get("victims")
+    hold["victims"] = [str(v) for v in victims] if isinstance(victims, list) else []
+    hold["vram_mib"] = as_int(hold.get("vram_mib", 0))
+    if "deadline" in hold:
+        hold["deadline_in_s"] = round((as_int(hold["deadline"], now_ms) - now_ms) / 1000, 3)
+    return hold
+
+
+def _lease_state(rec: dict[str, Any], now_ms: int) -> None:
+    """Fill in ``state`` (``active`` unless the record says otherwise) and ``evictions`` (0 when absent),
+    and the time left to an eviction's deadline."""
+    if not isinstance(rec.get("state"), str) or not rec["state"]:
+        rec["state"] = "active"
+    rec["evictions"] = as_int(rec.get("evictions", 0))
+    evict = rec.get("evict")
+    if isinstance(evict, dict) and "deadline" in evict:
+        evict["deadline_in_s"] = round((as_int(evict["deadline"], now_ms) - now_ms) / 1000, 3)
+
+
 def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: float) -> dict[str, Any]:
-    """A consistent snapshot (one MULTI/EXEC of reads) of a namespace: GPUs, leases and the queue."""
+    """A consistent snapshot (one MULTI/EXEC of reads) of a namespace: GPUs (with the inventory's readings,
+    offline marks and eviction holds), leases and the queue."""
     from gpuboss.redis_io import retry_sync
 
     def fetch() -> list[Any]:
+        now = client.time()  # before the MULTI: a Redis Cluster routes a transaction by its keys, and TIME has none
         pipe = client.pipeline(transaction=True)
-        pipe.time()
         pipe.hgetall(keys.gpus)
         pipe.hgetall(keys.capacity)
         pipe.hgetall(keys.used)
@@ -49,9 +93,13 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         pipe.zrange(keys.queue, 0, -1, withscores=True)
         pipe.hgetall(keys.tickets)
         pipe.zrange(keys.queue_exp, 0, -1, withscores=True)
-        return pipe.execute()
+        pipe.hgetall(keys.observed)
+        pipe.hgetall(keys.offline)
+        pipe.hgetall(keys.holds)
+        return [now, *pipe.execute()]
 
-    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp = retry_sync(fetch, shown_url, within)
+    reply = retry_sync(fetch, shown_url, within)
+    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds = reply
     entry_expiry = {str(k): int(v) for k, v in queue_exp}
     now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
 
@@ -61,17 +109,30 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         leasable = as_int(capacity.get(gpu_id, 0))
         reserve = as_int(decl.get("reserve_mib", 0))
         in_use = as_int(used.get(gpu_id, 0))
+        reading = parse_observed(observed[gpu_id], now_ms) if gpu_id in observed else None
+        seen = reading["used_mib"] if reading is not None and reading["fresh"] else None
+        hold = _hold(holds[gpu_id], now_ms) if gpu_id in holds else None
+        off = as_json_object(offline[gpu_id]) if gpu_id in offline else None
+        free = leasable - max(in_use, seen or 0) - (hold["vram_mib"] if hold else 0)
         gpus.append(
             {
                 "id": gpu_id,
                 "name": str(decl.get("name", "")),
                 "index": as_int(decl.get("index", 0)),
                 "device": f"cuda:{as_int(decl.get('index', 0))}",
+                "host": str(decl.get("host") or ""),
+                "uuid": str(decl.get("uuid") or ""),
+                "pci_bus_id": str(decl.get("pci_bus_id") or ""),
+                "parent_uuid": str(decl.get("parent_uuid") or ""),
                 "capacity_mib": as_int(decl.get("capacity_mib", leasable + reserve)),
                 "reserve_mib": reserve,
                 "leasable_mib": leasable,
                 "used_mib": in_use,
-                "free_mib": leasable - in_use,
+                "observed_mib": seen,
+                "observed": reading,
+                "offline": off,
+                "hold": hold,
+                "free_mib": 0 if off is not None else free,
                 "leases": 0,
             }
         )
@@ -85,6 +146,7 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         expires = as_int(rec.get("expires_at", now_ms), now_ms)
         rec["age_s"] = round((now_ms - acquired) / 1000, 3)
         rec["expires_in_s"] = round((expires - now_ms) / 1000, 3)
+        _lease_state(rec, now_ms)
         leases.append(rec)
         if rec.get("gpu") in by_id:
             by_id[rec["gpu"]]["leases"] += 1
@@ -107,6 +169,7 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
     return {
         "namespace": keys.namespace,
         "time": now_ms / 1000,
+        "inventory": bool(observed or offline),
         "gpus": gpus,
         "leases": leases,
         "queue": waiting,
@@ -122,11 +185,24 @@ def explain_queue(snap: dict[str, Any]) -> None:
         if entry["position"] > 1:
             entry["why"] = "behind #1 (strict order)"
             continue
+        held = [g for g in gpus.values() if g["hold"] and g["hold"].get("id") == entry.get("id")]
+        if held:
+            hold = held[0]["hold"]
+            victims = len(hold["victims"])
+            entry["why"] = (
+                f"{held[0]['id']} is being freed for it: {gb(hold['vram_mib'])} held, "
+                f"evicting {victims} lease{'' if victims == 1 else 's'}"
+            )
+            continue
         eligible = [gpus[pin]] if pin in gpus else ([] if pin else list(gpus.values()))
         if not eligible:
             entry["why"] = f"GPU {pin!r} is not registered" if pin else "no GPU registered"
             continue
-        best = max(eligible, key=lambda g: (g["free_mib"], g["id"]))
+        online = [g for g in eligible if g["offline"] is None]
+        if not online:
+            entry["why"] = f"{pin} is offline" if pin else "every GPU is offline"
+            continue
+        best = max(online, key=lambda g: (g["free_mib"], g["id"]))
         if best["free_mib"] >= need:
             entry["why"] = f"fits on {best['id']} now: granted by the next call"
         else:
@@ -138,12 +214,12 @@ def explain_queue(snap: dict[str, Any]) -> None:
 
 
 def health_report(snap: dict[str, Any], min_free_mib: int | None = None) -> dict[str, Any]:
-    """``{"gpu_available", "vram_total", "vram_free"}`` (MiB): available when a GPU is registered (with at
-    least ``min_free_mib`` free, if given)."""
+    """``{"gpu_available", "vram_total", "vram_free"}`` (MiB): available when a GPU is registered and online
+    (with at least ``min_free_mib`` effectively free, if given)."""
     gpus = snap["gpus"]
     total = sum(g["capacity_mib"] for g in gpus)
     free = sum(max(0, g["free_mib"]) for g in gpus)
-    usable = [g for g in gpus if g["leasable_mib"] > 0]
+    usable = [g for g in gpus if g["leasable_mib"] > 0 and g["offline"] is None]
     if min_free_mib is not None:
         usable = [g for g in usable if g["free_mib"] >= min_free_mib]
     return {"gpu_available": bool(usable), "vram_total": total, "vram_free": free}

@@ -1,8 +1,11 @@
 --[[
   register: declare GPUs in the namespace's shared registry, all or nothing.
 
-  A GPU already registered with the same capacity and reserve is left as it is; one registered with a
-  different capacity or reserve is a conflict, and then nothing is written.
+  A GPU already registered with the same capacity and reserve is left as it is (the first declaration's
+  name, index, host and bus id stay); one registered with a different capacity or reserve is a conflict,
+  and then nothing is written. A GPU discovered through NVML (`gpus: auto`) is declared by its UUID and
+  also carries `host`, `uuid`, `pci_bus_id` and, for a MIG instance, `parent_uuid`: the declaration is
+  stored as given, so those fields live in the `gpus` hash for placement (host), the sampler and people.
 
   Events: `gpu_registered` for each GPU that was new.
 
@@ -12,7 +15,8 @@
     KEYS[3]   used       hash  gpu id -> leased MiB
     KEYS[4]   events     pub/sub channel (includes/emit.lua)
     KEYS[5]   event_log  stream
-    ARGV[k]   (1 <= k < #ARGV) one GPU as JSON: {"id", "name", "index", "capacity_mib", "reserve_mib"}
+    ARGV[k]   (1 <= k < #ARGV) one GPU as JSON: {"id", "name", "index", "capacity_mib", "reserve_mib"},
+              and for a discovered GPU also "host", "uuid", "pci_bus_id", "parent_uuid" (MIG only)
     ARGV[#ARGV]  event log cap (0: no log)
 
   Output:
@@ -48,6 +52,7 @@ for _, d in ipairs(decls) do
     lease = cjson.null, gpu = gpu.id, service = cjson.null, priority = cjson.null, vram_mib = cjson.null,
     name = gpu.name or '', index = gpu.index,
     capacity_mib = gpu.capacity_mib, reserve_mib = gpu.reserve_mib,
+    host = gpu.host or cjson.null, uuid = gpu.uuid or cjson.null,
   })
 end
 return {1, #decls}

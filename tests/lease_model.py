@@ -187,7 +187,8 @@ class LeaseModel:
         if not ordered or ordered[0].rank < rank:  # never ahead of a waiter of the same or higher priority
             gpu = self.place(need, pin)
             if gpu is not None:
-                self._grant(rid, need, rank, priority, ttl, 0, self.now, gpu)
+                self.seq += 1  # every request takes an arrival number, granted at once or not
+                self._grant(rid, need, rank, priority, ttl, self.seq, self.now, gpu)
                 return Reply.GRANTED, rid, None
         if mode != "wait":
             return Reply.BUSY, None, self.next_ms()

@@ -418,6 +418,42 @@ def test_watch_live_with_the_executable(real_url: str, namespace: str) -> None:
     assert got[2]["service"] == "live"
 
 
+def test_eviction_and_inventory_events_read_well() -> None:
+    from gpuboss.cli import format_event
+    from gpuboss.events import Event
+
+    def line(**fields: Any) -> str:
+        base = {"time": 1_700_000_000_000, "lease": None, "gpu": "gpu0", "service": None, "priority": None}
+        return format_event(Event.from_json(json.dumps({**base, **fields})))
+
+    asked = line(
+        type="evict_requested",
+        lease="abcdef0123",
+        service="batch",
+        priority="low",
+        vram_mib=20480,
+        by="feedbeef99",
+        need_mib=8192,
+        reason="priority",
+    )
+    assert asked.split()[1:8] == ["evict_requested", "abcdef01", "batch", "low", "20.0", "GB", "on"]
+    assert asked.endswith("for feedbeef, needs 8.0 GB back, reason: priority")
+    gone = line(
+        type="evicted",
+        lease="abcdef0123",
+        vram_mib=20480,
+        by="feedbeef99",
+        held_ms=65_000,
+        checkpoint_ms=1500,
+        resume=True,
+    )
+    assert gone.endswith("held 1 min 05 s, for feedbeef, checkpoint 1.5 s, queued again")
+    alert = line(type="vram_alert", pid=4242, used_mib=9000, leased_mib=8192, over_mib=808)
+    assert alert.endswith("pid 4242 uses 8.8 GB of 8.0 GB leased")
+    off = line(type="gpu_offline", host="box2", reason="host_timeout")
+    assert off.endswith("on gpu0  host box2, reason: host_timeout")
+
+
 def test_top_once(real_url: str, namespace: str, busy: dict[str, Any]) -> None:
     result = gpuboss(real_url, namespace, "top", "--once", "--events", "3")
     assert result.exit_code == 0, result.output
@@ -448,12 +484,264 @@ def test_shell_completion_with_the_executable() -> None:
     assert done.stdout.split() == ["plain,released", "plain,revoked"]
 
 
+def test_completion_of_subcommands_and_the_global_plain_option() -> None:
+    def complete(words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "_GPUBOSS_COMPLETE": "bash_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+        }
+        done = subprocess.run([str(GPUBOSS)], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("gpuboss gpus ") == ["plain,discover", "plain,register"]
+    assert complete("gpuboss pro") == ["plain,profile"]
+    assert complete("gpuboss --pl") == ["plain,--plain"]
+
+
 def test_every_command_and_exit_code_is_documented() -> None:
-    from gpuboss.cli import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+    from gpuboss.cli import EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_NO_GPU, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
     assert isinstance(cli, click.Group)
     for name in cli.commands:
         assert f"gpuboss {name}" in doc, name
-    for code in (EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CHECK_FAILED, EXIT_INTERRUPTED):
+    for code in (EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CHECK_FAILED, EXIT_NO_GPU, EXIT_INTERRUPTED):
         assert f"| {code} |" in doc, code
+
+
+# ---------------------------------------------------------------- inventory: observed, offline, holds; lease state
+
+
+@pytest.fixture
+def inventory(real_url: str, namespace: str) -> Iterator[dict[str, Any]]:
+    """No live boss (so no script runs while a test reads): gpu0 (23 GB leasable) has a 10 GB lease and a
+    fresh NVML reading of 12 GB, and 2 GB held for a queued 20 GB request; gpu1 has a 4 GB lease, a stale
+    reading, and is offline."""
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS2))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    evalsha_sync(client, register)
+    evalsha_sync(client, core.acquire_call("lease0001aaaa", core.make_request(10, ttl=600), "gpu0", "chat"))
+    evalsha_sync(client, core.acquire_call("lease0002bbbb", core.make_request(4, ttl=600), "gpu1", "batch"))
+    want = core.make_request(20, priority="high", ttl=600)
+    evalsha_sync(client, core.acquire_call("want0001cccc", want, "gpu0", "big"))
+    assert client.zcard(f"{namespace}:queue") == 1
+    keys = Keys(namespace)
+    before = {"gpus": gpuboss(real_url, namespace, "gpus").stdout}
+    now = int(client.time()[0]) * 1000
+    client.hset(keys.observed, mapping={"gpu0": f"12288,{now},60000", "gpu1": f"1024,{now - 120_000},10000"})
+    client.hset(keys.offline, "gpu1", json.dumps({"host": "box2", "since": now - 5000, "reason": "host silent"}))
+    hold = {"id": "want0001cccc", "vram_mib": 2048, "victims": ["lease0001aaaa"], "deadline": now + 600_000}
+    client.hset(keys.holds, "gpu0", json.dumps({**hold, "on_grace": "wait"}))
+    try:
+        yield before
+    finally:
+        client.close()
+
+
+def test_gpus_show_observed_held_offline_and_effective_free(
+    real_url: str, namespace: str, inventory: dict[str, Any]
+) -> None:
+    assert "OBSERVED" not in inventory["gpus"] and "HELD" not in inventory["gpus"]  # before any inventory data
+    text = gpuboss(real_url, namespace, "gpus")
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    header = "GPU DEVICE NAME CAPACITY RESERVE LEASED OBSERVED HELD FREE LEASES"
+    assert lines[1].split() == header.split()
+    gpu0 = next(x for x in lines if x.strip().startswith("gpu0"))
+    # capacity 24, reserve 1, leased 10, observed 12, held 2: free = 23 - max(10, 12) - 2 = 9
+    assert gpu0.split()[4:] == ["24.0", "GB", "1.0", "GB", "10.0", "GB", "12.0", "GB", "2.0", "GB", "9.0", "GB", "1"]
+    gpu1 = next(x for x in lines if x.strip().startswith("gpu1"))
+    assert "stale (2 min 0" in gpu1 and gpu1.split()[-2:] == ["offline", "1"]
+    assert "  gpu1: offline since " in text.stdout and "(host box2): host silent" in text.stdout
+    assert "  gpu0: held for want0001 of big, high (2048 MiB, evicting 1 lease: lease000)" in text.stdout
+
+    data = {g["id"]: g for g in json.loads(gpuboss(real_url, namespace, "--json", "gpus").stdout)}
+    assert (data["gpu0"]["observed_mib"], data["gpu0"]["free_mib"], data["gpu0"]["offline"]) == (12288, 9216, None)
+    assert data["gpu0"]["observed"]["fresh"] is True and data["gpu0"]["hold"]["id"] == "want0001cccc"
+    assert data["gpu0"]["hold"]["victims"] == ["lease0001aaaa"] and data["gpu0"]["hold"]["deadline_in_s"] > 500
+    assert data["gpu1"]["observed_mib"] is None and data["gpu1"]["observed"]["fresh"] is False
+    assert data["gpu1"]["observed"]["age_s"] >= 120 and data["gpu1"]["offline"]["host"] == "box2"
+    assert data["gpu1"]["free_mib"] == 0 and data["gpu1"]["hold"] is None
+
+
+def test_status_says_what_is_held_offline_and_why_the_head_waits(
+    real_url: str, namespace: str, inventory: dict[str, Any]
+) -> None:
+    result = gpuboss(real_url, namespace, "status")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Offline (1: no new grants there)" in out
+    assert "Held for queued requests (1: VRAM being freed by eviction)" in out
+    assert "  gpu0: held for want0001 of big, high (2048 MiB, evicting 1 lease: lease000); deadline in " in out
+    head = next(x for x in out.splitlines() if "want0001" in x and x.split()[0] == "1")
+    assert head.endswith("gpu0 is being freed for it: 2.0 GB held, evicting 1 lease")
+    health = gpuboss(real_url, namespace, "health")
+    assert json.loads(health.stdout) == {"gpu_available": True, "vram_total": 40960, "vram_free": 9216}
+    assert gpuboss(real_url, namespace, "health", "--min-free-gb", "10").exit_code == 3  # gpu1 is offline
+
+
+def test_lease_state_and_evictions_of_records_with_and_without_them() -> None:
+    from gpuboss.cli import lease_table
+    from gpuboss.fmt import plain_table
+
+    base = {"service": "s", "priority": "low", "gpu": "gpu0", "vram_mib": 1024, "age_s": 1.0, "expires_in_s": 9.0}
+    old = {**base, "id": "0123456789"}  # written before eviction existed: no state, evict, evictions
+    evicting = {
+        **base,
+        "id": "abcdef0123",
+        "state": "evicting",
+        "evictions": 2,
+        "evict": {"by": "feedbeef99", "need_mib": 512, "deadline_in_s": 12.5},
+    }
+    late = {**evicting, "id": "9999999999", "evict": {"by": "feedbeef99", "deadline_in_s": -3.0}}
+    lines = plain_table(lease_table([old, evicting, late])).splitlines()
+    header = lines[0].split()
+    assert header[5:7] == ["STATE", "AGE"] and "EVICTIONS" in header
+    assert lines[1].split()[6:7] == ["active"] and lines[1].split()[-3] == "0"
+    assert "evicting (for feedbeef, 12.5 s left)" in lines[2] and lines[2].split()[-3] == "2"
+    assert "evicting (for feedbeef, 3.0 s overdue)" in lines[3]
+
+
+def test_a_real_eviction_shows_in_leases_and_status(real_url: str, namespace: str) -> None:
+    """A preemptible low lease asked to checkpoint for a high request: STATE evicting, the hold in status."""
+    one = [{"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0, "reserve_gb": 1}]
+    low = GPUBoss(real_url, namespace=namespace, service="batch", gpus=one)
+    high = GPUBoss(real_url, namespace=namespace, service="chat", gpus=one)
+    lease = low.acquire(20, priority="low", preemptible=True, on_evict=lambda _lease: None, ttl=60)
+    granted: list[Lease] = []
+    waiter = threading.Thread(target=lambda: granted.append(high.acquire(8, priority="high", timeout=60)))
+    waiter.start()
+    client = raw_client(real_url)
+    try:
+        wait_until(lambda: client.hlen(Keys(namespace).holds) == 1, timeout=20)
+        request = str(json.loads(gpuboss(real_url, namespace, "--json", "queue").stdout)[0]["id"])
+        rows = gpuboss(real_url, namespace, "leases").stdout.splitlines()
+        row = next(x for x in rows if x.startswith(f"  {lease.id[:8]}"))
+        assert f"evicting (for {request[:8]}, " in row and " left)" in row
+        (rec,) = json.loads(gpuboss(real_url, namespace, "--json", "leases").stdout)
+        assert rec["state"] == "evicting" and rec["evict"]["by"] == request and rec["evictions"] == 0
+        out = gpuboss(real_url, namespace, "status").stdout
+        assert f"gpu0: held for {request[:8]} of chat, high (8192 MiB, evicting 1 lease: {lease.id[:8]})" in out
+    finally:
+        low.release(lease)
+        waiter.join(timeout=30)
+        for got in granted:
+            high.release(got)
+        low.close()
+        high.close()
+        client.close()
+    assert granted and granted[0].gpu == "gpu0"
+
+
+# ---------------------------------------------------------------- gpus discover / register, profile
+
+
+@pytest.fixture
+def nvml(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Puts a fake NVML where gpuboss imports pynvml; returns a setter for the fake host."""
+    import gpuboss.nvml
+
+    def use(fake: Any) -> None:
+        monkeypatch.setattr(gpuboss.nvml, "import_nvml", lambda: fake)
+
+    return use
+
+
+def test_gpus_discover(nvml: Any) -> None:
+    import socket
+
+    from tests import fake_nvml as fk
+
+    nvml(fk.mig_host())
+    text = CliRunner().invoke(cli, ["gpus", "discover"])
+    assert text.exit_code == 0, text.output
+    assert text.stdout.startswith("GPUs on this host (3; NVML: driver 550.54.15, nothing written)")
+    rtx = next(x for x in text.stdout.splitlines() if x.startswith(f"  {fk.RTX4090}"))
+    assert rtx.split()[-5:] == ["0", "00000000:01:00.0", "8.9", "-", socket.gethostname()]
+    mig = next(x for x in text.stdout.splitlines() if x.startswith(f"  {fk.MIG_A}"))
+    assert fk.A100 in mig and "00000000:41:00.0" in mig and "39.2 GB" in mig
+
+    data = json.loads(CliRunner().invoke(cli, ["--json", "gpus", "discover", "--reserve-gb", "0.5"]).stdout)
+    assert [g["id"] for g in data] == [fk.RTX4090, fk.MIG_A, fk.MIG_B]
+    assert [g["parent_uuid"] for g in data] == [None, fk.A100, fk.A100]
+    assert data[1]["capacity_mib"] == 40192 and {g["reserve_gb"] for g in data} == {0.5}
+
+
+@pytest.mark.parametrize("command", [["gpus", "discover"], ["gpus", "register"]])
+def test_without_nvml_gpus_discover_and_register_exit_4(nvml: Any, command: list[str], tmp_path: Path) -> None:
+    from tests import fake_nvml as fk
+
+    nvml(fk.FakeNvml([], init_error=fk.LIBRARY_NOT_FOUND))
+    result = CliRunner().invoke(cli, ["--redis-url", "redis://127.0.0.1:1/0", *command])
+    assert result.exit_code == 4, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("gpuboss: error: no GPU discovered: NVML unavailable: the NVML library")
+    assert "Traceback" not in result.output and result.stdout == ""
+    nvml(fk.FakeNvml([]))
+    empty = CliRunner().invoke(cli, ["--redis-url", "redis://127.0.0.1:1/0", *command])
+    assert empty.exit_code == 4 and "NVML found no usable GPU on this host" in empty.stderr
+
+
+def test_gpus_register_discovered_and_declared(nvml: Any, real_url: str, namespace: str, tmp_path: Path) -> None:
+    from tests import fake_nvml as fk
+
+    nvml(fk.mixed_host())
+    result = gpuboss(real_url, namespace, "gpus", "register", "--reserve-gb", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"registered 3 GPUs: {fk.RTX3090}, {fk.T4}, {fk.RTX4090}")
+    data = json.loads(gpuboss(real_url, namespace, "--json", "gpus").stdout)
+    assert sorted(g["id"] for g in data) == sorted([fk.RTX3090, fk.T4, fk.RTX4090])
+    assert {g["reserve_mib"] for g in data} == {1024}
+    listed = gpuboss(real_url, namespace, "gpus").stdout
+    assert "T4" in listed and "15.0 GB" in listed
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"namespace: {namespace}-decl\ngpus: [{{id: gpu7, name: L4, vram_gb: 24, index: 0}}]\n")
+    declared = CliRunner().invoke(cli, ["--redis-url", real_url, "--config", str(config), "gpus", "register"])
+    assert declared.exit_code == 0, declared.output
+    assert declared.stdout.startswith("registered 1 GPU: gpu7")
+    assert [g["id"] for g in json.loads(gpuboss(real_url, f"{namespace}-decl", "--json", "gpus").stdout)] == ["gpu7"]
+    both = CliRunner().invoke(cli, ["--config", str(config), "gpus", "register", "--reserve-gb", "1"])
+    assert both.exit_code == 1 and "--reserve-gb applies to discovered GPUs" in both.stderr
+
+    off = tmp_path / "off.yaml"
+    off.write_text("gpu_discovery: 'off'\n")
+    refused = CliRunner().invoke(cli, ["--redis-url", real_url, "--config", str(off), "gpus", "register"])
+    assert refused.exit_code == 1 and "nothing to register" in refused.stderr
+
+
+def test_profile(tmp_path: Path) -> None:
+    from gpuboss.profiles import default_profiles
+
+    one = CliRunner().invoke(cli, ["profile", "NVIDIA GeForce RTX 4090"])
+    assert one.exit_code == 0, one.output
+    lines = one.stdout.splitlines()
+    assert lines[0].split() == ["name", "RTX", "4090"] and lines[3].split() == ["compute", "capability", "8.9"]
+    assert "24.0 GB (24576 MiB)" in one.stdout and "fp8" in one.stdout
+    data = json.loads(CliRunner().invoke(cli, ["--json", "profile", "RTX 4090"]).stdout)
+    assert (data["name"], data["compute_capability"], data["vram_gb"]) == ("RTX 4090", "8.9", 24)
+
+    unknown = CliRunner().invoke(cli, ["profile", "RTX 4091"])
+    assert unknown.exit_code == 1 and unknown.stdout == ""
+    (line,) = unknown.stderr.strip().splitlines()
+    assert line.startswith("gpuboss: error: invalid gpu='RTX 4091': unknown GPU model; did you mean 'RTX 4090'")
+
+    listed = json.loads(CliRunner().invoke(cli, ["--json", "profile", "--list"]).stdout)
+    assert [p["name"] for p in listed] == default_profiles().names()
+    text = CliRunner().invoke(cli, ["profile", "--list"]).stdout
+    assert text.startswith(f"GPU profiles ({len(listed)})") and "RTX 4090" in text
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        'profiles:\n  - {name: Bolt 9, architecture: ada, compute_capability: "8.9", vram_gb: 48, max_batch_hint: 32}\n'
+    )
+    found = json.loads(CliRunner().invoke(cli, ["--json", "profile", "bolt 9", "--file", str(mine)]).stdout)
+    assert (found["name"], found["vram_gb"], found["fp8"]) == ("Bolt 9", 48, True)
+    for args in (["profile"], ["profile", "RTX 4090", "--list"]):
+        bad = CliRunner().invoke(cli, args)
+        assert bad.exit_code == 1 and "NAME" in bad.stderr

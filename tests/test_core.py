@@ -59,7 +59,7 @@ def test_flow_grants_at_once(core: Core) -> None:
     flow = core.acquire_flow(core.make_request(1), "r1")
     call = next(flow)
     assert isinstance(call, Call) and call.script == "acquire"
-    assert call.keys == [*Keys("ns").state(), Keys("ns").seq, "ns:events", "ns:event_log"]
+    assert call.keys == [*Keys("ns").state(), "ns:events", "ns:event_log"]
     assert call.args[1:8] == ["r1", 1024, 1, "normal", "", 30000, "wait"]
     with pytest.raises(StopIteration) as stop:
         flow.send([Reply.GRANTED, record()])
@@ -132,6 +132,6 @@ def test_key_names_live_in_keys_module_only() -> None:
 
 def test_keys_share_one_namespace() -> None:
     keys = Keys("{team}")
-    names = [*keys.state(), keys.seq, keys.wake("x"), *keys.event_keys()]
+    names = [*keys.state(), keys.hosts, keys.sampler("g"), keys.holder_channel("h"), keys.wake("x"), *keys.event_keys()]
     assert all(n.startswith("{team}:") for n in names)
     assert len(set(names)) == len(names)

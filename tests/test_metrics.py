@@ -139,6 +139,73 @@ def test_event_counters_and_histograms(exporter: Exporter, real_url: str, namesp
     assert value(data, "gpuboss_hold_seconds_count", namespace=ns, priority="normal", end="revoked") == 1
 
 
+def test_inventory_gauges_observed_offline_and_effective_free(real_url: str, namespace: str) -> None:
+    """No live boss, so nothing runs a script between the writes below and the scrape."""
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    evalsha_sync(client, register)
+    evalsha_sync(client, core.acquire_call("lease0001aaaa", core.make_request(10, ttl=600), "gpu0", "m"))
+    evalsha_sync(client, core.acquire_call("want0001bbbb", core.make_request(20, ttl=600), "gpu0", "m"))
+    exp = Exporter(real_url, namespace)
+    gpu0 = {"namespace": namespace, "gpu": "gpu0", "device": "cuda:0", "name": "RTX 4090"}
+    gpu1 = {"namespace": namespace, "gpu": "gpu1", "device": "cuda:1", "name": "RTX 4080"}
+    try:
+        before = samples(exp)
+        assert value(before, "gpuboss_gpu_free_bytes", **gpu0) == 14 * GIB
+        assert ("gpuboss_gpu_observed_bytes", frozenset(gpu0.items())) not in before
+        now = int(client.time()[0]) * 1000
+        client.hset(
+            f"{namespace}:observed", mapping={"gpu0": f"12288,{now},60000", "gpu1": f"4096,{now - 60_000},5000"}
+        )
+        client.hset(f"{namespace}:offline", "gpu1", json.dumps({"host": "box2", "since": now, "reason": "silent"}))
+        hold = {"id": "want0001bbbb", "vram_mib": 2048, "victims": [], "deadline": now + 600_000, "on_grace": "wait"}
+        client.hset(f"{namespace}:holds", "gpu0", json.dumps(hold))
+        data = samples(exp)
+    finally:
+        exp.close()
+        client.close()
+    assert value(data, "gpuboss_gpu_observed_bytes", **gpu0) == 12 * GIB
+    assert ("gpuboss_gpu_observed_bytes", frozenset(gpu1.items())) not in data  # its reading is stale
+    assert value(data, "gpuboss_gpu_leased_bytes", **gpu0) == 10 * GIB
+    assert value(data, "gpuboss_gpu_free_bytes", **gpu0) == (24 - 12 - 2) * GIB  # 24 - max(10, 12) - held 2
+    assert value(data, "gpuboss_gpu_free_bytes", **gpu1) == 0  # offline
+    assert value(data, "gpuboss_gpu_offline", **gpu1) == 1 and value(data, "gpuboss_gpu_offline", **gpu0) == 0
+
+
+def test_evictions_are_counted(exporter: Exporter, real_url: str, namespace: str) -> None:
+    """A preemptible low lease is asked to checkpoint for a high request and hands its VRAM back (the yield
+    script, as its holder's boss runs it): counters by type, its hold time ending `evicted`, the checkpoint time."""
+    one = [{"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0}]
+    low = GPUBoss(real_url, namespace=namespace, gpus=one, service="batch")
+    high = GPUBoss(real_url, namespace=namespace, gpus=one, service="chat")
+    client = raw_client(real_url)
+    got: list[Lease] = []
+    try:
+        lease = low.acquire(20, priority="low", preemptible=True, resume=False, on_evict=lambda _lease: None)
+        thread = threading.Thread(target=lambda: got.append(high.acquire(8, priority="high", timeout=30)))
+        thread.start()
+        wait_until(lambda: client.hlen(f"{namespace}:holds") == 1)
+        evalsha_sync(client, Core(BossConfig(namespace=namespace)).yield_call(lease.id, False))
+        thread.join(timeout=30)
+        assert got, "the high request was not granted"
+        high.release(got[0])
+        # registered, granted (low), queued (high), evict_requested, evicted, granted (high), released
+        wait_until(lambda: exporter.tail.seen >= 7)
+    finally:
+        low.close()
+        high.close()
+        client.close()
+    data = samples(exporter)
+    ns = namespace
+    assert value(data, "gpuboss_events_total", namespace=ns, type="evict_requested", priority="low") == 1
+    assert value(data, "gpuboss_events_total", namespace=ns, type="evicted", priority="low") == 1
+    assert value(data, "gpuboss_hold_seconds_count", namespace=ns, priority="low", end="evicted") == 1
+    assert value(data, "gpuboss_checkpoint_seconds_count", namespace=ns, priority="low") == 1
+    assert value(data, "gpuboss_checkpoint_seconds_bucket", namespace=ns, priority="low", le="+Inf") == 1
+
+
 def test_counters_start_at_the_exporters_start(real_url: str, namespace: str) -> None:
     boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
     try:

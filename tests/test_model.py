@@ -238,7 +238,8 @@ class LeaseMachine(RuleBasedStateMachine):
             self.model.gpus[g.id] = ModelGpu(g.id, g.index, g.leasable_mib)
 
     def acquire_call(self, rid: str, a: Args) -> Call:
-        req = self.core.make_request(a.need / 1024, a.priority, None if a.wait else 0, a.ttl_ms / 1000)
+        # Not preemptible: eviction is checked by its own tests (tests/test_eviction.py), not modelled here yet.
+        req = self.core.make_request(a.need / 1024, a.priority, None if a.wait else 0, a.ttl_ms / 1000, preemptible=False)
         req = dataclasses.replace(req, vram_mib=a.need, ttl_ms=a.ttl_ms)  # exact, whatever the float rounding
         return self.core.acquire_call(rid, req, a.pin, self.core.config.service)
 

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from gpuboss import GPUBoss, scripts
 from gpuboss.config import BossConfig
-from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, RevokeReply, new_request_id
+from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply, new_request_id
 from gpuboss.redis_io import evalsha_sync
 
 from tests.conftest import GPUS, raw_client
@@ -104,7 +105,7 @@ def test_every_reply_code_against_the_server(
 
 def check_every_reply_code(client: redis.Redis, core: Core) -> None:
     req = core.make_request(24)
-    seen: dict[str, set[int]] = {"acquire": set(), "release": set(), "renew": set()}
+    seen: dict[str, set[int]] = {"acquire": set(), "release": set(), "renew": set(), "yield": set(), "resize": set()}
 
     def acquire(request_id: str, vram_gb: float, pin: str = "", timeout: float | None = None) -> list[object]:
         r = core.make_request(vram_gb, timeout=timeout)
@@ -145,9 +146,12 @@ def check_every_reply_code(client: redis.Redis, core: Core) -> None:
     assert conflict_call is not None
     assert run(client, conflict_call)[:2] == [-1, "gpu0"]
     assert run(client, core.collect_call())[:3] == [0, 0, 0]
+    check_eviction_reply_codes(client, core, seen)
     assert seen["acquire"] == {int(c) for c in Reply}
     assert seen["renew"] == {int(c) for c in RenewStatus}
     assert seen["release"] == {int(c) for c in ReleaseReply}
+    assert seen["yield"] == {int(c) for c in YieldReply}
+    assert seen["resize"] == {int(c) for c in ResizeReply}
     del req
 
 
@@ -208,3 +212,73 @@ def test_wheel_ships_the_scripts(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["dir"].startswith(str(target))
     assert data["shas"] == {n: x.sha for n, x in scripts.all_scripts().items()}
+
+
+def check_eviction_reply_codes(client: redis.Redis, core: Core, seen: dict[str, set[int]]) -> None:
+    """yield, resize, checkpoint and renew's EVICTING, on gpu1 (15 GiB leasable)."""
+    full = 15 * 1024
+
+    def yielded(lease_id: str, resume: bool) -> list[Any]:
+        reply = run(client, core.yield_call(lease_id, resume))
+        seen["yield"].add(int(reply[0]))
+        return reply
+
+    def resized(lease_id: str, mib: int) -> list[Any]:
+        reply = run(client, core.resize_call(lease_id, mib))
+        seen["resize"].add(int(reply[0]))
+        return reply
+
+    low = core.make_request(15, priority="low")
+    assert low.preemptible  # the default for low
+    assert run(client, core.acquire_call("lo", low, "gpu1", "s"))[0] == Reply.GRANTED
+    assert yielded("lo", True)[0] == YieldReply.CONTINUE  # nobody asked: the lease stays
+    assert run(client, core.checkpoint_call("lo")) == [0]
+    high = core.make_request(15, priority="high")
+    assert run(client, core.acquire_call("hi", high, "gpu1", "s"))[:2] == [Reply.QUEUED, 0]
+    renewed = run(client, core.renew_call({"lo": 5000}))
+    assert renewed[2] == RenewStatus.EVICTING
+    seen["renew"].add(int(renewed[2]))
+    notice = json.loads(str(renewed[3]))
+    assert (notice["lease"], notice["by"], notice["need_mib"]) == ("lo", "hi", full)
+    assert json.loads(str(client.hget(core.keys.holds, "gpu1")))["id"] == "hi"
+    assert run(client, core.checkpoint_call("lo")) == [1]
+    assert run(client, core.checkpoint_call("lo")) == [0]  # noted once
+    # Shrinking by part of the need leaves it evicting for the rest.
+    assert resized("lo", 1024)[0] == ResizeReply.DONE
+    assert json.loads(str(client.hget(core.keys.leases, "lo")))["evict"]["need_mib"] == 1024
+    assert yielded("lo", True)[:2] == [YieldReply.QUEUED, 0]  # "hi" was granted in the same step
+    assert json.loads(str(client.lpop(core.keys.wake("hi"))))["id"] == "hi"
+    assert client.hget(core.keys.holds, "gpu1") is None
+    assert yielded("lo", True) == [YieldReply.GONE]  # only queued now
+    assert run(client, core.release_call("hi")) == [ReleaseReply.RELEASED, 1]  # and "lo" resumed
+    resumed = json.loads(str(client.lpop(core.keys.wake("lo"))))
+    assert (resumed["evictions"], resumed["vram_mib"], resumed["gpu"]) == (1, 1024, "gpu1")
+    assert resized("lo", full + 1)[:2] == [ResizeReply.INSUFFICIENT, full]
+    assert resized("lo", 1024)[0] == ResizeReply.DONE  # same size
+    other = core.make_request(10, priority="normal")
+    assert run(client, core.acquire_call("x", other, "gpu1", "s"))[0] == Reply.GRANTED
+    assert resized("lo", 6 * 1024)[:2] == [ResizeReply.QUEUED, 0]  # only 4 GiB free: the growth waits
+    assert run(client, core.release_call("x")) == [ReleaseReply.RELEASED, 1]
+    assert json.loads(str(client.lpop(core.keys.wake("lo:grow"))))["vram_mib"] == 6 * 1024
+    assert resized("lo", 6 * 1024)[0] == ResizeReply.DONE
+    # A lease handed back for good.
+    assert run(client, core.acquire_call("hi2", high, "gpu1", "s"))[0] == Reply.QUEUED
+    assert yielded("lo", False) == [YieldReply.ENDED, 1]
+    assert resized("lo", 1024) == [ResizeReply.GONE]
+    assert run(client, core.release_call("hi2"))[0] == ReleaseReply.RELEASED
+    # A pause rule: no low grant while a high lease is active, and active low leases asked to checkpoint.
+    rule = {"class": "low", "while": ["high"], "evict": True}
+    pausing = Core(BossConfig(namespace=core.config.namespace, gpus=GPUS, pause=[rule]))
+    assert run(client, pausing.policy_call()) == [1]
+    assert run(client, pausing.policy_call()) == [0]  # the same rule again: unchanged
+    small_low, small_high = core.make_request(1, priority="low"), core.make_request(1, priority="high")
+    assert run(client, core.acquire_call("lo2", small_low, "gpu1", "s"))[0] == Reply.GRANTED
+    assert run(client, core.acquire_call("hi4", small_high, "gpu0", "s"))[0] == Reply.GRANTED
+    record = json.loads(str(client.hget(core.keys.leases, "lo2")))
+    assert (record["state"], record["evict"]["reason"]) == ("evicting", "pause")
+    assert run(client, core.acquire_call("lo3", small_low, "", "s"))[0] == Reply.QUEUED  # fits, but paused
+    assert run(client, core.release_call("hi4")) == [ReleaseReply.RELEASED, 1]  # the pause lifts: lo3 granted
+    assert yielded("lo2", True)[0] == YieldReply.GRANTED  # resumed at once
+    assert run(client, Core(BossConfig(namespace=core.config.namespace, pause=[])).policy_call()) == [1]
+    for lease_id in ("lo2", "lo3"):
+        assert run(client, core.release_call(lease_id))[0] == ReleaseReply.RELEASED

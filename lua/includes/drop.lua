@@ -1,13 +1,43 @@
 --[[
   drop_lease(s, id) -> the removed lease record (decoded) and its JSON, or nil: frees its MiB on its GPU,
-    and deletes a grant pushed to the id's wake list that its waiter never took.
-  drop_request(id) -> true when a queued request was removed (its wake list goes too).
+    counts it out of the usage hash, takes it off any reservation's victim list, and deletes a grant pushed
+    to the id's wake list that its waiter never took.
+  drop_request(id, s, now, why) -> true when a queued request was removed (its wake list goes too). With
+    `s`, a reservation held for it is released and its victims are told they may continue (`why`).
+  release_hold(s, id, now, why) -> releases the reservation held for request `id`, if any: victims still
+    evicting for it go back to active, get an `evict_cancelled` event and a `continue` notice.
   collect_expired(s, now, out) -> leases, requests: removes leases and queued requests whose TTL has run
     out (at most COLLECT_LIMIT of each), emitting `expired` for each; with a table `out`, their records
-    (JSON) are appended to out.leases and out.requests.
+    (JSON) are appended to out.leases and out.requests. Then enforces eviction grace (enforce_holds).
 
   Needs the emit include above it.
 ]]
+
+-- Tell a lease's holder something about it on the holder's own channel (eviction notices).
+local function notify(rec, notice)
+  if rec.notify and rec.notify ~= '' then
+    notice.lease = rec.id
+    redis.call('PUBLISH', rec.notify, cjson.encode(notice))
+  end
+end
+
+-- The usage hash: `class:<priority>` counts active leases; `pre:<rank>` sums the MiB of preemptible ones.
+local function count_lease(rec, delta)
+  redis.call('HINCRBY', K_USAGE, 'class:' .. rec.priority, delta)
+  if rec.preemptible then
+    redis.call('HINCRBY', K_USAGE, 'pre:' .. rec.rank, delta * rec.vram_mib)
+  end
+end
+
+local function save_hold(s, gpu)
+  local hold = s.holds[gpu]
+  if hold then
+    redis.call('HSET', K_HOLDS, gpu, cjson.encode(hold))
+  else
+    redis.call('HDEL', K_HOLDS, gpu)
+  end
+end
+
 local function drop_lease(s, id)
   local raw = redis.call('HGET', K_LEASES, id)
   redis.call('ZREM', K_LEASE_EXP, id)
@@ -24,14 +54,55 @@ local function drop_lease(s, id)
     left = 0
   end
   s.used[rec.gpu] = left
+  count_lease(rec, -1)
+  s.active[rec.priority] = nil
+  local hold = s.holds[rec.gpu]
+  if hold and rec.state == 'evicting' then
+    for i, victim in ipairs(hold.victims) do
+      if victim == id then
+        table.remove(hold.victims, i)
+        save_hold(s, rec.gpu)
+        break
+      end
+    end
+  end
   return rec, raw
 end
 
-local function drop_request(id)
+local function release_hold(s, id, now, why)
+  for gpu, hold in pairs(s.holds) do
+    if hold.id == id then
+      s.holds[gpu] = nil
+      redis.call('HDEL', K_HOLDS, gpu)
+      for _, victim in ipairs(hold.victims) do
+        local raw = redis.call('HGET', K_LEASES, victim)
+        if raw then
+          local rec = cjson.decode(raw)
+          if rec.state == 'evicting' and rec.evict and rec.evict.by == id then
+            rec.state = 'active'
+            rec.evict = nil
+            redis.call('HSET', K_LEASES, victim, cjson.encode(rec))
+            local ev = lease_fields(rec)
+            ev.by = id
+            ev.reason = why
+            emit('evict_cancelled', now, ev)
+            notify(rec, {type = 'continue', by = id, reason = why})
+          end
+        end
+      end
+    end
+  end
+end
+
+local function drop_request(id, s, now, why)
   redis.call('ZREM', K_QUEUE_EXP, id)
   redis.call('DEL', WAKE_PREFIX .. id)
   local removed = redis.call('ZREM', K_QUEUE, id)
-  return redis.call('HDEL', K_TICKETS, id) + removed > 0
+  local dropped = redis.call('HDEL', K_TICKETS, id) + removed > 0
+  if s and dropped then
+    release_hold(s, id, now, why)
+  end
+  return dropped
 end
 
 -- Milliseconds between two record times, or null when the record lacks the first.
@@ -40,6 +111,43 @@ local function since_ms(now, t)
     return cjson.null
   end
   return now - t
+end
+
+--[[
+  Eviction grace: a reservation whose deadline has passed while victims still hold VRAM is settled by its
+  policy: 'revoke' removes those victims (their fencing tokens die; their heartbeats report them lost),
+  'wait' keeps waiting and says so once with `evict_overdue`. A reservation whose request is gone is
+  released.
+]]
+local function enforce_holds(s, now)
+  for gpu, hold in pairs(s.holds) do
+    if redis.call('HEXISTS', K_TICKETS, hold.id) == 0 then
+      release_hold(s, hold.id, now, 'requester_gone')
+    elseif now >= hold.deadline and #hold.victims > 0 then
+      if hold.on_grace == 'revoke' then
+        local victims = hold.victims
+        hold.victims = {}
+        for _, victim in ipairs(victims) do
+          local rec = drop_lease(s, victim)
+          if rec then
+            local ev = lease_fields(rec)
+            ev.held_ms = since_ms(now, rec.acquired_at)
+            ev.by = hold.id
+            ev.reason = 'evict_grace'
+            emit('revoked', now, ev)
+          end
+        end
+        save_hold(s, gpu)
+      elseif not hold.overdue then
+        hold.overdue = true
+        save_hold(s, gpu)
+        emit('evict_overdue', now, {
+          lease = cjson.null, gpu = gpu, service = cjson.null, priority = cjson.null, vram_mib = hold.vram_mib,
+          by = hold.id, victims = hold.victims, overdue_ms = now - hold.deadline,
+        })
+      end
+    end
+  end
 end
 
 local function collect_expired(s, now, out)
@@ -61,7 +169,7 @@ local function collect_expired(s, now, out)
   ids = redis.call('ZRANGEBYSCORE', K_QUEUE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
   for _, id in ipairs(ids) do
     local raw = redis.call('HGET', K_TICKETS, id)
-    if drop_request(id) then
+    if drop_request(id, s, now, 'requester_expired') then
       requests = requests + 1
       local rec = {id = id}
       if raw then
@@ -75,6 +183,9 @@ local function collect_expired(s, now, out)
         out.requests[#out.requests + 1] = raw or cjson.encode(rec)
       end
     end
+  end
+  if next(s.holds) ~= nil then
+    enforce_holds(s, now)
   end
   return leases, requests
 end

@@ -10,7 +10,14 @@
     KEYS[6] queue      zset  request id by (priority, arrival)
     KEYS[7] tickets    hash  request id -> JSON request record
     KEYS[8] queue_exp  zset  request id by expiry (ms)
-    KEYS[9] token      string fencing-token counter
+    KEYS[9]  token     string fencing-token counter
+    KEYS[10] seq       string arrival counter (every request gets one; a resumed one keeps its own)
+    KEYS[11] observed  hash  gpu id -> "used_mib,sampled_at_ms,max_age_ms" (the NVML sampler's last reading)
+    KEYS[12] offline   hash  gpu id -> JSON: GPUs that get no new grants (their host stopped beating)
+    KEYS[13] holds     hash  gpu id -> JSON reservation {id, vram_mib, victims, deadline}: VRAM being freed
+                             by eviction for request `id`; nobody else may take it
+    KEYS[14] policy    hash  rule -> JSON: rules every process obeys (see load_policy)
+    KEYS[15] usage     hash  "class:<priority>" -> active leases of that class
   and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
@@ -18,7 +25,9 @@
 local K_GPUS, K_CAPACITY, K_USED = KEYS[1], KEYS[2], KEYS[3]
 local K_LEASES, K_LEASE_EXP = KEYS[4], KEYS[5]
 local K_QUEUE, K_TICKETS, K_QUEUE_EXP = KEYS[6], KEYS[7], KEYS[8]
-local K_TOKEN = KEYS[9]
+local K_TOKEN, K_SEQ = KEYS[9], KEYS[10]
+local K_OBSERVED, K_OFFLINE, K_HOLDS = KEYS[11], KEYS[12], KEYS[13]
+local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
 local WAKE_PREFIX = ARGV[1]
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
@@ -37,18 +46,69 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The per-GPU numbers, read once per call and kept current as the script grants and frees.
-local function load_gpus()
-  local s = {cap = {}, used = {}}
-  local flat = redis.call('HGETALL', K_CAPACITY)
+local function hgetall(key)
+  local out, flat = {}, redis.call('HGETALL', key)
   for i = 1, #flat, 2 do
-    s.cap[flat[i]] = tonumber(flat[i + 1])
+    out[flat[i]] = flat[i + 1]
   end
-  flat = redis.call('HGETALL', K_USED)
-  for i = 1, #flat, 2 do
-    s.used[flat[i]] = tonumber(flat[i + 1])
+  return out
+end
+
+--[[
+  The per-GPU numbers, read once per call and kept current as the script grants and frees:
+    s.cap[gpu]      leasable MiB (capacity - reserve)
+    s.used[gpu]     leased MiB
+    s.seen[gpu]     observed used MiB from a fresh NVML sample (absent when none is fresh)
+    s.off[gpu]      true when the GPU is offline (no new grants)
+    s.holds[gpu]    the reservation on that GPU (decoded), if any
+  Effective free MiB for a request = cap - max(used, seen) - (a hold of another request).
+]]
+local function load_gpus(now)
+  local s = {cap = {}, used = {}, seen = {}, off = {}, holds = {}, now = now, active = {}}
+  for gpu, v in pairs(hgetall(K_CAPACITY)) do
+    s.cap[gpu] = tonumber(v)
+  end
+  for gpu, v in pairs(hgetall(K_USED)) do
+    s.used[gpu] = tonumber(v)
+  end
+  for gpu, v in pairs(hgetall(K_OBSERVED)) do
+    local mib, at, max_age = string.match(v, '^(%d+),(%d+),(%d+)$')
+    if mib and now - tonumber(at) <= tonumber(max_age) then
+      s.seen[gpu] = tonumber(mib)
+    end
+  end
+  for gpu, _ in pairs(hgetall(K_OFFLINE)) do
+    s.off[gpu] = true
+  end
+  for gpu, v in pairs(hgetall(K_HOLDS)) do
+    s.holds[gpu] = cjson.decode(v)
+  end
+  s.policy = {pause = {}}
+  local raw = redis.call('HGET', K_POLICY, 'pause')
+  if raw then
+    s.policy.pause = cjson.decode(raw)
   end
   return s
+end
+
+-- MiB in use on a GPU as placement sees it: the larger of what is leased and what NVML last read.
+local function busy_mib(s, gpu)
+  local used = s.used[gpu] or 0
+  local seen = s.seen[gpu]
+  if seen and seen > used then
+    return seen
+  end
+  return used
+end
+
+-- MiB a request `id` may take on `gpu` now (negative when even less): a hold of another request counts as taken.
+local function free_for(s, gpu, id)
+  local free = s.cap[gpu] - busy_mib(s, gpu)
+  local hold = s.holds[gpu]
+  if hold and hold.id ~= id then
+    free = free - hold.vram_mib
+  end
+  return free
 end
 
 local function rank_of_score(score)
@@ -68,4 +128,35 @@ local function next_expiry(now)
     end
   end
   return best
+end
+
+--[[
+  s.policy (read by load_gpus from the policy hash, written by policy-*.lua): the rules every process obeys.
+    pause   list of {class, while = {class, ...}, evict}: `class` is not granted while any lease of a
+            `while` class is active; with evict, its active leases are asked to checkpoint too.
+]]
+
+-- Active leases of one priority class (the usage hash), read once per call and cached in `s`.
+local function active_of(s, class)
+  s.active = s.active or {}
+  local n = s.active[class]
+  if n == nil then
+    n = tonumber(redis.call('HGET', K_USAGE, 'class:' .. class) or '0')
+    s.active[class] = n
+  end
+  return n
+end
+
+-- True when requests of `class` are paused now by a pause rule (a class it waits for is active).
+local function is_paused(s, class)
+  for _, rule in ipairs(s.policy.pause) do
+    if rule.class == class then
+      for _, other in ipairs(rule['while']) do
+        if active_of(s, other) > 0 then
+          return true
+        end
+      end
+    end
+  end
+  return false
 end

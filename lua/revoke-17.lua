@@ -9,9 +9,9 @@
   collected first (a lease whose TTL had already run out is collected as expired, not revoked).
 
   Input:
-    KEYS[1..9]  the state layout (includes/state.lua)
-    KEYS[10]    events       pub/sub channel (includes/emit.lua)
-    KEYS[11]    event_log    stream
+    KEYS[1..15]  the state layout (includes/state.lua)
+    KEYS[16]    events       pub/sub channel (includes/emit.lua)
+    KEYS[17]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     who revokes it (e.g. user@host), carried by the event
@@ -27,11 +27,12 @@
 --- @include "emit"
 --- @include "place"
 --- @include "drop"
+--- @include "evict"
 --- @include "grant"
 
 local id = ARGV[2]
-local s = load_gpus()
 local now = now_ms()
+local s = load_gpus(now)
 local out = {leases = {}, requests = {}}
 collect_expired(s, now, out)
 for _, raw in ipairs(out.leases) do

@@ -1,18 +1,20 @@
 --[[
-  acquire: grant a VRAM lease now, or queue the request by priority and arrival.
+  acquire: grant a VRAM lease now, or queue the request by priority and arrival (and, when it cannot be
+  placed, ask lower-priority preemptible leases to checkpoint: includes/evict.lua).
 
   First collects expired leases and requests and hands freed capacity to the queue, so the queue is
-  served before the newcomer. The newcomer is granted at once only when it fits and no waiting request
-  has the same or a higher priority; otherwise (mode "wait") it is queued. Calling again with the same
-  id is harmless: it reports the lease or the queue entry that id already has.
+  served before the newcomer. The newcomer is granted at once only when it fits, its class is not paused,
+  and no waiting request (of a class not paused) has the same or a higher priority; otherwise (mode
+  "wait") it is queued, and if it is then first in line and does not fit, eviction is tried for it.
+  Calling again with the same id is harmless: it reports the lease or the queue entry that id already has.
 
-  Events: `granted` (the newcomer, or waiters served first), `queued`, `expired` (what was collected).
+  Events: `granted` (the newcomer, or waiters served first), `queued`, `expired` (what was collected),
+  `evict_requested` (victims asked to checkpoint).
 
   Input:
-    KEYS[1..9]  the state layout (includes/state.lua)
-    KEYS[10]    seq          string, arrival counter
-    KEYS[11]    events       pub/sub channel (includes/emit.lua)
-    KEYS[12]    event_log    stream
+    KEYS[1..15] the state layout (includes/state.lua)
+    KEYS[16]    events       pub/sub channel (includes/emit.lua)
+    KEYS[17]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     request id (becomes the lease id)
     ARGV[3]     vram, integer MiB > 0
@@ -24,7 +26,11 @@
     ARGV[9]     service name
     ARGV[10]    host name
     ARGV[11]    pid
-    ARGV[12]    event log cap (0: no log)
+    ARGV[12]    preemptible: '1' (may be asked to checkpoint for a higher priority) or '0'
+    ARGV[13]    the holder's notice channel ('' for none): eviction notices for this lease go there
+    ARGV[14]    eviction grace, ms: how long victims of this request's evictions get to checkpoint
+    ARGV[15]    after the grace: 'wait' (keep waiting) or 'revoke' (remove the victims' leases)
+    ARGV[16]    event log cap (0: no log)
 
   Output:
     {1, lease}                  GRANTED: the lease record (JSON)
@@ -38,12 +44,14 @@
 --- @include "emit"
 --- @include "place"
 --- @include "drop"
+--- @include "evict"
 --- @include "grant"
 
 local id, need, rank = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local pin, ttl, mode = ARGV[6], tonumber(ARGV[7]), ARGV[8]
 
-local s = load_gpus()
+local now = now_ms()
+local s = load_gpus(now)
 if next(s.cap) == nil then
   return {-3}
 end
@@ -62,7 +70,6 @@ if need > largest then
   return {-1, largest}
 end
 
-local now = now_ms()
 collect_expired(s, now)
 grant_waiting(s, now)
 
@@ -74,14 +81,17 @@ if redis.call('HEXISTS', K_TICKETS, id) == 1 then
   return {2, redis.call('ZRANK', K_QUEUE, id), next_expiry(now)}
 end
 
-local head = redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')
-if head[1] == nil or rank_of_score(head[2]) < rank then
-  local gpu = place(s, need, pin)
+local req = {
+  id = id, vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
+  service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now,
+  preemptible = ARGV[12] == '1', notify = ARGV[13], grace_ms = tonumber(ARGV[14]), on_grace = ARGV[15],
+  evictions = 0,
+}
+local first = first_waiting_rank(s)
+if (first == nil or first < rank) and not (#s.policy.pause > 0 and is_paused(s, req.priority)) then
+  local gpu = place(s, need, pin, id)
   if gpu then
-    local req = {
-      vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
-      service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now, seq = 0,
-    }
+    req.seq = redis.call('INCR', K_SEQ)
     return {1, grant(s, id, req, gpu, now)}
   end
 end
@@ -90,18 +100,18 @@ if mode ~= 'wait' then
   return {0, next_expiry(now)}
 end
 
-local seq = redis.call('INCR', KEYS[10])
-local req = {
-  id = id, vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
-  service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now, seq = seq,
-  expires_at = now + ttl,
-}
+req.seq = redis.call('INCR', K_SEQ)
+req.expires_at = now + ttl
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
-redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + seq), id)
+redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + req.seq), id)
 redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
 local position = redis.call('ZRANK', K_QUEUE, id)
 local ev = request_fields(req)
 ev.ahead = position
 ev.ttl_ms = ttl
 emit('queued', now, ev)
+-- First in line (of the classes not paused) and it does not fit: ask lower priorities to make room.
+if first == nil or first < rank then
+  try_evict(s, req, now)
+end
 return {2, position, next_expiry(now)}

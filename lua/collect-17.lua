@@ -7,9 +7,9 @@
   Events: `expired` for each lease and queued request collected, `granted` for each waiter served.
 
   Input:
-    KEYS[1..9]  the state layout (includes/state.lua)
-    KEYS[10]    events       pub/sub channel (includes/emit.lua)
-    KEYS[11]    event_log    stream
+    KEYS[1..15]  the state layout (includes/state.lua)
+    KEYS[16]    events       pub/sub channel (includes/emit.lua)
+    KEYS[17]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     event log cap (0: no log)
 
@@ -22,10 +22,11 @@
 --- @include "emit"
 --- @include "place"
 --- @include "drop"
+--- @include "evict"
 --- @include "grant"
 
-local s = load_gpus()
 local now = now_ms()
+local s = load_gpus(now)
 local out = {leases = {}, requests = {}}
 local leases, requests = collect_expired(s, now, out)
 local granted = grant_waiting(s, now)

@@ -10,9 +10,9 @@
   was collected first.
 
   Input:
-    KEYS[1..9]  the state layout (includes/state.lua)
-    KEYS[10]    events       pub/sub channel (includes/emit.lua)
-    KEYS[11]    event_log    stream
+    KEYS[1..15]  the state layout (includes/state.lua)
+    KEYS[16]    events       pub/sub channel (includes/emit.lua)
+    KEYS[17]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease or request id
     ARGV[3]     reason: 'release', 'timeout', 'cancel' or 'close' (carried by the event)
@@ -27,11 +27,12 @@
 --- @include "emit"
 --- @include "place"
 --- @include "drop"
+--- @include "evict"
 --- @include "grant"
 
 local id, reason = ARGV[2], ARGV[3]
-local s = load_gpus()
 local now = now_ms()
+local s = load_gpus(now)
 collect_expired(s, now)
 
 local code = 0
@@ -41,6 +42,9 @@ if rec then
   local ev = lease_fields(rec)
   ev.held_ms = since_ms(now, rec.acquired_at)
   ev.reason = reason
+  if rec.state == 'evicting' and rec.evict then
+    ev.evict_by = rec.evict.by
+  end
   emit('released', now, ev)
 end
 redis.call('DEL', WAKE_PREFIX .. id)
@@ -48,7 +52,7 @@ local ticket = nil
 if code == 0 then
   ticket = redis.call('HGET', K_TICKETS, id)
 end
-if drop_request(id) then
+if drop_request(id, s, now, reason) then
   code = 2
   local req = {id = id}
   if ticket then

@@ -8,9 +8,9 @@
   Events: a renewal is not an event; `expired` and `granted` for what was collected and served.
 
   Input:
-    KEYS[1..9]       the state layout (includes/state.lua)
-    KEYS[10]         events       pub/sub channel (includes/emit.lua)
-    KEYS[11]         event_log    stream
+    KEYS[1..15]       the state layout (includes/state.lua)
+    KEYS[16]         events       pub/sub channel (includes/emit.lua)
+    KEYS[17]         event_log    stream
     ARGV[1]          wake-list prefix
     ARGV[2k], ARGV[2k+1] (k >= 1, 2k+1 < #ARGV)   an id and its ttl in ms
     ARGV[#ARGV]      event log cap (0: no log)
@@ -21,19 +21,24 @@
                                  1 LEASE (renewed; its new expires_at is now + ttl)
                                  2 QUEUED (request renewed, still waiting)
                                  0 GONE (nothing under that id: lost, expired or released)
+                                 3 EVICTING (renewed, and asked to checkpoint: its notice follows)
+    after the n statuses, one JSON notice {lease, type: 'evict', by, need_mib, at, deadline, reason} per
+    EVICTING lease, in the same order: a holder that missed the pub/sub notice learns it here.
 ]]
 --- @include "state"
 --- @include "emit"
 --- @include "place"
 --- @include "drop"
+--- @include "evict"
 --- @include "grant"
 
-local s = load_gpus()
 local now = now_ms()
+local s = load_gpus(now)
 collect_expired(s, now)
 grant_waiting(s, now)
 
 local reply = {0, now}
+local notices = {}
 for k = 2, #ARGV - 2, 2 do
   local id, ttl = ARGV[k], tonumber(ARGV[k + 1])
   local st = 0
@@ -44,6 +49,14 @@ for k = 2, #ARGV - 2, 2 do
     redis.call('HSET', K_LEASES, id, cjson.encode(rec))
     redis.call('ZADD', K_LEASE_EXP, int(now + ttl), id)
     st = 1
+    if rec.state == 'evicting' and rec.evict then
+      st = 3
+      local e = rec.evict
+      notices[#notices + 1] = cjson.encode({
+        lease = id, type = 'evict', by = e.by, need_mib = e.need_mib, at = e.at, deadline = e.deadline,
+        reason = e.reason,
+      })
+    end
   elseif redis.call('ZSCORE', K_QUEUE_EXP, id) then
     redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
     st = 2
@@ -51,4 +64,7 @@ for k = 2, #ARGV - 2, 2 do
   reply[#reply + 1] = st
 end
 reply[1] = next_expiry(now)
+for _, notice in ipairs(notices) do
+  reply[#reply + 1] = notice
+end
 return reply

@@ -1,0 +1,102 @@
+"""The notice listener: one thread per boss, subscribed to the boss's own channel (``Keys.holder_channel``),
+on which the scripts publish eviction notices for its leases (``evict``: checkpoint, please; ``continue``:
+called off).
+
+Pub/sub is the fast path (a notice reaches the holder within a round trip of the request); it is not the
+only one: the heartbeat's renew reply carries the same notice for every lease being evicted, so a holder
+that was reconnecting when the message went out learns it at its next renewal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from gpuboss.redis_io import TRANSIENT, connect_sync
+
+log = logging.getLogger("gpuboss")
+
+#: How long one wait for a message lasts before the thread checks whether it should stop.
+POLL_S = 1.0
+RECONNECT_S = 0.5
+
+Dispatch = Callable[[dict[str, Any]], None]
+
+
+class NoticeListener:
+    def __init__(self, url: str, channel: str, dispatch: Dispatch, connect_timeout: float) -> None:
+        self._url = url
+        self._channel = channel
+        self._dispatch = dispatch
+        self._timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._ready = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, wait: float = 2.0) -> None:
+        """Subscribe (once) and wait up to ``wait`` seconds for the subscription to be live, so a notice
+        published right after the next grant is heard."""
+        with self._lock:
+            if self._stopped.is_set() or self.running:
+                return
+            self._thread = threading.Thread(target=self._run, name="gpuboss-notices", daemon=True)
+            self._thread.start()
+        self._ready.wait(wait)
+
+    def close(self) -> None:
+        self._stopped.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=POLL_S + 1)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._listen()
+            except TRANSIENT as err:
+                log.warning("gpuboss: eviction notices: connection lost (%s); reconnecting", err)
+                self._stopped.wait(RECONNECT_S)
+            except RedisError:
+                log.exception("gpuboss: eviction notices: listener failed; restarting it")
+                self._stopped.wait(RECONNECT_S)
+
+    def _listen(self) -> None:
+        client = connect_sync(self._url, self._timeout)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self._channel)
+            # The subscription is live once Redis confirms it.
+            deadline = time.monotonic() + self._timeout
+            while not self._stopped.is_set() and time.monotonic() < deadline:
+                msg = pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
+                if msg is not None and msg.get("type") == "subscribe":
+                    break
+            self._ready.set()
+            while not self._stopped.is_set():
+                msg = pubsub.get_message(timeout=POLL_S)
+                if msg is None or msg.get("type") != "message":
+                    continue
+                self._handle(msg.get("data"))
+        finally:
+            pubsub.close()
+            client.close()
+
+    def _handle(self, data: Any) -> None:
+        try:
+            notice = json.loads(data)
+        except (TypeError, ValueError):
+            log.warning("gpuboss: ignoring a malformed notice on %s: %r", self._channel, data)
+            return
+        if isinstance(notice, dict):
+            self._dispatch(notice)

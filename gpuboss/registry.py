@@ -1,0 +1,401 @@
+"""The GPU inventory wired into the bosses: discovery and registration, device strings, node, models.
+
+Each boss has one :class:`Inventory` (``boss._inventory``). It
+
+- discovers this host's GPUs through NVML at first use when ``gpus: auto`` (or when no list is given and NVML
+  works), and adds them to the boss's declarations, by UUID, with host, PCI bus id and MIG parent
+  (:meth:`Inventory.prepare_flow`, :meth:`Inventory.register_flow`);
+- beats for the host once at first use, then starts the :class:`~gpuboss.sampler.Sampler` thread;
+- turns a granted lease's device string into this process's own CUDA ordinal for the GPU's UUID, honouring
+  ``CUDA_VISIBLE_DEVICES`` and ``CUDA_DEVICE_ORDER``, and warns with the fix when the ordinal is a guess
+  (:meth:`Inventory.localize`);
+- reads the effective free VRAM of the GPUs a request may use (``node``) and picks a model's quantization
+  (:meth:`Inventory.free_flow`, :meth:`Inventory.model_flow`).
+
+The flows are generators of core operations, run by either front end, like the core's (``core.py``).
+:class:`InventoryMethods` and :class:`AsyncInventoryMethods` give the bosses their public methods
+(``register_gpus``, ``vram_status``, ``choose_model``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from gpuboss.core import GpuInfo, LeaseRequest, Op, ReadHash
+from gpuboss.devices import ENV_VISIBLE, cuda_ordinal, visible_devices
+from gpuboss.errors import ConfigError, InvalidRequest
+from gpuboss.inventory import VRAMStatus, declarations_of, vram_status
+from gpuboss.lease import Lease
+from gpuboss.models import ModelChoice, ModelRegistry, default_models, resolve_model
+from gpuboss.nvml import Discovery, PhysicalGpu, discover
+from gpuboss.sampler import Sampler, hostbeat_call, observed, warn
+
+if TYPE_CHECKING:
+    from gpuboss.core import Core
+
+log = logging.getLogger("gpuboss")
+
+#: ``node=`` value that lets a request use the GPUs of every host.
+ANY_NODE = "any"
+UUID_PREFIXES = ("GPU-", "MIG-")
+
+Mode = Literal["declared", "auto", "default"]
+
+
+class DeviceOrdinalWarning(UserWarning):
+    """The device string of a lease may not name the right GPU in this process; the message says the fix."""
+
+
+def is_uuid(gpu_id: str) -> bool:
+    return gpu_id.startswith(UUID_PREFIXES)
+
+
+def validate_node(node: object) -> str | None:
+    """``node=``: None (this host's GPUs), ``"any"`` (every host) or a host name."""
+    if node is None or (isinstance(node, str) and 0 < len(node) <= 255 and node.isprintable() and node == node.strip()):
+        return node
+    raise InvalidRequest("node", node, "must be None (this host's GPUs), 'any' (every host) or a host name")
+
+
+def on_node(info: GpuInfo, node: str | None, host: str) -> bool:
+    """Whether a request with ``node`` from ``host`` may use the GPU. GPUs without a host (declared ones) are
+    everybody's; ``None`` means this host's GPUs and those; ``"any"`` every GPU; a host name that host's."""
+    if node == ANY_NODE:
+        return True
+    if node is None:
+        return info.host is None or info.host == host
+    return info.host == node
+
+
+def effective_free(
+    gpus: Mapping[str, GpuInfo],
+    capacity: Mapping[str, str],
+    used: Mapping[str, str],
+    seen: Mapping[str, int],
+    offline: Mapping[str, str],
+    holds: Mapping[str, str],
+) -> dict[str, int]:
+    """Free MiB per online GPU as placement counts it (``lua/includes/state.lua`` ``free_for``): leasable
+    minus the larger of leased and observed used, minus VRAM held for a request being served by eviction."""
+    out = {}
+    for gpu in gpus:
+        if gpu in offline or gpu not in capacity:
+            continue
+        busy = max(int(used.get(gpu, 0)), seen.get(gpu, 0))
+        free = int(capacity[gpu]) - busy
+        hold = holds.get(gpu)
+        if hold is not None:
+            free -= _held_mib(hold)
+        out[gpu] = free
+    return out
+
+
+def _held_mib(raw: str) -> int:
+    """The MiB of a reservation (JSON with ``vram_mib``); 0 for a malformed one."""
+    try:
+        value = json.loads(raw)
+        return int(value["vram_mib"]) if isinstance(value, dict) else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+class Inventory:
+    """One boss's view of its host's GPUs (see the module docstring)."""
+
+    def __init__(self, core: Core, url: str, held: Callable[[], list[Lease]]) -> None:
+        self.core = core
+        self.url = url
+        self._held = held
+        #: The NVML module (None: the real ``pynvml``). Tests put a fake here before the first request.
+        self.nvml: Any = None
+        #: The environment whose ``CUDA_VISIBLE_DEVICES``/``CUDA_DEVICE_ORDER`` device strings honour
+        #: (None: this process's, read at each grant).
+        self.env: Mapping[str, str] | None = None
+        #: Start the sampler thread after the first request (tests turn it off and call ``sampler.tick()``).
+        self.autostart = True
+        #: The model registry ``choose_model`` reads (None: the shipped one).
+        self.models: ModelRegistry | None = None
+        self.sampler: Sampler | None = None
+        self._lock = threading.Lock()
+        self._discovery: Discovery | None = None
+        self._local: list[str] | None = None
+        self._beaten = False
+        self._warned: set[str] = set()
+
+    # -- discovery
+
+    @property
+    def mode(self) -> Mode:
+        """``auto``: ``gpus: auto``; ``declared``: a GPU list (or ``gpu_discovery: off``); ``default``: neither,
+        so discovery is tried and an empty result is no error (the GPUs others registered are used)."""
+        config = self.core.config
+        if config.gpu_discovery == "auto":
+            return "auto"
+        if config.gpus or config.gpu_discovery == "off":
+            return "declared"
+        return "default"
+
+    def _discover(self) -> Discovery:
+        if self._discovery is None:
+            self._discovery = discover(self.nvml)
+        return self._discovery
+
+    def discover_once(self) -> list[str]:
+        """Discover this host's GPUs (once) and add them to the boss's declarations; their ids (UUIDs).
+
+        Raises :class:`ConfigError` with ``gpus: auto`` when NVML finds nothing (tried again next time)."""
+        local = self._local
+        if local is not None:  # the hot path: every request after the first
+            return local
+        with self._lock:
+            if self._local is not None:
+                return self._local
+            mode = self.mode
+            if mode == "declared":
+                self._local = []
+                return self._local
+            found = self._discover()
+            try:
+                gpus = declarations_of(
+                    found,
+                    host=self.core.host,
+                    reserve_gb=self.core.config.auto_reserve_gb,
+                    required=mode == "auto",
+                )
+            except ConfigError:
+                self._discovery = None  # NVML may work next time (a driver being loaded)
+                raise
+            for gpu in gpus:
+                info = gpu.to_gpu_info()
+                self.core.declared[info.id] = info
+                self.core.registry.setdefault(info.id, info)
+            if gpus:
+                self.core.registry_loaded = False  # read again, and register them, before the next request
+            self._local = [g.id for g in gpus]
+            if self._local:
+                log.info("gpuboss: discovered %s on %s", ", ".join(self._local), self.core.host)
+            return self._local
+
+    def physical(self) -> tuple[PhysicalGpu, ...] | None:
+        """This host's physical GPUs as NVML reports them (read once), or None without NVML."""
+        with self._lock:
+            found = self._discover()
+        return found.gpus if found.available else None
+
+    # -- flows
+
+    def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, LeaseRequest]:
+        """Before a request: discover (first time), map a ``cuda:N`` pin to a UUID, let the core register and
+        check, then beat for the host once and start the sampler. Returns the request to acquire."""
+        local = self.discover_once()
+        req = self.map_pin(req)
+        yield from self.core.prepare_flow(req)
+        if local and not self._beaten:
+            yield hostbeat_call(self.core, self.core.host, self._timeout_ms)
+            self._beaten = True
+            self._start(local)
+        return req
+
+    def register_flow(self) -> Generator[Op, Any, list[GpuInfo]]:
+        """Register the configured or discovered GPUs (those already registered identically are left alone),
+        beat for the host, start the sampler; the namespace's registry."""
+        local = self.discover_once()
+        if not self.core.declared:
+            reason = self._discover().reason or "NVML found no usable GPU on this host"
+            raise ConfigError(
+                f"no GPU to register: no gpus are declared and discovery found none ({reason}). Declare them in "
+                "the configuration, e.g. gpus: [{id: gpu0, name: RTX 4090, vram_gb: 24, index: 0}], or use "
+                "gpus: auto on a host with NVIDIA's driver and nvidia-ml-py"
+            )
+        flat = yield ReadHash(self.core.keys.gpus)
+        register = self.core.register_call() if self.core.needs_register(flat) else None
+        if register is not None:
+            self.core.check_register_reply((yield register))
+            flat = yield ReadHash(self.core.keys.gpus)
+        self.core.update_registry(flat)
+        if local:
+            yield hostbeat_call(self.core, self.core.host, self._timeout_ms)
+            self._beaten = True
+            self._start(local)
+        return sorted(self.core.registry.values(), key=lambda g: g.id)
+
+    @property
+    def _timeout_ms(self) -> int:
+        return max(1, round(self.core.config.host_timeout_s * 1000))
+
+    def _start(self, local: Sequence[str]) -> None:
+        with self._lock:
+            if self.sampler is None:
+                self.sampler = Sampler(self.core, self.url, local, self._held, self.nvml)
+            sampler = self.sampler
+        if self.autostart:
+            sampler.start()
+
+    def free_flow(self, node: object = None) -> Generator[Op, Any, dict[str, int]]:
+        """Effective free MiB of each online GPU a request with ``node`` may use, read now from Redis.
+
+        Freshness of NVML readings is judged by this machine's clock (placement uses Redis time), so with
+        clocks far apart a reading may count a little longer or shorter here than there."""
+        where = validate_node(node)
+        keys = self.core.keys
+        self.core.update_registry((yield ReadHash(keys.gpus)))
+        capacity = yield ReadHash(keys.capacity)
+        used = yield ReadHash(keys.used)
+        seen = observed((yield ReadHash(keys.observed)), int(time.time() * 1000))
+        offline = yield ReadHash(keys.offline)
+        holds = yield ReadHash(keys.holds)
+        eligible = {g: info for g, info in self.core.registry.items() if on_node(info, where, self.core.host)}
+        if not eligible and self.core.registry:
+            hosts = sorted({i.host for i in self.core.registry.values() if i.host})
+            raise InvalidRequest(
+                "node",
+                node,
+                f"no registered GPU is on {where or self.core.host!r}; GPUs are on: {', '.join(hosts)} "
+                "(pass node='any' or node='<host>')",
+            )
+        return effective_free(eligible, capacity, used, seen, offline, holds)
+
+    def model_flow(
+        self, model: str, quantizations: Sequence[str] | None = None, node: object = None
+    ) -> Generator[Op, Any, ModelChoice]:
+        """The quantization of ``model`` to lease: the first preference that fits now on a GPU the request may
+        use, else the smallest (the one to wait for). Unknown models raise ``UnknownModel`` (InvalidRequest)."""
+        registry = self.models or default_models()
+        registry.get(model)  # unknown names fail before any I/O
+        free = yield from self.free_flow(node)
+        return resolve_model(model, quantizations, free, registry=registry)
+
+    # -- leases
+
+    def localize(self, lease: Lease) -> None:
+        """Set ``lease.uuid``, and ``lease.device`` to this process's CUDA ordinal for it (GPUs known by UUID).
+
+        Declared GPUs (no UUID) keep ``cuda:<index>``. A GPU of another host keeps the device of the record
+        (that host's NVML index): hand it on with ``lease.child_env()`` instead."""
+        info = self.core.registry.get(lease.gpu)
+        uuid = info.uuid if info is not None and info.uuid else lease.gpu if is_uuid(lease.gpu) else None
+        lease.uuid = uuid
+        if uuid is None:
+            return
+        if info is not None and info.host is not None and info.host != self.core.host:
+            return
+        physical = self.physical()
+        if physical is None:
+            self._warn(
+                f"nvml:{uuid}",
+                f"gpuboss: lease {lease.id} is on {uuid}, but this process cannot read NVML, so {lease.device} is "
+                f"the GPU's NVML index, not necessarily its CUDA ordinal here; give a child process "
+                f"lease.child_env() ({ENV_VISIBLE}={uuid}) and use cuda:0 there",
+            )
+            return
+        env = self.env
+        where = cuda_ordinal(uuid, physical, env)
+        if where.device is None:
+            self._warn(
+                f"hidden:{uuid}:{(env or os.environ).get(ENV_VISIBLE)}",
+                f"gpuboss: lease {lease.id} is on {uuid}, which this process cannot use: {where.reason}. "
+                f"Run the work in a child process with lease.child_env() ({ENV_VISIBLE}={uuid}), or widen "
+                f"{ENV_VISIBLE}",
+            )
+            return
+        lease.device = where.device
+        if not where.certain and where.warning:
+            self._warn(f"order:{uuid}", f"gpuboss: lease {lease.id}: {where.warning}")
+
+    def _warn(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warn(message, DeviceOrdinalWarning, stacklevel=4)
+
+    def map_pin(self, req: LeaseRequest) -> LeaseRequest:
+        """With discovered GPUs, ``device="cuda:N"`` (or N) means this process's cuda:N: pin its UUID."""
+        device = req.device
+        if not self._local or device is None or (isinstance(device, str) and not device.startswith("cuda:")):
+            return req
+        text = str(device)[5:] if isinstance(device, str) else str(device)
+        if not (text.isascii() and text.isdigit()):
+            return req  # the core says what is wrong with it
+        physical = self.physical()
+        if physical is None:
+            return req
+        seen = visible_devices(physical, self.env)
+        ordinal = int(text)
+        if ordinal >= len(seen.uuids):
+            raise InvalidRequest(
+                "device",
+                device,
+                f"this process sees {len(seen.uuids)} GPUs (cuda:0 to cuda:{len(seen.uuids) - 1})"
+                if seen.uuids
+                else f"this process sees no GPU ({'; '.join(seen.notes) or 'check ' + ENV_VISIBLE})",
+            )
+        return dataclasses.replace(req, device=seen.uuids[ordinal])
+
+    def vram_status(self) -> list[VRAMStatus]:
+        """This host's GPUs now, through NVML (empty without NVML)."""
+        return vram_status(self.nvml, host=self.core.host)
+
+    def close(self) -> None:
+        with self._lock:
+            sampler, self.sampler = self.sampler, None
+        if sampler is not None:
+            sampler.close()
+
+
+class InventoryMethods:
+    """The inventory methods of :class:`~gpuboss.GPUBoss`."""
+
+    _inventory: Inventory
+    if TYPE_CHECKING:
+        _ready_lock: threading.Lock
+
+        def _run(self, flow: Any) -> Any: ...
+
+    def register_gpus(self) -> list[GpuInfo]:
+        """Register this boss's GPUs (declared, or discovered with ``gpus: auto``) in the namespace now, instead of
+        at the first request, and start the host's heartbeat and sampler; the namespace's GPUs."""
+        with self._ready_lock:
+            return cast(list[GpuInfo], self._run(self._inventory.register_flow()))
+
+    def vram_status(self) -> list[VRAMStatus]:
+        """This host's GPUs now, read through NVML: total, used, free, utilisation, temperature, processes."""
+        return self._inventory.vram_status()
+
+    def choose_model(
+        self, model: str, quantizations: Sequence[str] | None = None, node: str | None = None
+    ) -> ModelChoice:
+        """The quantization of ``model`` that fits now (best first, or in the order of ``quantizations``)."""
+        return cast(ModelChoice, self._run(self._inventory.model_flow(model, quantizations, node)))
+
+
+class AsyncInventoryMethods:
+    """The inventory methods of :class:`~gpuboss.AsyncGPUBoss`."""
+
+    _inventory: Inventory
+    if TYPE_CHECKING:
+        _ready_lock: asyncio.Lock
+
+        async def _run(self, flow: Any) -> Any: ...
+
+    async def register_gpus(self) -> list[GpuInfo]:
+        """See :meth:`InventoryMethods.register_gpus`."""
+        async with self._ready_lock:
+            return cast(list[GpuInfo], await self._run(self._inventory.register_flow()))
+
+    async def vram_status(self) -> list[VRAMStatus]:
+        """See :meth:`InventoryMethods.vram_status` (NVML is read in a worker thread)."""
+        return await asyncio.to_thread(self._inventory.vram_status)
+
+    async def choose_model(
+        self, model: str, quantizations: Sequence[str] | None = None, node: str | None = None
+    ) -> ModelChoice:
+        """See :meth:`InventoryMethods.choose_model`."""
+        return cast(ModelChoice, await self._run(self._inventory.model_flow(model, quantizations, node)))

@@ -1,0 +1,161 @@
+--[[
+  Cooperative eviction: choosing victims, reserving what they free, and asking them to checkpoint.
+
+  try_evict(s, req, now) -> true when victims were asked for `req` (a queued request that does not fit).
+    Only leases of a strictly lower rank that are preemptible and not already being evicted are candidates.
+    On each GPU the request could use, candidates are taken lowest rank first, then most recently granted,
+    until they free enough; then any whose VRAM is not needed is dropped again, and the last one is asked
+    for only the part still missing (a holder that can shrink may resize instead of releasing). The GPU
+    needing the fewest victims wins (then the fewest MiB, then the smaller id). The request's need is then
+    reserved on that GPU (the holds hash: nobody else may take it, and no second eviction is started for
+    it); each victim's record goes to state `evicting` with {by, need_mib, at, deadline}, an
+    `evict_requested` event is emitted and an `evict` notice is published on the holder's channel. A
+    holder that missed the notice learns it from its next heartbeat (renew answers EVICTING). When no GPU
+    can be freed enough, nobody is asked and the request waits as usual.
+  pause_evict(s, class, now): a lease of `class` was granted; pause rules with `evict` whose `while`
+    names it ask every active lease of their paused class to checkpoint (no reservation: the paused class
+    is not granted again until the rule lifts).
+
+  Needs the emit and drop includes above it.
+]]
+
+local function ask_to_checkpoint(rec, by, need, now, deadline, reason)
+  rec.state = 'evicting'
+  rec.evict = {by = by, need_mib = need, at = now, deadline = deadline, reason = reason}
+  redis.call('HSET', K_LEASES, rec.id, cjson.encode(rec))
+  local ev = lease_fields(rec)
+  ev.by = by
+  ev.need_mib = need
+  ev.deadline = deadline
+  ev.reason = reason
+  emit('evict_requested', now, ev)
+  notify(rec, {type = 'evict', by = by, need_mib = need, at = now, deadline = deadline, reason = reason})
+end
+
+-- Sum of preemptible MiB held by ranks below `rank` (usage hash), to skip a scan that cannot succeed.
+local function preemptible_below(rank)
+  local total, flat = 0, redis.call('HGETALL', K_USAGE)
+  for i = 1, #flat, 2 do
+    local r = string.match(flat[i], '^pre:(%d+)$')
+    if r and tonumber(r) < rank then
+      total = total + tonumber(flat[i + 1])
+    end
+  end
+  return total
+end
+
+local function victim_order(a, b)
+  if a.rank ~= b.rank then
+    return a.rank < b.rank
+  end
+  if a.acquired_at ~= b.acquired_at then
+    return a.acquired_at > b.acquired_at
+  end
+  return a.id < b.id
+end
+
+local function try_evict(s, req, now)
+  local id = req.id
+  for _, hold in pairs(s.holds) do
+    if hold.id == id then
+      return false -- already being served by an eviction
+    end
+  end
+  if req.rank <= 0 or req.grow_of then
+    return false
+  end
+  local best_free = 0
+  for gpu, cap in pairs(s.cap) do
+    if not s.off[gpu] and cap >= req.vram_mib then
+      best_free = math.max(best_free, free_for(s, gpu, id))
+    end
+  end
+  if preemptible_below(req.rank) + best_free < req.vram_mib then
+    return false
+  end
+  local by_gpu = {}
+  local flat = redis.call('HGETALL', K_LEASES)
+  for i = 2, #flat, 2 do
+    local rec = cjson.decode(flat[i])
+    if rec.preemptible and rec.rank < req.rank and rec.state ~= 'evicting' then
+      by_gpu[rec.gpu] = by_gpu[rec.gpu] or {}
+      table.insert(by_gpu[rec.gpu], rec)
+    end
+  end
+  local best = nil
+  for gpu, cands in pairs(by_gpu) do
+    local hold = s.holds[gpu]
+    if s.cap[gpu] and not s.off[gpu] and s.cap[gpu] >= req.vram_mib and (req.pin == '' or req.pin == gpu)
+        and not (hold and hold.id ~= id) then
+      local short = req.vram_mib - free_for(s, gpu, id)
+      table.sort(cands, victim_order)
+      local taken, sum = {}, 0
+      for _, rec in ipairs(cands) do
+        if sum >= short then
+          break
+        end
+        taken[#taken + 1] = rec
+        sum = sum + rec.vram_mib
+      end
+      if sum >= short then
+        -- Drop victims whose VRAM is not needed after all (a later, larger one covers it).
+        local i = 1
+        while i <= #taken do
+          if sum - taken[i].vram_mib >= short then
+            sum = sum - taken[i].vram_mib
+            table.remove(taken, i)
+          else
+            i = i + 1
+          end
+        end
+        local better = best == nil or #taken < #best.victims
+          or (#taken == #best.victims and (sum < best.mib or (sum == best.mib and gpu < best.gpu)))
+        if better then
+          best = {gpu = gpu, victims = taken, mib = sum, short = short}
+        end
+      end
+    end
+  end
+  if best == nil then
+    return false
+  end
+  local grace = tonumber(req.grace_ms) or 30000
+  local deadline = now + grace
+  local hold = {
+    id = id, vram_mib = req.vram_mib, priority = req.priority, victims = {}, at = now, deadline = deadline,
+    on_grace = req.on_grace or 'wait',
+  }
+  local missing = best.short
+  for _, rec in ipairs(best.victims) do
+    local need = math.min(rec.vram_mib, missing)
+    missing = missing - need
+    hold.victims[#hold.victims + 1] = rec.id
+    ask_to_checkpoint(rec, id, need, now, deadline, 'priority')
+  end
+  s.holds[best.gpu] = hold
+  redis.call('HSET', K_HOLDS, best.gpu, cjson.encode(hold))
+  return true
+end
+
+local function pause_evict(s, class, now)
+  local paused = {}
+  for _, rule in ipairs(s.policy.pause) do
+    if rule.evict then
+      for _, other in ipairs(rule['while']) do
+        if other == class then
+          paused[rule.class] = true
+        end
+      end
+    end
+  end
+  if next(paused) == nil then
+    return
+  end
+  local flat = redis.call('HGETALL', K_LEASES)
+  for i = 2, #flat, 2 do
+    local rec = cjson.decode(flat[i])
+    if paused[rec.priority] and rec.state ~= 'evicting' then
+      ask_to_checkpoint(rec, 'pause:' .. class, rec.vram_mib, now, now + (tonumber(rec.grace_ms) or 30000), 'pause')
+    end
+  end
+end

@@ -1,0 +1,125 @@
+--[[
+  resize: change the VRAM of a lease. Shrinking hands the difference to the queue in the same step (and,
+  for a lease being evicted, counts against what it was asked for: asked enough, it is no longer being
+  evicted). Growing is granted at once when the extra fits on the lease's GPU and nobody of the same or
+  a higher priority waits; otherwise a request for the extra (id `<lease id>:grow`, pinned to the lease's
+  GPU) waits in the queue like a new request of the lease's priority while the current part stays held,
+  and its grant adds to the lease. Calling again with the same size reports where that stands.
+
+  Events: `resized` (with from_mib and to_mib, or added_mib when a queued growth is granted), `queued`,
+  `granted` for waiters served, `evict_cancelled` when a shrink satisfied an eviction.
+
+  Input:
+    KEYS[1..15] the state layout (includes/state.lua)
+    KEYS[16]    events       pub/sub channel (includes/emit.lua)
+    KEYS[17]    event_log    stream
+    ARGV[1]     wake-list prefix
+    ARGV[2]     lease id
+    ARGV[3]     new size, integer MiB > 0
+    ARGV[4]     event log cap (0: no log)
+
+  Output:
+    {0}                         GONE: no lease under that id
+    {1, lease}                  DONE: the lease has the new size now (record, JSON)
+    {2, position, next_ms}      QUEUED: the growth waits at this 0-based queue position
+    {-1, max_mib}               INSUFFICIENT: the lease's GPU can never hold that much; nothing written
+]]
+--- @include "state"
+--- @include "emit"
+--- @include "place"
+--- @include "drop"
+--- @include "evict"
+--- @include "grant"
+
+local id, want = ARGV[2], tonumber(ARGV[3])
+local now = now_ms()
+local s = load_gpus(now)
+collect_expired(s, now)
+
+local raw = redis.call('HGET', K_LEASES, id)
+if not raw then
+  return {0}
+end
+local rec = cjson.decode(raw)
+local grow_id = id .. ':grow'
+local diff = want - rec.vram_mib
+if diff == 0 then
+  drop_request(grow_id, s, now, 'resized') -- a growth still queued is no longer wanted
+  return {1, raw}
+end
+if want > (s.cap[rec.gpu] or 0) then
+  return {-1, s.cap[rec.gpu] or 0}
+end
+
+local function apply(delta)
+  rec.vram_mib = rec.vram_mib + delta
+  s.used[rec.gpu] = redis.call('HINCRBY', K_USED, rec.gpu, delta)
+  if rec.preemptible then
+    redis.call('HINCRBY', K_USAGE, 'pre:' .. rec.rank, delta)
+  end
+  local ev = lease_fields(rec)
+  ev.from_mib = rec.vram_mib - delta
+  ev.to_mib = rec.vram_mib
+  emit('resized', now, ev)
+end
+
+if diff < 0 then
+  drop_request(grow_id, s, now, 'resized')
+  apply(diff)
+  if rec.state == 'evicting' and rec.evict then
+    rec.evict.need_mib = rec.evict.need_mib + diff
+    if rec.evict.need_mib <= 0 then
+      local by = rec.evict.by
+      rec.state = 'active'
+      rec.evict = nil
+      local hold = s.holds[rec.gpu]
+      if hold then
+        for i, victim in ipairs(hold.victims) do
+          if victim == id then
+            table.remove(hold.victims, i)
+            save_hold(s, rec.gpu)
+            break
+          end
+        end
+      end
+      local ev = lease_fields(rec)
+      ev.by = by
+      ev.reason = 'resized'
+      emit('evict_cancelled', now, ev)
+    end
+  end
+  raw = cjson.encode(rec)
+  redis.call('HSET', K_LEASES, id, raw)
+  grant_waiting(s, now)
+  return {1, raw}
+end
+
+-- Growing.
+if redis.call('HEXISTS', K_TICKETS, grow_id) == 1 then
+  local ticket = cjson.decode(redis.call('HGET', K_TICKETS, grow_id))
+  if ticket.vram_mib == diff then
+    return {2, redis.call('ZRANK', K_QUEUE, grow_id), next_expiry(now)}
+  end
+  drop_request(grow_id, s, now, 'resized') -- another size was asked: ask again
+end
+local first = first_waiting_rank(s)
+if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff then
+  apply(diff)
+  raw = cjson.encode(rec)
+  redis.call('HSET', K_LEASES, id, raw)
+  return {1, raw}
+end
+local req = {
+  id = grow_id, grow_of = id, vram_mib = diff, rank = rec.rank, priority = rec.priority, pin = rec.gpu,
+  ttl_ms = rec.ttl_ms, service = rec.service, host = rec.host, pid = rec.pid, requested_at = now,
+  seq = redis.call('INCR', K_SEQ), expires_at = now + rec.ttl_ms,
+}
+redis.call('HSET', K_TICKETS, grow_id, cjson.encode(req))
+redis.call('ZADD', K_QUEUE, int((RANK_BASE - rec.rank) * SEQ_SPAN + req.seq), grow_id)
+redis.call('ZADD', K_QUEUE_EXP, int(now + rec.ttl_ms), grow_id)
+local position = redis.call('ZRANK', K_QUEUE, grow_id)
+local ev = request_fields(req)
+ev.ahead = position
+ev.grow_of = id
+emit('queued', now, ev)
+return {2, position, next_expiry(now)}

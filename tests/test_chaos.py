@@ -1,0 +1,226 @@
+"""The chaos soak (``make chaos``, ``bench/chaos.py``): its invariant checks, its proxy, and a short run.
+
+The observer's checks are tested on made-up snapshots first (each must catch what it is for), the proxy on a
+real redis-server, then a short soak with every fault kind runs end to end and must report every must-be-0
+figure as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from bench.chaos import KINDS, STRANDED_S, Observer, Snapshot
+from bench.env import free_port
+from bench.proxy import Proxy
+from gpuboss.server import RedisProcess, start_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+CAP = {"gpu0": 24576, "gpu1": 15360}
+NOW = 1_700_000_000_000
+
+
+def lease(lease_id: str, gpu: str, mib: int, token: int, pid: int = 1) -> str:
+    return json.dumps({"id": lease_id, "gpu": gpu, "vram_mib": mib, "token": token, "pid": pid})
+
+
+def ticket(req_id: str, mib: int, pin: str = "", pid: int = 2) -> str:
+    return json.dumps({"id": req_id, "vram_mib": mib, "pin": pin, "pid": pid})
+
+
+def snap(
+    leases: dict[str, str] | None = None,
+    used: dict[str, int] | None = None,
+    queue: list[str] | None = None,
+    tickets: dict[str, str] | None = None,
+    token: int | None = 100,
+    now_ms: int = NOW,
+    lease_exp: dict[str, float] | None = None,
+    queue_exp: dict[str, float] | None = None,
+) -> Snapshot:
+    leases = leases or {}
+    queue = queue or []
+    if used is None:
+        used = dict.fromkeys(CAP, 0)
+        for raw in leases.values():
+            rec = json.loads(raw)
+            used[rec["gpu"]] += rec["vram_mib"]
+    return Snapshot(
+        now_ms=now_ms,
+        cap=dict(CAP),
+        used=used,
+        leases=leases,
+        lease_exp=lease_exp if lease_exp is not None else dict.fromkeys(leases, NOW + 5000.0),
+        queue=[(q, float(i)) for i, q in enumerate(queue)],
+        tickets=tickets if tickets is not None else {q: ticket(q, 1024) for q in queue},
+        queue_exp=queue_exp if queue_exp is not None else dict.fromkeys(queue, NOW + 5000.0),
+        token=token,
+        offline=set(),
+        holds=0,
+    )
+
+
+def violations(obs: Observer) -> dict[str, int]:
+    return {k: v for k, v in obs.violations.items() if v}
+
+
+# ---------------------------------------------------------------- the observer's checks
+
+
+def test_consistent_snapshots_pass() -> None:
+    obs = Observer()
+    obs.check(snap({"a": lease("a", "gpu0", 24576, 99)}, queue=["w"], tickets={"w": ticket("w", 2048)}), 0.0)
+    obs.check(snap({"b": lease("b", "gpu1", 2048, 101)}, token=101), 0.1)
+    assert violations(obs) == {}
+    assert obs.leases["a/99"][1:4] == ["gpu0", 99, 24576]
+    assert obs.tickets["w"][0] == 2
+
+
+def test_over_commit_is_caught() -> None:
+    obs = Observer()
+    obs.check(snap({"a": lease("a", "gpu1", 10240, 1), "b": lease("b", "gpu1", 6144, 2)}), 0.0)
+    assert violations(obs) == {"over_commit_events": 1}
+
+
+def test_used_counter_out_of_step_is_caught() -> None:
+    obs = Observer()
+    obs.check(snap({"a": lease("a", "gpu0", 1024, 1)}, used={"gpu0": 2048, "gpu1": 0}), 0.0)
+    assert violations(obs) == {"counter_mismatches": 1}
+
+
+def test_queue_entry_without_record_is_caught() -> None:
+    obs = Observer()
+    obs.check(snap(queue=["w"], tickets={}), 0.0)
+    assert violations(obs) == {"index_mismatches": 1}
+    obs = Observer()
+    obs.check(snap({"a": lease("a", "gpu0", 1024, 1)}, lease_exp={}), 0.0)
+    assert violations(obs) == {"index_mismatches": 1}
+
+
+def test_tokens_must_grow_also_across_a_restart() -> None:
+    obs = Observer()
+    obs.check(snap({"a": lease("a", "gpu0", 1024, 100)}, token=100), 0.0)
+    obs.check(snap(token=None), 0.1)  # Redis restarted: the counter is gone
+    obs.check(snap({"b": lease("b", "gpu0", 1024, 17_000_000_000_001)}, token=17_000_000_000_001), 0.2)
+    assert violations(obs) == {}
+    obs.check(snap({"c": lease("c", "gpu0", 1024, 50)}, token=17_000_000_000_001), 0.3)  # a stale token
+    obs.check(snap(token=60), 0.4)  # the counter went down
+    assert violations(obs) == {"token_regressions": 2}
+
+
+def test_stranded_head_is_caught_only_after_it_fits_long_enough() -> None:
+    obs = Observer()
+    full = {"a": lease("a", "gpu0", 24576, 1), "b": lease("b", "gpu1", 15360, 2)}
+    # The head does not fit: waiting is fine, however long.
+    for i in range(10):
+        obs.check(snap(full, queue=["w"]), i * 1.0)
+    assert violations(obs) == {}
+    # It fits (nothing leased) but is not granted: stranded once STRANDED_S has passed, counted once.
+    t0 = 20.0
+    for step in (0.0, STRANDED_S / 2, STRANDED_S + 0.5, STRANDED_S + 1.0):
+        obs.check(snap(queue=["w"]), t0 + step)
+    assert violations(obs) == {"stranded_waiters": 1}
+    assert obs.stranded_ids == ["w"]
+
+
+def test_expired_leases_count_as_free_for_the_stranded_check() -> None:
+    obs = Observer()
+    full = {"a": lease("a", "gpu0", 24576, 1), "b": lease("b", "gpu1", 15360, 2)}
+    expired = dict.fromkeys(full, NOW - 1000.0)  # nobody collected them, and nobody woke to do it
+    for step in (0.0, 1.0, STRANDED_S + 0.5):
+        obs.check(snap(full, queue=["w"], lease_exp=expired), step)
+    assert violations(obs) == {"stranded_waiters": 1}
+
+
+def test_expired_head_is_not_the_head() -> None:
+    obs = Observer()
+    tickets = {"dead": ticket("dead", 1024), "w": ticket("w", 30000)}  # w can never fit a GPU
+    queue_exp = {"dead": NOW - 1.0, "w": NOW + 5000.0}
+    for step in (0.0, 1.0, STRANDED_S + 0.5):
+        obs.check(snap(queue=["dead", "w"], tickets=tickets, queue_exp=queue_exp), step)
+    assert violations(obs) == {}
+
+
+def test_a_failed_read_breaks_the_stranded_streak() -> None:
+    obs = Observer()
+    obs.check(snap(queue=["w"]), 0.0)
+    obs.blind(1.0)  # Redis was restarting
+    obs.check(snap(queue=["w"]), STRANDED_S + 0.5)
+    assert violations(obs) == {}
+    assert obs.failed_reads == 1
+
+
+# ---------------------------------------------------------------- the proxy
+
+
+@pytest.fixture
+def tcp_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = start_redis(tmp_path / "redis", port=free_port())
+    yield server
+    server.stop()
+
+
+def test_proxy_relays_and_cuts(tcp_redis: RedisProcess) -> None:
+    proxy = Proxy("127.0.0.1", tcp_redis.port).start()
+    try:
+        client = redis.Redis.from_url(proxy.url, decode_responses=True, socket_timeout=5)
+        assert client.ping()
+        first = client.client_id()
+        assert proxy.live() == 1
+        assert proxy.cut() == 1
+        assert proxy.live() == 0
+        # The old connection is dead; the client connects again (through the proxy) and gets a new id.
+        assert client.set("k", "v")
+        assert client.client_id() != first
+        assert proxy.stats.cut == 1 and proxy.stats.accepted == 2
+        client.close()
+    finally:
+        proxy.stop()
+
+
+def test_proxy_closes_clients_while_the_target_is_down(tmp_path: Path) -> None:
+    proxy = Proxy("127.0.0.1", free_port()).start()  # nothing listens there
+    try:
+        client = redis.Redis.from_url(proxy.url, socket_timeout=5, retry=None)
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        assert proxy.stats.refused >= 1
+        client.close()
+    finally:
+        proxy.stop()
+
+
+# ---------------------------------------------------------------- a short soak
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", "--duration", "20", "--workers", "8", "--fault-every", "1.5", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert result.stdout, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["must_be_zero"] == dict.fromkeys(report["must_be_zero"], 0), (
+        json.dumps(report["details"], indent=1) + result.stderr[-3000:]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["ok"] is True
+    for kind in KINDS:
+        assert report["faults"][kind]["injected"] >= 1, kind
+    assert report["grants"] > 0
+    assert report["observer"]["snapshots"] > 100
+    # A stopped holder was told that its lease was lost, for each stop (and the restart told holders too).
+    stops = report["faults"]["stop_holder"]
+    assert stops["recovery"]["n"] >= stops["injected"]
+    assert report["lost_told"]["on_lost"] + report["lost_told"]["release"] >= stops["injected"]
