@@ -343,6 +343,7 @@ class Plan:
     tasks: int
     fault_every: float
     seed: int
+    kinds: tuple[str, ...] = KINDS
 
 
 @dataclass
@@ -489,7 +490,7 @@ class Chaos:
     def run(self) -> None:
         self.began = time.monotonic()
         end = self.began + self.plan.duration
-        must = list(KINDS)
+        must = list(self.plan.kinds)
         self.rng.shuffle(must)
         next_fault = self.began + 1.0
         log(f"running for {self.plan.duration:g} s; faults about every {self.plan.fault_every:g} s")
@@ -539,7 +540,7 @@ class Chaos:
         if must:
             order = list(must)
         else:
-            kinds = list(WEIGHTS)
+            kinds = list(self.plan.kinds)
             order = self.rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds], k=1)
         for kind in order:
             self.attempts[kind] += 1
@@ -715,60 +716,97 @@ def quantiles(seconds: list[float]) -> dict[str, Any]:
     return {"n": len(ordered), "p50_ms": round(percentile(ordered, 0.5), 1), "max_ms": round(ordered[-1], 1)}
 
 
+@dataclass
+class Logs:
+    """What the workers wrote, indexed for the checks (times on ``time.monotonic()``)."""
+
+    #: (t, t0, lease id, token, gpu) of every grant, by t
+    grants: list[tuple[float, float, str, int, str]] = field(default_factory=list)
+    #: pid -> (sent, answered) of every script call, by sent
+    calls: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    #: pid -> (lease id, token) -> when on_lost ran
+    lost: dict[int, dict[tuple[str, int], float]] = field(default_factory=lambda: defaultdict(dict))
+    #: pid -> lease id -> [(t, release() answer)]
+    released: dict[int, dict[str, list[tuple[float, bool]]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
+    #: pid -> (lease id, token) -> the heartbeat's verdict after the hold was paused (SIGSTOP)
+    pauses: dict[int, dict[tuple[str, int], str]] = field(default_factory=lambda: defaultdict(dict))
+    #: pid -> the (lease id, token) its acquire() calls returned
+    received: dict[int, set[tuple[str, int]]] = field(default_factory=lambda: defaultdict(set))
+    #: pid -> when it was killed or ended
+    alive_until: dict[int, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, chaos: Chaos) -> Logs:
+        logs = cls()
+        for w in chaos.workers:
+            logs.alive_until[w.pid] = w.killed or w.exited or chaos.ended
+            mine = []
+            for ev in read_events(w.log):
+                kind = ev.get("e")
+                if kind == "c":
+                    mine.append((ev["a"], ev["b"]))
+                    continue
+                logs.counts[str(kind)] += 1
+                if kind == "grant":
+                    logs.grants.append((ev["t"], ev["t0"], ev["id"], ev["tok"], ev["gpu"]))
+                    logs.received[w.pid].add((ev["id"], ev["tok"]))
+                elif kind == "lost":
+                    logs.lost[w.pid].setdefault((ev["id"], ev["tok"]), ev["t"])
+                elif kind == "rel":
+                    logs.released[w.pid][ev["id"]].append((ev["t"], bool(ev["ok"])))
+                elif kind == "error":
+                    logs.errors.append(f"pid {w.pid}: {ev['what']}")
+                elif kind == "unavailable":
+                    logs.counts[f"unavailable_{ev.get('op')}"] += 1
+                elif kind == "pause":
+                    logs.pauses[w.pid][(ev["id"], ev["tok"])] = str(ev["verdict"])
+            logs.calls[w.pid] = sorted(mine)
+        logs.grants.sort()
+        return logs
+
+    def next_grant(self, t: float) -> float | None:
+        """Seconds from ``t`` to the first grant returned to an acquire() called at ``t`` or later."""
+        start = bisect.bisect_left(self.grants, (t,))
+        return next((g[0] - t for g in self.grants[start:] if g[1] >= t), None)
+
+    def first_grant_on(self, gpu: str, t: float) -> float | None:
+        """When the first acquire() called at ``t`` or later returned a lease on ``gpu``."""
+        start = bisect.bisect_left(self.grants, (t,))
+        return next((g[0] for g in self.grants[start:] if g[1] >= t and g[4] == gpu), None)
+
+
+@dataclass
+class Tally:
+    must: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    notes: list[str] = field(default_factory=list)
+    #: fault kind -> how holders were told that their lease was lost: by on_lost, or by release() answering False
+    told: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {k: {"on_lost": 0, "release": 0} for k in ("stop_holder", "redis_restart")}
+    )
+    #: restart: per wiped lease whose holder was told, how long its VRAM was granted again before that (s)
+    regranted: list[float] = field(default_factory=list)
+    wiped: int = 0
+
+
 def analyze(chaos: Chaos) -> dict[str, Any]:
     obs_path = chaos.workdir / "observer.json"
     observer: dict[str, Any] = json.loads(obs_path.read_text()) if obs_path.exists() else {}
-    events = {w.pid: read_events(w.log) for w in chaos.workers}
-    alive_until = {w.pid: (w.killed or w.exited or chaos.ended) for w in chaos.workers}
-    grants: list[tuple[float, float, str, int, str]] = []  # (t, t0, id, token, gpu)
-    calls: dict[int, list[tuple[float, float]]] = {}
-    lost: dict[int, dict[tuple[str, int], float]] = defaultdict(dict)
-    released: dict[int, dict[str, list[tuple[float, bool]]]] = defaultdict(lambda: defaultdict(list))
-    received: dict[int, set[tuple[str, int]]] = defaultdict(set)
-    counts: dict[str, int] = defaultdict(int)
-    errors: list[str] = []
-    for pid, evs in events.items():
-        mine = []
-        for ev in evs:
-            kind = ev.get("e")
-            if kind == "c":
-                mine.append((ev["a"], ev["b"]))
-                continue
-            counts[kind] += 1
-            if kind == "grant":
-                grants.append((ev["t"], ev["t0"], ev["id"], ev["tok"], ev["gpu"]))
-                received[pid].add((ev["id"], ev["tok"]))
-            elif kind == "lost":
-                lost[pid].setdefault((ev["id"], ev["tok"]), ev["t"])
-            elif kind == "rel":
-                released[pid][ev["id"]].append((ev["t"], bool(ev["ok"])))
-            elif kind == "error":
-                errors.append(f"pid {pid}: {ev['what']}")
-            elif kind == "unavailable":
-                counts[f"unavailable_{ev.get('op')}"] += 1
-        calls[pid] = sorted(mine)
-    grants.sort()
-    grant_times = [g[0] for g in grants]
-
-    def next_grant(t: float) -> float | None:
-        for i in range(bisect.bisect_left(grant_times, t), len(grants)):
-            if grants[i][1] >= t:
-                return grants[i][0] - t
-        return None
-
+    logs = Logs.read(chaos)
     obs_leases: dict[str, list[Any]] = observer.get("leases", {})
     obs_tickets: dict[str, list[Any]] = observer.get("tickets", {})
     by_kind: dict[str, list[Fault]] = defaultdict(list)
     for f in chaos.faults:
         by_kind[f.kind].append(f)
-    must: dict[str, int] = defaultdict(int)
-    notes: list[str] = []
+    tally = Tally()
     faults_out: dict[str, Any] = {}
-    lost_told = {"on_lost": 0, "release": 0}
     for kind in KINDS:
         nexts, own = [], []
         for f in by_kind[kind]:
-            gap = next_grant(f.t)
+            gap = logs.next_grant(f.t)
             if gap is not None:
                 nexts.append(gap)
             if kind in ("kill_holder", "kill_waiter"):
@@ -778,27 +816,27 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
                 last = max((v[-1] for v in rows), default=f.t)
                 own.append(last - f.t)
             elif kind == "stop_holder":
-                own += check_stop(f, lost, released, obs_leases, grants, must, notes, lost_told)
+                own += check_stop(f, logs, obs_leases, tally)
             elif kind == "proxy_drop":
                 for pid in f.info["pids"]:
-                    mine = calls.get(pid, [])
+                    mine = logs.calls.get(pid, [])
                     i = bisect.bisect_left(mine, (f.t, 0.0))
-                    if i < len(mine) and mine[i][1] <= alive_until[pid]:
+                    if i < len(mine) and mine[i][1] <= logs.alive_until[pid]:
                         own.append(mine[i][1] - f.t)
             elif kind == "script_flush":
-                answered = [c[i][1] for c in calls.values() if (i := bisect.bisect_left(c, (f.t, 0.0))) < len(c)]
+                answered = [c[i][1] for c in logs.calls.values() if (i := bisect.bisect_left(c, (f.t, 0.0))) < len(c)]
                 if answered:
                     own.append(min(answered) - f.t)
             elif kind == "redis_restart":
-                own += check_restart(f, lost, released, received, alive_until, must, notes, lost_told)
+                own += check_restart(f, logs, tally)
         faults_out[kind] = {
             "injected": len(by_kind[kind]),
             "attempts": chaos.attempts.get(kind, 0),
             "next_grant": quantiles(nexts),
             "recovery": {"what": RECOVERY[kind], **quantiles(own)},
         }
-        if not by_kind[kind]:
-            must["fault_kinds_not_injected"] += 1
+        if not by_kind[kind] and kind in chaos.plan.kinds:
+            tally.must["fault_kinds_not_injected"] += 1
     violations = observer.get("violations", {})
     zero = {
         "over_commit_events": violations.get("over_commit_events", 0),
@@ -807,13 +845,15 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         "counter_mismatches": violations.get("counter_mismatches", 0),
         "index_mismatches": violations.get("index_mismatches", 0),
         "token_regressions": violations.get("token_regressions", 0),
-        "stale_tokens_not_superseded": must["stale_tokens_not_superseded"],
-        "lost_leases_not_reported": must["lost_leases_not_reported"],
-        "worker_errors": len(errors) + len(chaos.crashed),
+        "stale_tokens_not_superseded": tally.must["stale_tokens_not_superseded"],
+        "stale_leases_renewed": tally.must["stale_leases_renewed"],
+        "lost_leases_not_reported": tally.must["lost_leases_not_reported"],
+        "worker_errors": len(logs.errors) + len(chaos.crashed),
         "hung_workers": len(chaos.hung),
-        "fault_kinds_not_injected": must["fault_kinds_not_injected"],
+        "fault_kinds_not_injected": tally.must["fault_kinds_not_injected"],
         "observer_failures": 0 if observer else 1,
     }
+    counts = logs.counts
     acquires = counts["grant"] + counts["timeout"] + counts["unavailable_acquire"]
     report = {
         "duration_s": round(chaos.ended - chaos.began, 1),
@@ -832,91 +872,87 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         "timeouts": counts["timeout"],
         "redis_unavailable": counts["unavailable"],
         "leases_lost": counts["lost"],
-        "lost_told": lost_told,
+        "lost_told": tally.told,
+        "restart_regranted": {
+            "wiped_leases": tally.wiped,
+            "regranted_before_told": len(tally.regranted),
+            **quantiles(tally.regranted),
+        },
         "pauses_seen": counts["pause"],
-        "script_calls": sum(len(c) for c in calls.values()),
+        "script_calls": sum(len(c) for c in logs.calls.values()),
         "observer": {k: observer.get(k) for k in ("snapshots", "failed_reads", "longest_blind_s")},
         "faults": faults_out,
         "must_be_zero": zero,
         "details": {
             **observer.get("details", {}),
             "leaked_keys": chaos.leaked[:20] + [f"used {k}={v}" for k, v in chaos.used_left.items()],
-            "worker_errors": (chaos.crashed + errors)[:DETAILS],
+            "worker_errors": (chaos.crashed + logs.errors)[:DETAILS],
             "hung_workers": [str(p) for p in chaos.hung],
-            "notes": notes[:20],
+            "notes": tally.notes[:20],
         },
     }
     report["ok"] = not any(zero.values())
     return report
 
 
-def check_stop(
-    f: Fault,
-    lost: dict[int, dict[tuple[str, int], float]],
-    released: dict[int, dict[str, list[tuple[float, bool]]]],
-    obs_leases: dict[str, list[Any]],
-    grants: list[tuple[float, float, str, int, str]],
-    must: dict[str, int],
-    notes: list[str],
-    told: dict[str, int],
-) -> list[float]:
+def check_stop(f: Fault, logs: Logs, obs_leases: dict[str, list[Any]], tally: Tally) -> list[float]:
     """The stopped holder was told of each frozen lease, and a newer lease on that GPU outranks its token."""
     pid, t_cont = f.info["pid"], f.info.get("t_cont")
     out = []
     for frozen in f.info["leases"]:
         lease_id, tok, gpu = frozen["id"], frozen["tok"], frozen["gpu"]
-        at = lost[pid].get((lease_id, tok))
-        late_release = [t for t, ok in released[pid].get(lease_id, []) if not ok and t_cont is not None and t >= t_cont]
+        at = logs.lost[pid].get((lease_id, tok))
+        late = [t for t, ok in logs.released[pid].get(lease_id, []) if not ok and t_cont is not None and t >= t_cont]
+        if logs.pauses[pid].get((lease_id, tok)) == "renewed":
+            tally.must["stale_leases_renewed"] += 1
+            tally.notes.append(f"stop_holder: lease {lease_id} of pid {pid} was renewed after a pause past its TTL")
         if t_cont is not None and at is not None:
             out.append(max(0.0, at - t_cont))
-            told["on_lost"] += 1
-        elif t_cont is not None and late_release:
-            out.append(late_release[0] - t_cont)
-            told["release"] += 1
+            tally.told["stop_holder"]["on_lost"] += 1
+        elif t_cont is not None and late:
+            out.append(late[0] - t_cont)
+            tally.told["stop_holder"]["release"] += 1
         else:
-            must["lost_leases_not_reported"] += 1
-            notes.append(f"stop_holder: pid {pid} was never told that lease {lease_id} (token {tok}) was lost")
+            tally.must["lost_leases_not_reported"] += 1
+            tally.notes.append(f"stop_holder: pid {pid} was never told that lease {lease_id} (token {tok}) was lost")
         seen = obs_leases.get(f"{lease_id}/{tok}")
         gone = seen[5] if seen else f.t
         newer = [v[2] for v in obs_leases.values() if v[1] == gpu and v[4] > gone]
-        newer += [g[3] for g in grants if g[4] == gpu and g[1] > gone]
+        newer += [g[3] for g in logs.grants if g[4] == gpu and g[1] > gone]
         if not newer or min(newer) <= tok:
-            must["stale_tokens_not_superseded"] += 1
-            notes.append(f"stop_holder: lease {lease_id} token {tok} on {gpu}: later tokens there {sorted(newer)[:3]}")
+            tally.must["stale_tokens_not_superseded"] += 1
+            tally.notes.append(f"stop_holder: lease {lease_id} token {tok} on {gpu}: later there {sorted(newer)[:3]}")
     return out
 
 
-def check_restart(
-    f: Fault,
-    lost: dict[int, dict[tuple[str, int], float]],
-    released: dict[int, dict[str, list[tuple[float, bool]]]],
-    received: dict[int, set[tuple[str, int]]],
-    alive_until: dict[int, float],
-    must: dict[str, int],
-    notes: list[str],
-    told: dict[str, int],
-) -> list[float]:
-    """Every holder of a lease wiped by the restart is told (on_lost, or release() answering False)."""
+def check_restart(f: Fault, logs: Logs, tally: Tally) -> list[float]:
+    """Every holder of a lease wiped by the restart is told (on_lost, or release() answering False); and how
+    long the new server had already granted that lease's GPU to someone else by then."""
     out = []
     for held in f.info["leases"]:
-        pid, lease_id, tok = held["pid"], held["id"], held["tok"]
-        if pid not in alive_until or (lease_id, tok) not in received[pid]:
+        pid, lease_id, tok, gpu = held["pid"], held["id"], held["tok"], held["gpu"]
+        if pid not in logs.alive_until or (lease_id, tok) not in logs.received[pid]:
             continue  # not one of ours, or granted but never taken (its waiter asked again on the new server)
-        at = lost[pid].get((lease_id, tok))
-        rels = [(t, ok) for t, ok in released[pid].get(lease_id, []) if t >= f.t - 1.0]
+        at = logs.lost[pid].get((lease_id, tok))
+        rels = [(t, ok) for t, ok in logs.released[pid].get(lease_id, []) if t >= f.t - 1.0]
         if at is not None and at >= f.t:
-            out.append(at - f.t)
-            told["on_lost"] += 1
+            tally.told["redis_restart"]["on_lost"] += 1
         elif rels and not rels[0][1]:
-            out.append(max(0.0, rels[0][0] - f.t))
-            told["release"] += 1
+            at = max(f.t, rels[0][0])
+            tally.told["redis_restart"]["release"] += 1
         elif rels and rels[0][1]:
             continue  # its release landed before the kill
-        elif alive_until[pid] < f.t + 5.0:
+        elif logs.alive_until[pid] < f.t + 5.0:
             continue  # killed (or ended) before it could be told
         else:
-            must["lost_leases_not_reported"] += 1
-            notes.append(f"redis_restart: pid {pid} was never told that lease {lease_id} (token {tok}) was lost")
+            tally.must["lost_leases_not_reported"] += 1
+            tally.notes.append(f"redis_restart: pid {pid} was never told that lease {lease_id} (token {tok}) was lost")
+            continue
+        out.append(at - f.t)
+        tally.wiped += 1
+        regranted = logs.first_grant_on(gpu, f.t)
+        if regranted is not None and regranted < at:
+            tally.regranted.append(at - regranted)
     return out
 
 
@@ -931,15 +967,21 @@ def fmt_ms(q: dict[str, Any]) -> str:
 
 def render(report: dict[str, Any]) -> str:
     w = report["workers"]
+    told = report["lost_told"]
     lines = [
         f"gpuboss chaos: {report['duration_s']} s, {w['initial']} workers ({w['initial'] - w['async']} GPUBoss, "
         f"{w['async']} AsyncGPUBoss x {w['tasks_per_async']} tasks), {w['started']} started in all; seed {report['seed']}",
         f"operations {report['operations']} (grants {report['grants']}, releases {report['releases']}, "
         f"timeouts {report['timeouts']}, Redis unavailable {report['redis_unavailable']}), "
         f"script calls {report['script_calls']}",
-        f"leases lost {report['leases_lost']} (faults told by on_lost {report['lost_told']['on_lost']}, "
-        f"by release() {report['lost_told']['release']}); observer: {report['observer']['snapshots']} snapshots, "
+        f"leases lost {report['leases_lost']}; holders told by on_lost / by release() answering False: stop_holder "
+        f"{told['stop_holder']['on_lost']} / {told['stop_holder']['release']}, redis_restart "
+        f"{told['redis_restart']['on_lost']} / {told['redis_restart']['release']}",
+        f"observer: {report['observer']['snapshots']} snapshots, "
         f"{report['observer']['failed_reads']} failed reads, longest blind {report['observer']['longest_blind_s'] or 0:.2f} s",
+        f"redis_restart: {report['restart_regranted']['wiped_leases']} leases wiped; the GPU of "
+        f"{report['restart_regranted']['regranted_before_told']} was granted again before their holder was told, "
+        f"for p50/max {fmt_ms(report['restart_regranted'])} ms (no persistence: see docs/reliability.md)",
         "",
     ]
     head = ("fault", "injected", "next grant p50/max ms", "recovery", "p50/max ms", "n")
@@ -976,6 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=2, help="concurrent tasks per async worker (default 2)")
     parser.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults (default 2.5)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    parser.add_argument(
+        "--only", default=",".join(KINDS), help="the fault kinds to inject, comma-separated (default: all)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs); kept anyway on failure")
     parser.add_argument("--observe", metavar="SPEC", help=argparse.SUPPRESS)
@@ -984,7 +1029,12 @@ def main(argv: list[str] | None = None) -> int:
         return observe(args.observe)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     async_workers = args.async_workers if args.async_workers is not None else max(1, args.workers // 4)
-    plan = Plan(args.duration, args.workers, min(async_workers, args.workers), args.tasks, args.fault_every, seed)
+    kinds = tuple(k for k in args.only.split(",") if k)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        parser.error(f"--only: unknown fault kinds {unknown}; choose from {', '.join(KINDS)}")
+    workers = max(2, args.workers)
+    plan = Plan(args.duration, workers, min(async_workers, workers), args.tasks, args.fault_every, seed, kinds)
     workdir = Path(tempfile.mkdtemp(prefix="gpuboss-chaos-"))
     chaos = Chaos(plan, workdir)
     report: dict[str, Any] | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,21 +72,17 @@ class NoticeListener:
 
     def _listen(self) -> None:
         client = connect_sync(self._url, self._timeout)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self._channel)
-            # The subscription is live once Redis confirms it.
-            deadline = time.monotonic() + self._timeout
-            while not self._stopped.is_set() and time.monotonic() < deadline:
-                msg = pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
-                if msg is not None and msg.get("type") == "subscribe":
-                    break
-            self._ready.set()
             while not self._stopped.is_set():
                 msg = pubsub.get_message(timeout=POLL_S)
-                if msg is None or msg.get("type") != "message":
+                if msg is None:
                     continue
-                self._handle(msg.get("data"))
+                if msg.get("type") == "subscribe":
+                    self._ready.set()  # the subscription is live: start() may return
+                elif msg.get("type") == "message":
+                    self._handle(msg.get("data"))
         finally:
             pubsub.close()
             client.close()

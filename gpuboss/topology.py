@@ -70,7 +70,7 @@ FORMS = (
 )
 
 #: A query option whose name says it holds a secret: never shown (gpuboss takes none, but a URL may have one).
-_SECRET_OPTION = re.compile(r"pass|secret|token|key(?!file)", re.IGNORECASE)
+_SECRET_OPTION = re.compile(r"([?&][^=&#]*(?:pass|secret|token)[^=&#]*)=[^&#]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -151,25 +151,17 @@ def _split(url: str) -> tuple[str, str, str, str]:
 def redact_url(url: str) -> str:
     """The URL without its password (nor any query option that looks like a secret), for logs and errors.
 
-    Never raises: whatever the string is, what comes back shows no password.
+    Never raises. Everything before the last ``@`` is taken as the credentials, so a password with an
+    unescaped ``/``, ``?``, ``#`` or ``@`` is hidden too (at worst, more than the password is).
     """
-    if "://" not in url:
+    head, sep, rest = url.partition("://")
+    if not sep:
         return url if "@" not in url else "***"
-    _, netloc, path, query = _split(url)
-    userinfo, at, hosts = netloc.rpartition("@")
+    userinfo, at, tail = rest.rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else f"{userinfo}@{hosts}"
-    if "@" in path:  # a password with an unescaped "/" in it: the rest is not a path
-        path = "/***"
-    if query:
-        pairs = []
-        for pair in query.split("&"):
-            name, eq, _ = pair.partition("=")
-            pairs.append(f"{name}=***" if eq and _SECRET_OPTION.search(name) else pair)
-        query = "&".join(pairs)
-    original_scheme = url.partition("://")[0]
-    return f"{original_scheme}://{netloc}{path}{'?' + query if query else ''}"
+        rest = f"{user}:***@{tail}" if colon else rest
+    return f"{head}://{_SECRET_OPTION.sub(lambda m: m.group(1) + '=***', rest)}"
 
 
 def _bad(url: str, problem: str) -> ConfigError:

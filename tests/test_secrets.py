@@ -11,6 +11,7 @@ import logging
 import traceback
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -21,7 +22,7 @@ from gpuboss.cli import cli
 from gpuboss.errors import GPUBossError
 from gpuboss.server import RedisProcess
 from gpuboss.topology import parse_url, redact_url
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tests.conftest import GPUS
@@ -79,7 +80,9 @@ def refused_urls() -> list[str]:
 # ---------------------------------------------------------------- a normal run
 
 
-def test_a_normal_run_shows_no_password(locked_server: RedisProcess, every_log: pytest.LogCaptureFixture) -> None:
+def test_a_normal_run_shows_no_password(
+    locked_server: RedisProcess, every_log: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     ns = f"sec{uuid.uuid4().hex[:8]}"
     url = good_url(locked_server)
     boss = GPUBoss(url, namespace=ns, gpus=GPUS, service="secret-keeper")
@@ -99,7 +102,16 @@ def test_a_normal_run_shows_no_password(locked_server: RedisProcess, every_log: 
     logged = every_log.text
     assert ":***@" in logged  # the URL was logged, redacted
     assert_hidden(logged, *(e.to_dict() for e in seen if e is not None), *events.replay(url, ns))
-    for command in (["status"], ["--json", "status"], ["health"], ["gc"], ["config", "check"], ["--debug", "status"]):
+    config = tmp_path / "gpuboss.yaml"
+    config.write_text(f"redis_url: {url}\nnamespace: {ns}\n")
+    for command in (
+        ["status"],
+        ["--json", "status"],
+        ["health"],
+        ["gc"],
+        ["config", "check", str(config)],
+        ["--debug", "status"],
+    ):
         result = CliRunner().invoke(cli, ["--redis-url", url, "--namespace", ns, *command])
         assert result.exit_code in (0, 3), (command, result.output)
         assert_hidden(result.output)
@@ -120,7 +132,8 @@ def test_a_refused_connection_shows_no_password(index: int, every_log: pytest.Lo
     with pytest.raises(GPUBossError) as replay_err:
         events.replay(url, connect_timeout=0.3)
     boss.close()
-    cli_out = [CliRunner().invoke(cli, ["--redis-url", url, *c]).output for c in (["status"], ["--debug", "health"])]
+    base = ["--redis-url", url, "--connect-timeout", "0.3"]
+    cli_out = [CliRunner().invoke(cli, [*base, *c]).output for c in (["status"], ["--debug", "health"])]
     assert_hidden(said(err.value), said(sub_err.value), said(replay_err.value), every_log.text, *cli_out)
 
 
@@ -182,9 +195,9 @@ def test_a_bad_url_is_a_config_error_without_the_password(url: str) -> None:
 # ---------------------------------------------------------------- redact_url itself
 
 
-password_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30
-).map(lambda s: "pw-" + s)
+password_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30).map(
+    lambda s: "pw-" + s
+)
 
 
 @given(password=password_text, scheme=st.sampled_from(["redis", "rediss", "redis+sentinel", "redis+cluster", "unix"]))
@@ -199,6 +212,6 @@ def test_redact_url_never_shows_a_percent_encoded_password(password: str, scheme
 
 @given(password=st.text(min_size=1, max_size=20).map(lambda s: "pw-" + s), rest=st.text(max_size=30))
 def test_redact_url_never_raises_and_hides_even_an_unencoded_password(password: str, rest: str) -> None:
+    assume(password not in rest)
     shown = redact_url(f"redis://u:{password}@host:1/0{rest}")
-    if "@" not in password and "#" not in password and "?" not in password:
-        assert password not in shown
+    assert password not in shown
