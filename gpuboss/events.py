@@ -42,7 +42,27 @@ from gpuboss.urls import resolve_redis_url
 #: The schema version every event carries as ``v``.
 SCHEMA_VERSION = 1
 #: Every type the scripts emit today.
-EVENT_TYPES = ("queued", "granted", "released", "expired", "timed_out", "withdrawn", "revoked", "gpu_registered")
+EVENT_TYPES = (
+    "queued",
+    "granted",
+    "released",
+    "expired",
+    "timed_out",
+    "withdrawn",
+    "revoked",
+    "evict_requested",
+    "checkpoint_started",
+    "evicted",
+    "resumed",
+    "evict_cancelled",
+    "evict_overdue",
+    "resized",
+    "policy_changed",
+    "gpu_registered",
+    "gpu_offline",
+    "gpu_online",
+    "vram_alert",
+)
 #: The field of an event log entry that holds the event's JSON.
 LOG_FIELD = "event"
 #: Events read per XRANGE page when replaying.

@@ -150,3 +150,14 @@ def test_web_service_answers_200_then_503_with_retry_after(real_url: str, namesp
     assert proc.returncode == 0, out + err
     assert "shutting down" in out
     assert_nothing_held(real_url, namespace)
+
+
+def test_preemptible_training(real_url: str, namespace: str, tmp_path: Path) -> None:
+    done = run_example("preemptible_training.py", real_url, namespace, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 150/150 steps, each exactly once; 1 eviction(s)" in done.stdout
+    lines = done.stdout.splitlines()
+    checkpoint = next(i for i, line in enumerate(lines) if "checkpoint at step" in line)
+    step = lines[checkpoint].split("checkpoint at step ")[1].split()[0]
+    assert any(f"resumed at step {step} on cuda:0" in line for line in lines[checkpoint:])
+    assert_nothing_held(real_url, namespace)
