@@ -24,6 +24,12 @@ per look (a consistent snapshot, about 20 per second), and checks continuously:
 * no stranded waiter: the head of the queue (expired entries left out) fits on a GPU (expired leases left
   out) for more than ``STRANDED_S`` in a row.
 
+From the workers' logs the driver checks afterwards that every stopped holder was told that its lease was
+lost (``on_lost``, or ``release()`` answering False) and never saw it renewed, that a later lease on the same
+GPU carries a higher token than the stale one, that every holder of a lease wiped by a restart was told, and
+that the leases as their holders saw them (acquire returned -> release called, for leases whose release
+answered True) never add up to more than a GPU leases out.
+
 At the end the faults stop, the workers finish (SIGTERM) and close their bosses, the TTLs run out, one
 ``collect`` runs, and every key of the namespace but the fixed ones (``Keys.fixed()``) counts as leaked.
 
@@ -53,8 +59,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gpuboss
 import redis
 from gpuboss import GPUBoss, Keys
+from gpuboss.config import gb_to_mib
+from gpuboss.scripts import lua_dir
 from gpuboss.server import RedisProcess, start_redis
 from redis.exceptions import RedisError
 
@@ -392,6 +401,7 @@ class Chaos:
         self.leaked: list[str] = []
         self.used_left: dict[str, int] = {}
         self.restarts = 0
+        self.code: dict[str, float] = {}
         self.began = 0.0
         self.ended = 0.0
 
@@ -401,7 +411,20 @@ class Chaos:
 
     # -- set-up and tear-down
 
+    def code_files(self) -> dict[str, float]:
+        """The files a worker runs (gpuboss's modules and scripts): path -> mtime."""
+        gpuboss_dir = Path(gpuboss.__file__).resolve().parent
+        paths = [*gpuboss_dir.glob("*.py"), *Path(str(lua_dir())).rglob("*.lua")]
+        return {str(p): p.stat().st_mtime for p in paths if p.is_file()}
+
+    def changed_code(self) -> list[str]:
+        """Files of gpuboss that changed (or appeared, or went) since the run began: its figures are suspect."""
+        now = self.code_files()
+        changed = {p for p in set(now) | set(self.code) if now.get(p) != self.code.get(p)}
+        return sorted(os.path.relpath(p, ROOT) for p in changed)
+
     def start(self) -> None:
+        self.code = self.code_files()
         self.server = start_redis(self.workdir, socket=self.socket, port=self.port)
         self.direct = connect(self.direct_url)
         self.proxy = Proxy("127.0.0.1", self.port).start()
@@ -726,6 +749,8 @@ class Logs:
     calls: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     #: pid -> (lease id, token) -> when on_lost ran
     lost: dict[int, dict[tuple[str, int], float]] = field(default_factory=lambda: defaultdict(dict))
+    #: gpu -> (grant returned, release called, MiB) of every lease whose release() answered True
+    held: dict[str, list[tuple[float, float, int]]] = field(default_factory=lambda: defaultdict(list))
     #: pid -> lease id -> [(t, release() answer)]
     released: dict[int, dict[str, list[tuple[float, bool]]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list))
@@ -736,6 +761,8 @@ class Logs:
     received: dict[int, set[tuple[str, int]]] = field(default_factory=lambda: defaultdict(set))
     #: pid -> when it was killed or ended
     alive_until: dict[int, float] = field(default_factory=dict)
+    #: pid -> (SIGSTOP, SIGCONT) times of the stop faults it went through
+    stops: dict[int, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     errors: list[str] = field(default_factory=list)
 
@@ -745,6 +772,7 @@ class Logs:
         for w in chaos.workers:
             logs.alive_until[w.pid] = w.killed or w.exited or chaos.ended
             mine = []
+            granted: dict[str, tuple[float, str, int]] = {}
             for ev in read_events(w.log):
                 kind = ev.get("e")
                 if kind == "c":
@@ -754,10 +782,14 @@ class Logs:
                 if kind == "grant":
                     logs.grants.append((ev["t"], ev["t0"], ev["id"], ev["tok"], ev["gpu"]))
                     logs.received[w.pid].add((ev["id"], ev["tok"]))
+                    granted[ev["id"]] = (ev["t"], ev["gpu"], ev["mib"])
                 elif kind == "lost":
                     logs.lost[w.pid].setdefault((ev["id"], ev["tok"]), ev["t"])
                 elif kind == "rel":
                     logs.released[w.pid][ev["id"]].append((ev["t"], bool(ev["ok"])))
+                    got = granted.pop(ev["id"], None)
+                    if ev["ok"] and got is not None and "r0" in ev:
+                        logs.held[got[1]].append((got[0], ev["r0"], got[2]))
                 elif kind == "error":
                     logs.errors.append(f"pid {w.pid}: {ev['what']}")
                 elif kind == "unavailable":
@@ -766,7 +798,14 @@ class Logs:
                     logs.pauses[w.pid][(ev["id"], ev["tok"])] = str(ev["verdict"])
             logs.calls[w.pid] = sorted(mine)
         logs.grants.sort()
+        for f in chaos.faults:
+            if f.kind == "stop_holder":
+                logs.stops[f.info["pid"]].append((f.t, f.info.get("t_cont", chaos.ended)))
         return logs
+
+    def awake(self, pid: int, t: float) -> float:
+        """``t``, or when ``pid`` was continued if it was stopped at ``t``."""
+        return next((cont for stop, cont in self.stops[pid] if stop <= t < cont), t)
 
     def next_grant(self, t: float) -> float | None:
         """Seconds from ``t`` to the first grant returned to an acquire() called at ``t`` or later."""
@@ -790,6 +829,24 @@ class Tally:
     #: restart: per wiped lease whose holder was told, how long its VRAM was granted again before that (s)
     regranted: list[float] = field(default_factory=list)
     wiped: int = 0
+
+
+def client_over_commits(logs: Logs, tally: Tally) -> int:
+    """Leases as their holders saw them: from acquire() returning to release() being called, for every lease
+    whose release answered True (it was live in Redis all along). Per GPU they must never add up to more
+    than capacity minus reserve. Leases that ended lost (a pause, a restart) are left out: their holders
+    overlapping with later grants is what losing a lease means."""
+    leasable = {g["id"]: gb_to_mib(g["vram_gb"]) - gb_to_mib(g.get("reserve_gb", 0)) for g in GPUS}
+    found = 0
+    for gpu, spans in logs.held.items():
+        steps = sorted([(a, m) for a, _b, m in spans] + [(b, -m) for _a, b, m in spans], key=lambda s: (s[0], s[1]))
+        total = 0
+        for t, delta in steps:
+            total += delta
+            if total > leasable.get(gpu, 0):
+                found += 1
+                tally.notes.append(f"{gpu}: holders held {total} MiB at t={t:.3f} (> {leasable.get(gpu)} MiB)")
+    return found
 
 
 def analyze(chaos: Chaos) -> dict[str, Any]:
@@ -840,6 +897,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
     violations = observer.get("violations", {})
     zero = {
         "over_commit_events": violations.get("over_commit_events", 0),
+        "client_over_commits": client_over_commits(logs, tally),
         "stranded_waiters": violations.get("stranded_waiters", 0),
         "leaked_keys": len(chaos.leaked) + len(chaos.used_left),
         "counter_mismatches": violations.get("counter_mismatches", 0),
@@ -886,13 +944,28 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         "details": {
             **observer.get("details", {}),
             "leaked_keys": chaos.leaked[:20] + [f"used {k}={v}" for k, v in chaos.used_left.items()],
-            "worker_errors": (chaos.crashed + logs.errors)[:DETAILS],
+            "worker_errors": chaos.crashed[:DETAILS] + summarize_errors(logs.errors),
             "hung_workers": [str(p) for p in chaos.hung],
             "notes": tally.notes[:20],
         },
     }
+    report["code_changed_during_run"] = chaos.changed_code()
     report["ok"] = not any(zero.values())
     return report
+
+
+def summarize_errors(errors: list[str]) -> list[str]:
+    """Worker errors grouped by their last line (the exception), most frequent first, with one full example."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for err in errors:
+        groups[err.strip().splitlines()[-1][:300]].append(err)
+    out = []
+    for last, items in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:DETAILS]:
+        out.append(f"{len(items)} x {last}")
+    if groups:
+        example = max(groups.values(), key=len)[0]
+        out.append("first of the most frequent, in full:\n" + example[-1500:])
+    return out
 
 
 def check_stop(f: Fault, logs: Logs, obs_leases: dict[str, list[Any]], tally: Tally) -> list[float]:
@@ -948,7 +1021,10 @@ def check_restart(f: Fault, logs: Logs, tally: Tally) -> list[float]:
             tally.must["lost_leases_not_reported"] += 1
             tally.notes.append(f"redis_restart: pid {pid} was never told that lease {lease_id} (token {tok}) was lost")
             continue
-        out.append(at - f.t)
+        awake = logs.awake(pid, f.t)
+        out.append(at - awake)  # a holder stopped meanwhile is told once it runs again
+        if awake != f.t:
+            continue  # stopped past its TTL: it lost the lease to the stop anyway
         tally.wiped += 1
         regranted = logs.first_grant_on(gpu, f.t)
         if regranted is not None and regranted < at:
@@ -1002,6 +1078,12 @@ def render(report: dict[str, Any]) -> str:
         if items and report["must_be_zero"].get(name, 1) != 0:
             lines.append(f"  {name}:")
             lines += [f"    {item}" for item in items]
+    if report.get("code_changed_during_run"):
+        lines.append("")
+        lines.append(
+            "WARNING: gpuboss changed while this ran (workers started later ran other code): "
+            + ", ".join(report["code_changed_during_run"][:10])
+        )
     lines.append("")
     lines.append("RESULT: " + ("PASS" if report["ok"] else "FAIL"))
     return "\n".join(lines)

@@ -10,7 +10,8 @@ clock every process of the machine shares); the driver reads them after the run:
 
 ``start``     ``{pid, kind}``: the boss exists (the driver waits for this line from every worker)
 ``grant``     ``{t0, t, id, tok, gpu, mib}``: ``acquire()`` called at ``t0`` returned a lease at ``t``
-``rel``       ``{t, id, ok, lost}``: ``release()`` returned ``ok`` (False: the lease was already gone);
+``rel``       ``{r0, t, id, ok, lost}``: ``release()``, called at ``r0``, returned ``ok`` (False: the lease was
+              already gone);
               ``lost``: the lease had been reported lost before
 ``lost``      ``{t, id, tok}``: ``on_lost`` ran for the lease
 ``pause``     ``{t, id, tok, gap, verdict}``: a sleep of the hold overshot by ``gap`` s (SIGSTOP); the worker
@@ -211,12 +212,13 @@ class SyncWorker:
         self.log.event("grant", t0=t0, id=lease.id, tok=lease.token, gpu=lease.gpu, mib=lease.vram_mib)
         self.hold(lease, d.hold_s)
         was_lost = lease.lost
+        r0 = mono()
         try:
             ok = self.boss.release(lease)
         except RedisUnavailable:
             self.log.event("unavailable", op="release")
             return
-        self.log.event("rel", id=lease.id, ok=ok, lost=was_lost)
+        self.log.event("rel", r0=r0, id=lease.id, ok=ok, lost=was_lost)
 
     def hold(self, lease: Any, seconds: float) -> None:
         end = mono() + seconds
@@ -316,12 +318,13 @@ class AsyncWorker:
             await self.hold(lease, d.hold_s)
         finally:  # also when the task is cancelled (SIGTERM)
             was_lost = lease.lost
+            r0 = mono()
             try:
                 ok = await boss.release(lease)
             except RedisUnavailable:
                 self.log.event("unavailable", op="release")
             else:
-                self.log.event("rel", id=lease.id, ok=ok, lost=was_lost)
+                self.log.event("rel", r0=r0, id=lease.id, ok=ok, lost=was_lost)
 
     async def hold(self, lease: Any, seconds: float) -> None:
         end = mono() + seconds

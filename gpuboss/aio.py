@@ -236,6 +236,15 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         result: list[GpuInfo] = await self._run(self._core.registry_flow())
         return result
 
+    async def pause(self, priority: str) -> bool:
+        """Stop grants of a priority class in every process at once (active leases continue); True if it
+        was not paused yet."""
+        return bool(int((await self._eval(self._core.pause_call(priority, True, self._core.operator)))[0]))
+
+    async def resume(self, priority: str) -> bool:
+        """Restart grants of a paused class; its waiting requests are served at once. True if it was paused."""
+        return bool(int((await self._eval(self._core.pause_call(priority, False, self._core.operator)))[0]))
+
     async def collect(self) -> dict[str, int]:
         """Reclaim expired leases and queue entries now; say how many of each, and grants made."""
         return self._core.collected(await self._eval(self._core.collect_call()))

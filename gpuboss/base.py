@@ -78,8 +78,7 @@ class BossBase:
             except (KeyError, TypeError, ValueError):
                 log.warning("gpuboss: ignoring a malformed eviction notice %r", notice)
                 return
-            lease.notice = parsed
-            if lease._move_if("evicting"):
+            if lease._take_notice(parsed):
                 log.info(
                     "gpuboss: lease %s on %s is asked to checkpoint (%d MiB for %s)",
                     lease.id,
@@ -106,6 +105,7 @@ class BossBase:
         """Apply what the hand-back (and the wait to resume) did to ``lease``."""
         if outcome.code in (YieldReply.CONTINUE, YieldReply.GRANTED) and outcome.record is not None:
             lease.apply_record(outcome.record)
+            self._inventory.localize(lease)  # this process's cuda:N for the (possibly other) GPU
             if lease._move_if("granted") or lease._move_if("continue"):
                 self._heartbeat.hold(lease)
                 if outcome.code is YieldReply.GRANTED:

@@ -454,8 +454,8 @@ def _setup_logging(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--redis-url",
     metavar="URL",
-    help=f"Redis to use (redis://, rediss://, unix://). Default: {ENV_REDIS_URL}, the config file, "
-    "else the embedded Redis of this user.",
+    help="Redis to use (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://; docs/topologies.md). "
+    f"Default: {ENV_REDIS_URL}, the config file, else the embedded Redis of this user.",
 )
 @click.option("--namespace", metavar="NAME", help="Key namespace (default: the config's, else 'gpuboss').")
 @click.option(
@@ -1068,6 +1068,56 @@ def config_check(state: CliState, path: str | None) -> None:
         click.echo("GPUs: none declared (this service uses the GPUs others registered)")
     for note in notes:
         click.echo(f"note: {note}")
+
+
+# ---------------------------------------------------------------- gpuboss pause / resume
+
+
+def _set_paused(state: CliState, priority: str, paused: bool) -> None:
+    from gpuboss.core import Core
+    from gpuboss.errors import InvalidRequest
+    from gpuboss.redis_io import evalsha_sync, retry_sync
+
+    cfg = state.config()
+    core = Core(cfg)
+    try:
+        call = core.pause_call(priority, paused, _operator())
+    except InvalidRequest as err:
+        raise CliError(str(err)) from None
+    target = find_target(cfg, start=False)
+    client = connect(target, cfg)
+    try:
+        reply = retry_sync(lambda: evalsha_sync(client, call), target.shown, cfg.connect_timeout)
+    finally:
+        client.close()
+    changed, granted = int(reply[0]), int(reply[1])
+    if state.json:
+        _echo_json({"class": priority, "paused": paused, "changed": bool(changed), "granted": granted})
+        return
+    word = "paused" if paused else "resumed"
+    if not changed:
+        click.echo(f"{priority}: already {word}")
+        return
+    click.echo(
+        f"{priority}: {word} in namespace {cfg.namespace!r}" + (f"; granted {granted} waiting" if granted else "")
+    )
+
+
+@cli.command(short_help="Stop grants of a priority class, in every process, at once.")
+@click.argument("priority", metavar="CLASS")
+@click.pass_obj
+def pause(state: CliState, priority: str) -> None:
+    """No request of CLASS is granted until `gpuboss resume CLASS`: queued ones wait (they do not fail and
+    do not block other classes); active leases continue. An event `paused` records who did it."""
+    _set_paused(state, priority, True)
+
+
+@cli.command(short_help="Restart grants of a paused priority class.")
+@click.argument("priority", metavar="CLASS")
+@click.pass_obj
+def resume(state: CliState, priority: str) -> None:
+    """Grant CLASS again; its waiting requests are served in the same step."""
+    _set_paused(state, priority, False)
 
 
 # ---------------------------------------------------------------- gpuboss gc

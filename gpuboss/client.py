@@ -110,7 +110,9 @@ class GPUBoss(InventoryMethods, BossBase):
     # -- eviction
 
     def _start_eviction(self, lease: Lease) -> None:
-        threading.Thread(target=self._evict_now, args=(lease,), name=f"gpuboss-evict-{lease.id[:8]}", daemon=True).start()
+        threading.Thread(
+            target=self._evict_now, args=(lease,), name=f"gpuboss-evict-{lease.id[:8]}", daemon=True
+        ).start()
 
     def _evict_now(self, lease: Lease) -> None:
         """Checkpoint (``on_evict``), hand the VRAM back and, with ``resume``, wait to be granted again."""
@@ -201,6 +203,15 @@ class GPUBoss(InventoryMethods, BossBase):
         """The GPUs registered in the namespace."""
         result: list[GpuInfo] = self._run(self._core.registry_flow())
         return result
+
+    def pause(self, priority: str) -> bool:
+        """Stop grants of a priority class in every process at once (active leases continue); True if it
+        was not paused yet."""
+        return bool(int((self._eval(self._core.pause_call(priority, True, self._core.operator)))[0]))
+
+    def resume(self, priority: str) -> bool:
+        """Restart grants of a paused class; its waiting requests are served at once. True if it was paused."""
+        return bool(int((self._eval(self._core.pause_call(priority, False, self._core.operator)))[0]))
 
     def collect(self) -> dict[str, int]:
         """Reclaim expired leases and queue entries now; say how many of each, and grants made."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,9 +22,13 @@ from gpuboss.topology import FAKE_SCHEME, check_cluster_namespace, is_cluster_ur
 ENV_CONFIG = "GPUBOSS_CONFIG"
 ENV_REDIS_URL = "GPUBOSS_REDIS_URL"
 
-#: Priority classes and their ranks: a higher rank is served first.
+#: The default priority classes and their ranks: a higher rank is served first (config ``priorities``).
 PRIORITIES: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
-PriorityName = Literal["low", "normal", "high"]
+#: A priority class name (validated against the configuration's ``priorities``).
+PriorityName = str
+CLASS_RE = r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$"
+WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def gb_to_mib(gb: float) -> int:
@@ -79,6 +84,84 @@ class PauseRule(BaseModel):
 
     def to_lua(self) -> dict[str, Any]:
         return {"class": self.paused, "while": list(self.while_active), "evict": self.evict}
+
+
+class Aging(BaseModel):
+    """A waiting request's priority rises by one class per ``every_s`` of waiting, by at most ``max_boost``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every_s: float = Field(gt=0, le=86400 * 7, allow_inf_nan=False)
+    max_boost: int = Field(default=1, ge=1, le=100, strict=True)
+
+
+class Window(BaseModel):
+    """``{class: low, pause: "09:00-18:00", tz: Europe/Berlin, days: [mon, tue, wed, thu, fri]}``: requests of
+    ``class`` are not granted during those hours (local time of ``tz``); active leases continue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    paused: PriorityName = Field(alias="class")
+    pause: str = Field(description="HH:MM-HH:MM, local time; an end before the start spans midnight")
+    tz: str = "UTC"
+    days: list[str] = Field(default_factory=lambda: list(DAYS))
+
+    @field_validator("pause")
+    @classmethod
+    def _hours(cls, value: str) -> str:
+        if not WINDOW_RE.fullmatch(value):
+            raise ValueError(f"pause must be HH:MM-HH:MM (24 h clock, e.g. 09:00-18:00), not {value!r}")
+        return value
+
+    @field_validator("tz")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"tz must be an IANA time zone such as UTC or Europe/Berlin, not {value!r}") from None
+        return value
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: list[str]) -> list[str]:
+        bad = [d for d in value if d not in DAYS]
+        if bad or not value:
+            raise ValueError(f"days must be a non-empty list of {', '.join(DAYS)}; not {bad or value}")
+        return value
+
+
+class ServiceCap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_leases: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
+    max_vram_gb: float | None = Field(default=None, gt=0, le=2**20, allow_inf_nan=False)
+
+
+class ClassCap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_leases: int = Field(ge=1, le=1_000_000, strict=True)
+
+
+class Caps(BaseModel):
+    """Limits enforced atomically with the grant: a request over a cap waits (it does not block others)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    services: dict[str, ServiceCap] = Field(default_factory=dict)
+    classes: dict[str, ClassCap] = Field(default_factory=dict)
+
+
+class MaxHold(BaseModel):
+    """A lease of the class held longer than ``seconds`` is asked to checkpoint (``evict``) or revoked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seconds: float = Field(gt=0, le=86400 * 30, allow_inf_nan=False)
+    action: Literal["evict", "revoke"] = "evict"
 
 
 class BossConfig(BaseModel):
@@ -141,6 +224,20 @@ class BossConfig(BaseModel):
     #: Pause rules every process obeys (stored in Redis on first use); None leaves the namespace's rules alone.
     pause: list[PauseRule] | None = None
 
+    # -- scheduling policy (docs/scheduling.md); each None leaves the namespace's rule alone
+    #: Priority classes and their ranks (0..999, higher served first).
+    priorities: dict[str, int] = Field(default_factory=lambda: dict(PRIORITIES))
+    aging: Aging | None = None
+    #: "strict": a request that does not fit holds everyone behind it; "backfill": later requests may use
+    #: GPUs the first one cannot use, while the GPU it waits for is kept for it.
+    queueing: Literal["strict", "backfill"] | None = None
+    windows: list[Window] | None = None
+    caps: Caps | None = None
+    max_hold: dict[str, MaxHold] | None = None
+    #: When Redis cannot be reached: "error" raises RedisUnavailable at once, "wait" retries with backoff up
+    #: to the request's timeout, "local" coordinates within this process only until Redis is back.
+    on_redis_down: Literal["error", "wait", "local"] = "error"
+
     @field_validator("namespace")
     @classmethod
     def _namespace_chars(cls, value: str) -> str:
@@ -163,6 +260,31 @@ class BossConfig(BaseModel):
         if value is not None and not value.startswith(f"{FAKE_SCHEME}://"):
             parse_url(value)
         return value
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> BossConfig:
+        known = self.priorities
+        if not known:
+            raise ValueError("priorities: define at least one class")
+        for name, rank in known.items():
+            if not re.fullmatch(CLASS_RE, name):
+                raise ValueError(f"priorities: class name {name!r} must be 1-32 of A-Z a-z 0-9 _ - (a letter first)")
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= 999:
+                raise ValueError(f"priorities: rank of {name!r} must be an integer 0..999, not {rank!r}")
+        if len(set(known.values())) != len(known):
+            raise ValueError("priorities: two classes share a rank; give each its own")
+        names = ", ".join(repr(n) for n in known)
+        used: list[tuple[str, str]] = [("default_priority", self.default_priority)]
+        used += [("preemptible", c) for c in self.preemptible]
+        for rule in self.pause or []:
+            used += [("pause.class", rule.paused)] + [("pause.while", c) for c in rule.while_active]
+        used += [("windows.class", w.paused) for w in self.windows or []]
+        used += [("caps.classes", c) for c in (self.caps.classes if self.caps else {})]
+        used += [("max_hold", c) for c in self.max_hold or {}]
+        for where, name in used:
+            if name not in known:
+                raise ValueError(f"{where}: unknown priority class {name!r}; the classes are {names}")
+        return self
 
     @model_validator(mode="after")
     def _unique_gpus(self) -> BossConfig:

@@ -17,12 +17,14 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from gpuboss.config import PRIORITIES, BossConfig, GPUConfig, gb_to_mib
 from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseCancelled, LeaseLost, LeaseTimeout
 from gpuboss.keys import Keys
 from gpuboss.lease import Lease, OnEvict, OnLost
+from gpuboss.policy import policy_fields
 
 #: The longest a waiter blocks before it checks its own request again (liveness, not handoff).
 MAX_WAIT_CHUNK_S = 30.0
@@ -197,11 +199,11 @@ def validate_vram(vram_gb: object) -> int:
     return gb_to_mib(gb) if gb <= MAX_VRAM_GB else MAX_VRAM_GB * 1024
 
 
-def validate_priority(priority: object) -> tuple[str, int]:
-    if not isinstance(priority, str) or priority not in PRIORITIES:
-        allowed = ", ".join(repr(p) for p in PRIORITIES)
+def validate_priority(priority: object, classes: Mapping[str, int] = PRIORITIES) -> tuple[str, int]:
+    if not isinstance(priority, str) or priority not in classes:
+        allowed = ", ".join(repr(p) for p in classes)
         raise InvalidRequest("priority", priority, f"must be one of {allowed}")
-    return priority, PRIORITIES[priority]
+    return priority, classes[priority]
 
 
 def validate_timeout(timeout: object) -> float | None:
@@ -330,11 +332,18 @@ class Core:
         self.declared = {g.id: GpuInfo.from_config(g) for g in config.gpus}
         self.registry: dict[str, GpuInfo] = dict(self.declared)
         self.registry_loaded = False
-        self.policy_applied = self.config.pause is None
+        self.policy_fields = policy_fields(self.config)
+        #: The UTC day the policy was last stored (time windows are refreshed daily); None: not yet.
+        self.policy_day: date | None = None
         self.host = socket.gethostname()
         #: This boss's notice channel: eviction notices for its leases arrive there.
         self.holder = uuid.uuid4().hex
         self.notify_channel = self.keys.holder_channel(self.holder)
+
+    @property
+    def operator(self) -> str:
+        """Who acts, for events: service@host."""
+        return f"{self.config.service}@{self.host}"
 
     @property
     def pid(self) -> int:
@@ -356,7 +365,9 @@ class Core:
     ) -> LeaseRequest:
         """Validate the arguments of ``lease()``/``acquire()``; None (DEFAULT for timeout) means the default."""
         vram_mib = validate_vram(vram_gb)
-        name, rank = validate_priority(self.config.default_priority if priority is None else priority)
+        name, rank = validate_priority(
+            self.config.default_priority if priority is None else priority, self.config.priorities
+        )
         wait = validate_timeout(self.config.default_timeout if timeout is DEFAULT else timeout)
         ttl_ms = validate_ttl(self.config.default_ttl if ttl is None else ttl)
         return LeaseRequest(
@@ -367,7 +378,9 @@ class Core:
             timeout=wait,
             device=validate_device(device),
             on_lost=validate_on_lost(on_lost),
-            preemptible=name in self.config.preemptible if preemptible is None else validate_flag("preemptible", preemptible),
+            preemptible=name in self.config.preemptible
+            if preemptible is None
+            else validate_flag("preemptible", preemptible),
             on_evict=validate_on_evict(on_evict),
             resume=validate_flag("resume", resume),
         )
@@ -415,9 +428,10 @@ class Core:
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
         """Before a request: read the registry (first time, or to resolve a pin), check the request against
         it, and only then register this boss's GPUs, so a bad request writes nothing."""
-        if not self.policy_applied:
-            yield self.policy_call()
-            self.policy_applied = True
+        today = datetime.now(UTC).date()
+        if self.policy_fields and self.policy_day != today:
+            yield self.policy_call(today)
+            self.policy_day = today
         if self.registry_loaded and req.device is None:
             self.check_request(req)
             return
@@ -509,10 +523,19 @@ class Core:
         """Say that the checkpoint of an evicted lease has started (an event for operators)."""
         return Call("checkpoint", [self.keys.leases, *self._event_keys()], [lease_id, self._cap])
 
-    def policy_call(self) -> Call:
-        rules = [r.to_lua() for r in self.config.pause or []]
-        value = json.dumps(rules, sort_keys=True) if rules else ""
-        return Call("policy", [self.keys.policy, *self._event_keys()], ["pause", value, self._cap])
+    def policy_call(self, today: date | None = None) -> Call:
+        """Store this configuration's scheduling rules in the namespace (gpuboss/policy.py)."""
+        args: list[str | int] = [x for pair in policy_fields(self.config, today) for x in pair]
+        return Call("policy", [self.keys.policy, *self._event_keys()], [*args, self._cap])
+
+    def pause_call(self, priority: str, paused: bool, by: str) -> Call:
+        """Stop (or restart) grants for a priority class at once, in every process; active leases continue."""
+        name, _ = validate_priority(priority, self.config.priorities)
+        return Call(
+            "pause",
+            [*self.state_keys(), *self._event_keys()],
+            [self.keys.wake_prefix, name, "1" if paused else "0", by, self._cap],
+        )
 
     def collect_call(self) -> Call:
         return Call("collect", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, self._cap])
@@ -620,7 +643,7 @@ class Core:
         return LeaseRequest(
             vram_mib=lease.vram_mib,
             priority=lease.priority,
-            rank=PRIORITIES[lease.priority],
+            rank=self.config.priorities.get(lease.priority, PRIORITIES.get(lease.priority, 0)),
             ttl_ms=int(lease.ttl * 1000),
             timeout=None,
             device=lease.gpu,

@@ -221,6 +221,9 @@ class Lease:
     _handling: Any = field(default=None, repr=False)
     #: True once LeaseEvicted was raised to the holder at a safe point.
     _evicted_seen: bool = field(default=False, repr=False)
+    #: When (Redis seconds) the last eviction request this lease dealt with was made: a late copy of that
+    #: notice (a heartbeat reply sent before it was settled) must not start it again.
+    _settled_notice_at: float = field(default=0.0, repr=False)
     #: The GPU's UUID when known (GPUs discovered through NVML), else None (docs/inventory.md).
     uuid: str | None = None
     #: With ``lease(model=...)``: the model and the quantization chosen for it.
@@ -284,6 +287,7 @@ class Lease:
     def apply_record(self, rec: dict[str, Any]) -> None:
         """Take the numbers of a newer record of this lease (after a resume or a resize)."""
         self.gpu = str(rec["gpu"])
+        self.device = str(rec.get("device", self.device))
         self.vram_mib = int(rec["vram_mib"])
         self.token = int(rec["token"])
         self.acquired_at = rec["acquired_at"] / 1000
@@ -360,6 +364,22 @@ class Lease:
             self._after_move()
             return changed
 
+    def _take_notice(self, notice: EvictNotice) -> bool:
+        """An eviction notice arrived: True when it starts an eviction (the lease moved to EVICTING). A copy
+        of a notice already settled (called off, shrunk, handed back) is ignored."""
+        with self._lock:
+            if notice.requested_at <= self._settled_notice_at:
+                return False
+            if self.state is LeaseState.EVICTING:
+                self.notice = notice
+                return False
+            if (self.state, "evicting") not in TRANSITIONS:
+                return False
+            self.notice = notice
+            self.state = LeaseState.EVICTING
+            self._after_move()
+            return True
+
     def _move_if(self, event: str) -> bool:
         """Apply an event if the table allows it from the current state; False (and no change) if not."""
         with self._lock:
@@ -375,6 +395,8 @@ class Lease:
             self._evict_flag.set()
         else:
             self._evict_flag.clear()
+            if self.notice is not None:
+                self._settled_notice_at = max(self._settled_notice_at, self.notice.requested_at)
         if self.state is LeaseState.GRANTED:
             self.notice = None
         if self.state is LeaseState.SUSPENDED:

@@ -47,8 +47,9 @@ TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutEr
 #: Errors that no retry mends: wrong credentials, a missing ACL permission, a cluster node behind a plain URL.
 #: (AuthenticationError is a ConnectionError to redis-py: these are checked first.) See :func:`is_denied`.
 DENIED = (AuthenticationError, NoPermissionError, MovedError, AskError)
-#: How Redis says that a script ran a command, or touched a key or channel, its caller's ACL does not allow.
-SCRIPT_DENIED = "the user executing the script can't"
+#: How Redis, then Valkey, say that a script ran a command, or touched a key or channel, that its caller's ACL
+#: does not allow.
+SCRIPT_DENIED = ("the user executing the script can't", "acl failure in script")
 MIN_POP_S = 0.01
 
 
@@ -272,7 +273,7 @@ def is_denied(err: BaseException) -> bool:
     """A refusal that no retry mends: :data:`DENIED`, or a script refused a command by the caller's ACL."""
     if isinstance(err, DENIED):
         return True
-    return isinstance(err, ResponseError) and SCRIPT_DENIED in str(err).lower()
+    return isinstance(err, ResponseError) and any(text in str(err).lower() for text in SCRIPT_DENIED)
 
 
 def denied(url: str, err: BaseException) -> ConfigError:

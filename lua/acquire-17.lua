@@ -3,9 +3,11 @@
   placed, ask lower-priority preemptible leases to checkpoint: includes/evict.lua).
 
   First collects expired leases and requests and hands freed capacity to the queue, so the queue is
-  served before the newcomer. The newcomer is granted at once only when it fits, its class is not paused,
-  and no waiting request (of a class not paused) has the same or a higher priority; otherwise (mode
-  "wait") it is queued, and if it is then first in line and does not fit, eviction is tried for it.
+  served before the newcomer. The newcomer is granted at once only when it fits, the policy does not hold
+  it back (paused class, time window, cap), and no waiting request (not held back) has the same or a
+  higher priority; otherwise (mode "wait") it is queued: with `queueing: backfill` the queue is then
+  served again and may grant it on a GPU nobody ahead waits for; else, first in line and not fitting, it
+  asks lower priorities to make room (eviction).
   Calling again with the same id is harmless: it reports the lease or the queue entry that id already has.
 
   Events: `granted` (the newcomer, or waiters served first), `queued`, `expired` (what was collected),
@@ -88,7 +90,8 @@ local req = {
   evictions = 0,
 }
 local first = first_waiting_rank(s)
-if (first == nil or first < rank) and not (#s.policy.pause > 0 and is_paused(s, req.priority)) then
+local why = held_back(s, req.priority, req.service, need)
+if (first == nil or first < rank) and why == '' then
   local gpu = place(s, need, pin, id)
   if gpu then
     req.seq = redis.call('INCR', K_SEQ)
@@ -109,9 +112,21 @@ local position = redis.call('ZRANK', K_QUEUE, id)
 local ev = request_fields(req)
 ev.ahead = position
 ev.ttl_ms = ttl
+if why ~= '' then
+  ev.held_back = why
+end
 emit('queued', now, ev)
--- First in line (of the classes not paused) and it does not fit: ask lower priorities to make room.
-if first == nil or first < rank then
+if s.policy.queueing == 'backfill' then
+  -- It may fit on a GPU that nobody ahead of it waits for.
+  grant_waiting(s, now)
+  local lease = redis.call('HGET', K_LEASES, id)
+  if lease then
+    redis.call('DEL', WAKE_PREFIX .. id) -- handed back in this reply instead
+    return {1, lease}
+  end
+  position = redis.call('ZRANK', K_QUEUE, id)
+elseif why == '' and (first == nil or first < rank) then
+  -- First in line and it does not fit: ask lower priorities to make room.
   try_evict(s, req, now)
 end
 return {2, position, next_expiry(now)}

@@ -3,7 +3,9 @@
 
   Expired entries are collected first, so an entry whose TTL ran out is lost even if its renewal
   arrives a moment later: a lease past its deadline never comes back. Then each live id gets a new
-  deadline of now + its ttl, and freed capacity goes to the queue.
+  deadline of now + its ttl, and freed capacity goes to the queue. A lease held longer than its class's
+  `max_hold` (policy) is asked to checkpoint (`evict_requested`, reason `max_hold`) or revoked (`revoked`,
+  reason `max_hold`; it answers GONE), once.
 
   Events: a renewal is not an event; `expired` and `granted` for what was collected and served.
 
@@ -43,8 +45,23 @@ for k = 2, #ARGV - 2, 2 do
   local id, ttl = ARGV[k], tonumber(ARGV[k + 1])
   local st = 0
   local raw = redis.call('HGET', K_LEASES, id)
-  if raw then
-    local rec = cjson.decode(raw)
+  local rec = raw and cjson.decode(raw)
+  if rec and rec.hold_until and now >= rec.hold_until and rec.state ~= 'evicting' then
+    -- Held longer than its class's max_hold: revoked, or asked to checkpoint (below).
+    rec.hold_until = nil
+    if rec.hold_action == 'revoke' then
+      drop_lease(s, id)
+      local ev = lease_fields(rec)
+      ev.held_ms = since_ms(now, rec.acquired_at)
+      ev.by = 'policy'
+      ev.reason = 'max_hold'
+      emit('revoked', now, ev)
+      rec = nil
+    else
+      ask_to_checkpoint(rec, 'policy', rec.vram_mib, now, now + (tonumber(rec.grace_ms) or 30000), 'max_hold')
+    end
+  end
+  if rec then
     rec.expires_at = now + ttl
     redis.call('HSET', K_LEASES, id, cjson.encode(rec))
     redis.call('ZADD', K_LEASE_EXP, int(now + ttl), id)
@@ -63,6 +80,7 @@ for k = 2, #ARGV - 2, 2 do
   end
   reply[#reply + 1] = st
 end
+grant_waiting(s, now) -- what a revocation above freed
 reply[1] = next_expiry(now)
 for _, notice in ipairs(notices) do
   reply[#reply + 1] = notice

@@ -54,9 +54,7 @@ end
 local function apply(delta)
   rec.vram_mib = rec.vram_mib + delta
   s.used[rec.gpu] = redis.call('HINCRBY', K_USED, rec.gpu, delta)
-  if rec.preemptible then
-    redis.call('HINCRBY', K_USAGE, 'pre:' .. rec.rank, delta)
-  end
+  count_mib(s, rec, delta)
   local ev = lease_fields(rec)
   ev.from_mib = rec.vram_mib - delta
   ev.to_mib = rec.vram_mib
@@ -103,7 +101,8 @@ if redis.call('HEXISTS', K_TICKETS, grow_id) == 1 then
   drop_request(grow_id, s, now, 'resized') -- another size was asked: ask again
 end
 local first = first_waiting_rank(s)
-if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff then
+if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff
+    and held_back(s, rec.priority, rec.service, diff) == '' then
   apply(diff)
   raw = cjson.encode(rec)
   redis.call('HSET', K_LEASES, id, raw)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from bench.chaos import KINDS, STRANDED_S, Observer, Snapshot
+from bench.chaos import KINDS, STRANDED_S, Logs, Observer, Snapshot, Tally, client_over_commits
 from bench.env import free_port
 from bench.proxy import Proxy
 from gpuboss.server import RedisProcess, start_redis
@@ -154,6 +154,18 @@ def test_a_failed_read_breaks_the_stranded_streak() -> None:
     obs.check(snap(queue=["w"]), STRANDED_S + 0.5)
     assert violations(obs) == {}
     assert obs.failed_reads == 1
+
+
+def test_client_side_over_commit_is_caught() -> None:
+    """Leases as their holders saw them (acquire returned -> release called) must fit the GPU too."""
+    logs = Logs()
+    logs.held["gpu1"] += [(0.0, 1.0, 10240), (1.0, 2.0, 10240)]  # a handoff: the first is released first
+    logs.held["gpu0"] += [(0.0, 1.0, 24576)]
+    assert client_over_commits(logs, Tally()) == 0
+    logs.held["gpu1"].append((0.5, 0.7, 6144))  # 16 GB on a GPU that leases out 15 GB
+    tally = Tally()
+    assert client_over_commits(logs, tally) == 1
+    assert "gpu1" in tally.notes[0]
 
 
 # ---------------------------------------------------------------- the proxy

@@ -236,14 +236,15 @@ def test_clients_carry_on_through_a_failover(sentinel: SentinelSetup) -> None:
     assert observer.problems == [] and observer.checks > 0
     assert killed_at < promoted_at
     # Every lease ends: released by its holder, or (a release the failover lost) expired after its TTL.
-    final = connect_sync(url, 5.0)
+    final, collector = connect_sync(url, 5.0), GPUBoss(url, namespace=ns, gpus=GPUS)
     keys = Keys(ns)
 
     def settled() -> bool:
-        GPUBoss(url, namespace=ns, gpus=GPUS).collect()
+        collector.collect()
         return not final.hgetall(keys.leases) and all(v == "0" for v in final.hgetall(keys.used).values())
 
     wait_until(settled, 15, "every lease to be released or expired")
+    collector.close()
     final.close()
 
 

@@ -323,7 +323,8 @@ def start_tls_node(folder: Path, certs: Certs, auth_clients: str = "yes") -> Red
     try:
         node = start_redis(folder, port=0, extra=extra)
     except ConfigError as err:
-        raise Unavailable(f"this redis-server ({find_redis_server()}) cannot serve TLS: {str(err)[-300:]}") from None
+        said = [line for line in str(err).splitlines() if "tls" in line.lower()] or [str(err)[-200:]]
+        raise Unavailable(f"this redis-server ({find_redis_server()}) cannot serve TLS: {said[-1]}") from None
     node.port = port
     return node
 

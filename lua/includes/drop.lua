@@ -21,12 +21,30 @@ local function notify(rec, notice)
   end
 end
 
--- The usage hash: `class:<priority>` counts active leases; `pre:<rank>` sums the MiB of preemptible ones.
-local function count_lease(rec, delta)
-  redis.call('HINCRBY', K_USAGE, 'class:' .. rec.priority, delta)
-  if rec.preemptible then
-    redis.call('HINCRBY', K_USAGE, 'pre:' .. rec.rank, delta * rec.vram_mib)
+--[[
+  The usage hash: `class:<priority>` and `svc:<service>` count active leases, `svcmib:<service>` sums their
+  MiB, `pre:<rank>` sums the MiB of preemptible ones. count_lease adds (delta 1) or removes (-1) a lease;
+  count_mib changes a lease's size by `mib`. Both reset the per-call caches in `s`.
+]]
+local function bump(field, delta)
+  if redis.call('HINCRBY', K_USAGE, field, delta) == 0 then
+    redis.call('HDEL', K_USAGE, field) -- nothing left: no field kept per service ever seen
   end
+end
+
+local function count_mib(s, rec, mib)
+  bump('svcmib:' .. rec.service, mib)
+  if rec.preemptible then
+    bump('pre:' .. rec.rank, mib)
+  end
+  s.usage = {}
+end
+
+local function count_lease(s, rec, delta)
+  bump('class:' .. rec.priority, delta)
+  bump('svc:' .. rec.service, delta)
+  count_mib(s, rec, delta * rec.vram_mib)
+  s.active = {}
 end
 
 local function save_hold(s, gpu)
@@ -54,8 +72,7 @@ local function drop_lease(s, id)
     left = 0
   end
   s.used[rec.gpu] = left
-  count_lease(rec, -1)
-  s.active[rec.priority] = nil
+  count_lease(s, rec, -1)
   local hold = s.holds[rec.gpu]
   if hold and rec.state == 'evicting' then
     for i, victim in ipairs(hold.victims) do

@@ -1,6 +1,7 @@
 --[[
   grant(s, id, req, gpu, now) -> the new (or grown) lease record (JSON)
   grant_waiting(s, now) -> number of queued requests granted
+  first_waiting_rank(s) -> the rank of the first queued request not held back by the policy, or nil
 
   grant writes the lease: a fresh fencing token, the MiB on `gpu`, the record and its expiry, and counts it
   in the usage hash. Tokens count up from Redis time (ms x 10) when the counter is missing, so they keep
@@ -9,14 +10,22 @@
   held for the request ends (its remaining victims may continue). A grant of a class that a pause rule
   with `evict` waits for asks the paused class's active leases to checkpoint.
 
-  grant_waiting hands capacity to the queue in order (priority, then arrival) for as long as the first
-  request that is not paused fits (strict order: a request that does not fit holds everyone behind it;
-  requests of a paused class wait without blocking others), and pushes each grant onto that request's
-  wake list so the one waiter it belongs to returns at once: no polling, no herd. Each grant emits
-  `granted` (and `resumed` for a request that an eviction sent back to the queue).
+  grant_waiting hands capacity to the queue in order (priority, then arrival), and pushes each grant onto
+  that request's wake list so the one waiter it belongs to returns at once: no polling, no herd. Requests
+  held back by the policy (paused class, time window, cap) wait without blocking others. With `queueing:
+  strict` the first request that does not fit holds everyone behind it (and eviction is tried for it);
+  with `backfill` later requests may be granted on GPUs that the blocked ones ahead are not waiting for
+  (target() in includes/place.lua), so the head's wait is bounded. With `aging`, waiting requests are first
+  moved up a class per `every_ms` waited (age_queue, event `aged`). Each grant emits `granted` (and
+  `resumed` for a request that an eviction sent back to the queue).
 
   Needs the emit, drop and evict includes above it.
 ]]
+-- Queued requests of a band examined for aging per call (the oldest ones; the band is in arrival order).
+local AGING_PEEK = 16
+-- Blocked requests a backfill pass looks past before it stops.
+local BACKFILL_LIMIT = 64
+
 local function grant(s, id, req, gpu, now)
   local token = redis.call('INCR', K_TOKEN)
   if token == 1 then -- the counter was missing: start it from Redis time
@@ -26,14 +35,11 @@ local function grant(s, id, req, gpu, now)
   s.used[gpu] = redis.call('HINCRBY', K_USED, gpu, req.vram_mib)
   release_hold(s, id, now, 'granted')
   if req.grow_of then
-    local raw = redis.call('HGET', K_LEASES, req.grow_of)
-    local rec = cjson.decode(raw)
+    local rec = cjson.decode(redis.call('HGET', K_LEASES, req.grow_of))
     rec.vram_mib = rec.vram_mib + req.vram_mib
     rec.token = token
-    if rec.preemptible then
-      redis.call('HINCRBY', K_USAGE, 'pre:' .. rec.rank, req.vram_mib)
-    end
-    raw = cjson.encode(rec)
+    count_mib(s, rec, req.vram_mib)
+    local raw = cjson.encode(rec)
     redis.call('HSET', K_LEASES, req.grow_of, raw)
     local ev = lease_fields(rec)
     ev.added_mib = req.vram_mib
@@ -53,11 +59,15 @@ local function grant(s, id, req, gpu, now)
     ttl_ms = req.ttl_ms, token = token, seq = req.seq, preemptible = req.preemptible, notify = req.notify,
     state = 'active', evictions = req.evictions or 0, grace_ms = req.grace_ms, on_grace = req.on_grace,
   }
+  local max_hold = s.policy.max_hold and s.policy.max_hold[rec.priority]
+  if max_hold then
+    rec.hold_until = now + max_hold.ms
+    rec.hold_action = max_hold.action
+  end
   local raw = cjson.encode(rec)
   redis.call('HSET', K_LEASES, id, raw)
   redis.call('ZADD', K_LEASE_EXP, int(now + req.ttl_ms), id)
-  count_lease(rec, 1)
-  s.active[rec.priority] = nil
+  count_lease(s, rec, 1)
   local ev = lease_fields(rec)
   ev.waited_ms = now - req.requested_at
   ev.token = token
@@ -75,7 +85,48 @@ local function grant(s, id, req, gpu, now)
   return raw
 end
 
--- The rank of the first queued request that is not paused, or nil when none waits.
+-- Aging: move the oldest waiting requests of each class up as many classes as their wait earns.
+local function age_queue(s, now)
+  local aging, classes = s.policy.aging, s.policy.classes
+  if not aging or not classes then
+    return
+  end
+  local ranks, index = {}, {}
+  for _, rank in pairs(classes) do
+    ranks[#ranks + 1] = rank
+  end
+  table.sort(ranks)
+  for i, rank in ipairs(ranks) do
+    index[rank] = i
+  end
+  for i = 1, #ranks - 1 do
+    local band = RANK_BASE - ranks[i]
+    local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, int(band * SEQ_SPAN), '(' .. int((band + 1) * SEQ_SPAN),
+      'LIMIT', 0, AGING_PEEK)
+    for _, id in ipairs(ids) do
+      local raw = redis.call('HGET', K_TICKETS, id)
+      if raw then
+        local req = cjson.decode(raw)
+        local base = index[req.rank]
+        if base == nil then
+          break -- a rank that is not a configured class: left alone
+        end
+        local boost = math.min(aging.max_boost, math.floor((now - req.requested_at) / aging.every_ms))
+        local rank = ranks[math.min(#ranks, base + boost)]
+        if rank <= ranks[i] then
+          break -- the band is in arrival order: the ones after it waited less
+        end
+        redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + req.seq), id)
+        local ev = request_fields(req)
+        ev.rank = rank
+        ev.waited_ms = now - req.requested_at
+        emit('aged', now, ev)
+      end
+    end
+  end
+end
+
+-- The rank of the first queued request that is not held back by the policy, or nil when none waits.
 local function first_waiting_rank(s)
   local i = 0
   while true do
@@ -83,11 +134,15 @@ local function first_waiting_rank(s)
     if head[1] == nil then
       return nil
     end
-    if #s.policy.pause == 0 then
+    if not s.policy.holds_back then
       return rank_of_score(head[2])
     end
     local raw = redis.call('HGET', K_TICKETS, head[1])
-    if not raw or not is_paused(s, cjson.decode(raw).priority) then
+    if not raw then
+      return rank_of_score(head[2])
+    end
+    local req = cjson.decode(raw)
+    if held_back(s, req.priority, req.service, req.vram_mib) == '' then
       return rank_of_score(head[2])
     end
     i = i + 1
@@ -95,9 +150,12 @@ local function first_waiting_rank(s)
 end
 
 local function grant_waiting(s, now)
+  age_queue(s, now)
   local granted = 0
-  local skip = 0 -- queue entries passed over because their class is paused
-  local pausing = #s.policy.pause > 0
+  local skip = 0 -- queue entries passed over: held back by the policy, or blocked (backfill)
+  local backfill = s.policy.queueing == 'backfill'
+  local avoid = nil -- GPUs kept for blocked requests ahead (backfill)
+  local blocked = 0
   while true do
     local head = redis.call('ZRANGE', K_QUEUE, skip, skip)[1]
     if not head then
@@ -108,22 +166,37 @@ local function grant_waiting(s, now)
       drop_request(head) -- a queue entry without its record: repair, never block on it
     else
       local req = cjson.decode(raw)
-      if pausing and is_paused(s, req.priority) then
+      if held_back(s, req.priority, req.service, req.vram_mib) ~= '' then
         skip = skip + 1
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone
       else
-        local gpu = place(s, req.vram_mib, req.pin, head)
-        if not gpu then
-          try_evict(s, req, now)
-          break
+        local gpu = place(s, req.vram_mib, req.pin, head, avoid)
+        if gpu then
+          drop_request(head)
+          local lease = grant(s, head, req, gpu, now)
+          local wake = WAKE_PREFIX .. head
+          redis.call('RPUSH', wake, lease)
+          redis.call('PEXPIRE', wake, int(req.ttl_ms * 2 + 10000))
+          granted = granted + 1
+        else
+          if avoid == nil then
+            try_evict(s, req, now) -- the first request in line that does not fit
+          end
+          if not backfill then
+            break
+          end
+          avoid = avoid or {}
+          local gpu_wanted = target(s, req.vram_mib, req.pin, head)
+          if gpu_wanted then
+            avoid[gpu_wanted] = true
+          end
+          skip = skip + 1
+          blocked = blocked + 1
+          if blocked >= BACKFILL_LIMIT then
+            break
+          end
         end
-        drop_request(head)
-        local lease = grant(s, head, req, gpu, now)
-        local wake = WAKE_PREFIX .. head
-        redis.call('RPUSH', wake, lease)
-        redis.call('PEXPIRE', wake, int(req.ttl_ms * 2 + 10000))
-        granted = granted + 1
       end
     end
   end

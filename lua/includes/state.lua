@@ -55,6 +55,35 @@ local function hgetall(key)
 end
 
 --[[
+  The namespace's scheduling rules (the policy hash; gpuboss/policy.py documents each field):
+    pause     list of {class, while = {class, ...}, evict}: `class` is not granted while any lease of a
+              `while` class is active; with evict, its active leases are asked to checkpoint too.
+    paused    {class -> {by, at}}: classes paused at runtime (`gpuboss pause`; lua/pause-17.lua)
+    windows   list of {class, from, to}: `class` is not granted while Redis time is in [from, to)
+    caps      {services = {name -> {leases, mib}}, classes = {name -> {leases}}}: a request that would
+              exceed one waits
+    aging     {every_ms, max_boost} (with `classes`, {name -> rank}): a waiting request rises one class
+              per every_ms of waiting, at most max_boost classes
+    queueing  'strict' (default) or 'backfill'
+    max_hold  {class -> {ms, action}}: a lease held longer is asked to checkpoint ('evict') or revoked
+  p.holds_back is true when any rule can keep a request waiting (pause, paused, windows, caps).
+]]
+local function load_policy()
+  local p = {pause = {}, paused = {}, windows = {}, queueing = 'strict'}
+  local flat = redis.call('HGETALL', K_POLICY)
+  for i = 1, #flat, 2 do
+    local name, value = flat[i], flat[i + 1]
+    if name == 'queueing' then
+      p.queueing = value
+    else
+      p[name] = cjson.decode(value)
+    end
+  end
+  p.holds_back = #p.pause > 0 or next(p.paused) ~= nil or #p.windows > 0 or p.caps ~= nil
+  return p
+end
+
+--[[
   The per-GPU numbers, read once per call and kept current as the script grants and frees:
     s.cap[gpu]      leasable MiB (capacity - reserve)
     s.used[gpu]     leased MiB
@@ -83,11 +112,7 @@ local function load_gpus(now)
   for gpu, v in pairs(hgetall(K_HOLDS)) do
     s.holds[gpu] = cjson.decode(v)
   end
-  s.policy = {pause = {}}
-  local raw = redis.call('HGET', K_POLICY, 'pause')
-  if raw then
-    s.policy.pause = cjson.decode(raw)
-  end
+  s.policy = load_policy()
   return s
 end
 
@@ -147,16 +172,56 @@ local function active_of(s, class)
   return n
 end
 
--- True when requests of `class` are paused now by a pause rule (a class it waits for is active).
-local function is_paused(s, class)
-  for _, rule in ipairs(s.policy.pause) do
+-- The usage hash counter `field` (active leases or MiB), read once per call and cached in `s`.
+local function usage_of(s, field)
+  s.usage = s.usage or {}
+  local n = s.usage[field]
+  if n == nil then
+    n = tonumber(redis.call('HGET', K_USAGE, field) or '0')
+    s.usage[field] = n
+  end
+  return n
+end
+
+-- Why a request of this class and service may not be granted now ('' when it may): a pause rule, a runtime
+-- pause, a time window, or a cap. `need` is the MiB it would add.
+local function held_back(s, class, service, need)
+  local p = s.policy
+  if not p.holds_back then
+    return ''
+  end
+  if p.paused[class] then
+    return 'paused'
+  end
+  for _, rule in ipairs(p.pause) do
     if rule.class == class then
       for _, other in ipairs(rule['while']) do
         if active_of(s, other) > 0 then
-          return true
+          return 'pause_rule'
         end
       end
     end
   end
-  return false
+  for _, w in ipairs(p.windows) do
+    if w.class == class and s.now >= w.from and s.now < w.to then
+      return 'window'
+    end
+  end
+  if p.caps then
+    local cap = p.caps.classes and p.caps.classes[class]
+    if cap and cap.leases and active_of(s, class) >= cap.leases then
+      return 'class_cap'
+    end
+    cap = p.caps.services and p.caps.services[service]
+    if cap then
+      if cap.leases and usage_of(s, 'svc:' .. service) >= cap.leases then
+        return 'service_cap'
+      end
+      if cap.mib and usage_of(s, 'svcmib:' .. service) + need > cap.mib then
+        return 'service_cap'
+      end
+    end
+  end
+  return ''
 end
+

@@ -1,0 +1,340 @@
+"""Scheduling policy (docs/scheduling.md): classes, aging, backfill, time windows, runtime pause, caps, max_hold.
+
+Each rule is stored in the namespace and enforced by the Lua scripts, so the tests use several bosses (the
+processes of several services) on one namespace, against a real redis-server and fakeredis.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from gpuboss import GPUBoss, LeaseState, LeaseTimeout
+from gpuboss.cli import cli
+from gpuboss.config import Window
+from gpuboss.core import Call
+from gpuboss.errors import ConfigError, InvalidRequest
+from gpuboss.events import replay
+from gpuboss.keys import Keys
+from gpuboss.policy import window_intervals
+from gpuboss.redis_io import evalsha_sync
+
+from tests.conftest import raw_client
+
+ONE = [{"id": "g0", "name": "test", "vram_gb": 16, "index": 0}]
+TWO = [*ONE, {"id": "g1", "name": "test", "vram_gb": 16, "index": 1}]
+WAIT_S = 10.0
+
+
+def make(url: str, ns: str, gpus: list[dict[str, Any]] = ONE, **settings: Any) -> GPUBoss:
+    return GPUBoss(url, namespace=ns, gpus=gpus, service=settings.pop("service", "svc"), **settings)
+
+
+class Bosses:
+    """Bosses made for one test, closed at its end."""
+
+    def __init__(self, url: str, ns: str) -> None:
+        self.url, self.ns, self.made = url, ns, []  # type: ignore[var-annotated]
+
+    def __call__(self, gpus: list[dict[str, Any]] = ONE, **settings: Any) -> GPUBoss:
+        boss = make(self.url, self.ns, gpus, **settings)
+        self.made.append(boss)
+        return boss
+
+
+@pytest.fixture
+def bosses(backend_url: str, namespace: str) -> Iterator[Bosses]:
+    made = Bosses(backend_url, namespace)
+    yield made
+    for boss in reversed(made.made):
+        boss.close()
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as err:  # noqa: BLE001  # handed to the test, which re-raises it
+            out["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def result(thread: threading.Thread, out: dict[str, Any]) -> Any:
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the call did not return in time"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def queued(url: str, ns: str, n: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while raw_client(url).zcard(Keys(ns).queue) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests queued"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------- classes
+
+
+def test_custom_priority_classes(bosses: Bosses) -> None:
+    classes = {"batch": 0, "interactive": 5, "critical": 9}
+    boss = bosses(priorities=classes, default_priority="interactive", preemptible=["batch"])
+    lease = boss.acquire(1, priority="critical")
+    assert lease.priority == "critical"
+    with pytest.raises(InvalidRequest, match="'batch', 'interactive', 'critical'"):
+        boss.acquire(1, priority="high")
+    boss.release(lease)
+
+
+def test_unknown_classes_in_config_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"pause\.class: unknown priority class 'batch'; the classes are 'low'"):
+        _config(pause=[{"class": "batch", "while": ["high"]}])
+    with pytest.raises(ConfigError, match="share a rank"):
+        _config(priorities={"a": 1, "b": 1}, default_priority="a", preemptible=[])
+    with pytest.raises(ConfigError, match="windows"):
+        _config(windows=[{"class": "low", "pause": "9-18"}])
+    with pytest.raises(ConfigError, match="IANA"):
+        _config(windows=[{"class": "low", "pause": "09:00-18:00", "tz": "Mars/Olympus"}])
+
+
+def _config(**values: Any) -> Any:
+    from gpuboss.config import build_config
+
+    return build_config("arguments", gpus=ONE, **values)
+
+
+# ---------------------------------------------------------------- aging
+
+
+def test_aging_lets_low_work_overtake_a_stream_of_normal_requests(
+    bosses: Bosses, backend_url: str, namespace: str
+) -> None:
+    aging = {"every_s": 0.2, "max_boost": 1}
+    holder = bosses(service="holder", aging=aging)
+    low_boss, normal_boss = bosses(service="batch", aging=aging), bosses(service="api", aging=aging)
+    held = holder.acquire(16, priority="normal")
+    order: list[str] = []
+    low_t, low_out = in_thread(lambda: (low_boss.acquire(16, priority="low", timeout=WAIT_S), order.append("low"))[0])
+    queued(backend_url, namespace, 1)
+    time.sleep(0.3)  # the low request has waited longer than every_s: it counts as normal now
+    normal_t, normal_out = in_thread(
+        lambda: (normal_boss.acquire(16, priority="normal", timeout=WAIT_S), order.append("normal"))[0]
+    )
+    queued(backend_url, namespace, 2)
+    holder.release(held)
+    low = result(low_t, low_out)
+    assert order == ["low"]  # served before the normal request that arrived after it
+    assert low.priority == "low"  # the lease keeps its class; only its place in line moved
+    low_boss.release(low)
+    normal_boss.release(result(normal_t, normal_out))
+    aged = [e for e in replay(backend_url, namespace) if e.type == "aged"]
+    assert aged and aged[0].data["rank"] == 1
+
+
+def test_without_aging_the_stream_wins(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    holder, low_boss, normal_boss = bosses(service="h"), bosses(service="b"), bosses(service="a")
+    held = holder.acquire(16, priority="normal")
+    order: list[str] = []
+    low_t, low_out = in_thread(lambda: (low_boss.acquire(16, priority="low", timeout=WAIT_S), order.append("low"))[0])
+    queued(backend_url, namespace, 1)
+    time.sleep(0.3)
+    normal_t, normal_out = in_thread(
+        lambda: (normal_boss.acquire(16, priority="normal", timeout=WAIT_S), order.append("normal"))[0]
+    )
+    queued(backend_url, namespace, 2)
+    holder.release(held)
+    normal_boss.release(result(normal_t, normal_out))
+    low_boss.release(result(low_t, low_out))
+    assert order == ["normal", "low"]
+
+
+# ---------------------------------------------------------------- backfill
+
+
+def test_backfill_uses_capacity_the_head_cannot_use_and_protects_its_gpu(bosses: Bosses) -> None:
+    """g0 is busy (10 GB used); the head needs g0 whole. Strict: a 4 GB request behind it waits though g1 is
+    empty. Backfill: it runs on g1; a later 4 GB request does not take g0's free 6 GB, so the head is granted
+    as soon as g0's holder leaves."""
+    strict_holder = bosses(TWO, service="holder")
+    held = strict_holder.acquire(10, device="g0")
+    head_boss, small_boss = bosses(TWO, service="head"), bosses(TWO, service="small")
+    head_t, head_out = in_thread(lambda: head_boss.acquire(16, device="g0", timeout=WAIT_S))
+    queued(strict_holder.url, strict_holder.namespace, 1)
+    with pytest.raises(LeaseTimeout):  # strict: it waits behind the head although g1 is idle
+        small_boss.acquire(4, timeout=0.3)
+    # Switch the namespace to backfill.
+    backfill = bosses(TWO, service="small2", queueing="backfill")
+    small = backfill.acquire(4, timeout=WAIT_S)
+    assert small.gpu == "g1"  # backfilled; best fit alone would pick g0's 6 GB free, but g0 is kept for the head
+    more = backfill.acquire(8, timeout=WAIT_S)
+    assert more.gpu == "g1"  # g1 has 4 GB left now
+    with pytest.raises(LeaseTimeout):
+        backfill.acquire(6, timeout=0.3)  # fits only in g0's free 6 GB: kept for the head, so it waits
+    strict_holder.release(held)
+    head = result(head_t, head_out)
+    assert head.gpu == "g0"
+    for lease, boss in ((head, head_boss), (small, backfill), (more, backfill)):
+        boss.release(lease)
+
+
+# ---------------------------------------------------------------- time windows
+
+
+def test_window_intervals_follow_the_time_zone() -> None:
+    window = Window.model_validate({"class": "low", "pause": "09:00-18:00", "tz": "Europe/Berlin", "days": ["mon"]})
+    # 2026-03-30 is a Monday after the change to summer time (UTC+2); 2026-03-23 one before it (UTC+1).
+    spans = window_intervals(window, date(2026, 3, 24))
+    starts = [datetime.fromtimestamp(i["from"] / 1000, UTC) for i in spans]
+    assert datetime(2026, 3, 23, 8, 0, tzinfo=UTC) in starts
+    assert datetime(2026, 3, 30, 7, 0, tzinfo=UTC) in starts
+    assert all(datetime.fromtimestamp(i["from"] / 1000, UTC).weekday() == 0 for i in spans)
+    night = Window.model_validate({"class": "low", "pause": "22:00-06:00"})
+    first = window_intervals(night, date(2026, 1, 10))[0]
+    assert first["to"] - first["from"] == 8 * 3600 * 1000  # spans midnight
+
+
+def test_a_window_pauses_a_class_until_it_ends(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    boss = bosses(service="batch")
+    lease = boss.acquire(1)  # registers the GPUs
+    boss.release(lease)
+    client = raw_client(backend_url)
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    windows = json.dumps([{"class": "low", "from": now_ms - 1000, "to": now_ms + 1200}])
+    keys = Keys(namespace)
+    evalsha_sync(client, Call("policy", [keys.policy, *keys.event_keys()], ["windows", windows, 100]))
+    assert boss.acquire(1, priority="high", timeout=0) is not None  # other classes are not paused
+    low_t, low_out = in_thread(lambda: boss.acquire(1, priority="low", ttl=0.5, timeout=WAIT_S))
+    queued(backend_url, namespace, 1)
+    time.sleep(0.3)
+    assert low_t.is_alive()  # it waits: it fits, but its class is paused now
+    low = result(low_t, low_out)  # granted once the window is over (Redis time)
+    seconds, micros = client.time()
+    assert seconds * 1000 + micros // 1000 >= now_ms + 1200
+    boss.release(low)
+
+
+def test_config_windows_reach_the_namespace(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    now = datetime.now(UTC)
+    start, end = now - timedelta(minutes=2), now + timedelta(minutes=5)
+    if start.date() != end.date():
+        pytest.skip("too close to midnight UTC for a same-day window")
+    window = {"class": "low", "pause": f"{start:%H:%M}-{end:%H:%M}", "tz": "UTC"}
+    boss = bosses(service="batch", windows=[window])
+    with pytest.raises(LeaseTimeout):
+        boss.acquire(1, priority="low", timeout=0.3)
+    boss.release(boss.acquire(1, priority="normal", timeout=0))
+    stored = json.loads(raw_client(backend_url).hget(Keys(namespace).policy, "windows"))
+    assert any(w["class"] == "low" and w["from"] <= now.timestamp() * 1000 < w["to"] for w in stored)
+
+
+# ---------------------------------------------------------------- runtime pause
+
+
+def test_pause_and_resume_a_class_at_runtime(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    ops, worker = bosses(service="ops"), bosses(service="batch")
+    running = worker.acquire(2, priority="low")
+    assert ops.pause("low") is True and ops.pause("low") is False
+    with pytest.raises(LeaseTimeout):
+        worker.acquire(1, priority="low", timeout=0.3)  # waits, does not fail at once
+    assert running.active  # active leases continue
+    normal = worker.acquire(1, priority="normal", timeout=0)
+    waiting_t, waiting_out = in_thread(lambda: worker.acquire(1, priority="low", timeout=WAIT_S))
+    queued(backend_url, namespace, 1)
+    assert ops.resume("low") is True
+    worker.release(result(waiting_t, waiting_out))
+    for lease in (normal, running):
+        worker.release(lease)
+    types = [e.type for e in replay(backend_url, namespace)]
+    assert "paused" in types and "unpaused" in types
+    with pytest.raises(InvalidRequest, match="priority"):
+        ops.pause("nope")
+
+
+def test_cli_pause_and_resume(real_url: str, namespace: str) -> None:
+    runner = CliRunner()
+    base = ["--redis-url", real_url, "--namespace", namespace]
+    done = runner.invoke(cli, [*base, "pause", "low"])
+    assert done.exit_code == 0, done.output
+    assert "low: paused" in done.output
+    assert json.loads(raw_client(real_url).hget(Keys(namespace).policy, "paused"))["low"]["by"]
+    again = runner.invoke(cli, [*base, "--json", "pause", "low"])
+    assert json.loads(again.stdout)["changed"] is False
+    done = runner.invoke(cli, [*base, "resume", "low"])
+    assert done.exit_code == 0 and "low: resumed" in done.output
+    assert raw_client(real_url).hget(Keys(namespace).policy, "paused") is None
+    bad = runner.invoke(cli, [*base, "pause", "nope"])
+    assert bad.exit_code != 0 and "priority" in bad.output and "Traceback" not in bad.output
+
+
+# ---------------------------------------------------------------- caps
+
+
+def test_service_lease_cap_is_enforced_with_the_grant(bosses: Bosses) -> None:
+    caps = {"services": {"ai": {"max_leases": 1}}}
+    ai, other = bosses(service="ai", caps=caps), bosses(service="web", caps=caps)
+    first = ai.acquire(1)
+    with pytest.raises(LeaseTimeout):
+        ai.acquire(1, timeout=0.3)  # concurrency 1 for this service
+    web = other.acquire(1, timeout=0)  # other services are not held back by it
+    second_t, second_out = in_thread(lambda: ai.acquire(1, timeout=WAIT_S))
+    queued(ai.url, ai.namespace, 1)
+    ai.release(first)
+    ai.release(result(second_t, second_out))
+    other.release(web)
+
+
+def test_service_vram_cap_and_class_cap(bosses: Bosses) -> None:
+    caps = {"services": {"ai": {"max_vram_gb": 6}}, "classes": {"high": {"max_leases": 1}}}
+    ai, web = bosses(service="ai", caps=caps), bosses(service="web", caps=caps)
+    a = ai.acquire(4)
+    with pytest.raises(LeaseTimeout):
+        ai.acquire(4, timeout=0.3)  # 8 GB > 6 GB for this service
+    b = ai.acquire(2, timeout=0)  # 6 GB: at the cap, allowed
+    h = web.acquire(1, priority="high")
+    with pytest.raises(LeaseTimeout):
+        web.acquire(1, priority="high", timeout=0.3)
+    for lease, boss in ((a, ai), (b, ai), (h, web)):
+        boss.release(lease)
+
+
+# ---------------------------------------------------------------- max_hold
+
+
+def test_max_hold_revokes_a_lease_held_too_long(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    boss = bosses(service="batch", max_hold={"low": {"seconds": 0.4, "action": "revoke"}})
+    lost = threading.Event()
+    lease = boss.acquire(1, priority="low", ttl=0.6, on_lost=lambda _lease: lost.set())
+    assert lost.wait(WAIT_S) and lease.state is LeaseState.LOST
+    revoked = [e for e in replay(backend_url, namespace) if e.type == "revoked"]
+    assert revoked and revoked[0].data["reason"] == "max_hold"
+    normal = boss.acquire(1, priority="normal", ttl=0.6)  # other classes have no limit
+    time.sleep(0.6)
+    assert normal.active
+    boss.release(normal)
+
+
+def test_max_hold_asks_to_checkpoint(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    boss = bosses(service="batch", max_hold={"low": {"seconds": 0.4}})
+    asked = threading.Event()
+    lease = boss.acquire(1, priority="low", ttl=0.6, on_evict=asked.set)
+    assert asked.wait(WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while lease.evictions < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lease.evictions == 1 and lease.active  # handed back and granted again (nobody else wanted it)
+    requested = [e for e in replay(backend_url, namespace) if e.type == "evict_requested"]
+    assert requested and requested[0].data["reason"] == "max_hold"
+    boss.release(lease)
