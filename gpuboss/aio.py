@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from gpuboss.base import BossBase
@@ -88,7 +88,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
 
     async def acquire(
         self,
-        vram_gb: float,
+        vram_gb: float | None = None,
         priority: str | None = None,
         timeout: Timeout = DEFAULT,
         ttl: float | None = None,
@@ -98,9 +98,19 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         preemptible: bool | None = None,
         on_evict: Any = None,
         resume: bool = True,
+        node: str | None = None,
+        model: str | None = None,
+        quantizations: Sequence[str] | None = None,
     ) -> Lease:
-        """Wait for a lease of ``vram_gb`` GB; see the README and docs/eviction.md for every argument."""
-        req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume)
+        """Wait for a lease of ``vram_gb`` GB (or of what ``model`` needs); see the README, docs/eviction.md and
+        docs/inventory.md for every argument."""
+        choice = None
+        if self._wants_model(vram_gb, model, quantizations):
+            choice = await self.choose_model(str(model), quantizations, node)
+            vram_gb = choice.vram_mib / 1024
+        req = self._core.make_request(
+            vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node
+        )
         self._loop = asyncio.get_running_loop()
         async with self._ready_lock:
             req = await self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
@@ -117,6 +127,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             await self._release_id(request_id, req.ttl_ms, "cancel")
             raise
         lease._handling = asyncio.Lock()
+        if choice is not None:
+            lease.model, lease.quantization = choice.model, choice.quantization
         return self._granted(lease)
 
     # -- eviction
@@ -206,7 +218,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     @contextlib.asynccontextmanager
     async def lease(
         self,
-        vram_gb: float,
+        vram_gb: float | None = None,
         priority: str | None = None,
         timeout: Timeout = DEFAULT,
         ttl: float | None = None,
@@ -216,6 +228,9 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         preemptible: bool | None = None,
         on_evict: Any = None,
         resume: bool = True,
+        node: str | None = None,
+        model: str | None = None,
+        quantizations: Sequence[str] | None = None,
     ) -> AsyncIterator[Device]:
         """``async with boss.lease(vram_gb=8) as device:`` holds a lease for the block, releases it after.
 
@@ -223,7 +238,18 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         raised at the end of the block.
         """
         held = await self.acquire(
-            vram_gb, priority, timeout, ttl, device, on_lost, preemptible=preemptible, on_evict=on_evict, resume=resume
+            vram_gb,
+            priority,
+            timeout,
+            ttl,
+            device,
+            on_lost,
+            preemptible=preemptible,
+            on_evict=on_evict,
+            resume=resume,
+            node=node,
+            model=model,
+            quantizations=quantizations,
         )
         try:
             yield Device(held)

@@ -60,6 +60,27 @@ class BossBase:
         self._heartbeat.hold(lease)
         return lease
 
+    @staticmethod
+    def _wants_model(vram_gb: object, model: object, quantizations: object) -> bool:
+        """Whether the size comes from the model registry (``model=``); checks the two are not mixed."""
+        if model is None:
+            if quantizations is not None:
+                raise InvalidRequest("quantizations", quantizations, "only goes with model=...")
+            if vram_gb is None:
+                raise InvalidRequest(
+                    "vram_gb", None, "give the VRAM in GB, or model='<name>' to take it from the registry"
+                )
+            return False
+        if vram_gb is not None:
+            raise InvalidRequest("model", model, "give vram_gb or model, not both")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model", model, "must be a model name from the registry, e.g. 'gemma3:12b'")
+        if quantizations is not None and (
+            not isinstance(quantizations, list | tuple) or not all(isinstance(q, str) for q in quantizations)
+        ):
+            raise InvalidRequest("quantizations", quantizations, "must be a list of quantization names")
+        return True
+
     def _may_be_evicted(self, req: LeaseRequest) -> bool:
         """Whether a lease of this request may get eviction notices (then the listener runs first)."""
         return req.preemptible or req.on_evict is not None or bool(self._core.config.pause)

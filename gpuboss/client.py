@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,7 +77,7 @@ class GPUBoss(InventoryMethods, BossBase):
 
     def acquire(
         self,
-        vram_gb: float,
+        vram_gb: float | None = None,
         priority: str | None = None,
         timeout: Timeout = DEFAULT,
         ttl: float | None = None,
@@ -87,9 +87,19 @@ class GPUBoss(InventoryMethods, BossBase):
         preemptible: bool | None = None,
         on_evict: Any = None,
         resume: bool = True,
+        node: str | None = None,
+        model: str | None = None,
+        quantizations: Sequence[str] | None = None,
     ) -> Lease:
-        """Wait for a lease of ``vram_gb`` GB; see the README and docs/eviction.md for every argument."""
-        req = self._core.make_request(vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume)
+        """Wait for a lease of ``vram_gb`` GB (or of what ``model`` needs); see the README, docs/eviction.md and
+        docs/inventory.md for every argument."""
+        choice = None
+        if self._wants_model(vram_gb, model, quantizations):
+            choice = self.choose_model(str(model), quantizations, node)
+            vram_gb = choice.vram_mib / 1024
+        req = self._core.make_request(
+            vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node
+        )
         with self._ready_lock:
             req = self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
         if self._may_be_evicted(req):
@@ -105,6 +115,8 @@ class GPUBoss(InventoryMethods, BossBase):
             self._release_id(request_id, req.ttl_ms, "cancel")
             raise
         lease._handling = threading.Lock()
+        if choice is not None:
+            lease.model, lease.quantization = choice.model, choice.quantization
         return self._granted(lease)
 
     # -- eviction
@@ -174,7 +186,7 @@ class GPUBoss(InventoryMethods, BossBase):
     @contextmanager
     def lease(
         self,
-        vram_gb: float,
+        vram_gb: float | None = None,
         priority: str | None = None,
         timeout: Timeout = DEFAULT,
         ttl: float | None = None,
@@ -184,6 +196,9 @@ class GPUBoss(InventoryMethods, BossBase):
         preemptible: bool | None = None,
         on_evict: Any = None,
         resume: bool = True,
+        node: str | None = None,
+        model: str | None = None,
+        quantizations: Sequence[str] | None = None,
     ) -> Iterator[Device]:
         """``with boss.lease(vram_gb=8) as device:`` holds a lease for the block and releases it after.
 
@@ -191,7 +206,18 @@ class GPUBoss(InventoryMethods, BossBase):
         raised at the end of the block, so work done without a lease never passes silently.
         """
         held = self.acquire(
-            vram_gb, priority, timeout, ttl, device, on_lost, preemptible=preemptible, on_evict=on_evict, resume=resume
+            vram_gb,
+            priority,
+            timeout,
+            ttl,
+            device,
+            on_lost,
+            preemptible=preemptible,
+            on_evict=on_evict,
+            resume=resume,
+            node=node,
+            model=model,
+            quantizations=quantizations,
         )
         try:
             yield Device(held)

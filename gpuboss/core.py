@@ -173,6 +173,8 @@ class LeaseRequest:
     preemptible: bool = False
     on_evict: OnEvict | None = None
     resume: bool = True
+    #: None: this host's GPUs (and those without a host); "any": every host's; else that host's.
+    node: str | None = None
 
     @property
     def ttl(self) -> float:
@@ -242,6 +244,22 @@ def validate_on_evict(on_evict: object) -> OnEvict | None:
             "on_evict", on_evict, "must be a callable (sync or async) taking nothing or an EvictNotice, or None"
         )
     return on_evict
+
+
+def validate_node(node: object) -> str | None:
+    """``node=``: None (this host's GPUs), ``"any"`` (every host) or a host name."""
+    if node is None or (isinstance(node, str) and 0 < len(node) <= 255 and node.isprintable() and node == node.strip()):
+        return node
+    raise InvalidRequest("node", node, "must be None (this host's GPUs), 'any' (every host) or a host name")
+
+
+def on_node(info: GpuInfo, node: str | None, host: str) -> bool:
+    """Whether a request with ``node`` from ``host`` may use the GPU (``on_node`` in lua/includes/place.lua).
+    GPUs without a host (declared ones) are everybody's; None means this host's GPUs and those; ``"any"`` every
+    GPU; a host name that host's."""
+    if node == "any" or info.host is None:
+        return True
+    return info.host == (host if node is None else node)
 
 
 def validate_flag(field: str, value: object) -> bool:
@@ -362,6 +380,7 @@ class Core:
         preemptible: object = None,
         on_evict: object = None,
         resume: object = True,
+        node: object = None,
     ) -> LeaseRequest:
         """Validate the arguments of ``lease()``/``acquire()``; None (DEFAULT for timeout) means the default."""
         vram_mib = validate_vram(vram_gb)
@@ -383,13 +402,35 @@ class Core:
             else validate_flag("preemptible", preemptible),
             on_evict=validate_on_evict(on_evict),
             resume=validate_flag("resume", resume),
+            node=validate_node(node),
         )
 
+    def on_node(self, gpu: GpuInfo, node: str | None) -> bool:
+        return on_node(gpu, node, self.host)
+
+    def node_arg(self, node: str | None, pin: str = "") -> str:
+        """The node a script is told: "any" when no registered GPU has a host (nothing to filter), or when a
+        GPU is pinned and no node was asked (a pin names the GPU, wherever it is)."""
+        if node == "any" or (pin and node is None) or all(g.host is None for g in self.registry.values()):
+            return "any"
+        return self.host if node is None else node
+
     def check_fits(self, req: LeaseRequest, pin: str) -> None:
-        """Raise :class:`InsufficientCapacity` early when the known GPUs can never hold the request."""
-        eligible = [self.registry[pin]] if pin else list(self.registry.values())
-        if not eligible:
+        """Raise :class:`InsufficientCapacity` early when the known GPUs can never hold the request, and
+        :class:`InvalidRequest` when ``node`` leaves no GPU."""
+        everything = [self.registry[pin]] if pin else list(self.registry.values())
+        node = "any" if pin and req.node is None else req.node
+        eligible = [g for g in everything if self.on_node(g, node)]
+        if not everything:
             return
+        if not eligible:
+            hosts = sorted({g.host for g in self.registry.values() if g.host is not None})
+            raise InvalidRequest(
+                "node",
+                req.node,
+                f"no registered GPU is on that host{' (or this one)' if req.node is None else ''}; hosts: "
+                f"{', '.join(hosts) or 'none'}; use node='any' for every host",
+            )
         largest = max(g.leasable_mib for g in eligible)
         if req.vram_mib > largest:
             raise InsufficientCapacity(req.vram_mib, largest, [g.id for g in eligible])
@@ -482,6 +523,7 @@ class Core:
             self.notify_channel,
             max(1, math.ceil(self.config.evict_grace_s * 1000)),
             self.config.evict_on_grace,
+            self.node_arg(req.node, pin),
             self._cap,
         ]
         return Call("acquire", [*self.state_keys(), *self._event_keys()], args)
@@ -651,6 +693,7 @@ class Core:
             preemptible=lease.preemptible,
             on_evict=lease.on_evict,
             resume=lease.resume,
+            node=lease.node,
         )
 
     def yield_flow(self, lease: Lease, stop: Callable[[], bool] | None = None) -> Generator[Op, Any, YieldOutcome]:

@@ -211,6 +211,8 @@ class Lease:
     resume: bool = True
     #: The eviction request being served, if any.
     notice: EvictNotice | None = None
+    #: The ``node=`` it was asked with (None: its own host); a resume asks the same.
+    node: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _evict_flag: EvictFlag = field(default_factory=EvictFlag, repr=False)
     #: Set whenever the lease is not suspended (a resume waits on it).

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from gpuboss.core import GpuInfo, LeaseRequest, Op, ReadHash
+from gpuboss.core import GpuInfo, LeaseRequest, Op, ReadHash, on_node, validate_node
 from gpuboss.devices import ENV_VISIBLE, cuda_ordinal, visible_devices
 from gpuboss.errors import ConfigError, InvalidRequest
 from gpuboss.inventory import VRAMStatus, declarations_of, vram_status
@@ -56,23 +56,6 @@ class DeviceOrdinalWarning(UserWarning):
 
 def is_uuid(gpu_id: str) -> bool:
     return gpu_id.startswith(UUID_PREFIXES)
-
-
-def validate_node(node: object) -> str | None:
-    """``node=``: None (this host's GPUs), ``"any"`` (every host) or a host name."""
-    if node is None or (isinstance(node, str) and 0 < len(node) <= 255 and node.isprintable() and node == node.strip()):
-        return node
-    raise InvalidRequest("node", node, "must be None (this host's GPUs), 'any' (every host) or a host name")
-
-
-def on_node(info: GpuInfo, node: str | None, host: str) -> bool:
-    """Whether a request with ``node`` from ``host`` may use the GPU. GPUs without a host (declared ones) are
-    everybody's; ``None`` means this host's GPUs and those; ``"any"`` every GPU; a host name that host's."""
-    if node == ANY_NODE:
-        return True
-    if node is None:
-        return info.host is None or info.host == host
-    return info.host == node
 
 
 def effective_free(
@@ -270,6 +253,9 @@ class Inventory:
         use, else the smallest (the one to wait for). Unknown models raise ``UnknownModel`` (InvalidRequest)."""
         registry = self.models or default_models()
         registry.get(model)  # unknown names fail before any I/O
+        self.discover_once()
+        if self.core.declared and not self.core.registry_loaded:
+            yield from self.register_flow()  # this boss's GPUs count too, before its first lease
         free = yield from self.free_flow(node)
         return resolve_model(model, quantizations, free, registry=registry)
 

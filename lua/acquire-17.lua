@@ -32,7 +32,8 @@
     ARGV[13]    the holder's notice channel ('' for none): eviction notices for this lease go there
     ARGV[14]    eviction grace, ms: how long victims of this request's evictions get to checkpoint
     ARGV[15]    after the grace: 'wait' (keep waiting) or 'revoke' (remove the victims' leases)
-    ARGV[16]    event log cap (0: no log)
+    ARGV[16]    node: 'any', or the host whose GPUs it may use (GPUs without a host are everybody's)
+    ARGV[17]    event log cap (0: no log)
 
   Output:
     {1, lease}                  GRANTED: the lease record (JSON)
@@ -50,7 +51,7 @@
 --- @include "grant"
 
 local id, need, rank = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local pin, ttl, mode = ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local pin, ttl, mode, node = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[16]
 
 local now = now_ms()
 local s = load_gpus(now)
@@ -64,8 +65,10 @@ if pin ~= '' then
   end
   largest = s.cap[pin]
 else
-  for _, cap in pairs(s.cap) do
-    largest = math.max(largest, cap)
+  for gpu, cap in pairs(s.cap) do
+    if on_node(s, gpu, node) then
+      largest = math.max(largest, cap)
+    end
   end
 end
 if need > largest then
@@ -87,12 +90,12 @@ local req = {
   id = id, vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
   service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now,
   preemptible = ARGV[12] == '1', notify = ARGV[13], grace_ms = tonumber(ARGV[14]), on_grace = ARGV[15],
-  evictions = 0,
+  evictions = 0, node = node,
 }
 local first = first_waiting_rank(s)
 local why = held_back(s, req.priority, req.service, need)
 if (first == nil or first < rank) and why == '' then
-  local gpu = place(s, need, pin, id)
+  local gpu = place(s, need, pin, id, nil, node)
   if gpu then
     req.seq = redis.call('INCR', K_SEQ)
     return {1, grant(s, id, req, gpu, now)}

@@ -62,7 +62,7 @@ local req = {
   id = id, vram_mib = rec.vram_mib, rank = rec.rank, priority = rec.priority, pin = rec.gpu,
   ttl_ms = rec.ttl_ms, service = rec.service, host = rec.host, pid = rec.pid, requested_at = now,
   seq = rec.seq, expires_at = now + rec.ttl_ms, preemptible = rec.preemptible, notify = rec.notify,
-  grace_ms = rec.grace_ms, on_grace = rec.on_grace, evictions = (rec.evictions or 0) + 1,
+  grace_ms = rec.grace_ms, on_grace = rec.on_grace, evictions = (rec.evictions or 0) + 1, node = rec.node,
 }
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rec.rank) * SEQ_SPAN + rec.seq), id)

@@ -63,7 +63,7 @@ def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
     def run() -> None:
         try:
             out["value"] = fn()
-        except BaseException as err:  # handed to the test, which re-raises it
+        except BaseException as err:  # noqa: BLE001  # handed to the test, which re-raises it
             out["error"] = err
 
     thread = threading.Thread(target=run, daemon=True)
@@ -169,10 +169,12 @@ def test_resume_false_ends_the_lease_with_lease_evicted(
 
 def test_block_end_reports_an_eviction_the_block_never_looked_at(pair: tuple[GPUBoss, GPUBoss]) -> None:
     victim, requester = pair
-    with pytest.raises(LeaseEvicted):
-        with victim.lease(16, priority="low", on_evict=lambda: None, resume=False) as device:
-            high = requester.acquire(16, priority="high", timeout=WAIT_S)
-            until(lambda: device.lease.evicted, "the lease is handed back")
+    with (
+        pytest.raises(LeaseEvicted),
+        victim.lease(16, priority="low", on_evict=lambda: None, resume=False) as device,
+    ):
+        high = requester.acquire(16, priority="high", timeout=WAIT_S)
+        until(lambda: device.lease.evicted, "the lease is handed back")
     requester.release(high)
 
 

@@ -203,6 +203,43 @@ def test_two_hosts_register_separate_gpus_and_pin_their_own(
         b.acquire(vram_gb=1, device="cuda:4", timeout=0)
 
 
+def test_leases_stay_on_their_host_unless_node_says_otherwise(
+    backend_url: str, namespace: str, bosses: list[GPUBoss]
+) -> None:
+    a = make_boss(backend_url, namespace, fk.mixed_host(), host="hostA")
+    b = make_boss(backend_url, namespace, fk.uniform_host(), host="hostB")
+    bosses += [a, b]
+    a.register_gpus()
+    hosts = {g.id: g.host for g in b.register_gpus()}
+    mine = [b.acquire(vram_gb=20, timeout=0) for _ in range(4)]  # hostB's four 24 GB cards
+    assert {hosts[lease.gpu] for lease in mine} == {"hostB"}
+    with pytest.raises(LeaseTimeout):  # hostA has room, but a request stays on its own host by default
+        b.acquire(vram_gb=4, timeout=0)
+    there = b.acquire(vram_gb=4, node="hostA", timeout=0)
+    anywhere = b.acquire(vram_gb=4, node="any", timeout=0)
+    assert hosts[there.gpu] == "hostA" and hosts[anywhere.gpu] == "hostA"
+    with pytest.raises(InvalidRequest, match="node"):
+        b.acquire(vram_gb=1, node="hostC", timeout=0)
+    for lease in [*mine, there, anywhere]:
+        b.release(lease)
+
+
+def test_lease_by_model_name(backend_url: str, namespace: str, bosses: list[GPUBoss]) -> None:
+    boss = make_boss(backend_url, namespace, fk.uniform_host())
+    bosses.append(boss)
+    with boss.lease(model="gemma3:12b", timeout=0) as device:
+        lease = device.lease
+        assert (lease.model, lease.quantization, lease.vram_mib) == ("gemma3:12b", "q8_0", 15360)
+    lease = boss.acquire(model="gemma3:12b", quantizations=["q4_K_M"], timeout=0)
+    assert lease.quantization == "q4_K_M" and lease.vram_mib < 15360
+    boss.release(lease)
+    for bad in ({"vram_gb": 1, "model": "gemma3:12b"}, {}, {"vram_gb": 1, "quantizations": ["q8_0"]}):
+        with pytest.raises(InvalidRequest):
+            boss.acquire(timeout=0, **bad)
+    with pytest.raises(InvalidRequest, match="gemma3:13b"):
+        boss.acquire(model="gemma3:13b", timeout=0)
+
+
 def test_two_processes_with_different_visible_devices_share_one_budget(
     backend_url: str, namespace: str, bosses: list[GPUBoss]
 ) -> None:
@@ -470,7 +507,8 @@ def test_node_rules() -> None:
     declared = GpuInfo("gpu0", "", 0, 100, 0)
     assert [on_node(g, None, "a") for g in (here, there, declared)] == [True, False, True]
     assert [on_node(g, "any", "a") for g in (here, there, declared)] == [True, True, True]
-    assert [on_node(g, "b", "a") for g in (here, there, declared)] == [False, True, False]
+    # GPUs without a host (declared ones) are everybody's, whatever node= says (as the Lua placement rule).
+    assert [on_node(g, "b", "a") for g in (here, there, declared)] == [False, True, True]
     for bad in ("", " a", 3, "a\n"):
         with pytest.raises(InvalidRequest, match="node"):
             validate_node(bad)

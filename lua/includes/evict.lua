@@ -66,7 +66,7 @@ local function try_evict(s, req, now)
   end
   local best_free = 0
   for gpu, cap in pairs(s.cap) do
-    if not s.off[gpu] and cap >= req.vram_mib then
+    if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
       best_free = math.max(best_free, free_for(s, gpu, id))
     end
   end
@@ -86,7 +86,7 @@ local function try_evict(s, req, now)
   for gpu, cands in pairs(by_gpu) do
     local hold = s.holds[gpu]
     if s.cap[gpu] and not s.off[gpu] and s.cap[gpu] >= req.vram_mib and (req.pin == '' or req.pin == gpu)
-        and not (hold and hold.id ~= id) then
+        and not (hold and hold.id ~= id) and on_node(s, gpu, req.node) then
       local short = req.vram_mib - free_for(s, gpu, id)
       table.sort(cands, victim_order)
       local taken, sum = {}, 0

@@ -58,6 +58,7 @@ local function grant(s, id, req, gpu, now)
     requested_at = req.requested_at, acquired_at = now, expires_at = now + req.ttl_ms,
     ttl_ms = req.ttl_ms, token = token, seq = req.seq, preemptible = req.preemptible, notify = req.notify,
     state = 'active', evictions = req.evictions or 0, grace_ms = req.grace_ms, on_grace = req.on_grace,
+    node = req.node,
   }
   local max_hold = s.policy.max_hold and s.policy.max_hold[rec.priority]
   if max_hold then
@@ -171,7 +172,7 @@ local function grant_waiting(s, now)
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone
       else
-        local gpu = place(s, req.vram_mib, req.pin, head, avoid)
+        local gpu = place(s, req.vram_mib, req.pin, head, avoid, req.node)
         if gpu then
           drop_request(head)
           local lease = grant(s, head, req, gpu, now)
@@ -187,7 +188,7 @@ local function grant_waiting(s, now)
             break
           end
           avoid = avoid or {}
-          local gpu_wanted = target(s, req.vram_mib, req.pin, head)
+          local gpu_wanted = target(s, req.vram_mib, req.pin, head, req.node)
           if gpu_wanted then
             avoid[gpu_wanted] = true
           end

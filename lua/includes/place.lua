@@ -1,25 +1,44 @@
 --[[
-  place(s, need, pin, id, avoid) -> gpu id or nil
+  place(s, need, pin, id, avoid, node) -> gpu id or nil
 
   Best fit over the GPUs that are online: the GPU left with the least free MiB after the grant (ties go
   to the smaller id, so every replica decides alike). Free MiB is effective free (includes/state.lua
   free_for): capacity - reserve - max(leased, observed used), less any VRAM held for another request.
   `pin` (a gpu id, or '' for any) restricts the choice to one GPU; `id` is the request being placed;
-  `avoid` (optional) is a set of GPU ids kept for requests ahead in the queue (backfill).
+  `avoid` (optional) is a set of GPU ids kept for requests ahead in the queue (backfill); `node`
+  ('any', or a host name; nil: any) limits it to the GPUs of that host and the GPUs without a host.
 
-  target(s, need, pin, id) -> the GPU a request that does not fit waits for: its pin, else the eligible GPU
+  target(s, need, pin, id, node) -> the GPU a request that does not fit waits for: its pin, else the eligible GPU
   closest to fitting (most free MiB; ties to the smaller id), or nil when no GPU can ever hold it.
 ]]
-local function place(s, need, pin, id, avoid)
+-- Whether a request for `node` ('any', or a host name) may use `gpu`: GPUs without a host (declared ones)
+-- are everybody's. The GPUs' hosts are read from the registry once per call, and only when needed.
+local function on_node(s, gpu, node)
+  if node == nil or node == 'any' then
+    return true
+  end
+  if s.hosts == nil then
+    s.hosts = {}
+    for g, raw in pairs(hgetall(K_GPUS)) do
+      local host = cjson.decode(raw).host
+      s.hosts[g] = (host ~= nil and host ~= cjson.null) and host or false
+    end
+  end
+  local host = s.hosts[gpu]
+  return not host or host == node
+end
+
+local function place(s, need, pin, id, avoid, node)
   if pin ~= '' then
-    if s.cap[pin] and not s.off[pin] and not (avoid and avoid[pin]) and free_for(s, pin, id) >= need then
+    if s.cap[pin] and not s.off[pin] and not (avoid and avoid[pin]) and on_node(s, pin, node)
+        and free_for(s, pin, id) >= need then
       return pin
     end
     return nil
   end
   local best, best_left = nil, nil
   for gpu, _ in pairs(s.cap) do
-    if not s.off[gpu] and not (avoid and avoid[gpu]) then
+    if not s.off[gpu] and not (avoid and avoid[gpu]) and on_node(s, gpu, node) then
       local left = free_for(s, gpu, id) - need
       if left >= 0 and (best == nil or left < best_left or (left == best_left and gpu < best)) then
         best, best_left = gpu, left
@@ -29,13 +48,13 @@ local function place(s, need, pin, id, avoid)
   return best
 end
 
-local function target(s, need, pin, id)
+local function target(s, need, pin, id, node)
   if pin ~= '' then
     return pin
   end
   local best, best_free = nil, nil
   for gpu, cap in pairs(s.cap) do
-    if not s.off[gpu] and cap >= need then
+    if not s.off[gpu] and cap >= need and on_node(s, gpu, node) then
       local free = free_for(s, gpu, id)
       if best == nil or free > best_free or (free == best_free and gpu < best) then
         best, best_free = gpu, free
