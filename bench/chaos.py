@@ -293,10 +293,12 @@ class Observer:
         if not fits:
             self._head = None
             return
+        if head is None:
+            return
         if head != self._head:
             self._head, self._head_since = head, t
         elif t - self._head_since > STRANDED_S and head not in self.stranded_ids:
-            self.stranded_ids.append(str(head))
+            self.stranded_ids.append(head)
             self.violation(
                 "stranded_waiters", t, f"head {head} fits ({s.tickets[head][:200]}) for {t - self._head_since:.1f} s"
             )
@@ -353,6 +355,8 @@ class Plan:
     fault_every: float
     seed: int
     kinds: tuple[str, ...] = KINDS
+    #: extra GPUBoss workers that declare no GPU and lease from the namespace's registry
+    registry_clients: int = 0
 
 
 @dataclass
@@ -442,6 +446,8 @@ class Chaos:
             )
         for i in range(self.plan.workers):
             self.spawn("async" if i < self.plan.async_workers else "sync")
+        for _ in range(self.plan.registry_clients):
+            self.spawn("registry")
         self.wait_started(self.workers)
 
     def spawn(self, kind: str) -> Worker:
@@ -451,7 +457,7 @@ class Chaos:
         spec = {
             "url": self.proxy.url,
             "namespace": self.namespace,
-            "gpus": GPUS,
+            "gpus": [] if kind == "registry" else GPUS,
             "kind": kind,
             "tasks": self.plan.tasks,
             "seed": self.rng.randrange(2**32),
@@ -585,7 +591,7 @@ class Chaos:
             return {}
         out = {}
         for item_id, raw in flat.items():
-            found = pid_of(raw)
+            found = pid_of(str(raw))
             if found is not None:
                 out[str(item_id)] = found
         return out
@@ -711,7 +717,7 @@ class Chaos:
         assert self.direct is not None
         left = {str(k) for k in self.direct.scan_iter(match=self.keys.pattern)}
         self.leaked = sorted(left - set(self.keys.fixed()))
-        self.used_left = {k: int(v) for k, v in self.direct.hgetall(self.keys.used).items() if int(v) != 0}
+        self.used_left = {str(k): int(v) for k, v in self.direct.hgetall(self.keys.used).items() if int(v) != 0}
         time.sleep(0.3)  # the observer looks at the final state too
         assert self.observer is not None
         self.observer.send_signal(signal.SIGTERM)
@@ -723,7 +729,7 @@ class Chaos:
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     if not path.exists():
         return out
     for line in path.read_text(errors="replace").splitlines():
@@ -919,6 +925,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         "seed": chaos.plan.seed,
         "workers": {
             "initial": chaos.plan.workers,
+            "registry_clients": chaos.plan.registry_clients,
             "async": chaos.plan.async_workers,
             "tasks_per_async": chaos.plan.tasks,
             "started": len(chaos.workers),
@@ -1046,7 +1053,8 @@ def render(report: dict[str, Any]) -> str:
     told = report["lost_told"]
     lines = [
         f"gpuboss chaos: {report['duration_s']} s, {w['initial']} workers ({w['initial'] - w['async']} GPUBoss, "
-        f"{w['async']} AsyncGPUBoss x {w['tasks_per_async']} tasks), {w['started']} started in all; seed {report['seed']}",
+        f"{w['async']} AsyncGPUBoss x {w['tasks_per_async']} tasks) + {w['registry_clients']} registry clients, "
+        f"{w['started']} started in all; seed {report['seed']}",
         f"operations {report['operations']} (grants {report['grants']}, releases {report['releases']}, "
         f"timeouts {report['timeouts']}, Redis unavailable {report['redis_unavailable']}), "
         f"script calls {report['script_calls']}",
@@ -1098,6 +1106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="worker processes (default 16)")
     parser.add_argument("--async-workers", type=int, default=None, help="how many are AsyncGPUBoss (default 1/4)")
     parser.add_argument("--tasks", type=int, default=2, help="concurrent tasks per async worker (default 2)")
+    parser.add_argument(
+        "--registry-clients",
+        type=int,
+        default=0,
+        help="extra GPUBoss workers that declare no GPU and use the namespace's registry (default 0)",
+    )
     parser.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults (default 2.5)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     parser.add_argument(
@@ -1116,7 +1130,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not kinds:
         parser.error(f"--only: unknown fault kinds {unknown}; choose from {', '.join(KINDS)}")
     workers = max(2, args.workers)
-    plan = Plan(args.duration, workers, min(async_workers, workers), args.tasks, args.fault_every, seed, kinds)
+    plan = Plan(
+        args.duration,
+        workers,
+        min(async_workers, workers),
+        args.tasks,
+        args.fault_every,
+        seed,
+        kinds,
+        max(0, args.registry_clients),
+    )
     workdir = Path(tempfile.mkdtemp(prefix="gpuboss-chaos-"))
     chaos = Chaos(plan, workdir)
     report: dict[str, Any] | None = None

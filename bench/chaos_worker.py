@@ -2,8 +2,9 @@
 
 It takes leases of random sizes, priorities, TTLs, timeouts and (sometimes) pinned GPUs, holds each for a
 random while and gives it back, again and again, until SIGTERM. ``kind`` picks the front end: ``sync``
-(``GPUBoss.acquire``/``release`` in the main thread) or ``async`` (``AsyncGPUBoss.acquire``/``release`` in
-``tasks`` concurrent tasks). It connects through the chaos proxy (``url``), so its connections can be cut.
+(``GPUBoss.acquire``/``release`` in the main thread), ``async`` (``AsyncGPUBoss.acquire``/``release`` in
+``tasks`` concurrent tasks), or ``registry`` (like ``sync``, but its boss declares no GPU: it leases the GPUs
+the others registered, as a client on another host would). It connects through the chaos proxy (``url``), so its connections can be cut.
 
 It writes what happened as JSON lines to ``log`` (one object per line, times on ``time.monotonic()``, the
 clock every process of the machine shares); the driver reads them after the run:
@@ -57,6 +58,10 @@ SLICE_S = 0.05
 VERDICT_S = 6.0
 #: How long cancelled tasks get to finish (a release each) before they count as having ignored cancel().
 CANCEL_WAIT_S = 5.0
+#: After an unexpected error, wait this long before the next round (no busy loop on a persistent failure).
+ERROR_PAUSE_S = 0.2
+#: How long a worker that declares no GPU waits for the others to register theirs, at its start.
+REGISTRY_WAIT_S = 30.0
 
 mono = time.monotonic
 
@@ -163,6 +168,10 @@ class SyncWorker:
         self.stopping = False
         self.in_acquire = False
         self.boss = GPUBoss(spec["url"], namespace=spec["namespace"], gpus=spec["gpus"], service=f"chaos-{os.getpid()}")
+        if not spec["gpus"]:  # a registry client: it leases the GPUs other processes registered
+            deadline = mono() + REGISTRY_WAIT_S
+            while not self.boss.gpus() and mono() < deadline:
+                time.sleep(0.05)
 
     def on_term(self, _signum: int, _frame: object) -> None:
         self.stopping = True
@@ -177,7 +186,7 @@ class SyncWorker:
         from gpuboss import LeaseTimeout, RedisUnavailable
 
         signal.signal(signal.SIGTERM, self.on_term)
-        self.log.event("start", pid=os.getpid(), kind="sync")
+        self.log.event("start", pid=os.getpid(), kind="sync" if self.spec["gpus"] else "registry")
         self.log.flush()
         while not self.stopping:
             try:
@@ -191,6 +200,7 @@ class SyncWorker:
                 time.sleep(0.05)
             except Exception as err:  # noqa: BLE001 - anything else is a failure the driver reports
                 self.log.event("error", what=describe(err))
+                time.sleep(ERROR_PAUSE_S)
             self.log.flush()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.boss.close()
@@ -303,6 +313,7 @@ class AsyncWorker:
                 await asyncio.sleep(0.05)
             except Exception as err:  # noqa: BLE001 - anything else is a failure the driver reports
                 self.log.event("error", what=describe(err))
+                await asyncio.sleep(ERROR_PAUSE_S)
             self.log.flush()
 
     async def round(self, boss: Any) -> None:

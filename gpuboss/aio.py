@@ -101,6 +101,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         node: str | None = None,
         model: str | None = None,
         quantizations: Sequence[str] | None = None,
+        gpus: int = 1,
     ) -> Lease:
         """Wait for a lease of ``vram_gb`` GB (or of what ``model`` needs); see the README, docs/eviction.md and
         docs/inventory.md for every argument."""
@@ -109,7 +110,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             choice = await self.choose_model(str(model), quantizations, node)
             vram_gb = choice.vram_mib / 1024
         req = self._core.make_request(
-            vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node
+            vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node, gpus
         )
         self._loop = asyncio.get_running_loop()
         async with self._ready_lock:
@@ -231,6 +232,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         node: str | None = None,
         model: str | None = None,
         quantizations: Sequence[str] | None = None,
+        gpus: int = 1,
     ) -> AsyncIterator[Device]:
         """``async with boss.lease(vram_gb=8) as device:`` holds a lease for the block, releases it after.
 
@@ -250,6 +252,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             node=node,
             model=model,
             quantizations=quantizations,
+            gpus=gpus,
         )
         try:
             yield Device(held)

@@ -90,6 +90,7 @@ class GPUBoss(InventoryMethods, BossBase):
         node: str | None = None,
         model: str | None = None,
         quantizations: Sequence[str] | None = None,
+        gpus: int = 1,
     ) -> Lease:
         """Wait for a lease of ``vram_gb`` GB (or of what ``model`` needs); see the README, docs/eviction.md and
         docs/inventory.md for every argument."""
@@ -98,7 +99,7 @@ class GPUBoss(InventoryMethods, BossBase):
             choice = self.choose_model(str(model), quantizations, node)
             vram_gb = choice.vram_mib / 1024
         req = self._core.make_request(
-            vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node
+            vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node, gpus
         )
         with self._ready_lock:
             req = self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
@@ -199,6 +200,7 @@ class GPUBoss(InventoryMethods, BossBase):
         node: str | None = None,
         model: str | None = None,
         quantizations: Sequence[str] | None = None,
+        gpus: int = 1,
     ) -> Iterator[Device]:
         """``with boss.lease(vram_gb=8) as device:`` holds a lease for the block and releases it after.
 
@@ -218,6 +220,7 @@ class GPUBoss(InventoryMethods, BossBase):
             node=node,
             model=model,
             quantizations=quantizations,
+            gpus=gpus,
         )
         try:
             yield Device(held)

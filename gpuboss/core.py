@@ -175,6 +175,8 @@ class LeaseRequest:
     resume: bool = True
     #: None: this host's GPUs (and those without a host); "any": every host's; else that host's.
     node: str | None = None
+    #: How many GPUs (of one host) the lease spans; ``vram_mib`` is then the MiB on each.
+    count: int = 1
 
     @property
     def ttl(self) -> float:
@@ -260,6 +262,15 @@ def on_node(info: GpuInfo, node: str | None, host: str) -> bool:
     if node == "any" or info.host is None:
         return True
     return info.host == (host if node is None else node)
+
+
+MAX_GPUS = 64
+
+
+def validate_gpu_count(gpus: object) -> int:
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
+        raise InvalidRequest("gpus", gpus, f"must be a whole number of GPUs from 1 to {MAX_GPUS}")
+    return gpus
 
 
 def validate_flag(field: str, value: object) -> bool:
@@ -381,9 +392,15 @@ class Core:
         on_evict: object = None,
         resume: object = True,
         node: object = None,
+        gpus: object = 1,
     ) -> LeaseRequest:
         """Validate the arguments of ``lease()``/``acquire()``; None (DEFAULT for timeout) means the default."""
         vram_mib = validate_vram(vram_gb)
+        count = validate_gpu_count(gpus)
+        if count > 1:
+            vram_mib = -(-vram_mib // count)  # the total, split evenly (rounded up) over the GPUs
+            if device is not None:
+                raise InvalidRequest("device", device, "cannot pin a lease over several GPUs (gpus > 1): leave it None")
         name, rank = validate_priority(
             self.config.default_priority if priority is None else priority, self.config.priorities
         )
@@ -403,6 +420,7 @@ class Core:
             on_evict=validate_on_evict(on_evict),
             resume=validate_flag("resume", resume),
             node=validate_node(node),
+            count=count,
         )
 
     def on_node(self, gpu: GpuInfo, node: str | None) -> bool:
@@ -433,7 +451,22 @@ class Core:
             )
         largest = max(g.leasable_mib for g in eligible)
         if req.vram_mib > largest:
-            raise InsufficientCapacity(req.vram_mib, largest, [g.id for g in eligible])
+            why = None
+            if req.count > 1:
+                why = f"it needs {req.vram_mib} MiB on each of {req.count} GPUs; the largest leases out {largest} MiB"
+            raise InsufficientCapacity(req.vram_mib * req.count, largest, [g.id for g in eligible], why)
+        if req.count > 1:
+            per_host: dict[str | None, int] = {}
+            for g in eligible:
+                if g.leasable_mib >= req.vram_mib:
+                    per_host[g.host] = per_host.get(g.host, 0) + 1
+            if max(per_host.values(), default=0) < req.count:
+                raise InsufficientCapacity(
+                    req.vram_mib * req.count,
+                    largest,
+                    [g.id for g in eligible],
+                    f"no host has {req.count} GPUs that can each hold {req.vram_mib} MiB",
+                )
 
     def check_request(self, req: LeaseRequest) -> str:
         """Resolve the pin against the registry and check the size; the pinned gpu id (or "")."""
@@ -524,6 +557,7 @@ class Core:
             max(1, math.ceil(self.config.evict_grace_s * 1000)),
             self.config.evict_on_grace,
             self.node_arg(req.node, pin),
+            req.count,
             self._cap,
         ]
         return Call("acquire", [*self.state_keys(), *self._event_keys()], args)
@@ -683,17 +717,18 @@ class Core:
     def request_of(self, lease: Lease) -> LeaseRequest:
         """The request that waits to resume ``lease``: same size, priority and TTL, pinned to its GPU."""
         return LeaseRequest(
-            vram_mib=lease.vram_mib,
+            vram_mib=lease.vram_mib // len(lease.gpus),
             priority=lease.priority,
             rank=self.config.priorities.get(lease.priority, PRIORITIES.get(lease.priority, 0)),
             ttl_ms=int(lease.ttl * 1000),
             timeout=None,
-            device=lease.gpu,
+            device=lease.gpu if len(lease.gpus) == 1 else None,
             on_lost=lease.on_lost,
             preemptible=lease.preemptible,
             on_evict=lease.on_evict,
             resume=lease.resume,
             node=lease.node,
+            count=len(lease.gpus),
         )
 
     def yield_flow(self, lease: Lease, stop: Callable[[], bool] | None = None) -> Generator[Op, Any, YieldOutcome]:
@@ -716,6 +751,10 @@ class Core:
         """Change a lease's size; growing may wait (``timeout`` seconds, None: forever). Returns the record."""
         vram_mib = validate_vram(vram_gb)
         wait = validate_timeout(timeout)
+        if len(lease.gpus) > 1:
+            raise InvalidRequest(
+                "lease", lease.id, "a lease over several GPUs cannot be resized; release it and ask again"
+            )
         deadline = None if wait is None else clock() + wait
         grow_id = f"{lease.id}:grow"
         watching = False

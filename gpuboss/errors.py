@@ -26,14 +26,14 @@ class ConfigError(GPUBossError, ValueError):
 class InsufficientCapacity(GPUBossError):
     """The request can never fit: it is larger than every GPU it may be placed on."""
 
-    def __init__(self, vram_mib: int, largest_mib: int, gpus: Iterable[str] = ()) -> None:
+    def __init__(self, vram_mib: int, largest_mib: int, gpus: Iterable[str] = (), why: str | None = None) -> None:
         self.vram_mib = vram_mib
         self.largest_mib = largest_mib
         where = ", ".join(gpus)
-        super().__init__(
-            f"a request for {vram_mib} MiB can never be granted: the largest eligible GPU"
-            f"{f' ({where})' if where else ''} leases out at most {largest_mib} MiB"
+        because = why or (
+            f"the largest eligible GPU{f' ({where})' if where else ''} leases out at most {largest_mib} MiB"
         )
+        super().__init__(f"a request for {vram_mib} MiB can never be granted: {because}")
 
 
 class LeaseTimeout(GPUBossError, TimeoutError):

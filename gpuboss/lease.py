@@ -228,12 +228,21 @@ class Lease:
     _settled_notice_at: float = field(default=0.0, repr=False)
     #: The GPU's UUID when known (GPUs discovered through NVML), else None (docs/inventory.md).
     uuid: str | None = None
+    #: Every GPU of the lease (one, or several for ``lease(gpus=N)``), with this process's device and UUID
+    #: of each; ``gpu``, ``device`` and ``uuid`` are the first's.
+    gpus: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    uuids: list[str | None] = field(default_factory=list)
     #: With ``lease(model=...)``: the model and the quantization chosen for it.
     model: str | None = None
     quantization: str | None = None
 
     def __post_init__(self) -> None:
         self._settled.set()
+        if not self.gpus:
+            self.gpus = [self.gpu]
+        if not self.devices:
+            self.devices = [self.device]
 
     @classmethod
     def from_record(
@@ -263,6 +272,8 @@ class Lease:
             evictions=int(rec.get("evictions", 0)),
             on_evict=on_evict,
             resume=resume,
+            gpus=[str(g) for g in rec.get("gpus") or [rec["gpu"]]],
+            devices=[str(d) for d in rec.get("devices") or [rec["device"]]],
         )
 
     @property
@@ -284,12 +295,16 @@ class Lease:
             "ttl_ms": round(self.ttl * 1000),
             "preemptible": self.preemptible,
             "evictions": self.evictions,
+            "gpus": list(self.gpus),
+            "devices": list(self.devices),
         }
 
     def apply_record(self, rec: dict[str, Any]) -> None:
         """Take the numbers of a newer record of this lease (after a resume or a resize)."""
         self.gpu = str(rec["gpu"])
         self.device = str(rec.get("device", self.device))
+        self.gpus = [str(g) for g in rec.get("gpus") or [self.gpu]]
+        self.devices = [str(d) for d in rec.get("devices") or [self.device]]
         self.vram_mib = int(rec["vram_mib"])
         self.token = int(rec["token"])
         self.acquired_at = rec["acquired_at"] / 1000
@@ -411,9 +426,13 @@ class Lease:
         ``{"CUDA_VISIBLE_DEVICES": uuid}`` (by UUID, whatever the order); for a declared GPU without UUID, the
         entry of this process's ``CUDA_VISIBLE_DEVICES`` for its device. Use
         ``subprocess.run(cmd, env={**os.environ, **lease.child_env()})``."""
-        from gpuboss.devices import child_env, child_env_for_device
+        from gpuboss.devices import ENV_VISIBLE, child_env, child_env_for_device
 
-        return child_env(self.uuid) if self.uuid else child_env_for_device(self.device)
+        uuids = self.uuids if len(self.uuids) == len(self.gpus) else [self.uuid]
+        if all(uuids):
+            return child_env([u for u in uuids if u])
+        entries = [child_env_for_device(d)[ENV_VISIBLE] for d in self.devices]
+        return {ENV_VISIBLE: ",".join(entries)}
 
 
 class Device(str):

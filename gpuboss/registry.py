@@ -262,39 +262,48 @@ class Inventory:
     # -- leases
 
     def localize(self, lease: Lease) -> None:
-        """Set ``lease.uuid``, and ``lease.device`` to this process's CUDA ordinal for it (GPUs known by UUID).
+        """Set ``lease.uuid``, and ``lease.device`` to this process's CUDA ordinal for it (GPUs known by UUID),
+        and the same for each GPU of a lease over several (``lease.uuids``, ``lease.devices``).
 
         Declared GPUs (no UUID) keep ``cuda:<index>``. A GPU of another host keeps the device of the record
         (that host's NVML index): hand it on with ``lease.child_env()`` instead."""
-        info = self.core.registry.get(lease.gpu)
-        uuid = info.uuid if info is not None and info.uuid else lease.gpu if is_uuid(lease.gpu) else None
-        lease.uuid = uuid
+        where = [
+            self._localize_one(lease.id, gpu, device) for gpu, device in zip(lease.gpus, lease.devices, strict=False)
+        ]
+        lease.uuids = [uuid for uuid, _ in where]
+        lease.devices = [device for _, device in where]
+        lease.uuid, lease.device = where[0]
+
+    def _localize_one(self, lease_id: str, gpu: str, device: str) -> tuple[str | None, str]:
+        """The UUID of one GPU of a lease and this process's device string for it."""
+        info = self.core.registry.get(gpu)
+        uuid = info.uuid if info is not None and info.uuid else gpu if is_uuid(gpu) else None
         if uuid is None:
-            return
+            return None, device
         if info is not None and info.host is not None and info.host != self.core.host:
-            return
+            return uuid, device
         physical = self.physical()
         if physical is None:
             self._warn(
                 f"nvml:{uuid}",
-                f"gpuboss: lease {lease.id} is on {uuid}, but this process cannot read NVML, so {lease.device} is "
+                f"gpuboss: lease {lease_id} is on {uuid}, but this process cannot read NVML, so {device} is "
                 f"the GPU's NVML index, not necessarily its CUDA ordinal here; give a child process "
                 f"lease.child_env() ({ENV_VISIBLE}={uuid}) and use cuda:0 there",
             )
-            return
+            return uuid, device
         env = self.env
         where = cuda_ordinal(uuid, physical, env)
         if where.device is None:
             self._warn(
                 f"hidden:{uuid}:{(env or os.environ).get(ENV_VISIBLE)}",
-                f"gpuboss: lease {lease.id} is on {uuid}, which this process cannot use: {where.reason}. "
+                f"gpuboss: lease {lease_id} is on {uuid}, which this process cannot use: {where.reason}. "
                 f"Run the work in a child process with lease.child_env() ({ENV_VISIBLE}={uuid}), or widen "
                 f"{ENV_VISIBLE}",
             )
-            return
-        lease.device = where.device
+            return uuid, device
         if not where.certain and where.warning:
-            self._warn(f"order:{uuid}", f"gpuboss: lease {lease.id}: {where.warning}")
+            self._warn(f"order:{uuid}", f"gpuboss: lease {lease_id}: {where.warning}")
+        return uuid, where.device
 
     def _warn(self, key: str, message: str) -> None:
         if key in self._warned:

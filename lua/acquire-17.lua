@@ -33,7 +33,9 @@
     ARGV[14]    eviction grace, ms: how long victims of this request's evictions get to checkpoint
     ARGV[15]    after the grace: 'wait' (keep waiting) or 'revoke' (remove the victims' leases)
     ARGV[16]    node: 'any', or the host whose GPUs it may use (GPUs without a host are everybody's)
-    ARGV[17]    event log cap (0: no log)
+    ARGV[17]    GPUs: 1, or N > 1 for one lease of ARGV[3] MiB on each of N GPUs of one host (all or nothing;
+                never pinned; it does not evict)
+    ARGV[18]    event log cap (0: no log)
 
   Output:
     {1, lease}                  GRANTED: the lease record (JSON)
@@ -51,7 +53,7 @@
 --- @include "grant"
 
 local id, need, rank = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local pin, ttl, mode, node = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[16]
+local pin, ttl, mode, node, count = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[16], tonumber(ARGV[17])
 
 local now = now_ms()
 local s = load_gpus(now)
@@ -74,6 +76,20 @@ end
 if need > largest then
   return {-1, largest}
 end
+if count > 1 then -- enough GPUs that large on one host?
+  local per_host = {}
+  local most = 0
+  for gpu, cap in pairs(s.cap) do
+    if cap >= need and on_node(s, gpu, node) then
+      local host = load_hosts(s)[gpu] or ''
+      per_host[host] = (per_host[host] or 0) + 1
+      most = math.max(most, per_host[host])
+    end
+  end
+  if most < count then
+    return {-1, largest}
+  end
+end
 
 collect_expired(s, now)
 grant_waiting(s, now)
@@ -90,12 +106,12 @@ local req = {
   id = id, vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
   service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now,
   preemptible = ARGV[12] == '1', notify = ARGV[13], grace_ms = tonumber(ARGV[14]), on_grace = ARGV[15],
-  evictions = 0, node = node,
+  evictions = 0, node = node, count = count,
 }
 local first = first_waiting_rank(s)
 local why = held_back(s, req.priority, req.service, need)
 if (first == nil or first < rank) and why == '' then
-  local gpu = place(s, need, pin, id, nil, node)
+  local gpu = place_req(s, req, id, nil)
   if gpu then
     req.seq = redis.call('INCR', K_SEQ)
     return {1, grant(s, id, req, gpu, now)}

@@ -59,7 +59,8 @@ if not resume then
 end
 
 local req = {
-  id = id, vram_mib = rec.vram_mib, rank = rec.rank, priority = rec.priority, pin = rec.gpu,
+  id = id, vram_mib = rec.per_gpu_mib or rec.vram_mib, count = rec.gpus and #rec.gpus or 1,
+  rank = rec.rank, priority = rec.priority, pin = rec.gpus and '' or rec.gpu,
   ttl_ms = rec.ttl_ms, service = rec.service, host = rec.host, pid = rec.pid, requested_at = now,
   seq = rec.seq, expires_at = now + rec.ttl_ms, preemptible = rec.preemptible, notify = rec.notify,
   grace_ms = rec.grace_ms, on_grace = rec.on_grace, evictions = (rec.evictions or 0) + 1, node = rec.node,

@@ -65,21 +65,26 @@ local function drop_lease(s, id)
   end
   local rec = cjson.decode(raw)
   redis.call('HDEL', K_LEASES, id)
-  local left = redis.call('HINCRBY', K_USED, rec.gpu, -rec.vram_mib)
-  if left < 0 then
-    -- Never expected; repaired rather than left to poison every later placement.
-    redis.call('HSET', K_USED, rec.gpu, 0)
-    left = 0
+  local gpus, each = rec.gpus or {rec.gpu}, rec.per_gpu_mib or rec.vram_mib
+  for _, gpu in ipairs(gpus) do
+    local left = redis.call('HINCRBY', K_USED, gpu, -each)
+    if left < 0 then
+      -- Never expected; repaired rather than left to poison every later placement.
+      redis.call('HSET', K_USED, gpu, 0)
+      left = 0
+    end
+    s.used[gpu] = left
   end
-  s.used[rec.gpu] = left
   count_lease(s, rec, -1)
-  local hold = s.holds[rec.gpu]
-  if hold and rec.state == 'evicting' then
-    for i, victim in ipairs(hold.victims) do
-      if victim == id then
-        table.remove(hold.victims, i)
-        save_hold(s, rec.gpu)
-        break
+  for _, gpu in ipairs(gpus) do
+    local hold = s.holds[gpu]
+    if hold and rec.state == 'evicting' then
+      for i, victim in ipairs(hold.victims) do
+        if victim == id then
+          table.remove(hold.victims, i)
+          save_hold(s, gpu)
+          break
+        end
       end
     end
   end

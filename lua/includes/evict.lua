@@ -44,7 +44,8 @@ local function preemptible_below(rank)
   return total
 end
 
-local function victim_order(a, b)
+local function victim_order(x, y)
+  local a, b = x.rec, y.rec
   if a.rank ~= b.rank then
     return a.rank < b.rank
   end
@@ -61,8 +62,8 @@ local function try_evict(s, req, now)
       return false -- already being served by an eviction
     end
   end
-  if req.rank <= 0 or req.grow_of then
-    return false
+  if req.rank <= 0 or req.grow_of or (tonumber(req.count) or 1) > 1 then
+    return false -- (a request for several GPUs waits; it does not evict)
   end
   local best_free = 0
   for gpu, cap in pairs(s.cap) do
@@ -78,8 +79,10 @@ local function try_evict(s, req, now)
   for i = 2, #flat, 2 do
     local rec = cjson.decode(flat[i])
     if rec.preemptible and rec.rank < req.rank and rec.state ~= 'evicting' then
-      by_gpu[rec.gpu] = by_gpu[rec.gpu] or {}
-      table.insert(by_gpu[rec.gpu], rec)
+      for _, gpu in ipairs(rec.gpus or {rec.gpu}) do
+        by_gpu[gpu] = by_gpu[gpu] or {}
+        table.insert(by_gpu[gpu], {rec = rec, mib = rec.per_gpu_mib or rec.vram_mib})
+      end
     end
   end
   local best = nil
@@ -90,19 +93,19 @@ local function try_evict(s, req, now)
       local short = req.vram_mib - free_for(s, gpu, id)
       table.sort(cands, victim_order)
       local taken, sum = {}, 0
-      for _, rec in ipairs(cands) do
+      for _, cand in ipairs(cands) do
         if sum >= short then
           break
         end
-        taken[#taken + 1] = rec
-        sum = sum + rec.vram_mib
+        taken[#taken + 1] = cand
+        sum = sum + cand.mib
       end
       if sum >= short then
         -- Drop victims whose VRAM is not needed after all (a later, larger one covers it).
         local i = 1
         while i <= #taken do
-          if sum - taken[i].vram_mib >= short then
-            sum = sum - taken[i].vram_mib
+          if sum - taken[i].mib >= short then
+            sum = sum - taken[i].mib
             table.remove(taken, i)
           else
             i = i + 1
@@ -126,11 +129,11 @@ local function try_evict(s, req, now)
     on_grace = req.on_grace or 'wait',
   }
   local missing = best.short
-  for _, rec in ipairs(best.victims) do
-    local need = math.min(rec.vram_mib, missing)
+  for _, cand in ipairs(best.victims) do
+    local need = math.min(cand.mib, missing)
     missing = missing - need
-    hold.victims[#hold.victims + 1] = rec.id
-    ask_to_checkpoint(rec, id, need, now, deadline, 'priority')
+    hold.victims[#hold.victims + 1] = cand.rec.id
+    ask_to_checkpoint(cand.rec, id, need, now, deadline, 'priority')
   end
   s.holds[best.gpu] = hold
   redis.call('HSET', K_HOLDS, best.gpu, cjson.encode(hold))

@@ -26,13 +26,20 @@ local AGING_PEEK = 16
 -- Blocked requests a backfill pass looks past before it stops.
 local BACKFILL_LIMIT = 64
 
-local function grant(s, id, req, gpu, now)
+local function grant(s, id, req, where, now)
   local token = redis.call('INCR', K_TOKEN)
   if token == 1 then -- the counter was missing: start it from Redis time
     token = now * 10 + 1
     redis.call('SET', K_TOKEN, int(token))
   end
-  s.used[gpu] = redis.call('HINCRBY', K_USED, gpu, req.vram_mib)
+  local gpus = where
+  if type(where) ~= 'table' then
+    gpus = {where}
+  end
+  local gpu = gpus[1]
+  for _, g in ipairs(gpus) do
+    s.used[g] = redis.call('HINCRBY', K_USED, g, req.vram_mib)
+  end
   release_hold(s, id, now, 'granted')
   if req.grow_of then
     local rec = cjson.decode(redis.call('HGET', K_LEASES, req.grow_of))
@@ -47,19 +54,22 @@ local function grant(s, id, req, gpu, now)
     emit('resized', now, ev)
     return raw
   end
-  local index = 0
-  local decl = redis.call('HGET', K_GPUS, gpu)
-  if decl then
-    index = cjson.decode(decl).index
+  local devices = {}
+  for i, g in ipairs(gpus) do
+    local decl = redis.call('HGET', K_GPUS, g)
+    devices[i] = 'cuda:' .. ((decl and cjson.decode(decl).index) or 0)
   end
   local rec = {
-    id = id, gpu = gpu, device = 'cuda:' .. index, vram_mib = req.vram_mib,
+    id = id, gpu = gpu, device = devices[1], vram_mib = req.vram_mib * #gpus,
     priority = req.priority, rank = req.rank, service = req.service, host = req.host, pid = req.pid,
     requested_at = req.requested_at, acquired_at = now, expires_at = now + req.ttl_ms,
     ttl_ms = req.ttl_ms, token = token, seq = req.seq, preemptible = req.preemptible, notify = req.notify,
     state = 'active', evictions = req.evictions or 0, grace_ms = req.grace_ms, on_grace = req.on_grace,
     node = req.node,
   }
+  if #gpus > 1 then -- one lease over several GPUs of one host: the same MiB on each
+    rec.gpus, rec.devices, rec.per_gpu_mib = gpus, devices, req.vram_mib
+  end
   local max_hold = s.policy.max_hold and s.policy.max_hold[rec.priority]
   if max_hold then
     rec.hold_until = now + max_hold.ms
@@ -172,7 +182,7 @@ local function grant_waiting(s, now)
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone
       else
-        local gpu = place(s, req.vram_mib, req.pin, head, avoid, req.node)
+        local gpu = place_req(s, req, head, avoid)
         if gpu then
           drop_request(head)
           local lease = grant(s, head, req, gpu, now)
@@ -188,7 +198,7 @@ local function grant_waiting(s, now)
             break
           end
           avoid = avoid or {}
-          local gpu_wanted = target(s, req.vram_mib, req.pin, head, req.node)
+          local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, head, req.node)
           if gpu_wanted then
             avoid[gpu_wanted] = true
           end

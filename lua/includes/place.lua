@@ -8,15 +8,17 @@
   `avoid` (optional) is a set of GPU ids kept for requests ahead in the queue (backfill); `node`
   ('any', or a host name; nil: any) limits it to the GPUs of that host and the GPUs without a host.
 
+  place_multi(s, need, count, id, avoid, node) -> list of `count` gpu ids on one host, or nil: all or
+  nothing, each with `need` MiB free (GPUs without a host count as one host). Within a host the best fits
+  are taken; the host left with the least free MiB in them wins (ties to the smaller host name).
+  place_req(s, req, id, avoid) -> what req asks: a gpu id (place) or, for `count` > 1, a list (place_multi).
+
   target(s, need, pin, id, node) -> the GPU a request that does not fit waits for: its pin, else the eligible GPU
   closest to fitting (most free MiB; ties to the smaller id), or nil when no GPU can ever hold it.
 ]]
 -- Whether a request for `node` ('any', or a host name) may use `gpu`: GPUs without a host (declared ones)
 -- are everybody's. The GPUs' hosts are read from the registry once per call, and only when needed.
-local function on_node(s, gpu, node)
-  if node == nil or node == 'any' then
-    return true
-  end
+local function load_hosts(s)
   if s.hosts == nil then
     s.hosts = {}
     for g, raw in pairs(hgetall(K_GPUS)) do
@@ -24,7 +26,14 @@ local function on_node(s, gpu, node)
       s.hosts[g] = (host ~= nil and host ~= cjson.null) and host or false
     end
   end
-  local host = s.hosts[gpu]
+  return s.hosts
+end
+
+local function on_node(s, gpu, node)
+  if node == nil or node == 'any' then
+    return true
+  end
+  local host = load_hosts(s)[gpu]
   return not host or host == node
 end
 
@@ -62,4 +71,47 @@ local function target(s, need, pin, id, node)
     end
   end
   return best
+end
+
+local function place_multi(s, need, count, id, avoid, node)
+  local hosts = load_hosts(s)
+  local groups = {}
+  for gpu, _ in pairs(s.cap) do
+    if not s.off[gpu] and not (avoid and avoid[gpu]) and on_node(s, gpu, node) then
+      local left = free_for(s, gpu, id) - need
+      if left >= 0 then
+        local host = hosts[gpu] or ''
+        groups[host] = groups[host] or {}
+        table.insert(groups[host], {gpu = gpu, left = left})
+      end
+    end
+  end
+  local best, best_left, best_host = nil, nil, nil
+  for host, list in pairs(groups) do
+    if #list >= count then
+      table.sort(list, function(a, b)
+        if a.left ~= b.left then
+          return a.left < b.left
+        end
+        return a.gpu < b.gpu
+      end)
+      local picked, left = {}, 0
+      for i = 1, count do
+        picked[i] = list[i].gpu
+        left = left + list[i].left
+      end
+      if best == nil or left < best_left or (left == best_left and host < best_host) then
+        best, best_left, best_host = picked, left, host
+      end
+    end
+  end
+  return best
+end
+
+local function place_req(s, req, id, avoid)
+  local count = tonumber(req.count) or 1
+  if count > 1 then
+    return place_multi(s, req.vram_mib, count, id, avoid, req.node)
+  end
+  return place(s, req.vram_mib, req.pin, id, avoid, req.node)
 end
