@@ -68,7 +68,7 @@ class BossBase:
                 raise InvalidRequest("quantizations", quantizations, "only goes with model=...")
             if vram_gb is None:
                 raise InvalidRequest(
-                    "vram_gb", None, "give the VRAM in GB, or model='<name>' to take it from the registry"
+                    "vram_gb", None, "must be a number (GB), or leave it out and give model='<name>'"
                 )
             return False
         if vram_gb is not None:
