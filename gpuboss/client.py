@@ -22,6 +22,7 @@ from gpuboss.core import (
     Pop,
     ReadHash,
     ReleaseReason,
+    RevokeReply,
     Timeout,
     Watch,
     YieldOutcome,
@@ -182,7 +183,8 @@ class GPUBoss(InventoryMethods, BossBase):
 
     def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
-        return self._core.released(self._release_id(*self._begin_release(lease)))
+        lease_id, ttl_ms = self._begin_release(lease)
+        return self._core.released(self._release_id(lease_id, ttl_ms), lease_id)
 
     @contextmanager
     def lease(
@@ -232,6 +234,14 @@ class GPUBoss(InventoryMethods, BossBase):
         """The GPUs registered in the namespace."""
         result: list[GpuInfo] = self._run(self._core.registry_flow())
         return result
+
+    def revoke(self, lease_id: str, reason: str = "") -> bool:
+        """Force-release another holder's lease (the admin path, like ``gpuboss release ID``): its VRAM goes to
+        the waiters at once, a ``revoked`` event names this boss, and the holder's heartbeat reports it lost.
+        True if the lease was there."""
+        call = self._core.revoke_call(lease_id, self._core.operator, reason)
+        code, _, _ = self._core.revoked(self._eval(call))
+        return code is not RevokeReply.NOT_FOUND
 
     def pause(self, priority: str) -> bool:
         """Stop grants of a priority class in every process at once (active leases continue); True if it

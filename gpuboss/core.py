@@ -12,6 +12,7 @@ import enum
 import json
 import math
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -28,6 +29,8 @@ from gpuboss.policy import policy_fields
 
 #: The longest a waiter blocks before it checks its own request again (liveness, not handoff).
 MAX_WAIT_CHUNK_S = 30.0
+#: How often a request looks again while the namespace's GPU registry is missing (lost with Redis).
+REGISTRY_WAIT_S = 0.5
 #: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
 EXPIRY_WATCH_POSITIONS = 2
 MAX_TTL_S = 86400.0
@@ -59,6 +62,7 @@ class ReleaseReply(enum.IntEnum):
     NOT_FOUND = 0
     RELEASED = 1
     WITHDRAWN = 2
+    NOT_HOLDER = -1
 
 
 class RevokeReply(enum.IntEnum):
@@ -368,6 +372,9 @@ class Core:
         #: This boss's notice channel: eviction notices for its leases arrive there.
         self.holder = uuid.uuid4().hex
         self.notify_channel = self.keys.holder_channel(self.holder)
+        #: Only this boss has it; the scripts keep its SHA1 in each lease, and release, renew, yield and resize
+        #: act only for the holder that sends it (docs/security.md). Operators force-release with revoke.
+        self.secret = secrets.token_hex(16)
 
     @property
     def operator(self) -> str:
@@ -558,6 +565,7 @@ class Core:
             self.config.evict_on_grace,
             self.node_arg(req.node, pin),
             req.count,
+            self.secret,
             self._cap,
         ]
         return Call("acquire", [*self.state_keys(), *self._event_keys()], args)
@@ -565,7 +573,9 @@ class Core:
     def release_call(self, lease_id: str, reason: ReleaseReason = "release") -> Call:
         """Release a lease or withdraw a request; ``reason`` picks the event (``timeout``: ``timed_out``)."""
         return Call(
-            "release", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, lease_id, reason, self._cap]
+            "release",
+            [*self.state_keys(), *self._event_keys()],
+            [self.keys.wake_prefix, lease_id, reason, self.secret, self._cap],
         )
 
     def revoke_call(self, lease_id: str, by: str, reason: str = "") -> Call:
@@ -577,7 +587,7 @@ class Core:
         )
 
     def renew_call(self, items: Mapping[str, int]) -> Call:
-        args: list[str | int] = [self.keys.wake_prefix]
+        args: list[str | int] = [self.keys.wake_prefix, self.secret]
         for lease_id, ttl_ms in items.items():
             args += [lease_id, ttl_ms]
         return Call("renew", [*self.state_keys(), *self._event_keys()], [*args, self._cap])
@@ -587,17 +597,19 @@ class Core:
         return Call(
             "yield",
             [*self.state_keys(), *self._event_keys()],
-            [self.keys.wake_prefix, lease_id, "1" if resume else "0", self._cap],
+            [self.keys.wake_prefix, lease_id, "1" if resume else "0", self.secret, self._cap],
         )
 
     def resize_call(self, lease_id: str, vram_mib: int) -> Call:
         return Call(
-            "resize", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, lease_id, vram_mib, self._cap]
+            "resize",
+            [*self.state_keys(), *self._event_keys()],
+            [self.keys.wake_prefix, lease_id, vram_mib, self.secret, self._cap],
         )
 
     def checkpoint_call(self, lease_id: str) -> Call:
         """Say that the checkpoint of an evicted lease has started (an event for operators)."""
-        return Call("checkpoint", [self.keys.leases, *self._event_keys()], [lease_id, self._cap])
+        return Call("checkpoint", [self.keys.leases, *self._event_keys()], [lease_id, self.secret, self._cap])
 
     def policy_call(self, today: date | None = None) -> Call:
         """Store this configuration's scheduling rules in the namespace (gpuboss/policy.py)."""
@@ -619,8 +631,17 @@ class Core:
     # -- replies
 
     @staticmethod
-    def released(reply: list[Any]) -> bool:
-        return ReleaseReply(int(reply[0])) is not ReleaseReply.NOT_FOUND
+    def released(reply: list[Any], lease_id: str = "") -> bool:
+        """True when a release removed something; :class:`InvalidRequest` when the lease is another holder's."""
+        code = ReleaseReply(int(reply[0]))
+        if code is ReleaseReply.NOT_HOLDER:
+            raise InvalidRequest(
+                "lease",
+                lease_id,
+                "is held by another process: only its holder can release it (an operator can force-release it "
+                "with `gpuboss release ID`)",
+            )
+        return code is not ReleaseReply.NOT_FOUND
 
     @staticmethod
     def collected(reply: list[Any]) -> dict[str, int]:
@@ -666,15 +687,25 @@ class Core:
                 raise LeaseCancelled(f"request {request_id} was withdrawn: its lease was released meanwhile")
             reply = yield call
             code = Reply(int(reply[0]))
-            if code is Reply.NO_GPUS:
+            gone = code is Reply.NO_GPUS or (code is Reply.UNKNOWN_GPU and pin in self.registry)
+            if code is Reply.NO_GPUS and self.declared:
                 register = self.register_call()
-                if register is None:
-                    raise ConfigError(
-                        f"no GPU is registered in namespace {self.config.namespace!r}: declare gpus in the "
-                        "configuration (gpus: [{id: gpu0, vram_gb: 24, index: 0}])"
-                    )
+                assert register is not None
                 self.check_register_reply((yield register))
                 continue
+            if gone and self.registry:
+                # The registry was lost (a Redis restart without persistence, a failover) and this boss declares
+                # no GPU to put back: the bosses that do re-register on their next request. Wait for them.
+                if deadline is not None and deadline - clock() <= 0:
+                    raise LeaseTimeout(f"{self._timeout_message(req)}: the namespace lost its GPU registry")
+                left = REGISTRY_WAIT_S if deadline is None else min(REGISTRY_WAIT_S, deadline - clock())
+                yield Pop(self.keys.wake(request_id), max(left, 0.001))
+                continue
+            if code is Reply.NO_GPUS:
+                raise ConfigError(
+                    f"no GPU is registered in namespace {self.config.namespace!r}: declare gpus in the "
+                    "configuration (gpus: [{id: gpu0, vram_gb: 24, index: 0}])"
+                )
             if code is Reply.UNKNOWN_GPU:
                 raise InvalidRequest("device", req.device, f"GPU {pin!r} is not registered in this namespace")
             if code is Reply.INSUFFICIENT:
@@ -786,18 +817,3 @@ class Core:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}" if user else f":***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -35,7 +35,8 @@
     ARGV[16]    node: 'any', or the host whose GPUs it may use (GPUs without a host are everybody's)
     ARGV[17]    GPUs: 1, or N > 1 for one lease of ARGV[3] MiB on each of N GPUs of one host (all or nothing;
                 never pinned; it does not evict)
-    ARGV[18]    event log cap (0: no log)
+    ARGV[18]    the holder's secret (its SHA1 is kept: release, renew, yield, resize need the secret)
+    ARGV[19]    event log cap (0: no log)
 
   Output:
     {1, lease}                  GRANTED: the lease record (JSON)
@@ -106,7 +107,7 @@ local req = {
   id = id, vram_mib = need, rank = rank, priority = ARGV[5], pin = pin, ttl_ms = ttl,
   service = ARGV[9], host = ARGV[10], pid = tonumber(ARGV[11]), requested_at = now,
   preemptible = ARGV[12] == '1', notify = ARGV[13], grace_ms = tonumber(ARGV[14]), on_grace = ARGV[15],
-  evictions = 0, node = node, count = count,
+  evictions = 0, node = node, count = count, secret = sha1hex(ARGV[18]),
 }
 local first = first_waiting_rank(s)
 local why = held_back(s, req.priority, req.service, need)

@@ -9,11 +9,13 @@
     KEYS[2]     events       pub/sub channel (includes/emit.lua)
     KEYS[3]     event_log    stream
     ARGV[1]     lease id
-    ARGV[2]     event log cap (0: no log)
+    ARGV[2]     the holder's secret
+    ARGV[3]     event log cap (0: no log)
 
   Output:
     {1}   NOTED
-    {0}   NOT_EVICTING: no lease under that id, or it is not being evicted (or was noted already)
+    {0}   NOT_EVICTING: no lease under that id, or it is not being evicted (or was noted already), or it is
+          not the caller's (wrong secret)
 ]]
 --- @include "emit"
 
@@ -23,7 +25,11 @@ if not raw then
   return {0}
 end
 local rec = cjson.decode(raw)
-if rec.state ~= 'evicting' or not rec.evict or rec.evict.started_at then
+local sha1hex = redis.sha1hex or function(text)
+  return 'plain:' .. text
+end
+if (rec.secret ~= nil and rec.secret ~= sha1hex(ARGV[2])) or rec.state ~= 'evicting' or not rec.evict
+    or rec.evict.started_at then
   return {0}
 end
 local t = redis.call('TIME')

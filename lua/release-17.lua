@@ -16,12 +16,14 @@
     ARGV[1]     wake-list prefix
     ARGV[2]     lease or request id
     ARGV[3]     reason: 'release', 'timeout', 'cancel' or 'close' (carried by the event)
-    ARGV[4]     event log cap (0: no log)
+    ARGV[4]     the holder's secret
+    ARGV[5]     event log cap (0: no log)
 
   Output:
     {1, granted}    RELEASED: the lease was removed; `granted` queued requests were granted
     {2, granted}    WITHDRAWN: the queued request was removed
     {0, granted}    NOT_FOUND: the id holds nothing (released before, or expired)
+    {-1, granted}   NOT_HOLDER: the lease or request is another holder's (wrong secret); nothing changed
 ]]
 --- @include "state"
 --- @include "emit"
@@ -34,6 +36,10 @@ local id, reason = ARGV[2], ARGV[3]
 local now = now_ms()
 local s = load_gpus(now)
 collect_expired(s, now)
+local held = redis.call('HGET', K_LEASES, id) or redis.call('HGET', K_TICKETS, id)
+if held and not is_holder(cjson.decode(held), ARGV[4]) then
+  return {-1, grant_waiting(s, now)}
+end
 
 local code = 0
 local rec = drop_lease(s, id)

@@ -5,7 +5,8 @@
   arrives a moment later: a lease past its deadline never comes back. Then each live id gets a new
   deadline of now + its ttl, and freed capacity goes to the queue. A lease held longer than its class's
   `max_hold` (policy) is asked to checkpoint (`evict_requested`, reason `max_hold`) or revoked (`revoked`,
-  reason `max_hold`; it answers GONE), once.
+  reason `max_hold`; it answers GONE), once. A lease idle (lua/activity-17.lua) for longer than its
+  `idle_timeout_ms` is asked to unload (`evict_requested`, by and reason `idle_timeout`; docs/warm.md).
 
   Events: a renewal is not an event; `expired` and `granted` for what was collected and served.
 
@@ -14,7 +15,8 @@
     KEYS[16]         events       pub/sub channel (includes/emit.lua)
     KEYS[17]         event_log    stream
     ARGV[1]          wake-list prefix
-    ARGV[2k], ARGV[2k+1] (k >= 1, 2k+1 < #ARGV)   an id and its ttl in ms
+    ARGV[2]          the holder's secret (an id whose record has another holder's answers GONE)
+    ARGV[2k+1], ARGV[2k+2] (k >= 1, 2k+2 < #ARGV)   an id and its ttl in ms
     ARGV[#ARGV]      event log cap (0: no log)
 
   Output:
@@ -41,11 +43,15 @@ grant_waiting(s, now)
 
 local reply = {0, now}
 local notices = {}
-for k = 2, #ARGV - 2, 2 do
+local secret = ARGV[2]
+for k = 3, #ARGV - 2, 2 do
   local id, ttl = ARGV[k], tonumber(ARGV[k + 1])
   local st = 0
   local raw = redis.call('HGET', K_LEASES, id)
   local rec = raw and cjson.decode(raw)
+  if rec and not is_holder(rec, secret) then
+    rec, raw = nil, nil
+  end
   if rec and rec.hold_until and now >= rec.hold_until and rec.state ~= 'evicting' then
     -- Held longer than its class's max_hold: revoked, or asked to checkpoint (below).
     rec.hold_until = nil
@@ -61,6 +67,12 @@ for k = 2, #ARGV - 2, 2 do
       ask_to_checkpoint(rec, 'policy', rec.vram_mib, now, now + (tonumber(rec.grace_ms) or 30000), 'max_hold')
     end
   end
+  if rec and rec.busy == false and rec.idle_timeout_ms and rec.idle_since and rec.state ~= 'evicting'
+      and now - rec.idle_since >= rec.idle_timeout_ms then
+    -- Idle longer than its idle timeout (lua/activity-17.lua): asked to unload, even without contention.
+    ask_to_checkpoint(rec, 'idle_timeout', rec.vram_mib, now, now + (tonumber(rec.grace_ms) or 30000),
+      'idle_timeout')
+  end
   if rec then
     rec.expires_at = now + ttl
     redis.call('HSET', K_LEASES, id, cjson.encode(rec))
@@ -74,7 +86,7 @@ for k = 2, #ARGV - 2, 2 do
         reason = e.reason,
       })
     end
-  elseif redis.call('ZSCORE', K_QUEUE_EXP, id) then
+  elseif redis.call('ZSCORE', K_QUEUE_EXP, id) and is_holder(cjson.decode(redis.call('HGET', K_TICKETS, id) or '{}'), secret) then
     redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
     st = 2
   end

@@ -16,10 +16,11 @@
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     new size, integer MiB > 0
-    ARGV[4]     event log cap (0: no log)
+    ARGV[4]     the holder's secret
+    ARGV[5]     event log cap (0: no log)
 
   Output:
-    {0}                         GONE: no lease under that id
+    {0}                         GONE: no lease under that id (or not the caller's: wrong secret)
     {1, lease}                  DONE: the lease has the new size now (record, JSON)
     {2, position, next_ms}      QUEUED: the growth waits at this 0-based queue position
     {-1, max_mib}               INSUFFICIENT: the lease's GPU can never hold that much; nothing written
@@ -41,6 +42,9 @@ if not raw then
   return {0}
 end
 local rec = cjson.decode(raw)
+if not is_holder(rec, ARGV[4]) then
+  return {0}
+end
 local grow_id = id .. ':grow'
 local diff = want - rec.vram_mib
 if diff == 0 then

@@ -18,10 +18,12 @@
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     resume: '1' queue again (same id, same arrival number), '0' end the lease
-    ARGV[4]     event log cap (0: no log)
+    ARGV[4]     the holder's secret
+    ARGV[5]     event log cap (0: no log)
 
   Output:
-    {0}                         GONE: no lease under that id (expired, revoked or released)
+    {0}                         GONE: no lease under that id (expired, revoked or released), or not the
+                                caller's (wrong secret)
     {1, lease}                  GRANTED: resumed and granted again at once (the new lease record, JSON)
     {2, position, next_ms}      QUEUED: resumed; waiting at this 0-based queue position
     {3, lease}                  CONTINUE: the lease is not being evicted (any more); it stays (record)
@@ -44,6 +46,9 @@ if not raw then
   return {0}
 end
 local rec = cjson.decode(raw)
+if not is_holder(rec, ARGV[4]) then
+  return {0}
+end
 if rec.state ~= 'evicting' then
   return {3, raw}
 end
@@ -64,6 +69,7 @@ local req = {
   ttl_ms = rec.ttl_ms, service = rec.service, host = rec.host, pid = rec.pid, requested_at = now,
   seq = rec.seq, expires_at = now + rec.ttl_ms, preemptible = rec.preemptible, notify = rec.notify,
   grace_ms = rec.grace_ms, on_grace = rec.on_grace, evictions = (rec.evictions or 0) + 1, node = rec.node,
+  secret = rec.secret,
 }
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rec.rank) * SEQ_SPAN + rec.seq), id)

@@ -9,7 +9,17 @@ import time
 from typing import Any
 
 import pytest
-from gpuboss import AsyncGPUBoss, Device, GPUBoss, InsufficientCapacity, Keys, Lease, LeaseLost, LeaseTimeout
+from gpuboss import (
+    AsyncGPUBoss,
+    Device,
+    GPUBoss,
+    InsufficientCapacity,
+    InvalidRequest,
+    Keys,
+    Lease,
+    LeaseLost,
+    LeaseTimeout,
+)
 from gpuboss.lease import LeaseState
 
 from tests.conftest import GPUS, namespace_keys, raw_client
@@ -290,13 +300,16 @@ def test_lost_lease_is_reported_and_raises_at_block_end(boss: GPUBoss, backend_u
     other = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="admin")
     lost: list[Lease] = []
     lease = boss.acquire(4, ttl=0.6, on_lost=lost.append)
-    other.release(lease.id)  # as a force-release would
+    with pytest.raises(InvalidRequest, match="only its holder"):
+        other.release(lease.id)  # another boss cannot release it: it lacks the holder's secret
+    assert lease.active
+    assert other.revoke(lease.id, reason="test")  # the admin path
     wait_until(lambda: bool(lost), 3)
     assert lost[0] is lease and lease.lost and lease.state is LeaseState.LOST
     with pytest.raises(LeaseLost):
         lease.raise_if_lost()
     with pytest.raises(LeaseLost), boss.lease(vram_gb=4, ttl=0.6) as device:
-        other.release(device.lease.id)
+        other.revoke(device.lease.id)
         wait_until(lambda: device.lease.lost, 3)
     other.close()
 
@@ -441,7 +454,7 @@ async def test_async_on_lost_coroutine_runs_on_the_loop(aboss: AsyncGPUBoss, bac
 
     lease = await aboss.acquire(2, ttl=0.6, on_lost=on_lost)
     other = GPUBoss(backend_url, namespace=namespace, gpus=GPUS)
-    other.release(lease.id)
+    other.revoke(lease.id)  # the admin path: another boss cannot release it
     for _ in range(300):
         if seen:
             break

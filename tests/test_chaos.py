@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import redis
 from bench.chaos import KINDS, STRANDED_S, Logs, Observer, Snapshot, Tally, client_over_commits
 from bench.env import free_port
 from bench.proxy import Proxy
-from gpuboss import ConfigError, GPUBoss, InvalidRequest, LeaseTimeout
+from gpuboss import GPUBoss, LeaseTimeout
 from gpuboss.server import RedisProcess, start_redis
 
 from tests.conftest import GPUS
@@ -215,16 +216,11 @@ def test_proxy_closes_clients_while_the_target_is_down(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ConfigError, InvalidRequest),
-    reason="known bug (make chaos --registry-clients 2): after a Redis restart a boss that declares no GPU gets "
-    "ConfigError (and a pinned request InvalidRequest) until a boss that declares them acquires again",
-)
 @pytest.mark.parametrize("device", [None, "gpu0"])
 def test_registry_client_after_a_redis_restart(tmp_path: Path, device: str | None) -> None:
     """A boss without GPU declarations leases from the namespace's registry. After a restart that lost the
-    registry it must wait (LeaseTimeout at its timeout) or find the GPUs again, not fail as misconfigured."""
+    registry it waits (LeaseTimeout at its timeout) until a boss that declares the GPUs registers them again,
+    instead of failing as misconfigured. (Found by `make chaos --registry-clients 2`.)"""
     folder = tmp_path / "redis"
     server = start_redis(folder, socket=folder / "redis.sock")
     try:
@@ -235,12 +231,15 @@ def test_registry_client_after_a_redis_restart(tmp_path: Path, device: str | Non
             assert client.release(client.acquire(1, timeout=0, device=device))
             server.stop()
             server = start_redis(folder, socket=folder / "redis.sock")
-            try:
-                lease = client.acquire(1, timeout=1.0, device=device)
-            except LeaseTimeout:
-                pass  # waited for a GPU to be registered again: fine
-            else:
-                assert client.release(lease)
+            with pytest.raises(LeaseTimeout, match="lost its GPU registry"):
+                client.acquire(1, timeout=0.6, device=device)  # waits for the registry, then times out
+            got: list[Any] = []
+            waiter = threading.Thread(target=lambda: got.append(client.acquire(1, timeout=10, device=device)))
+            waiter.start()
+            owner.release(owner.acquire(1, timeout=0))  # the owner's next request registers the GPUs again
+            waiter.join(15)
+            assert got and got[0].gpu == "gpu0"
+            assert client.release(got[0])
         finally:
             client.close()
             owner.close()

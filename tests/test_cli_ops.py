@@ -21,6 +21,7 @@ from gpuboss import GPUBoss, GPUBossError, Keys, Lease, events
 from gpuboss.cli import cli
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
+from gpuboss.events import EVENT_TYPES
 from gpuboss.redis_io import evalsha_sync
 
 from tests.conftest import raw_client, snapshot
@@ -481,7 +482,8 @@ def test_shell_completion_with_the_executable() -> None:
         "COMP_CWORD": "3",
     }
     done = subprocess.run([str(GPUBOSS)], env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert done.stdout.split() == ["plain,released", "plain,revoked"]
+    assert done.stdout.split() == [f"plain,{t}" for t in EVENT_TYPES if t.startswith("re")]
+    assert {"plain,released", "plain,revoked", "plain,resumed"} <= set(done.stdout.split())
 
 
 def test_completion_of_subcommands_and_the_global_plain_option() -> None:

@@ -125,6 +125,18 @@ def check_every_reply_code(client: redis.Redis, core: Core) -> None:
     token = json.loads(str(first[1]))["token"]
     assert -1 <= seconds * 10_000 + micros // 100 - token < 10_000  # seeded from Redis time (ms x 10), then +1
     assert acquire("a", 24, pin="gpu0") == first  # idempotent
+    # Another holder (another boss, another secret) can neither release, renew, resize nor hand back "a".
+    stranger = Core(core.config)
+    before = snapshot_all(client, core.config.namespace)
+    assert run(client, stranger.release_call("a"))[0] == ReleaseReply.NOT_HOLDER
+    seen["release"].add(int(ReleaseReply.NOT_HOLDER))
+    assert run(client, stranger.renew_call({"a": 5000}))[2] == RenewStatus.GONE
+    assert run(client, stranger.resize_call("a", 1024)) == [ResizeReply.GONE]
+    assert run(client, stranger.yield_call("a", True)) == [YieldReply.GONE]
+    after = snapshot_all(client, core.config.namespace)
+    assert {k: v for k, v in after.items() if not k.endswith("event_log")} == {
+        k: v for k, v in before.items() if not k.endswith("event_log")
+    }
     assert acquire("b", 1, pin="gpu0", timeout=0)[0] == Reply.BUSY
     queued = acquire("b", 1, pin="gpu0")
     assert queued[:2] == [Reply.QUEUED, 0] and int(queued[2]) > 0  # type: ignore[call-overload]
@@ -141,6 +153,9 @@ def check_every_reply_code(client: redis.Redis, core: Core) -> None:
     assert run(client, core.release_call("c")) == [ReleaseReply.NOT_FOUND, 0]
     assert run(client, core.release_call("b")) == [ReleaseReply.RELEASED, 0]
     seen["release"] |= {int(ReleaseReply.RELEASED), int(ReleaseReply.WITHDRAWN), int(ReleaseReply.NOT_FOUND)}
+    assert "secret" not in json.dumps(client.hgetall(core.keys.leases)) or core.secret not in json.dumps(
+        client.hgetall(core.keys.leases)
+    )  # only its SHA1 is kept
     conflict = Core(BossConfig(namespace=core.config.namespace, gpus=[{"id": "gpu0", "vram_gb": 8}]))
     conflict_call = conflict.register_call()
     assert conflict_call is not None
@@ -282,3 +297,9 @@ def check_eviction_reply_codes(client: redis.Redis, core: Core, seen: dict[str, 
     assert run(client, Core(BossConfig(namespace=core.config.namespace, pause=[])).policy_call()) == [1]
     for lease_id in ("lo2", "lo3"):
         assert run(client, core.release_call(lease_id))[0] == ReleaseReply.RELEASED
+
+
+def snapshot_all(client: redis.Redis, namespace: str) -> dict[str, Any]:
+    from tests.conftest import snapshot
+
+    return snapshot(client, namespace)

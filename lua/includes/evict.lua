@@ -2,11 +2,13 @@
   Cooperative eviction: choosing victims, reserving what they free, and asking them to checkpoint.
 
   try_evict(s, req, now) -> true when victims were asked for `req` (a queued request that does not fit).
-    Only leases of a strictly lower rank that are preemptible and not already being evicted are candidates.
-    On each GPU the request could use, candidates are taken lowest rank first, then most recently granted,
-    until they free enough; then any whose VRAM is not needed is dropped again, and the last one is asked
+    Candidates are the leases not already being evicted that are idle (`busy` false: a warm model between
+    requests, docs/warm.md), whatever their rank, and those of a strictly lower rank that are preemptible.
+    On each GPU the request could use, idle candidates are taken first (lowest rank, then idle the longest),
+    then the others lowest rank first, then most recently granted, until they free enough; then any whose VRAM is not needed is dropped again, and the last one is asked
     for only the part still missing (a holder that can shrink may resize instead of releasing). The GPU
-    needing the fewest victims wins (then the fewest MiB, then the smaller id). The request's need is then
+    needing the fewest busy (not idle) victims wins, then the fewest victims (then the fewest MiB, then the
+    smaller id). The request's need is then
     reserved on that GPU (the holds hash: nobody else may take it, and no second eviction is started for
     it); each victim's record goes to state `evicting` with {by, need_mib, at, deadline}, an
     `evict_requested` event is emitted and an `evict` notice is published on the holder's channel. A
@@ -32,20 +34,35 @@ local function ask_to_checkpoint(rec, by, need, now, deadline, reason)
   notify(rec, {type = 'evict', by = by, need_mib = need, at = now, deadline = deadline, reason = reason})
 end
 
--- Sum of preemptible MiB held by ranks below `rank` (usage hash), to skip a scan that cannot succeed.
+-- Sum of preemptible MiB held by ranks below `rank`, plus the MiB of idle leases (usage hash), to skip a
+-- scan that cannot succeed; and whether any `idle:<lease id>` field is there.
 local function preemptible_below(rank)
-  local total, flat = 0, redis.call('HGETALL', K_USAGE)
+  local total, idle, flat = 0, false, redis.call('HGETALL', K_USAGE)
   for i = 1, #flat, 2 do
     local r = string.match(flat[i], '^pre:(%d+)$')
     if r and tonumber(r) < rank then
       total = total + tonumber(flat[i + 1])
+    elseif string.sub(flat[i], 1, 5) == 'idle:' then
+      total = total + tonumber(flat[i + 1])
+      idle = true
     end
   end
-  return total
+  return total, idle
+end
+
+-- A lease its holder marked idle (lua/activity-17.lua): the first candidate, whatever its rank.
+local function is_idle(rec)
+  return rec.busy == false
 end
 
 local function victim_order(x, y)
   local a, b = x.rec, y.rec
+  if is_idle(a) ~= is_idle(b) then
+    return is_idle(a)
+  end
+  if is_idle(a) and a.rank == b.rank and a.idle_since ~= b.idle_since then
+    return (a.idle_since or 0) < (b.idle_since or 0)
+  end
   if a.rank ~= b.rank then
     return a.rank < b.rank
   end
@@ -62,7 +79,7 @@ local function try_evict(s, req, now)
       return false -- already being served by an eviction
     end
   end
-  if req.rank <= 0 or req.grow_of or (tonumber(req.count) or 1) > 1 then
+  if req.grow_of or (tonumber(req.count) or 1) > 1 then
     return false -- (a request for several GPUs waits; it does not evict)
   end
   local best_free = 0
@@ -71,17 +88,30 @@ local function try_evict(s, req, now)
       best_free = math.max(best_free, free_for(s, gpu, id))
     end
   end
-  if preemptible_below(req.rank) + best_free < req.vram_mib then
+  local evictable, any_idle = preemptible_below(req.rank)
+  if evictable + best_free < req.vram_mib then
     return false
   end
+  local idle_seen = {}
   local by_gpu = {}
   local flat = redis.call('HGETALL', K_LEASES)
   for i = 2, #flat, 2 do
     local rec = cjson.decode(flat[i])
-    if rec.preemptible and rec.rank < req.rank and rec.state ~= 'evicting' then
+    if is_idle(rec) then
+      idle_seen[rec.id] = true
+    end
+    if rec.state ~= 'evicting' and rec.id ~= id and (is_idle(rec) or (rec.preemptible and rec.rank < req.rank)) then
       for _, gpu in ipairs(rec.gpus or {rec.gpu}) do
         by_gpu[gpu] = by_gpu[gpu] or {}
         table.insert(by_gpu[gpu], {rec = rec, mib = rec.per_gpu_mib or rec.vram_mib})
+      end
+    end
+  end
+  if any_idle then -- a lease released while idle left its hint behind: remove it
+    local flat_usage = redis.call('HKEYS', K_USAGE)
+    for _, field in ipairs(flat_usage) do
+      if string.sub(field, 1, 5) == 'idle:' and not idle_seen[string.sub(field, 6)] then
+        redis.call('HDEL', K_USAGE, field)
       end
     end
   end
@@ -92,7 +122,7 @@ local function try_evict(s, req, now)
         and not (hold and hold.id ~= id) and on_node(s, gpu, req.node) then
       local short = req.vram_mib - free_for(s, gpu, id)
       table.sort(cands, victim_order)
-      local taken, sum = {}, 0
+      local taken, sum, busy = {}, 0, 0
       for _, cand in ipairs(cands) do
         if sum >= short then
           break
@@ -111,10 +141,15 @@ local function try_evict(s, req, now)
             i = i + 1
           end
         end
-        local better = best == nil or #taken < #best.victims
-          or (#taken == #best.victims and (sum < best.mib or (sum == best.mib and gpu < best.gpu)))
+        for _, cand in ipairs(taken) do
+          if not is_idle(cand.rec) then
+            busy = busy + 1
+          end
+        end
+        local better = best == nil or busy < best.busy or (busy == best.busy and (#taken < #best.victims
+          or (#taken == #best.victims and (sum < best.mib or (sum == best.mib and gpu < best.gpu))))))
         if better then
-          best = {gpu = gpu, victims = taken, mib = sum, short = short}
+          best = {gpu = gpu, victims = taken, mib = sum, short = short, busy = busy}
         end
       end
     end
@@ -133,7 +168,7 @@ local function try_evict(s, req, now)
     local need = math.min(cand.mib, missing)
     missing = missing - need
     hold.victims[#hold.victims + 1] = cand.rec.id
-    ask_to_checkpoint(cand.rec, id, need, now, deadline, 'priority')
+    ask_to_checkpoint(cand.rec, id, need, now, deadline, is_idle(cand.rec) and 'idle' or 'priority')
   end
   s.holds[best.gpu] = hold
   redis.call('HSET', K_HOLDS, best.gpu, cjson.encode(hold))

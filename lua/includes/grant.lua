@@ -4,9 +4,10 @@
   first_waiting_rank(s) -> the rank of the first queued request not held back by the policy, or nil
 
   grant writes the lease: a fresh fencing token, the MiB on `gpu`, the record and its expiry, and counts it
-  in the usage hash. Tokens count up from Redis time (ms x 10) when the counter is missing, so they keep
-  increasing even across a Redis restart that lost the counter, as long as the namespace averaged under 10
-  grants per ms. A request that grows a lease (`grow_of`) adds its MiB to that lease instead. A reservation
+  in the usage hash. A token is the counter plus one, but never below Redis time in ms x 10 (+1), so tokens
+  keep increasing across a Redis restart that lost the counter and across a failover to a replica that had
+  not received the last grants (as long as the namespace averaged under 10 grants per ms; Redis clocks of the
+  primary and its replicas are assumed close). A request that grows a lease (`grow_of`) adds its MiB to that lease instead. A reservation
   held for the request ends (its remaining victims may continue). A grant of a class that a pause rule
   with `evict` waits for asks the paused class's active leases to checkpoint.
 
@@ -28,7 +29,7 @@ local BACKFILL_LIMIT = 64
 
 local function grant(s, id, req, where, now)
   local token = redis.call('INCR', K_TOKEN)
-  if token == 1 then -- the counter was missing: start it from Redis time
+  if token <= now * 10 then -- never below Redis time (ms x 10): see the header
     token = now * 10 + 1
     redis.call('SET', K_TOKEN, int(token))
   end
@@ -65,7 +66,7 @@ local function grant(s, id, req, where, now)
     requested_at = req.requested_at, acquired_at = now, expires_at = now + req.ttl_ms,
     ttl_ms = req.ttl_ms, token = token, seq = req.seq, preemptible = req.preemptible, notify = req.notify,
     state = 'active', evictions = req.evictions or 0, grace_ms = req.grace_ms, on_grace = req.on_grace,
-    node = req.node,
+    node = req.node, secret = req.secret,
   }
   if #gpus > 1 then -- one lease over several GPUs of one host: the same MiB on each
     rec.gpus, rec.devices, rec.per_gpu_mib = gpus, devices, req.vram_mib

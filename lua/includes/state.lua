@@ -140,6 +140,20 @@ local function rank_of_score(score)
   return RANK_BASE - math.floor(tonumber(score) / SEQ_SPAN)
 end
 
+--[[
+  Holder secrets: a lease (and its request) records the SHA1 of its holder's secret; release, renew, yield,
+  resize and checkpoint act only for a caller that sends the secret (the admin path, revoke, needs none).
+  Records without one (written before secrets existed) accept any caller. fakeredis has no sha1hex: there
+  the secret is kept as it is (a test backend, not a shared server).
+]]
+local sha1hex = redis.sha1hex or function(text)
+  return 'plain:' .. text
+end
+
+local function is_holder(rec, secret)
+  return rec.secret == nil or rec.secret == sha1hex(secret)
+end
+
 -- Milliseconds until the earliest lease or queue entry expires, or -1 when nothing can expire.
 local function next_expiry(now)
   local best = -1
