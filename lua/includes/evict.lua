@@ -147,7 +147,7 @@ local function try_evict(s, req, now)
           end
         end
         local better = best == nil or busy < best.busy or (busy == best.busy and (#taken < #best.victims
-          or (#taken == #best.victims and (sum < best.mib or (sum == best.mib and gpu < best.gpu))))))
+          or (#taken == #best.victims and (sum < best.mib or (sum == best.mib and gpu < best.gpu)))))
         if better then
           best = {gpu = gpu, victims = taken, mib = sum, short = short, busy = busy}
         end
