@@ -15,7 +15,10 @@ One run measures, against a private redis-server on a unix socket:
 6. scaling and Redis cost (``scaling.py``): grant latency and Redis time per script with 10 to 10,000
    waiting requests and 1 to 256 GPUs in a namespace, Redis memory per lease and per waiting request, and
    the keys left at the end;
-7. the targets of issue 9, each with the measured value and met or missed by how much (``targets.py``).
+7. cooperative eviction (``eviction.py``): a high request for a GPU that a low lease of another process
+   holds, request -> the victim's callback and request -> grant, over pub/sub and through the heartbeat
+   fallback only;
+8. the targets of issue 9, each with the measured value and met or missed by how much (``targets.py``).
 
 It prints a table; a full run also writes it to ``docs/performance.md`` (``--smoke`` only prints, unless
 ``--out`` is given). The exit status is 0 when every measurement worked, 1 when one failed (a peer that is
@@ -39,7 +42,7 @@ from typing import Protocol, TypeVar
 
 import redis
 
-from bench import floor, peers, scaling, uncontended, weighted
+from bench import eviction, floor, peers, scaling, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
 from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
@@ -69,6 +72,8 @@ class Plan:
     scale_samples: int = 1000
     scale_rounds: int = 20
     memory_count: int = 1000
+    #: eviction: measured rounds per mode (pub/sub, heartbeat only)
+    eviction_rounds: int = 50
 
 
 FULL = Plan(iterations=3000, rounds=5, procs=(2, 8, 32), max_s=20.0)
@@ -87,8 +92,9 @@ SMOKE = Plan(
     scale_samples=60,
     scale_rounds=2,
     memory_count=200,
+    eviction_rounds=5,
 )
-PARTS = ("single", "handoff", "weighted", "scaling")
+PARTS = ("single", "handoff", "weighted", "scaling", "eviction")
 #: The whole run is stopped (workers killed, redis-server stopped, exit status 1) after this long.
 FULL_LIMIT_S = 600
 SMOKE_LIMIT_S = 120
@@ -508,6 +514,35 @@ class Bench:
         sections.append(Section("Redis time per script call (SLOWLOG)", table=cost))
         return sections
 
+    # -- cooperative eviction
+
+    def eviction(self) -> list[Section]:
+        table = Table(["measurement", "n", "p50 ms", "p99 ms", "max ms", "mean ms"], numeric={1, 2, 3, 4, 5})
+        for notices, mode in ((True, "pub/sub notice"), (False, "heartbeat fallback only")):
+            started = time.monotonic()
+            run = eviction.run_eviction(self.url, self.server.workdir, self.plan.eviction_rounds, notices, mode)
+            print(f"    eviction, {mode}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+            self.errors += run.errors
+            self.namespaces.append(run.namespace)
+            for what, s in (
+                ("request → victim's on_evict starts", run.to_callback),
+                ("request → high acquire() returns", run.to_grant),
+                ("high release() → victim resumed", run.to_resume),
+            ):
+                name = f"{mode}: {what}"
+                if s is None:
+                    table.rows.append([name, "0", "-", "-", "-", "-"])
+                    self.errors.append(f"eviction: {name}: no samples")
+                else:
+                    table.rows.append([name, str(s.n), ms(s.p50), ms(s.p99), ms(s.max), ms(s.mean)])
+        return [
+            Section(
+                f"Cooperative eviction: a high request for the whole {eviction.WHOLE_GB:g} GB GPU held by a low "
+                f"lease of another process (victim TTL {eviction.VICTIM_TTL_S:g} s)",
+                table=table,
+            )
+        ]
+
     def memory_and_keys(self) -> list[Section]:
         table = Table(["measurement", "value"], numeric={1})
         mem = scaling.measure_memory(self.url, self.plan.memory_count)
@@ -607,6 +642,8 @@ def run(args: argparse.Namespace) -> Report:
             sections += bench.step("weighted throughput", bench.weighted)
         if "scaling" in parts:
             sections += bench.step("scaling and Redis cost", bench.scaling)
+        if "eviction" in parts:
+            sections += bench.step("cooperative eviction", bench.eviction)
         sections += bench.step("Redis memory and keys left", bench.memory_and_keys)
     elapsed = time.monotonic() - started
     for sec in sections:
@@ -641,6 +678,12 @@ def run(args: argparse.Namespace) -> Report:
             f"{', '.join(str(g) for g in plan.gpu_counts)}; {plan.scale_samples} samples per measurement and "
             f"level in {plan.scale_rounds} interleaved rounds; memory over {plan.memory_count:,} leases and "
             f"{plan.memory_count:,} waiting requests",
+        ),
+        (
+            "eviction",
+            f"{plan.eviction_rounds} rounds per mode (after {eviction.WARMUP} not counted); one victim process "
+            f"holds a low lease of the whole {eviction.WHOLE_GB:g} GB GPU, TTL {eviction.VICTIM_TTL_S:g} s, "
+            "on_evict returns at once, resume=True; the bench process asks for the whole GPU at high priority",
         ),
         ("clock", "time.monotonic() (CLOCK_MONOTONIC: one clock for every process, Node's hrtime too)"),
         (
@@ -724,6 +767,17 @@ NOTES = [
     "a call's time is Lua itself (JSON encoding and decoding, tables, the redis.call bridge). The EVALSHA "
     "usec_per_call column is INFO commandstats over the GPUBoss acquire() + release() samples of that level, "
     "with SLOWLOG off.",
+    "Cooperative eviction: the victim process holds a preemptible low lease of the whole GPU; each round, after "
+    "a random pause (0 to TTL/3) since the previous one, the bench process asks for the whole GPU at high "
+    "priority and the acquire script asks the victim to checkpoint. 'request' is the moment just before the "
+    "bench calls acquire(); 'on_evict starts' is stamped "
+    "in the victim (after the notice arrived and the checkpoint_started script call returned); 'acquire() "
+    "returns' includes the victim's hand-back (its on_evict returns at once here) and the grant pushed to "
+    "the waiting requester. The high lease is released at once and the next round starts when the victim has "
+    "been granted again ('victim resumed': its safe point returned). The pub/sub rows are the normal path; the "
+    "heartbeat rows disable the victim's notice listener, so the request reaches it only in its next renew "
+    "reply, on average TTL/6 later and at worst TTL/3 (0.2 s here; 10 s at the default 30 s TTL): that is the "
+    "fallback for a holder that missed the message, and what eviction would cost without pub/sub.",
     "Memory is INFO memory used_memory before and after 1,000 more live leases, then 1,000 more waiting "
     "requests, in a namespace of their own (after 200 of each, so the small-collection encodings have "
     "already been converted); 'of which the namespace's fixed keys' is what those keys (an event log) grew by "

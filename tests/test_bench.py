@@ -34,8 +34,35 @@ def test_bench_smoke_runs_and_reports(tmp_path: Path) -> None:
         "used_memory per live lease",
         "Keys left beyond the fixed ones",
         "Targets (issue 9)",
+        "pub/sub notice: request → victim's on_evict starts",
     ):
         assert row in result.stdout, row
     text = out.read_text()
     assert "GPUBoss" in text
     assert "## Targets (issue 9)" in text
+
+
+@pytest.mark.slow
+def test_bench_smoke_eviction_section_alone(tmp_path: Path) -> None:
+    """``--only eviction`` runs just the eviction part: both modes, every row with the smoke run's samples, and
+    its section in the Markdown; the victims leave no keys behind."""
+    out = tmp_path / "perf.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "eviction", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[Uncontended acquire and release" not in result.stdout  # the other parts did not run
+    assert "[Weighted throughput" not in result.stdout
+    text = out.read_text()
+    assert "## Cooperative eviction: a high request for the whole 24 GB GPU" in text
+    for mode in ("pub/sub notice", "heartbeat fallback only"):
+        for what in ("request → victim's on_evict starts", "request → high acquire() returns", "victim resumed"):
+            rows = [line for line in text.splitlines() if line.startswith(f"| {mode}: ") and what in line]
+            assert len(rows) == 1, (mode, what, text)
+            assert rows[0].split("|")[2].strip() == "5", rows[0]  # n: the smoke run's rounds, all measured
+    assert "| keys of no gpuboss namespace (peers, barriers) | none |" in text
+    assert "|   any other key of theirs | none |" in text

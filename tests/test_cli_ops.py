@@ -614,7 +614,10 @@ def test_a_real_eviction_shows_in_leases_and_status(real_url: str, namespace: st
     one = [{"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0, "reserve_gb": 1}]
     low = GPUBoss(real_url, namespace=namespace, service="batch", gpus=one)
     high = GPUBoss(real_url, namespace=namespace, service="chat", gpus=one)
-    lease = low.acquire(20, priority="low", preemptible=True, on_evict=lambda _lease: None, ttl=60)
+    checkpointing = threading.Event()  # the holder "checkpoints" until the CLI has looked
+    lease = low.acquire(
+        20, priority="low", preemptible=True, on_evict=lambda _notice: checkpointing.wait(30), ttl=60
+    )
     granted: list[Lease] = []
     waiter = threading.Thread(target=lambda: granted.append(high.acquire(8, priority="high", timeout=60)))
     waiter.start()
@@ -630,6 +633,7 @@ def test_a_real_eviction_shows_in_leases_and_status(real_url: str, namespace: st
         out = gpuboss(real_url, namespace, "status").stdout
         assert f"gpu0: held for {request[:8]} of chat, high (8192 MiB, evicting 1 lease: {lease.id[:8]})" in out
     finally:
+        checkpointing.set()
         low.release(lease)
         waiter.join(timeout=30)
         for got in granted:

@@ -13,6 +13,17 @@ Commands:
             ``--report-lost`` its ``on_lost`` prints ``LOST <lease id>`` (the force-release test).
 ``wait``    print ``QUEUING``, acquire one lease (queued behind others), print ``HELD``, then sleep until
             killed; on KeyboardInterrupt (SIGINT) while waiting print ``INTERRUPTED`` and exit 3.
+``checkpointer``  the low-priority job of the eviction scenario (``test_eviction_processes.py``): holds a
+            preemptible ``low`` lease of ``--vram`` GB with ``resume=True`` and counts ``--steps`` steps of
+            ``--step-s`` seconds, calling ``lease.yield_if_requested()`` before each (its safe point). Its
+            ``on_evict`` saves the last finished step to the file ``--checkpoint`` (after sleeping
+            ``--checkpoint-s``: the crash test kills it there); after a resume the job reloads its step from
+            that file. If it reaches step ``--hold-at`` without having been asked to checkpoint, it waits
+            there for the request (so a slow machine cannot let it finish first). Prints, with
+            ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every process on the host): ``HELD <lease
+            json>``, ``STEP <n> <t>`` after each step, ``CHECKPOINT <t>`` when ``on_evict`` starts,
+            ``SAVED <step> <t>`` when it has written the file, ``RESUMED <step from file> <step in memory> <t>
+            <evictions>`` after the safe point returns from a resume, ``DONE <step> <evictions> <t>``.
 """
 
 from __future__ import annotations
@@ -158,10 +169,52 @@ def wait(args: argparse.Namespace) -> int:
         time.sleep(3600)
 
 
+def checkpointer(args: argparse.Namespace) -> int:
+    from gpuboss import LeaseState
+
+    boss = make_boss(args)
+    emit("READY")
+    checkpoint = Path(args.checkpoint)
+    progress = {"step": 0}  # the last finished step
+    working = threading.Lock()  # held while a step runs: a checkpoint never sees half a step
+
+    def on_evict() -> None:
+        emit(f"CHECKPOINT {time.monotonic()!r}")
+        with working:
+            saved = progress["step"]
+            time.sleep(args.checkpoint_s)
+            tmp = checkpoint.with_suffix(".tmp")
+            tmp.write_text(str(saved), encoding="utf-8")
+            os.replace(tmp, checkpoint)
+        emit(f"SAVED {saved} {time.monotonic()!r}")
+
+    lease = boss.acquire(args.vram, priority="low", ttl=args.ttl, timeout=args.timeout, on_evict=on_evict)
+    emit("HELD " + lease_json(lease))
+    while progress["step"] < args.steps:
+        if progress["step"] == args.hold_at and lease.evictions == 0:
+            lease.evict_requested.wait()  # the test's request has not come yet: wait for it here
+        if lease.yield_if_requested():  # handed back after the checkpoint, and granted again
+            restored = int(checkpoint.read_text(encoding="utf-8"))
+            emit(f"RESUMED {restored} {progress['step']} {time.monotonic()!r} {lease.evictions}")
+            progress["step"] = restored
+            continue
+        with working:
+            if lease.state is not LeaseState.GRANTED:
+                continue  # asked to checkpoint while waiting for the lock: back to the safe point
+            time.sleep(args.step_s)  # the work of one step, on the GPU
+            progress["step"] += 1
+            emit(f"STEP {progress['step']} {time.monotonic()!r}")
+    evictions = lease.evictions
+    boss.release(lease)
+    boss.close()
+    emit(f"DONE {progress['step']} {evictions} {time.monotonic()!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workers")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("stress", "hold", "wait"):
+    for name in ("stress", "hold", "wait", "checkpointer"):
         p = sub.add_parser(name)
         p.add_argument("--url", required=True)
         p.add_argument("--ns", required=True)
@@ -171,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--count", type=int, required=True)
             p.add_argument("--out", required=True)
             p.add_argument("--max-hold", type=float, default=0.03)
+        elif name == "checkpointer":
+            p.add_argument("--vram", type=float, required=True)
+            p.add_argument("--ttl", type=float, default=10.0)
+            p.add_argument("--timeout", type=float, default=60.0)
+            p.add_argument("--checkpoint", required=True, help="the checkpoint file")
+            p.add_argument("--steps", type=int, default=200)
+            p.add_argument("--step-s", type=float, default=0.01)
+            p.add_argument("--hold-at", type=int, default=100)
+            p.add_argument("--checkpoint-s", type=float, default=0.0)
         else:
             p.add_argument("--ttl", type=float, default=10.0)
             p.add_argument("--vram", type=float, required=True)
@@ -178,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--timeout", type=float, default=60.0)
             p.add_argument("--report-lost", action="store_true")
     args = parser.parse_args(argv)
-    command = {"stress": stress, "hold": hold, "wait": wait}[args.command]
+    command = {"stress": stress, "hold": hold, "wait": wait, "checkpointer": checkpointer}[args.command]
     return command(args)
 
 
