@@ -21,11 +21,11 @@ from gpuboss.keys import Keys
 from gpuboss.lease import EvictNotice, Lease
 
 from tests.conftest import raw_client
+from tests.threads import WAIT_S, in_thread, result, until
 
 #: One GPU of 16 GiB: easy arithmetic for who must leave.
 ONE = [{"id": "g0", "name": "test", "vram_gb": 16, "index": 0}]
 TWO = [*ONE, {"id": "g1", "name": "test", "vram_gb": 16, "index": 1}]
-WAIT_S = 10.0
 
 
 def make(url: str, ns: str, gpus: list[dict[str, Any]] = ONE, **settings: Any) -> GPUBoss:
@@ -48,35 +48,6 @@ def record(url: str, ns: str, lease_id: str) -> dict[str, Any] | None:
 
 def event_types(url: str, ns: str) -> list[str]:
     return [e.type for e in replay(url, ns)]
-
-
-def until(check: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
-
-
-def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as err:  # noqa: BLE001  # handed to the test, which re-raises it
-            out["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def result(thread: threading.Thread, out: dict[str, Any]) -> Any:
-    thread.join(WAIT_S)
-    assert not thread.is_alive(), "the call did not return in time"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 # ---------------------------------------------------------------- the whole cycle

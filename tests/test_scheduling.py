@@ -26,10 +26,10 @@ from gpuboss.policy import window_intervals
 from gpuboss.redis_io import evalsha_sync
 
 from tests.conftest import raw_client
+from tests.threads import WAIT_S, in_thread, result
 
 ONE = [{"id": "g0", "name": "test", "vram_gb": 16, "index": 0}]
 TWO = [*ONE, {"id": "g1", "name": "test", "vram_gb": 16, "index": 1}]
-WAIT_S = 10.0
 
 
 def make(url: str, ns: str, gpus: list[dict[str, Any]] = ONE, **settings: Any) -> GPUBoss:
@@ -54,28 +54,6 @@ def bosses(backend_url: str, namespace: str) -> Iterator[Bosses]:
     yield made
     for boss in reversed(made.made):
         boss.close()
-
-
-def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except Exception as err:  # noqa: BLE001  # handed to the test, which re-raises it
-            out["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def result(thread: threading.Thread, out: dict[str, Any]) -> Any:
-    thread.join(WAIT_S)
-    assert not thread.is_alive(), "the call did not return in time"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def queued(url: str, ns: str, n: int) -> None:
