@@ -50,6 +50,7 @@ EVENT_TYPES = (
     "timed_out",
     "withdrawn",
     "revoked",
+    "lost",
     "evict_requested",
     "checkpoint_started",
     "evicted",
@@ -65,6 +66,9 @@ EVENT_TYPES = (
     "gpu_offline",
     "gpu_online",
     "vram_alert",
+    "model_loaded",
+    "model_unloaded",
+    "model_reloaded",
 )
 #: The field of an event log entry that holds the event's JSON.
 LOG_FIELD = "event"

@@ -8,7 +8,8 @@
   reason `max_hold`; it answers GONE), once. A lease idle (lua/activity-17.lua) for longer than its
   `idle_timeout_ms` is asked to unload (`evict_requested`, by and reason `idle_timeout`; docs/warm.md).
 
-  Events: a renewal is not an event; `expired` and `granted` for what was collected and served.
+  Events: a renewal is not an event; `lost` for an id its holder renews that is gone; `expired` and
+  `granted` for what was collected and served.
 
   Input:
     KEYS[1..15]       the state layout (includes/state.lua)
@@ -89,6 +90,13 @@ for k = 3, #ARGV - 2, 2 do
   elseif redis.call('ZSCORE', K_QUEUE_EXP, id) and is_holder(cjson.decode(redis.call('HGET', K_TICKETS, id) or '{}'), secret) then
     redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
     st = 2
+  end
+  if st == 0 then
+    -- Its holder still counts on it, and it is gone (expired, revoked, or lost with Redis): say so once,
+    -- from here, where it is found out.
+    emit('lost', now, {
+      lease = id, gpu = cjson.null, service = cjson.null, priority = cjson.null, vram_mib = cjson.null,
+    })
   end
   reply[#reply + 1] = st
 end

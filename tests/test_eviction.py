@@ -281,6 +281,8 @@ def test_grace_revoke_removes_a_victim_that_does_not_hand_back(backend_url: str,
         assert lost.wait(WAIT_S) and low.lost
         revoked = [e for e in replay(backend_url, namespace) if e.type == "revoked"]
         assert revoked and revoked[0].data["reason"] == "evict_grace" and revoked[0].lease == low.id
+        # Its holder's heartbeat found it gone: announced by the renew script.
+        assert any(e.type == "lost" and e.lease == low.id for e in replay(backend_url, namespace))
         requester.release(high)
     finally:
         requester.close()
