@@ -109,6 +109,7 @@ local req = {
   preemptible = ARGV[12] == '1', notify = ARGV[13], grace_ms = tonumber(ARGV[14]), on_grace = ARGV[15],
   evictions = 0, node = node, count = count, secret = sha1hex(ARGV[18]),
 }
+s.newcomer = {id = id, rank = rank}
 local first = first_waiting_rank(s)
 local why = held_back(s, req.priority, req.service, need)
 if (first == nil or first < rank) and why == '' then

@@ -67,21 +67,30 @@ local replan = false
 if op == 'busy' and rec.state == 'evicting' and rec.evict then
   local e = rec.evict
   if (e.reason == 'idle' or e.reason == 'idle_timeout') and not e.started_at then
-    -- Asked to unload because it was idle, and not started yet: busy again, it stays.
+    -- Asked to unload because it was idle, and not started yet: busy again, it stays. (Its holder learns
+    -- that from this reply: no `continue` notice, which could arrive after a later eviction's notice.)
+    rec.state = 'active'
+    rec.evict = nil
+    redis.call('HSET', K_LEASES, id, cjson.encode(rec))
+    local ev = lease_fields(rec)
+    ev.by = e.by
+    ev.reason = 'busy'
+    emit('evict_cancelled', now, ev)
     if e.reason == 'idle' then
-      -- The reservation goes, with all its victims back to active; the requester's eviction is planned again.
+      -- The reservation goes (other victims back to active); the requester's eviction is planned again below.
+      for gpu, hold in pairs(s.holds) do
+        if hold.id == e.by then
+          for i, victim in ipairs(hold.victims) do
+            if victim == id then
+              table.remove(hold.victims, i)
+              break
+            end
+          end
+          save_hold(s, gpu)
+        end
+      end
       release_hold(s, e.by, now, 'busy')
       replan = true
-      rec = cjson.decode(redis.call('HGET', K_LEASES, id))
-    end
-    if rec.state == 'evicting' then
-      rec.state = 'active'
-      rec.evict = nil
-      local ev = lease_fields(rec)
-      ev.by = e.by
-      ev.reason = 'busy'
-      emit('evict_cancelled', now, ev)
-      notify(rec, {type = 'continue', by = e.by, reason = 'busy'})
     end
   else
     return {2, cjson.encode({

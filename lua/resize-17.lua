@@ -36,6 +36,7 @@ local id, want = ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local s = load_gpus(now)
 collect_expired(s, now)
+grant_waiting(s, now) -- what the collection freed goes to the queue, whatever the answer below
 
 local raw = redis.call('HGET', K_LEASES, id)
 if not raw then
@@ -48,7 +49,9 @@ end
 local grow_id = id .. ':grow'
 local diff = want - rec.vram_mib
 if diff == 0 then
-  drop_request(grow_id, s, now, 'resized') -- a growth still queued is no longer wanted
+  if drop_request(grow_id, s, now, 'resized') then -- a growth still queued is no longer wanted
+    grant_waiting(s, now)
+  end
   return {1, raw}
 end
 if want > (s.cap[rec.gpu] or 0) then
@@ -103,6 +106,7 @@ if redis.call('HEXISTS', K_TICKETS, grow_id) == 1 then
     return {2, redis.call('ZRANK', K_QUEUE, grow_id), next_expiry(now)}
   end
   drop_request(grow_id, s, now, 'resized') -- another size was asked: ask again
+  grant_waiting(s, now)
 end
 local first = first_waiting_rank(s)
 if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff

@@ -40,6 +40,7 @@ local id, resume = ARGV[2], ARGV[3] == '1'
 local now = now_ms()
 local s = load_gpus(now)
 collect_expired(s, now)
+grant_waiting(s, now) -- what the collection freed goes to the queue, whatever the answer below
 
 local raw = redis.call('HGET', K_LEASES, id)
 if not raw then

@@ -59,7 +59,7 @@ end
 local function drop_lease(s, id)
   local raw = redis.call('HGET', K_LEASES, id)
   redis.call('ZREM', K_LEASE_EXP, id)
-  redis.call('DEL', WAKE_PREFIX .. id) -- a grant its waiter never took (the waiter died)
+  redis.call('DEL', WAKE_PREFIX .. id, WAKE_PREFIX .. id .. ':grow') -- grants their waiters never took
   if not raw then
     return nil
   end

@@ -108,10 +108,10 @@ local function try_evict(s, req, now)
     end
   end
   if any_idle then -- a lease released while idle left its hint behind: remove it
-    local flat_usage = redis.call('HKEYS', K_USAGE)
-    for _, field in ipairs(flat_usage) do
-      if string.sub(field, 1, 5) == 'idle:' and not idle_seen[string.sub(field, 6)] then
-        redis.call('HDEL', K_USAGE, field)
+    local usage = redis.call('HGETALL', K_USAGE)
+    for i = 1, #usage, 2 do
+      if string.sub(usage[i], 1, 5) == 'idle:' and not idle_seen[string.sub(usage[i], 6)] then
+        redis.call('HDEL', K_USAGE, usage[i])
       end
     end
   end

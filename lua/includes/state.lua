@@ -126,19 +126,40 @@ local function busy_mib(s, gpu)
   return used
 end
 
--- MiB a request `id` may take on `gpu` now (negative when even less): a hold of another request counts as taken.
+local function rank_of_score(score)
+  return RANK_BASE - math.floor(tonumber(score) / SEQ_SPAN)
+end
+
+-- The queue score of a request, or nil when it is not queued.
+local function score_of(_, id)
+  return tonumber(redis.call('ZSCORE', K_QUEUE, id))
+end
+
+-- True when request `id` is served before request `other`: queued ahead of it, or a newcomer (s.newcomer,
+-- set by acquire) of a higher priority. A request that is not queued (any more) is served before nobody.
+local function served_before(s, id, other)
+  local theirs = score_of(s, other)
+  if theirs == nil then
+    return true
+  end
+  local mine = score_of(s, id)
+  if mine == nil then
+    return s.newcomer ~= nil and s.newcomer.id == id and s.newcomer.rank > rank_of_score(theirs)
+  end
+  return mine < theirs
+end
+
+-- MiB a request `id` may take on `gpu` now (negative when even less): a hold of another request counts as
+-- taken, unless `id` is served before that request (a higher priority that came after the eviction began).
 local function free_for(s, gpu, id)
   local free = s.cap[gpu] - busy_mib(s, gpu)
   local hold = s.holds[gpu]
-  if hold and hold.id ~= id then
+  if hold and hold.id ~= id and not served_before(s, id, hold.id) then
     free = free - hold.vram_mib
   end
   return free
 end
 
-local function rank_of_score(score)
-  return RANK_BASE - math.floor(tonumber(score) / SEQ_SPAN)
-end
 
 --[[
   Holder secrets: a lease (and its request) records the SHA1 of its holder's secret; release, renew, yield,
