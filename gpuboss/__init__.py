@@ -24,6 +24,7 @@ from gpuboss.keys import Keys
 from gpuboss.lease import Device, Lease, LeaseState
 from gpuboss.registry import DeviceOrdinalWarning
 from gpuboss.sampler import VramOverBudgetWarning
+from gpuboss.warm import WarmModel
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "RedisUnavailable",
     "VRAMStatus",
     "VramOverBudgetWarning",
+    "WarmModel",
     "__version__",
     "load_config",
 ]

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from gpuboss import warm
 from gpuboss.base import BossBase
 from gpuboss.config import BossConfig
 from gpuboss.core import (
@@ -33,8 +34,9 @@ from gpuboss.core import (
     new_request_id,
 )
 from gpuboss.errors import LeaseCancelled, RedisUnavailable
+from gpuboss.fallback import ROUTE, AsyncLink, Route
 from gpuboss.lease import Device, Lease, LeaseState, call_on_evict
-from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_async, evalsha_async, retry_async, run_flow_async
+from gpuboss.redis_io import connect_async, run_flow_async
 from gpuboss.registry import AsyncInventoryMethods
 
 log = logging.getLogger("gpuboss")
@@ -51,6 +53,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     def __init__(self, redis_url: str | None = None, *, config: BossConfig | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config, settings)
         self._redis = connect_async(self.url, self._core.config.connect_timeout)
+        self._link = AsyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -58,32 +61,25 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     # -- I/O
 
     async def _eval(self, call: Call) -> Any:
-        return await retry_async(
-            lambda: evalsha_async(self._redis, call), self._shown_url, self._core.config.connect_timeout
-        )
+        return await self._link.perform(call)
 
     async def _perform(self, op: Op) -> Any:
-        if isinstance(op, Call):
-            return await self._eval(op)
-        if isinstance(op, Pop):
-            try:
-                popped = await self._redis.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
-            except TRANSIENT:
-                return None  # the flow looks again through a retried call
-            return None if popped is None else popped[1]
-        if isinstance(op, ReadHash):
-            return await retry_async(
-                lambda: self._redis.hgetall(op.key),
-                self._shown_url,
-                self._core.config.connect_timeout,
-            )
+        if isinstance(op, Call | Pop | ReadHash):
+            return await self._link.perform(op, ROUTE.get())
         if isinstance(op, Watch):
             self._heartbeat.watch(op.request_id, op.ttl_ms)
             return None
         raise TypeError(f"unknown operation {op!r}")
 
-    async def _run(self, flow: Flow | Any) -> Any:
-        return await run_flow_async(flow, self._perform)
+    async def _run(self, flow: Flow | Any, route: Route | None = None) -> Any:
+        """Drive ``flow``; with a ``route`` (a request's), its operations go where the route says."""
+        if route is None:
+            return await run_flow_async(flow, self._perform)
+        token = ROUTE.set(route)
+        try:
+            return await run_flow_async(flow, self._perform)
+        finally:
+            ROUTE.reset(token)
 
     # -- public API
 
@@ -114,15 +110,20 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node, gpus
         )
         self._loop = asyncio.get_running_loop()
-        async with self._ready_lock:
-            req = await self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
-        if self._may_be_evicted(req):
-            await asyncio.to_thread(self._notices.start)
         request_id = new_request_id()
+        route = await self._link.route(req, request_id)  # Redis, or the local store (on_redis_down: local)
+        async with self._ready_lock:
+            req = await self._run(self._inventory.prepare_flow(req), route)  # + discovery, cuda:N pin, host beat
+        if self._may_be_evicted(req) and not route.local:
+            await asyncio.to_thread(self._notices.start)
         try:
-            lease: Lease = await self._run(self._core.acquire_flow(req, request_id))
+            lease: Lease = await self._run(self._core.acquire_flow(req, request_id), route)
         except CLEAN_ERRORS:
             self._heartbeat.forget(request_id)
+            raise
+        except RedisUnavailable:  # nothing to withdraw now: the heartbeat does it once Redis is back
+            self._heartbeat.forget(request_id)
+            self._heartbeat.release_later(request_id, req.ttl_ms)
             raise
         except BaseException:  # cancelled midway: withdraw the request, or release what it was granted
             self._heartbeat.forget(request_id)
@@ -184,6 +185,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             return False
         if lease.state is LeaseState.EVICTING:
             await self._evict_now(lease)
+        await warm.unpark_async(self, lease)  # reclaimed while idle: ask again now (docs/warm.md)
         if not lease._settled.is_set():
             await asyncio.to_thread(lease._settled.wait)
         lease.raise_if_lost()
@@ -195,6 +197,15 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         if record.get("state") == "active":
             lease._move_if("continue")
         return lease
+
+    async def _activity(self, lease: Lease, op: str) -> Lease:
+        return await warm.activity_async(self, lease, op)
+
+    def keep_warm(self, model: str, vram_gb: float | None = None, **options: Any) -> warm.WarmModel:
+        """``async with boss.keep_warm(model="gemma3:12b", vram_gb=9, idle_timeout_s=300, on_unload=...) as warm:``
+        keeps a model loaded between requests, under a lease that yields to real work; serve each request in
+        ``async with warm.busy() as device:``. See :class:`~gpuboss.WarmModel` and docs/warm.md."""
+        return warm.WarmModel(self, model, vram_gb, **options)
 
     async def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
         """Release in a task of its own, so cancelling the caller cannot cut the release in half.
@@ -297,6 +308,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         await asyncio.to_thread(self._notices.close)
         await asyncio.to_thread(self._heartbeat.close, True)
         await asyncio.to_thread(self._inventory.close)
+        await self._link.close()
         await self._redis.aclose()
 
     async def __aenter__(self) -> AsyncGPUBoss:

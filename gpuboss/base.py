@@ -10,6 +10,7 @@ from typing import Any, Self
 from gpuboss.config import BossConfig, config_from_arguments, load_config
 from gpuboss.core import Core, LeaseRequest, YieldOutcome, YieldReply
 from gpuboss.errors import InvalidRequest, LeaseEvicted, LeaseLost
+from gpuboss.fallback import Fallback
 from gpuboss.heartbeat import Heartbeat
 from gpuboss.lease import EvictNotice, Lease, LeaseState
 from gpuboss.notices import NoticeListener
@@ -28,7 +29,8 @@ class BossBase:
         self._core = Core(config if config is not None else config_from_arguments(redis_url=redis_url, **settings))
         self.url = resolve_redis_url(self._core.config)
         self._shown_url = redact_url(self.url)
-        self._heartbeat = Heartbeat(self._core, self.url, self._lost, self._on_notice)
+        self._fallback = Fallback(self._core, self.url, self.held)  # on_redis_down (fallback.py)
+        self._heartbeat = Heartbeat(self._core, self.url, self._lost, self._on_notice, self._fallback)
         self._notices = NoticeListener(
             self.url, self._core.notify_channel, self._on_notice, self._core.config.connect_timeout
         )
@@ -56,6 +58,7 @@ class BossBase:
     def _granted(self, lease: Lease) -> Lease:
         self._inventory.localize(lease)  # uuid, and this process's cuda:N for it
         lease._driver = self
+        lease.local = self._fallback.is_local(lease.id)  # granted by the in-process store (on_redis_down: local)
         self._leases[lease.id] = lease
         self._heartbeat.hold(lease)
         return lease
@@ -67,9 +70,7 @@ class BossBase:
             if quantizations is not None:
                 raise InvalidRequest("quantizations", quantizations, "only goes with model=...")
             if vram_gb is None:
-                raise InvalidRequest(
-                    "vram_gb", None, "must be a number (GB), or leave it out and give model='<name>'"
-                )
+                raise InvalidRequest("vram_gb", None, "must be a number (GB), or leave it out and give model='<name>'")
             return False
         if vram_gb is not None:
             raise InvalidRequest("model", model, "give vram_gb or model, not both")
@@ -131,6 +132,9 @@ class BossBase:
                 self._heartbeat.hold(lease)
                 if outcome.code is YieldReply.GRANTED:
                     log.info("gpuboss: lease %s resumed on %s (eviction %d)", lease.id, lease.gpu, lease.evictions)
+        elif outcome.code is YieldReply.ENDED and outcome.parked:
+            lease._parked = True  # suspended with no queue entry until its next busy() (docs/warm.md)
+            self._leases.pop(lease.id, None)
         elif outcome.code is YieldReply.ENDED:
             lease._move_if("evicted")
             self._leases.pop(lease.id, None)

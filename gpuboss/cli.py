@@ -212,12 +212,18 @@ def gpu_table(gpus: list[dict[str, Any]], inventory: bool = False, title: str = 
 def _lease_state(r: dict[str, Any]) -> str:
     state = str(r.get("state") or "active")
     evict = r.get("evict")
+    activity = "busy" if r.get("busy") is True else f"idle {seconds(float(r.get('idle_for_s', 0)))}"
+    if r.get("model"):
+        activity += f", {r['model']}"
     if state != "evicting" or not isinstance(evict, dict):
-        return state
-    detail = [f"for {str(evict.get('by', '?'))[:8]}"]
+        return f"{state} ({activity})" if "busy" in r else state
+    by = str(evict.get("by", "?"))
+    detail = ["idle timeout" if by == "idle_timeout" else f"for {by[:8]}"]
     left = evict.get("deadline_in_s")
     if isinstance(left, int | float):
         detail.append(f"{seconds(float(left))} left" if left >= 0 else f"{seconds(-float(left))} overdue")
+    if "busy" in r:
+        detail.append(activity)
     return f"evicting ({', '.join(detail)})"
 
 

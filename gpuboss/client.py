@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from gpuboss import warm
 from gpuboss.base import BossBase
 from gpuboss.config import BossConfig
 from gpuboss.core import (
@@ -30,8 +31,9 @@ from gpuboss.core import (
     new_request_id,
 )
 from gpuboss.errors import LeaseCancelled, RedisUnavailable
+from gpuboss.fallback import ROUTE, Route, SyncLink
 from gpuboss.lease import Device, Lease, LeaseState, call_on_evict
-from gpuboss.redis_io import MIN_POP_S, TRANSIENT, connect_sync, evalsha_sync, retry_sync, run_flow_sync
+from gpuboss.redis_io import connect_sync, run_flow_sync
 from gpuboss.registry import InventoryMethods
 
 log = logging.getLogger("gpuboss")
@@ -48,31 +50,31 @@ class GPUBoss(InventoryMethods, BossBase):
     def __init__(self, redis_url: str | None = None, *, config: BossConfig | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config, settings)
         self._redis = connect_sync(self.url, self._core.config.connect_timeout)
+        self._link = SyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = threading.Lock()
 
     # -- I/O
 
     def _eval(self, call: Call) -> Any:
-        return retry_sync(lambda: evalsha_sync(self._redis, call), self._shown_url, self._core.config.connect_timeout)
+        return self._link.perform(call)
 
     def _perform(self, op: Op) -> Any:
-        if isinstance(op, Call):
-            return self._eval(op)
-        if isinstance(op, Pop):
-            try:
-                popped = self._redis.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
-            except TRANSIENT:
-                return None  # the flow looks again through a retried call
-            return None if popped is None else popped[1]
-        if isinstance(op, ReadHash):
-            return retry_sync(lambda: self._redis.hgetall(op.key), self._shown_url, self._core.config.connect_timeout)
+        if isinstance(op, Call | Pop | ReadHash):
+            return self._link.perform(op, ROUTE.get())
         if isinstance(op, Watch):
             self._heartbeat.watch(op.request_id, op.ttl_ms)
             return None
         raise TypeError(f"unknown operation {op!r}")
 
-    def _run(self, flow: Flow | Any) -> Any:
-        return run_flow_sync(flow, self._perform)
+    def _run(self, flow: Flow | Any, route: Route | None = None) -> Any:
+        """Drive ``flow``; with a ``route`` (a request's), its operations go where the route says."""
+        if route is None:
+            return run_flow_sync(flow, self._perform)
+        token = ROUTE.set(route)
+        try:
+            return run_flow_sync(flow, self._perform)
+        finally:
+            ROUTE.reset(token)
 
     # -- public API
 
@@ -102,15 +104,20 @@ class GPUBoss(InventoryMethods, BossBase):
         req = self._core.make_request(
             vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node, gpus
         )
-        with self._ready_lock:
-            req = self._run(self._inventory.prepare_flow(req))  # + discovery, cuda:N pin, host beat
-        if self._may_be_evicted(req):
-            self._notices.start()
         request_id = new_request_id()
+        route = self._link.route(req, request_id)  # Redis, or the local store (on_redis_down: local)
+        with self._ready_lock:
+            req = self._run(self._inventory.prepare_flow(req), route)  # + discovery, cuda:N pin, host beat
+        if self._may_be_evicted(req) and not route.local:
+            self._notices.start()
         try:
-            lease: Lease = self._run(self._core.acquire_flow(req, request_id))
+            lease: Lease = self._run(self._core.acquire_flow(req, request_id), route)
         except CLEAN_ERRORS:
             self._heartbeat.forget(request_id)
+            raise
+        except RedisUnavailable:  # nothing to withdraw now: the heartbeat does it once Redis is back
+            self._heartbeat.forget(request_id)
+            self._heartbeat.release_later(request_id, req.ttl_ms)
             raise
         except BaseException:  # interrupted midway: withdraw the request, or release what it was granted
             self._heartbeat.forget(request_id)
@@ -163,6 +170,7 @@ class GPUBoss(InventoryMethods, BossBase):
             return False
         if lease.state is LeaseState.EVICTING:
             self._evict_now(lease)
+        warm.unpark_sync(self, lease)  # reclaimed while idle: ask again now (docs/warm.md)
         lease._settled.wait()
         lease.raise_if_lost()
         return True
@@ -173,6 +181,15 @@ class GPUBoss(InventoryMethods, BossBase):
         if record.get("state") == "active":
             lease._move_if("continue")
         return lease
+
+    def _activity(self, lease: Lease, op: str) -> Lease:
+        return warm.activity_sync(self, lease, op)
+
+    def keep_warm(self, model: str, vram_gb: float | None = None, **options: Any) -> warm.WarmModel:
+        """``with boss.keep_warm(model="gemma3:12b", vram_gb=9, idle_timeout_s=300, on_unload=..., on_load=...)
+        as warm:`` keeps a model loaded between requests, under a lease that yields to real work; serve each
+        request in ``with warm.busy() as device:``. See :class:`~gpuboss.WarmModel` and docs/warm.md."""
+        return warm.WarmModel(self, model, vram_gb, **options)
 
     def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
         try:
@@ -262,6 +279,7 @@ class GPUBoss(InventoryMethods, BossBase):
         self._notices.close()
         self._heartbeat.close(release=True)
         self._inventory.close()
+        self._link.close()
         self._redis.close()
 
     def __enter__(self) -> GPUBoss:

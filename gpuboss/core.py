@@ -351,6 +351,9 @@ CLEAN_ERRORS = (LeaseTimeout, InsufficientCapacity, InvalidRequest, ConfigError)
 class YieldOutcome:
     code: YieldReply
     record: dict[str, Any] | None
+    #: Reclaimed while idle (docs/warm.md): handed back without a queue entry, though it resumes; its next
+    #: ``busy()`` (or safe point) asks again, queued by its priority.
+    parked: bool = False
 
 
 # ---------------------------------------------------------------- the core
@@ -769,8 +772,11 @@ class Core:
 
         Returns what happened and, for CONTINUE and GRANTED, the lease record to apply to ``lease``.
         """
-        reply = yield self.yield_call(lease.id, lease.resume)
+        idle = lease.notice is not None and lease.notice.reason in ("idle", "idle_timeout")
+        reply = yield self.yield_call(lease.id, lease.resume and not idle)
         code = YieldReply(int(reply[0]))
+        if code is YieldReply.ENDED and lease.resume and idle:
+            return YieldOutcome(code, None, parked=True)
         if code in (YieldReply.CONTINUE, YieldReply.GRANTED):
             return YieldOutcome(code, json.loads(str(reply[1])))
         if code is not YieldReply.QUEUED:

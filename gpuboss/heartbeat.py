@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import RedisError
@@ -27,6 +27,9 @@ from redis.exceptions import RedisError
 from gpuboss.core import Core, RenewStatus
 from gpuboss.lease import Lease, LeaseState
 from gpuboss.redis_io import TRANSIENT, connect_sync, evalsha_sync
+
+if TYPE_CHECKING:
+    from gpuboss.fallback import Fallback
 
 log = logging.getLogger("gpuboss")
 
@@ -46,13 +49,25 @@ class _Entry:
 class Heartbeat:
     """Renews the leases and queue entries of one boss from a daemon thread."""
 
-    def __init__(self, core: Core, url: str, dispatch_lost: Dispatch, dispatch_notice: Notice | None = None) -> None:
+    def __init__(
+        self,
+        core: Core,
+        url: str,
+        dispatch_lost: Dispatch,
+        dispatch_notice: Notice | None = None,
+        fallback: Fallback | None = None,
+    ) -> None:
         self._core = core
         self._url = url
         self._dispatch_lost = dispatch_lost
         self._dispatch_notice = dispatch_notice
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, float] = {}  # id -> monotonic time after which it expired anyway
+        #: on_redis_down: local: what is in the local store is renewed there; requests that moved there are
+        #: withdrawn from Redis (``_withdraw``, like ``_pending``) once it answers again.
+        self._fallback = fallback
+        self._local_client: redis.Redis | None = None
+        self._withdraw: dict[str, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -92,6 +107,13 @@ class Heartbeat:
             self._pending[item_id] = time.monotonic() + ttl_ms / 1000
         self._start(wake=True)
 
+    def withdraw(self, item_id: str, ttl_ms: int) -> None:
+        """Withdraw ``item_id`` from Redis (a request that moved to the local store; see fallback.py), from the
+        thread, while it is renewed where it now lives."""
+        with self._lock:
+            self._withdraw[item_id] = time.monotonic() + ttl_ms / 1000
+        self._start(wake=True)
+
     def held(self) -> list[str]:
         with self._lock:
             return list(self._entries)
@@ -101,24 +123,30 @@ class Heartbeat:
         with self._lock:
             self._stopped = True
             ids = list(self._entries) + list(self._pending)
+            withdraw = list(self._withdraw)
             self._entries.clear()
             self._pending.clear()
+            self._withdraw.clear()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             # RuntimeError: Ctrl-C landed inside its start(); it sees _stopped and ends by itself.
             with contextlib.suppress(RuntimeError):
                 thread.join(timeout=5)
-        if release and ids:
-            client = self._connection()
-            for item_id in ids:
+        if release and (ids or withdraw):
+            places = [(i, self._is_local(i)) for i in ids] + [(i, False) for i in withdraw]
+            for item_id, local in places:
                 try:
+                    client = self._local_connection() if local else self._connection()
                     evalsha_sync(client, self._core.release_call(item_id, "close"))
                 except (RedisError, OSError) as err:
                     log.warning("gpuboss: could not release %s on close (%s); its TTL will reclaim it", item_id, err)
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._local_client is not None:
+            self._local_client.close()
+            self._local_client = None
         _LIVE.discard(self)
 
     # -- the thread
@@ -128,6 +156,15 @@ class Heartbeat:
             timeout = self._core.config.connect_timeout
             self._client = connect_sync(self._url, timeout, socket_timeout=timeout)
         return self._client
+
+    def _is_local(self, item_id: str) -> bool:
+        return self._fallback is not None and self._fallback.is_local(item_id)
+
+    def _local_connection(self) -> redis.Redis:
+        if self._local_client is None:
+            assert self._fallback is not None
+            self._local_client = connect_sync(self._fallback.local_url, self._core.config.connect_timeout)
+        return self._local_client
 
     def _start(self, wake: bool) -> None:
         with self._lock:
@@ -144,7 +181,7 @@ class Heartbeat:
             if self._entries:
                 shortest = min(e.ttl_ms for e in self._entries.values())
                 self._sleep_for = max(MIN_INTERVAL_S, shortest / 3000)
-            elif self._pending:
+            elif self._pending or self._withdraw:
                 self._sleep_for = RETRY_INTERVAL_S
             else:
                 self._sleep_for = None
@@ -186,13 +223,38 @@ class Heartbeat:
         with self._lock:
             batch = {i: e.ttl_ms for i, e in self._entries.items()}
             pending = list(self._pending.items())
+            withdraw = list(self._withdraw.items())
+        fallback = self._fallback
+        if fallback is not None and (fallback.has_local() or fallback.has_shadows()):
+            # The local store first: it always answers, and must not wait for a Redis that does not.
+            local = {i: t for i, t in batch.items() if fallback.is_local(i)}
+            local_pending = [(i, t) for i, t in pending if fallback.is_local(i)]
+            batch = {i: t for i, t in batch.items() if i not in local}
+            pending = [(i, t) for i, t in pending if not fallback.is_local(i)]
+            local.update(fallback.shadows_of(batch))  # stand-ins of Redis leases, renewed with them
+            self._release(self._local_connection(), local_pending, self._pending)
+            self._renew(self._local_connection(), local)
+        if fallback is not None and fallback.local_active and not (batch or pending or withdraw):
+            fallback.probe()  # nothing of Redis's to renew: just check whether it is back
+            return
         client = self._connection()
+        self._release(client, pending, self._pending)
+        self._release(client, withdraw, self._withdraw)
+        self._renew(client, batch)
+        if fallback is not None and (batch or pending or withdraw):
+            fallback.ok()  # Redis answered: an outage, if any, is over
+
+    def _release(self, client: redis.Redis, items: list[tuple[str, float]], book: dict[str, float]) -> None:
+        """Send releases that did not land before, unless their TTL made them moot."""
         now = time.monotonic()
-        for item_id, moot_at in pending:
+        for item_id, moot_at in items:
             if now < moot_at:
                 evalsha_sync(client, self._core.release_call(item_id))
             with self._lock:
-                self._pending.pop(item_id, None)
+                book.pop(item_id, None)
+
+    def _renew(self, client: redis.Redis, batch: dict[str, int]) -> None:
+        """Renew a batch in one script call; report what was lost and the notices that came back."""
         if not batch:
             return
         reply = evalsha_sync(client, self._core.renew_call(batch))

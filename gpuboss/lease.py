@@ -236,6 +236,15 @@ class Lease:
     #: With ``lease(model=...)``: the model and the quantization chosen for it.
     model: str | None = None
     quantization: str | None = None
+    #: True after ``busy()``, False after ``idle()`` (the first candidate for reclaim), None: never said.
+    is_busy: bool | None = None
+    #: When (Redis seconds) the lease went idle or was last touched; None while busy or never idle.
+    idle_since: float | None = None
+    #: Suspended after it was reclaimed while idle: no queue entry until its next busy() or safe point.
+    _parked: bool = field(default=False, repr=False)
+    #: Granted by this process's local store while Redis was unreachable (``on_redis_down: local``): only this
+    #: process's leases were coordinated with it. It stays there, renewed, until released (docs/scheduling.md).
+    local: bool = False
 
     def __post_init__(self) -> None:
         self._settled.set()
@@ -371,6 +380,28 @@ class Lease:
         if self._driver is None:
             raise RuntimeError(f"lease {self.id} is not held by a boss")
         return self._driver._resize(self, vram_gb, timeout)
+
+    def busy(self) -> Any:
+        """Mark the lease busy: in use, so not taken back as idle (docs/warm.md). Also a context manager that
+        marks it idle after the block: ``with lease.busy():``, ``async with lease.busy():`` (or ``await
+        lease.busy()``) for an async boss. A lease being handed back is handed back first, here."""
+        from gpuboss.warm import BusyBlock
+
+        return BusyBlock(self, self._activity("busy"))
+
+    def idle(self) -> Any:
+        """Mark the lease idle: the first candidate when another request does not fit, whatever its priority.
+        With an async boss this is a coroutine."""
+        return self._activity("idle")
+
+    def touch(self) -> Any:
+        """Still wanted while idle: its idle time (and idle timeout) starts again. A coroutine for an async boss."""
+        return self._activity("touch")
+
+    def _activity(self, op: str) -> Any:
+        if self._driver is None:
+            raise RuntimeError(f"lease {self.id} is not held by a boss")
+        return self._driver._activity(self, op)
 
     def _move(self, event: str) -> bool:
         """Apply an event; True when the state changed."""

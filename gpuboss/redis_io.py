@@ -4,6 +4,7 @@ the two drivers that run a core flow (:func:`run_flow_sync`, :func:`run_flow_asy
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -30,6 +31,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
+    stop_never,
     wait_exponential,
     wait_random,
 )
@@ -55,6 +57,7 @@ MIN_POP_S = 0.01
 
 FAKE_SCHEME = "fakeredis://"
 _fake_servers: dict[str, Any] = {}
+_fake_lock = threading.Lock()  # two threads making the first client of a name must get one server
 
 
 def _fake_server(url: str) -> Any:
@@ -64,9 +67,10 @@ def _fake_server(url: str) -> Any:
     except ImportError:
         raise ConfigError(f"{url} needs fakeredis[lua]: pip install 'fakeredis[lua]'") from None
     name = url[len(FAKE_SCHEME) :] or "default"
-    if name not in _fake_servers:
-        _fake_servers[name] = fakeredis.FakeServer()
-    return _fake_servers[name]
+    with _fake_lock:
+        if name not in _fake_servers:
+            _fake_servers[name] = fakeredis.FakeServer()
+        return _fake_servers[name]
 
 
 URL_SCHEMES = (*(f"{scheme}://" for scheme in SCHEMES), FAKE_SCHEME)
@@ -253,10 +257,10 @@ def _sentinel_kwargs(target: Target, connect_timeout: float) -> dict[str, Any]:
     return kwargs
 
 
-def _retry_args(within: float) -> dict[str, Any]:
+def _retry_args(within: float | None, cap: float = 1.0) -> dict[str, Any]:
     return {
-        "stop": stop_after_delay(max(0.0, within)),
-        "wait": wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
+        "stop": stop_never if within is None else stop_after_delay(max(0.0, within)),
+        "wait": wait_exponential(multiplier=0.05, max=cap) + wait_random(0, 0.05),
         "retry": retry_if_exception(lambda err: isinstance(err, TRANSIENT) and not is_denied(err)),
         "reraise": False,
     }
@@ -312,11 +316,21 @@ async def evalsha_async(client: redis.asyncio.Redis, call: Call) -> Any:
         return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
 
 
-def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
-    """Run ``fn``, sending it again on connection errors for up to ``within`` seconds.
+def retry_sync(
+    fn: Callable[[], T],
+    url: str,
+    within: float | None,
+    *,
+    cap: float = 1.0,
+    chain: bool = False,
+    failed: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Run ``fn``, sending it again on connection errors for up to ``within`` seconds (None: until it works).
 
     The first try is a plain call: the retry machinery costs tens of microseconds, so it only starts
-    once a try has failed. A refusal (:func:`is_denied`) is not retried: it raises :func:`denied`'s error.
+    once a try has failed; ``failed`` is told that first error. The pauses between tries grow up to ``cap``
+    seconds, with jitter. A refusal (:func:`is_denied`) is not retried: it raises :func:`denied`'s error.
+    With ``chain`` the :class:`RedisUnavailable` is chained from the last error.
     """
     started = time.monotonic()
     try:
@@ -326,14 +340,18 @@ def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
             raise denied(url, err) from None
         if not isinstance(err, TRANSIENT):
             raise
-    except TRANSIENT:
-        pass  # Redis is unreachable or reconnecting: retry with backoff below
+        if failed is not None:
+            failed(err)
+    except TRANSIENT as err:  # Redis is unreachable or reconnecting: retry with backoff below
+        if failed is not None:
+            failed(err)
+    left = None if within is None else within - (time.monotonic() - started)
     try:
-        for attempt in Retrying(**_retry_args(within - (time.monotonic() - started))):
+        for attempt in Retrying(**_retry_args(left, cap)):
             with attempt:
                 return fn()
     except RetryError as err:
-        raise _unavailable(url, err) from None
+        raise _unavailable(url, err) from (err.last_attempt.exception() if chain else None)
     except RedisError as err:
         if is_denied(err):
             raise denied(url, err) from None
@@ -341,7 +359,15 @@ def retry_sync(fn: Callable[[], T], url: str, within: float) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def retry_async(fn: Callable[[], Awaitable[T]], url: str, within: float) -> T:
+async def retry_async(
+    fn: Callable[[], Awaitable[T]],
+    url: str,
+    within: float | None,
+    *,
+    cap: float = 1.0,
+    chain: bool = False,
+    failed: Callable[[BaseException], None] | None = None,
+) -> T:
     """The asyncio twin of :func:`retry_sync`."""
     started = time.monotonic()
     try:
@@ -351,14 +377,18 @@ async def retry_async(fn: Callable[[], Awaitable[T]], url: str, within: float) -
             raise denied(url, err) from None
         if not isinstance(err, TRANSIENT):
             raise
-    except TRANSIENT:
-        pass  # Redis is unreachable or reconnecting: retry with backoff below
+        if failed is not None:
+            failed(err)
+    except TRANSIENT as err:  # Redis is unreachable or reconnecting: retry with backoff below
+        if failed is not None:
+            failed(err)
+    left = None if within is None else within - (time.monotonic() - started)
     try:
-        async for attempt in AsyncRetrying(**_retry_args(within - (time.monotonic() - started))):
+        async for attempt in AsyncRetrying(**_retry_args(left, cap)):
             with attempt:
                 return await fn()
     except RetryError as err:
-        raise _unavailable(url, err) from None
+        raise _unavailable(url, err) from (err.last_attempt.exception() if chain else None)
     except RedisError as err:
         if is_denied(err):
             raise denied(url, err) from None

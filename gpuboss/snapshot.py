@@ -73,6 +73,8 @@ def _lease_state(rec: dict[str, Any], now_ms: int) -> None:
     if not isinstance(rec.get("state"), str) or not rec["state"]:
         rec["state"] = "active"
     rec["evictions"] = as_int(rec.get("evictions", 0))
+    if rec.get("busy") is False and "idle_since" in rec:  # a warm model between requests (docs/warm.md)
+        rec["idle_for_s"] = round((now_ms - as_int(rec["idle_since"], now_ms)) / 1000, 3)
     evict = rec.get("evict")
     if isinstance(evict, dict) and "deadline" in evict:
         evict["deadline_in_s"] = round((as_int(evict["deadline"], now_ms) - now_ms) / 1000, 3)

@@ -37,7 +37,8 @@
 
   Output:
     {0}             GONE: no lease under that id (expired, revoked or released), or not the caller's
-    {1, lease}      DONE: the lease record after the change (JSON)
+    {1, lease, at}  DONE: the lease record after the change (JSON); `at` is the time (ms) of the eviction request
+                    this busy called off, 0 when none (a holder applies only that: a later request stands)
     {2, notice}     EVICTING: busy refused: the lease is being handed back first; the notice (JSON, as renew's)
 ]]
 --- @include "state"
@@ -63,7 +64,7 @@ if not is_holder(rec, secret) then
   return {0}
 end
 
-local replan = false
+local replan, called_off = false, 0
 if op == 'busy' and rec.state == 'evicting' and rec.evict then
   local e = rec.evict
   if (e.reason == 'idle' or e.reason == 'idle_timeout') and not e.started_at then
@@ -71,6 +72,7 @@ if op == 'busy' and rec.state == 'evicting' and rec.evict then
     -- that from this reply: no `continue` notice, which could arrive after a later eviction's notice.)
     rec.state = 'active'
     rec.evict = nil
+    called_off = e.at
     redis.call('HSET', K_LEASES, id, cjson.encode(rec))
     local ev = lease_fields(rec)
     ev.by = e.by
@@ -139,4 +141,4 @@ if op == 'idle' or replan then
   grant_waiting(s, now) -- the first request in line may ask an idle lease (this one, when idle) to unload, now
   raw = redis.call('HGET', K_LEASES, id) or raw
 end
-return {1, raw}
+return {1, raw, called_off}

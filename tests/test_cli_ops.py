@@ -615,9 +615,7 @@ def test_a_real_eviction_shows_in_leases_and_status(real_url: str, namespace: st
     low = GPUBoss(real_url, namespace=namespace, service="batch", gpus=one)
     high = GPUBoss(real_url, namespace=namespace, service="chat", gpus=one)
     checkpointing = threading.Event()  # the holder "checkpoints" until the CLI has looked
-    lease = low.acquire(
-        20, priority="low", preemptible=True, on_evict=lambda _notice: checkpointing.wait(30), ttl=60
-    )
+    lease = low.acquire(20, priority="low", preemptible=True, on_evict=lambda _notice: checkpointing.wait(30), ttl=60)
     granted: list[Lease] = []
     waiter = threading.Thread(target=lambda: granted.append(high.acquire(8, priority="high", timeout=60)))
     waiter.start()

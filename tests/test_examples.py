@@ -161,3 +161,16 @@ def test_preemptible_training(real_url: str, namespace: str, tmp_path: Path) -> 
     step = lines[checkpoint].split("checkpoint at step ")[1].split()[0]
     assert any(f"resumed at step {step} on cuda:0" in line for line in lines[checkpoint:])
     assert_nothing_held(real_url, namespace)
+
+
+def test_warm_model(real_url: str, namespace: str, tmp_path: Path) -> None:
+    done = run_example("warm_model.py", real_url, namespace, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 6 requests served, two 16 GB models taking turns on a 24 GB GPU" in done.stdout
+    lines = done.stdout.splitlines()
+    assert sum("reloaded first" in line for line in lines) >= 5  # each request found the other model loaded
+    assert any(line.startswith("[chat] unloaded gemma3:12b (reclaimed)") for line in lines)
+    assert any(line.startswith("[code] unloaded qwen2.5-coder:14b (reclaimed)") for line in lines)
+    main = next(i for i, line in enumerate(lines) if line.startswith("[main] no requests"))
+    assert any("(idle_timeout)" in line for line in lines[main:])
+    assert_nothing_held(real_url, namespace)

@@ -16,6 +16,7 @@ from gpuboss import GPUBoss, scripts
 from gpuboss.config import BossConfig
 from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply, new_request_id
 from gpuboss.redis_io import evalsha_sync
+from gpuboss.warm import ActivityReply, UnloadReply, activity_call, unload_call
 
 from tests.conftest import GPUS, raw_client
 
@@ -62,7 +63,14 @@ def test_includes_resolve_once_and_reject_missing_and_circular(tmp_path: Path) -
 
 
 def test_every_reply_code_is_documented() -> None:
-    for name, codes in (("acquire", Reply), ("release", ReleaseReply), ("renew", RenewStatus), ("revoke", RevokeReply)):
+    for name, codes in (
+        ("acquire", Reply),
+        ("release", ReleaseReply),
+        ("renew", RenewStatus),
+        ("revoke", RevokeReply),
+        ("activity", ActivityReply),
+        ("unload", UnloadReply),
+    ):
         text = header(name)
         for code in codes:
             assert re.search(rf"(\{{|\s){code.value}[,\s}}]", text), f"{name}: code {code.value} ({code.name})"
@@ -303,3 +311,45 @@ def snapshot_all(client: redis.Redis, namespace: str) -> dict[str, Any]:
     from tests.conftest import snapshot
 
     return snapshot(client, namespace)
+
+
+@pytest.mark.parametrize("binary", redis_binaries())
+def test_warm_reply_codes_against_the_server(
+    binary: str, core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """activity and unload (docs/warm.md): every reply code, on every Redis version at hand."""
+    from gpuboss.lease import Lease
+    from gpuboss.server import start_redis
+
+    monkeypatch.setenv("GPUBOSS_REDIS_SERVER", binary)
+    server = start_redis(tmp_path, socket=tmp_path / "r.sock")
+    try:
+        client = raw_client(server.url)
+        register = core.register_call()
+        assert register is not None
+        run(client, register)
+        seen: dict[str, set[int]] = {"activity": set(), "unload": set()}
+
+        def act(lease_id: str, op: str) -> list[Any]:
+            reply = run(client, activity_call(core, lease_id, op))  # type: ignore[arg-type]
+            seen["activity"].add(int(reply[0]))  # type: ignore[call-overload]
+            return reply
+
+        granted = run(client, core.acquire_call("w", core.make_request(15), "gpu1", "s"))
+        lease = Lease.from_record(str(granted[1]))
+        assert act("w", "idle")[0] == ActivityReply.DONE
+        assert run(client, core.acquire_call("x", core.make_request(15), "gpu1", "s"))[0] == Reply.QUEUED
+        assert json.loads(str(client.hget(core.keys.leases, "w")))["evict"]["reason"] == "idle"
+        assert run(client, core.checkpoint_call("w")) == [1]
+        refused = act("w", "busy")
+        assert refused[0] == ActivityReply.EVICTING and json.loads(str(refused[1]))["by"] == "x"
+        unloaded = run(client, unload_call(core, lease, "closed"))
+        assert unloaded == [UnloadReply.UNLOADED, 1]  # and "x" was granted in the same step
+        seen["unload"].add(int(unloaded[0]))  # type: ignore[call-overload]
+        assert act("w", "touch") == [ActivityReply.GONE]
+        gone = run(client, unload_call(core, lease, "lost"))
+        seen["unload"].add(int(gone[0]))  # type: ignore[call-overload]
+        assert gone == [UnloadReply.GONE]
+        assert seen == {"activity": {int(c) for c in ActivityReply}, "unload": {int(c) for c in UnloadReply}}
+    finally:
+        server.stop()

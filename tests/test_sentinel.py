@@ -32,6 +32,8 @@ from tests.topologies import SentinelSetup, check_invariants, client, start_sent
 
 #: Longer than a failover takes here (about 2-3 s): calls retry through it instead of failing.
 FAILOVER_TIMEOUT = 15.0
+#: The workers' requests wait for the new primary (the default, "error", answers RedisUnavailable at once).
+ON_REDIS_DOWN = "wait"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,9 @@ class Worker(threading.Thread):
 
     def __init__(self, url: str, ns: str, name: str) -> None:
         super().__init__(daemon=True, name=name)
-        self.boss = GPUBoss(url, namespace=ns, gpus=GPUS, service=name, connect_timeout=FAILOVER_TIMEOUT)
+        self.boss = GPUBoss(
+            url, namespace=ns, gpus=GPUS, service=name, connect_timeout=FAILOVER_TIMEOUT, on_redis_down=ON_REDIS_DOWN
+        )
         self.grants: list[tuple[float, Lease]] = []
         self.errors: list[BaseException] = []
         self.stop = threading.Event()
@@ -137,7 +141,13 @@ class AsyncWorker(Worker):
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        boss = AsyncGPUBoss(self.boss.url, namespace=self.boss.namespace, gpus=GPUS, connect_timeout=FAILOVER_TIMEOUT)
+        boss = AsyncGPUBoss(
+            self.boss.url,
+            namespace=self.boss.namespace,
+            gpus=GPUS,
+            connect_timeout=FAILOVER_TIMEOUT,
+            on_redis_down=ON_REDIS_DOWN,
+        )
         while not self.stop.is_set():
             try:
                 lease = await boss.acquire(self.rng.randint(1, 12), ttl=4, timeout=30)

@@ -1,0 +1,248 @@
+"""``on_redis_down: error | wait | local`` (docs/scheduling.md, section 7), on a private redis-server that each
+test stops (by its PID) and starts again on the same socket.
+
+``error`` raises RedisUnavailable at once instead of retrying for ``connect_timeout``; ``wait`` waits for Redis up
+to the request's timeout; ``local`` coordinates this process's leases in an in-process store while Redis is away,
+goes back to Redis when it returns, and keeps the leases it granted locally valid there until they are released.
+The time bounds are loose on purpose: they tell "at once" from "after the whole connect_timeout", nothing finer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, RedisUnavailable
+from gpuboss.fallback import PROBE_EVERY_S
+from gpuboss.redis_io import TRANSIENT
+from gpuboss.server import RedisProcess, start_redis
+
+from tests.conftest import raw_client
+
+pytestmark = pytest.mark.slow
+
+ONE_GPU = [{"id": "gpu0", "name": "test", "vram_gb": 24, "index": 0}]
+#: The default connect_timeout: before on_redis_down, a request retried this long (twice: it also cancelled).
+CONNECT_TIMEOUT = 5.0
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisProcess]:
+    folder = tmp_path / "redis"
+    proc = start_redis(folder, socket=folder / "redis.sock")
+    yield proc
+    proc.stop()
+
+
+def start_again(server: RedisProcess) -> None:
+    """A new, empty server on the same socket; the fixture's object points at it (so teardown stops it)."""
+    assert server.socket is not None
+    new = start_redis(server.workdir, socket=server.socket)
+    server.pid, server.process = new.pid, new.process
+
+
+def restart_later(server: RedisProcess, delay: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay), start_again(server)), daemon=True)
+    thread.start()
+    return thread
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gpuboss" and r.levelno >= logging.WARNING]
+
+
+def in_redis(server: RedisProcess, namespace: str, lease: Lease) -> bool:
+    client = raw_client(server.url)
+    try:
+        return bool(client.hexists(Keys(namespace).leases, lease.id))
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- error (the default)
+
+
+def test_error_raises_redis_unavailable_at_once(server: RedisProcess, namespace: str) -> None:
+    with GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, connect_timeout=CONNECT_TIMEOUT) as boss:
+        assert boss.config.on_redis_down == "error"
+        assert boss.release(boss.acquire(4, timeout=0))
+        server.stop()
+
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="is unreachable") as err:
+            boss.acquire(4, timeout=60)
+        assert time.monotonic() - started < 3.0, "error must not retry for the whole connect_timeout"
+        assert f"unix://{server.socket}" in str(err.value)
+
+        started = time.monotonic()  # the outage is known now: one more try, then the error
+        with pytest.raises(RedisUnavailable):
+            boss.acquire(4, timeout=60)
+        assert time.monotonic() - started < 1.0
+
+        start_again(server)  # back: requests reach it again (and register the GPUs it lost)
+        lease = boss.acquire(4, timeout=5)
+        assert not lease.local and in_redis(server, namespace, lease)
+        assert boss.release(lease)
+
+
+def test_error_message_hides_the_password() -> None:
+    boss = GPUBoss("redis://user:s3cret@127.0.0.1:1/0", gpus=ONE_GPU, connect_timeout=CONNECT_TIMEOUT)
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable) as err:
+        boss.acquire(1)
+    assert time.monotonic() - started < 3.0
+    assert "s3cret" not in str(err.value) and "redis://user:***@127.0.0.1:1/0" in str(err.value)
+    boss.close()
+
+
+async def test_error_raises_at_once_async(server: RedisProcess, namespace: str) -> None:
+    async with AsyncGPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, connect_timeout=CONNECT_TIMEOUT) as boss:
+        assert await boss.release(await boss.acquire(4, timeout=0))
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="is unreachable"):
+            await boss.acquire(4, timeout=60)
+        assert time.monotonic() - started < 3.0
+        start_again(server)
+        lease = await boss.acquire(4, timeout=5)
+        assert in_redis(server, namespace, lease)
+        assert await boss.release(lease)
+
+
+# ---------------------------------------------------------------- wait
+
+
+def test_wait_gets_its_lease_once_redis_is_back(
+    server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gpuboss")
+    with GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, on_redis_down="wait") as boss:
+        assert boss.release(boss.acquire(4, timeout=0))
+        server.stop()
+        restarter = restart_later(server, 1.0)
+        lease = boss.acquire(4, timeout=None)  # waits for Redis, however long
+        restarter.join(10)
+        assert server.alive()
+        assert not lease.local and in_redis(server, namespace, lease)
+        said = warnings_of(caplog)
+        assert sum("requests wait for it (on_redis_down: wait)" in m for m in said) == 1, said
+        assert any(m.startswith("gpuboss: reaches Redis at") and m.endswith("again") for m in said), said
+        assert boss.release(lease)
+
+
+def test_wait_raises_when_the_request_timeout_runs_out(server: RedisProcess, namespace: str) -> None:
+    with GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, on_redis_down="wait") as boss:
+        assert boss.release(boss.acquire(4, timeout=0))
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match=r"waited for the request's timeout \(1 s\)") as err:
+            boss.acquire(4, timeout=1.0)
+        waited = time.monotonic() - started
+        assert 0.9 <= waited < 4.0, waited
+        assert isinstance(err.value.__cause__, TRANSIENT)  # chained from the last connection error
+
+
+async def test_wait_async(server: RedisProcess, namespace: str) -> None:
+    async with AsyncGPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, on_redis_down="wait") as boss:
+        assert await boss.release(await boss.acquire(4, timeout=0))
+        server.stop()
+        with pytest.raises(RedisUnavailable, match="waited for the request's timeout"):
+            await boss.acquire(4, timeout=0.5)
+        restarter = restart_later(server, 1.0)
+        lease = await boss.acquire(4, timeout=30)
+        await asyncio.to_thread(restarter.join, 10)
+        assert in_redis(server, namespace, lease)
+        assert await boss.release(lease)
+
+
+# ---------------------------------------------------------------- local
+
+
+def test_local_coordinates_this_process_then_goes_back_to_redis(
+    server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gpuboss")
+    url = server.url
+    with (
+        GPUBoss(url, namespace=namespace, gpus=ONE_GPU, on_redis_down="local", service="a") as boss,
+        GPUBoss(url, namespace=namespace, gpus=ONE_GPU, on_redis_down="local", service="b") as other,
+    ):
+        warm = boss.acquire(4, timeout=0)
+        assert not warm.local and in_redis(server, namespace, warm)
+        assert boss.release(warm)
+        server.stop()
+
+        first = boss.acquire(16, ttl=1.0, timeout=5)
+        assert first.local
+        assert any("WITHIN THIS PROCESS ONLY" in m for m in warnings_of(caplog))
+        # 16 + 16 GB do not fit on the 24 GB GPU: neither this boss nor another one of the process over-commits.
+        with pytest.raises(LeaseTimeout):
+            boss.acquire(16, timeout=0.3)
+        with pytest.raises(LeaseTimeout):
+            other.acquire(16, timeout=0.3)
+        # A waiter is granted when the first lease is released.
+        got: list[Lease] = []
+        waiter = threading.Thread(target=lambda: got.append(other.acquire(16, ttl=1.0, timeout=10)), daemon=True)
+        waiter.start()
+        time.sleep(0.3)
+        assert not got
+        assert boss.release(first)
+        waiter.join(10)
+        assert got and got[0].local
+        second = got[0]
+
+        # Redis is back: new requests go to it; the local lease stays valid in the local store until released.
+        start_again(server)
+        time.sleep(PROBE_EVERY_S + 0.1)
+        back = boss.acquire(4, timeout=5)
+        assert not back.local and in_redis(server, namespace, back)
+        assert not in_redis(server, namespace, second)
+        assert any("reaches Redis at" in m and "lease.local" in m for m in warnings_of(caplog))
+        time.sleep(2.5)  # more than two TTLs of the local lease: the heartbeat renews it in the local store
+        assert not second.lost and second in other.held()
+        assert other.release(second)  # True: it was still held
+        assert boss.release(back)
+
+
+def test_local_counts_the_redis_leases_this_process_holds(server: RedisProcess, namespace: str) -> None:
+    """A request waiting on Redis when Redis goes away moves to the local store, where the Redis lease it waits
+    behind has a stand-in: it is not granted on VRAM that lease still uses, and is when that lease is released."""
+    with GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, on_redis_down="local") as boss:
+        held = boss.acquire(16, timeout=0)
+        got: list[Lease] = []
+        waiter = threading.Thread(target=lambda: got.append(boss.acquire(16, timeout=20)), daemon=True)
+        waiter.start()
+        time.sleep(0.3)  # queued on Redis behind `held`
+        server.stop()
+        time.sleep(2.0)  # the waiter moves to the local store, and still waits there
+        assert not got
+        with pytest.raises(RedisUnavailable):  # the release reaches Redis later (heartbeat); the stand-in goes now
+            boss.release(held)
+        waiter.join(10)
+        assert got and got[0].local
+        assert boss.release(got[0])
+
+
+async def test_local_async(server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="gpuboss")
+    async with AsyncGPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, on_redis_down="local") as boss:
+        assert await boss.release(await boss.acquire(4, timeout=0))
+        server.stop()
+        first = await boss.acquire(16, ttl=1.0, timeout=5)
+        assert first.local
+        assert any("WITHIN THIS PROCESS ONLY" in m for m in warnings_of(caplog))
+        with pytest.raises(LeaseTimeout):
+            await boss.acquire(16, timeout=0.3)
+        start_again(server)
+        await asyncio.sleep(PROBE_EVERY_S + 0.1)
+        back = await boss.acquire(4, timeout=5)
+        assert not back.local and in_redis(server, namespace, back)
+        await asyncio.sleep(2.5)
+        assert not first.lost and first in boss.held()
+        assert await boss.release(first)
+        assert await boss.release(back)
