@@ -83,7 +83,7 @@ class RenewStatus(enum.IntEnum):
 
 
 class YieldReply(enum.IntEnum):
-    """Replies of ``lua/yield-17.lua``: what handing back an evicted lease did."""
+    """Replies of ``lua/yield-20.lua``: what handing back an evicted lease did."""
 
     GONE = 0
     GRANTED = 1
@@ -271,6 +271,37 @@ def on_node(info: GpuInfo, node: str | None, host: str) -> bool:
 MAX_GPUS = 64
 
 
+@dataclass(frozen=True)
+class RegistrySummary:
+    """What every request asks of the registry, computed once per registry: a request is checked in O(1)
+    however many GPUs the namespace has (the checks of a pinned request, or one over several GPUs, and every
+    error message still look at the GPUs themselves)."""
+
+    any_host: bool
+    #: the most MiB one GPU without a host leases out (None: there is none)
+    largest_hostless: int | None
+    #: host -> the most MiB one of its GPUs leases out
+    largest_by_host: dict[str, int]
+
+    @classmethod
+    def of(cls, registry: Mapping[str, GpuInfo]) -> RegistrySummary:
+        hostless = [g.leasable_mib for g in registry.values() if g.host is None]
+        by_host: dict[str, int] = {}
+        for g in registry.values():
+            if g.host is not None:
+                by_host[g.host] = max(by_host.get(g.host, 0), g.leasable_mib)
+        return cls(bool(by_host), max(hostless, default=None), by_host)
+
+    def largest(self, node: str | None, host: str) -> int | None:
+        """The most MiB one GPU a request for ``node`` from ``host`` may use leases out (None: no such GPU)."""
+        sizes = [self.largest_hostless]
+        if node == "any":
+            sizes += self.largest_by_host.values()
+        else:
+            sizes.append(self.largest_by_host.get(host if node is None else node))
+        return max((n for n in sizes if n is not None), default=None)
+
+
 def validate_gpu_count(gpus: object) -> int:
     if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
         raise InvalidRequest("gpus", gpus, f"must be a whole number of GPUs from 1 to {MAX_GPUS}")
@@ -366,7 +397,7 @@ class Core:
         self.config = config
         self.keys = Keys(config.namespace)
         self.declared = {g.id: GpuInfo.from_config(g) for g in config.gpus}
-        self.registry: dict[str, GpuInfo] = dict(self.declared)
+        self.registry = dict(self.declared)
         self.registry_loaded = False
         self.policy_fields = policy_fields(self.config)
         #: The UTC day the policy was last stored (time windows are refreshed daily); None: not yet.
@@ -378,6 +409,16 @@ class Core:
         #: Only this boss has it; the scripts keep its SHA1 in each lease, and release, renew, yield and resize
         #: act only for the holder that sends it (docs/security.md). Operators force-release with revoke.
         self.secret = secrets.token_hex(16)
+
+    @property
+    def registry(self) -> dict[str, GpuInfo]:
+        """The GPUs of the namespace as last read, with this boss's own declarations."""
+        return self._registry
+
+    @registry.setter
+    def registry(self, gpus: dict[str, GpuInfo]) -> None:
+        self._registry = gpus
+        self.summary = RegistrySummary.of(gpus)
 
     @property
     def operator(self) -> str:
@@ -439,13 +480,17 @@ class Core:
     def node_arg(self, node: str | None, pin: str = "") -> str:
         """The node a script is told: "any" when no registered GPU has a host (nothing to filter), or when a
         GPU is pinned and no node was asked (a pin names the GPU, wherever it is)."""
-        if node == "any" or (pin and node is None) or all(g.host is None for g in self.registry.values()):
+        if node == "any" or (pin and node is None) or not self.summary.any_host:
             return "any"
         return self.host if node is None else node
 
     def check_fits(self, req: LeaseRequest, pin: str) -> None:
         """Raise :class:`InsufficientCapacity` early when the known GPUs can never hold the request, and
         :class:`InvalidRequest` when ``node`` leaves no GPU."""
+        if not pin and req.count == 1:
+            largest = self.summary.largest(req.node, self.host)
+            if largest is not None and req.vram_mib <= largest:
+                return  # fits some eligible GPU (the full check below finds nothing wrong either)
         everything = [self.registry[pin]] if pin else list(self.registry.values())
         node = "any" if pin and req.node is None else req.node
         eligible = [g for g in everything if self.on_node(g, node)]
@@ -547,8 +592,7 @@ class Core:
         if not self.declared:
             return None
         args: list[str | int] = [g.to_json() for g in self.declared.values()]
-        keys = [self.keys.gpus, self.keys.capacity, self.keys.used, *self._event_keys()]
-        return Call("register", keys, [*args, self._cap])
+        return Call("register", [*self.keys.register(), *self._event_keys()], [*args, self._cap])
 
     def acquire_call(self, request_id: str, req: LeaseRequest, pin: str, service: str) -> Call:
         mode = "try" if req.timeout == 0 else "wait"

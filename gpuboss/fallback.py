@@ -189,7 +189,7 @@ class Fallback:
             calls.append(
                 Call(
                     "register",
-                    [core.keys.gpus, core.keys.capacity, core.keys.used, *core.keys.event_keys()],
+                    [*core.keys.register(), *core.keys.event_keys()],
                     [*(g.to_json() for g in known.values()), core.config.events_maxlen],
                 )
             )

@@ -20,6 +20,9 @@ key                 type   contents
 ``ns:holds``        hash   gpu id -> JSON reservation: VRAM being freed by eviction for one request
 ``ns:policy``       hash   rule name -> JSON: scheduling rules every process obeys (pause rules, ...)
 ``ns:usage``        hash   ``class:<name>`` -> active leases of that priority class
+``ns:free``         zset   gpu id, scored by the MiB placement sees free (capacity - max(leased, observed))
+``ns:free_host``    zset   ``"<host> <free MiB, 12 digits> <gpu id>"``, all scored 0: the same by host
+``ns:observed_exp`` zset   gpu id, scored by when its last NVML reading goes stale (ms, Redis time)
 ``ns:hosts``        hash   host -> last heartbeat (ms, Redis time) of that host's GPU inventory
 ``ns:sampler:<gpu>`` string the holder of the right to sample one GPU (expires by itself)
 ``ns:holder:<id>``  pubsub a holder's own channel: eviction notices for its leases (a channel, not a key)
@@ -29,7 +32,7 @@ key                 type   contents
 ==================  =====  ===============================================================
 
 The fixed keys are ``gpus``, ``capacity``, ``used``, ``token``, ``seq``, ``event_log``, ``observed``,
-``offline``, ``policy``, ``usage`` and ``hosts`` (each exists once something wrote it); every other key exists
+``offline``, ``policy``, ``usage``, ``hosts``, ``free``, ``free_host`` and ``observed_exp`` (each exists once something wrote it); every other key exists
 only while a lease, a waiting request, a reservation or a sampler's turn does.
 """
 
@@ -53,6 +56,9 @@ FIXED_SUFFIXES = (
     "policy",
     "usage",
     "hosts",
+    "free",
+    "free_host",
+    "observed_exp",
 )
 
 
@@ -129,6 +135,21 @@ class Keys:
     def hosts(self) -> str:
         return self._key("hosts")
 
+    @property
+    def free(self) -> str:
+        """The placement index: every GPU by the MiB placement sees free on it (kept by the scripts)."""
+        return self._key("free")
+
+    @property
+    def free_host(self) -> str:
+        """The placement index by host (lexicographic): best fit among one host's GPUs in one range read."""
+        return self._key("free_host")
+
+    @property
+    def observed_exp(self) -> str:
+        """GPUs by when their stored NVML reading goes stale: the scripts re-index them then."""
+        return self._key("observed_exp")
+
     def sampler(self, gpu_id: str) -> str:
         """Who may sample ``gpu_id`` now (a short-lived string key)."""
         return self._key(f"sampler:{gpu_id}")
@@ -167,6 +188,10 @@ class Keys:
     def fixed(self) -> frozenset[str]:
         return frozenset(self._key(s) for s in FIXED_SUFFIXES)
 
+    def register(self) -> list[str]:
+        """The KEYS of the register script: the registry, capacity, used and the placement index."""
+        return [self.gpus, self.capacity, self.used, self.free, self.free_host]
+
     def state(self) -> list[str]:
         """The KEYS every lease-state script takes, in the order their headers document."""
         return [
@@ -185,4 +210,7 @@ class Keys:
             self.holds,
             self.policy,
             self.usage,
+            self.free,
+            self.free_host,
+            self.observed_exp,
         ]

@@ -687,6 +687,10 @@ class LeaseMachine(RuleBasedStateMachine):
         assert used == dict(sums), f"used counters {used} != sum of lease records {dict(sums)}"
         for g, cap in capacity.items():
             assert 0 <= used[g] <= cap, f"{g} over-committed: {used[g]} MiB leased of {cap}"
+        # The placement index (lua/includes/state.lua) holds every GPU's free MiB, overall and by host.
+        free = {g: int(v) for g, v in c.zrange(k.free, 0, -1, withscores=True)}
+        assert free == {g: cap - used[g] for g, cap in capacity.items()}, f"index {free} != capacity - used"
+        assert c.zcard(k.free_host) == 0, "the model's GPUs have no host: none is in the by-host index"
         assert usage == usage_of(leases.values()), f"usage hash {usage} != what the leases add up to"
         assert set(lease_exp) == set(leases), "lease records and lease deadlines differ"
         assert set(queue) == set(tickets) == set(queue_exp), "queue, tickets and queue deadlines differ"

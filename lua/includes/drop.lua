@@ -74,6 +74,7 @@ local function drop_lease(s, id)
       left = 0
     end
     s.used[gpu] = left
+    index_gpu(s, gpu)
   end
   count_lease(s, rec, -1)
   for _, gpu in ipairs(gpus) do

@@ -50,7 +50,7 @@ local function preemptible_below(rank)
   return total, idle
 end
 
--- A lease its holder marked idle (lua/activity-17.lua): the first candidate, whatever its rank.
+-- A lease its holder marked idle (lua/activity-20.lua): the first candidate, whatever its rank.
 local function is_idle(rec)
   return rec.busy == false
 end
@@ -82,13 +82,16 @@ local function try_evict(s, req, now)
   if req.grow_of or (tonumber(req.count) or 1) > 1 then
     return false -- (a request for several GPUs waits; it does not evict)
   end
+  local evictable, any_idle = preemptible_below(req.rank)
+  if evictable == 0 then
+    return false -- nothing to ask (it does not fit, so no GPU has its whole need free either)
+  end
   local best_free = 0
-  for gpu, cap in pairs(s.cap) do
+  for gpu, cap in pairs(all_gpus(s)) do
     if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
       best_free = math.max(best_free, free_for(s, gpu, id))
     end
   end
-  local evictable, any_idle = preemptible_below(req.rank)
   if evictable + best_free < req.vram_mib then
     return false
   end

@@ -40,6 +40,7 @@ local function grant(s, id, req, where, now)
   local gpu = gpus[1]
   for _, g in ipairs(gpus) do
     s.used[g] = redis.call('HINCRBY', K_USED, g, req.vram_mib)
+    index_gpu(s, g)
   end
   release_hold(s, id, now, 'granted')
   if req.grow_of then
@@ -57,8 +58,8 @@ local function grant(s, id, req, where, now)
   end
   local devices = {}
   for i, g in ipairs(gpus) do
-    local decl = redis.call('HGET', K_GPUS, g)
-    devices[i] = 'cuda:' .. ((decl and cjson.decode(decl).index) or 0)
+    local decl = decl_of(s, g)
+    devices[i] = 'cuda:' .. ((decl and decl.index) or 0)
   end
   local rec = {
     id = id, gpu = gpu, device = devices[1], vram_mib = req.vram_mib * #gpus,

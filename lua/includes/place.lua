@@ -16,43 +16,131 @@
   target(s, need, pin, id, node) -> the GPU a request that does not fit waits for: its pin, else the eligible GPU
   closest to fitting (most free MiB; ties to the smaller id), or nil when no GPU can ever hold it.
 ]]
--- Whether a request for `node` ('any', or a host name) may use `gpu`: GPUs without a host (declared ones)
--- are everybody's. The GPUs' hosts are read from the registry once per call, and only when needed.
+-- Every GPU's host (false for a GPU without one), for the paths that group GPUs by host.
 local function load_hosts(s)
-  if s.hosts == nil then
-    s.hosts = {}
-    for g, raw in pairs(hgetall(K_GPUS)) do
-      local host = cjson.decode(raw).host
-      s.hosts[g] = (host ~= nil and host ~= cjson.null) and host or false
-    end
+  for gpu, _ in pairs(all_gpus(s)) do
+    host_of(s, gpu)
   end
-  return s.hosts
+  return s.host_of
 end
 
+-- Whether a request for `node` ('any', or a host name) may use `gpu`: GPUs without a host (declared ones)
+-- are everybody's.
 local function on_node(s, gpu, node)
   if node == nil or node == 'any' then
     return true
   end
-  local host = load_hosts(s)[gpu]
+  local host = host_of(s, gpu)
   return not host or host == node
+end
+
+-- Whether `gpu` may take a request now at all: registered, online, not kept for a request ahead, on its node.
+local function eligible(s, gpu, avoid, node)
+  return s.cap[gpu] ~= nil and not s.off[gpu] and not (avoid and avoid[gpu]) and on_node(s, gpu, node)
+end
+
+-- The better of two fits (MiB left after the grant, then the smaller id).
+local function better(gpu, left, best, best_left)
+  return best == nil or left < best_left or (left == best_left and gpu < best)
+end
+
+--[[
+  Best fit from the index: the GPUs with at least `need` MiB free, fewest first (ties in id order, as Redis
+  sorts equal scores), read a few at a time. The first eligible GPU without a hold is the best of all GPUs
+  without one (the index holds their exact free MiB); a GPU with a hold has less free than its entry says, so
+  those are weighed apart (there are few).
+]]
+local PLACE_BATCH = 4
+
+local function scan_free(s, need, id, avoid, node, best, best_left)
+  local offset = 0
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', offset, PLACE_BATCH)
+    for i = 1, #batch, 2 do
+      local gpu = batch[i]
+      if not better(gpu, tonumber(batch[i + 1]) - need, best, best_left) then
+        return best, best_left
+      end
+      if not s.holds[gpu] and eligible(s, gpu, avoid, node) then
+        local left = free_for(s, gpu, id) - need
+        if left >= 0 and better(gpu, left, best, best_left) then
+          return gpu, left
+        end
+      end
+    end
+    if #batch < 2 * PLACE_BATCH then
+      return best, best_left
+    end
+    offset = offset + PLACE_BATCH
+  end
+end
+
+-- The same within the GPUs of one host, from the by-host index.
+local function scan_host(s, need, id, avoid, node, best, best_left)
+  local offset = 0
+  local from, to = '[' .. host_member(node, need, ''), '(' .. node .. '!'
+  while true do
+    local batch = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset, PLACE_BATCH)
+    for _, member in ipairs(batch) do
+      local mib, gpu = string.match(member, ' (%d+) (.*)$', #node + 1)
+      local indexed = tonumber(mib)
+      if indexed and indexed >= need then
+        if not better(gpu, indexed - need, best, best_left) then
+          return best, best_left
+        end
+        if not s.holds[gpu] and eligible(s, gpu, avoid, node) then
+          local left = free_for(s, gpu, id) - need
+          if left >= 0 and better(gpu, left, best, best_left) then
+            return gpu, left
+          end
+        end
+      end
+    end
+    if #batch < PLACE_BATCH then
+      return best, best_left
+    end
+    offset = offset + PLACE_BATCH
+  end
+end
+
+-- Whether some GPUs have no host (they are in the index, but not in the by-host one).
+local function hostless_gpus()
+  return redis.call('ZCARD', K_FREE) > redis.call('ZCARD', K_FREE_HOST)
+end
+
+-- Whether some GPU of `node` has at least `need` MiB free now, by the index (a cheap "not too large"); false
+-- also when that cannot be told cheaply (GPUs with and without hosts in one namespace, a node asked).
+local function free_now(s, need, node)
+  if node == nil or node == 'any' then
+    return redis.call('ZCOUNT', K_FREE, need, '+inf') > 0
+  end
+  if hostless_gpus() then
+    return false
+  end
+  return redis.call('ZLEXCOUNT', K_FREE_HOST, '[' .. host_member(node, need, ''), '(' .. node .. '!') > 0
 end
 
 local function place(s, need, pin, id, avoid, node)
   if pin ~= '' then
-    if s.cap[pin] and not s.off[pin] and not (avoid and avoid[pin]) and on_node(s, pin, node)
-        and free_for(s, pin, id) >= need then
+    if eligible(s, pin, avoid, node) and free_for(s, pin, id) >= need then
       return pin
     end
     return nil
   end
   local best, best_left = nil, nil
-  for gpu, _ in pairs(s.cap) do
-    if not s.off[gpu] and not (avoid and avoid[gpu]) and on_node(s, gpu, node) then
+  for gpu, _ in pairs(s.holds) do
+    if eligible(s, gpu, avoid, node) then
       local left = free_for(s, gpu, id) - need
-      if left >= 0 and (best == nil or left < best_left or (left == best_left and gpu < best)) then
+      if left >= 0 and better(gpu, left, best, best_left) then
         best, best_left = gpu, left
       end
     end
+  end
+  if node == nil or node == 'any' or hostless_gpus() then
+    -- (with GPUs both with and without hosts, a request for one host skips the other hosts' GPUs here)
+    best, best_left = scan_free(s, need, id, avoid, node, best, best_left)
+  else
+    best, best_left = scan_host(s, need, id, avoid, node, best, best_left)
   end
   return best
 end
@@ -62,7 +150,7 @@ local function target(s, need, pin, id, node)
     return pin
   end
   local best, best_free = nil, nil
-  for gpu, cap in pairs(s.cap) do
+  for gpu, cap in pairs(all_gpus(s)) do
     if not s.off[gpu] and cap >= need and on_node(s, gpu, node) then
       local free = free_for(s, gpu, id)
       if best == nil or free > best_free or (free == best_free and gpu < best) then
@@ -76,7 +164,7 @@ end
 local function place_multi(s, need, count, id, avoid, node)
   local hosts = load_hosts(s)
   local groups = {}
-  for gpu, _ in pairs(s.cap) do
+  for gpu, _ in pairs(all_gpus(s)) do
     if not s.off[gpu] and not (avoid and avoid[gpu]) and on_node(s, gpu, node) then
       local left = free_for(s, gpu, id) - need
       if left >= 0 then

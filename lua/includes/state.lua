@@ -18,6 +18,10 @@
                              by eviction for request `id`; nobody else may take it
     KEYS[14] policy    hash  rule -> JSON: rules every process obeys (see load_policy)
     KEYS[15] usage     hash  "class:<priority>" -> active leases of that class
+    KEYS[16] free      zset  gpu id by the MiB placement sees free on it: capacity - max(used, fresh observed)
+    KEYS[17] free_host zset  "<host> <free MiB, 12 digits> <gpu id>", all scored 0: the same for the GPUs
+                             that have a host, read as a lexicographic range (best fit within one host)
+    KEYS[18] observed_exp  zset  gpu id by when its stored reading goes stale (ms): it is re-indexed then
   and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
@@ -28,6 +32,7 @@ local K_QUEUE, K_TICKETS, K_QUEUE_EXP = KEYS[6], KEYS[7], KEYS[8]
 local K_TOKEN, K_SEQ = KEYS[9], KEYS[10]
 local K_OBSERVED, K_OFFLINE, K_HOLDS = KEYS[11], KEYS[12], KEYS[13]
 local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
+local K_FREE, K_FREE_HOST, K_OBSERVED_EXP = KEYS[16], KEYS[17], KEYS[18]
 local WAKE_PREFIX = ARGV[1]
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
@@ -58,7 +63,7 @@ end
   The namespace's scheduling rules (the policy hash; gpuboss/policy.py documents each field):
     pause     list of {class, while = {class, ...}, evict}: `class` is not granted while any lease of a
               `while` class is active; with evict, its active leases are asked to checkpoint too.
-    paused    {class -> {by, at}}: classes paused at runtime (`gpuboss pause`; lua/pause-17.lua)
+    paused    {class -> {by, at}}: classes paused at runtime (`gpuboss pause`; lua/pause-20.lua)
     windows   list of {class, from, to}: `class` is not granted while Redis time is in [from, to)
     caps      {services = {name -> {leases, mib}}, classes = {name -> {leases}}}: a request that would
               exceed one waits
@@ -84,35 +89,178 @@ local function load_policy()
 end
 
 --[[
-  The per-GPU numbers, read once per call and kept current as the script grants and frees:
-    s.cap[gpu]      leasable MiB (capacity - reserve)
+  The per-GPU numbers. Each is read from Redis the first time a call asks for that GPU and kept current as the
+  script grants and frees, so a call touches only the GPUs it places on or frees (the placement index below
+  finds the best fit without reading every GPU); all_gpus(s) reads every GPU at once for the few paths that
+  need them all (a request that fits nowhere now, eviction, backfill, several GPUs).
+    s.cap[gpu]      leasable MiB (capacity - reserve); nil for a GPU that is not registered
     s.used[gpu]     leased MiB
-    s.seen[gpu]     observed used MiB from a fresh NVML sample (absent when none is fresh)
+    s.seen[gpu]     observed used MiB from a fresh NVML sample (false when none is fresh)
     s.off[gpu]      true when the GPU is offline (no new grants)
-    s.holds[gpu]    the reservation on that GPU (decoded), if any
+    s.holds[gpu]    the reservation on that GPU (decoded), if any (all read at once: there are few)
   Effective free MiB for a request = cap - max(used, seen) - (a hold of another request).
 ]]
-local function load_gpus(now)
-  local s = {cap = {}, used = {}, seen = {}, off = {}, holds = {}, now = now, active = {}}
-  for gpu, v in pairs(hgetall(K_CAPACITY)) do
-    s.cap[gpu] = tonumber(v)
+local function parse_reading(v, now)
+  local mib, at, max_age = string.match(v or '', '^(%d+),(%d+),(%d+)$')
+  if mib and now - tonumber(at) <= tonumber(max_age) then
+    return tonumber(mib)
   end
-  for gpu, v in pairs(hgetall(K_USED)) do
-    s.used[gpu] = tonumber(v)
+  return false
+end
+
+local function lazy(load)
+  return setmetatable({}, {__index = function(t, gpu)
+    local v = load(gpu)
+    if v ~= nil then
+      rawset(t, gpu, v)
+    end
+    return v
+  end})
+end
+
+-- A GPU's declaration (the gpus hash), decoded once per call; nil for a GPU that is not registered.
+local function decl_of(s, gpu)
+  local decl = s.decls[gpu]
+  if decl == nil then
+    local raw = redis.call('HGET', K_GPUS, gpu)
+    decl = raw and cjson.decode(raw) or false
+    s.decls[gpu] = decl
   end
-  for gpu, v in pairs(hgetall(K_OBSERVED)) do
-    local mib, at, max_age = string.match(v, '^(%d+),(%d+),(%d+)$')
-    if mib and now - tonumber(at) <= tonumber(max_age) then
-      s.seen[gpu] = tonumber(mib)
+  return decl or nil
+end
+
+-- The host of a GPU (from its declaration), or false for a GPU without one. A plain host name is read from
+-- the JSON text (every grant and release asks, and decoding costs more); anything else is decoded.
+local function host_of(s, gpu)
+  local host = s.host_of[gpu]
+  if host == nil then
+    local decl = s.decls[gpu]
+    if decl == nil then
+      local raw = redis.call('HGET', K_GPUS, gpu) or '{}'
+      host = string.match(raw, '"host":%s*"([%w%.%-_]+)"')
+      if host == nil and string.find(raw, '"host":%s*"') then
+        decl = decl_of(s, gpu)
+      end
+    end
+    if decl then
+      host = decl.host
+    end
+    if type(host) ~= 'string' then
+      host = false
+    end
+    s.host_of[gpu] = host
+  end
+  return host
+end
+
+--[[
+  The placement index: `free` scores every GPU by cap - max(used, fresh observed) (what free_for gives when
+  no hold applies), `free_host` holds the same numbers as "<host> <MiB> <gpu>" for each GPU with a host, for a
+  best fit within one host (ZCARD free - ZCARD free_host = the GPUs without a host).
+  index_gpu(s, gpu) writes one GPU's entry; every change of used or of a reading calls it. A reading that goes
+  stale (observed_exp) re-indexes its GPU at the next call. When the index does not cover the registry (a GPU
+  registered since, a Redis that lost it, an older version's data), it is rebuilt from the hashes.
+]]
+--- @include "index"
+
+local function index_gpu(s, gpu)
+  local cap = s.cap[gpu]
+  if cap == nil then
+    return
+  end
+  local used, seen = s.used[gpu] or 0, s.seen[gpu]
+  local free = cap - ((seen and seen > used) and seen or used)
+  local host = host_of(s, gpu)
+  if not host then
+    redis.call('ZADD', K_FREE, int(free), gpu)
+    return
+  end
+  local old = redis.call('ZSCORE', K_FREE, gpu)
+  if old and tonumber(old) == free then
+    return
+  end
+  if old then
+    redis.call('ZREM', K_FREE_HOST, host_member(host, tonumber(old), gpu))
+  end
+  redis.call('ZADD', K_FREE, int(free), gpu)
+  redis.call('ZADD', K_FREE_HOST, 0, host_member(host, free, gpu))
+end
+
+-- Every GPU's numbers, read at once (s.cap then lists every registered GPU); returns s.cap.
+local function all_gpus(s)
+  if s.all then
+    return s.cap
+  end
+  s.all = true
+  local flat = redis.call('HGETALL', K_CAPACITY)
+  for i = 1, #flat, 2 do
+    rawset(s.cap, flat[i], tonumber(flat[i + 1]))
+  end
+  flat = redis.call('HGETALL', K_USED)
+  for i = 1, #flat, 2 do
+    rawset(s.used, flat[i], tonumber(flat[i + 1]))
+  end
+  flat = redis.call('HGETALL', K_OBSERVED)
+  for i = 1, #flat, 2 do
+    rawset(s.seen, flat[i], parse_reading(flat[i + 1], s.now))
+  end
+  for gpu, _ in pairs(s.cap) do
+    if rawget(s.used, gpu) == nil then
+      rawset(s.used, gpu, 0)
+    end
+    if rawget(s.seen, gpu) == nil then
+      rawset(s.seen, gpu, false)
+    end
+    if rawget(s.off, gpu) == nil then
+      rawset(s.off, gpu, false)
     end
   end
   for gpu, _ in pairs(hgetall(K_OFFLINE)) do
-    s.off[gpu] = true
+    rawset(s.off, gpu, true)
   end
+  return s.cap
+end
+
+local function rebuild_index(s)
+  redis.call('DEL', K_FREE, K_FREE_HOST, K_OBSERVED_EXP)
+  for gpu, _ in pairs(all_gpus(s)) do
+    index_gpu(s, gpu)
+    local v = redis.call('HGET', K_OBSERVED, gpu)
+    local _, at, max_age = string.match(v or '', '^(%d+),(%d+),(%d+)$')
+    if at and s.seen[gpu] then
+      redis.call('ZADD', K_OBSERVED_EXP, int(tonumber(at) + tonumber(max_age)), gpu)
+    end
+  end
+end
+
+local function load_gpus(now)
+  local s = {now = now, active = {}, holds = {}, host_of = {}, decls = {}}
+  s.cap = lazy(function(gpu)
+    return tonumber(redis.call('HGET', K_CAPACITY, gpu))
+  end)
+  s.used = lazy(function(gpu)
+    return tonumber(redis.call('HGET', K_USED, gpu)) or 0
+  end)
+  s.seen = lazy(function(gpu)
+    return parse_reading(redis.call('HGET', K_OBSERVED, gpu), now)
+  end)
+  s.off = lazy(function(gpu)
+    return redis.call('HEXISTS', K_OFFLINE, gpu) == 1
+  end)
   for gpu, v in pairs(hgetall(K_HOLDS)) do
     s.holds[gpu] = cjson.decode(v)
   end
   s.policy = load_policy()
+  s.gpu_count = redis.call('HLEN', K_CAPACITY)
+  if redis.call('ZCARD', K_FREE) ~= s.gpu_count then
+    rebuild_index(s)
+  elseif redis.call('ZCARD', K_OBSERVED_EXP) > 0 then
+    -- Readings gone stale since the last call: their GPUs are indexed without them now.
+    for _, gpu in ipairs(redis.call('ZRANGEBYSCORE', K_OBSERVED_EXP, '-inf', '(' .. int(now), 'LIMIT', 0, COLLECT_LIMIT)) do
+      redis.call('ZREM', K_OBSERVED_EXP, gpu)
+      index_gpu(s, gpu)
+    end
+  end
   return s
 end
 

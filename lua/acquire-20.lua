@@ -14,9 +14,9 @@
   `evict_requested` (victims asked to checkpoint).
 
   Input:
-    KEYS[1..15] the state layout (includes/state.lua)
-    KEYS[16]    events       pub/sub channel (includes/emit.lua)
-    KEYS[17]    event_log    stream
+    KEYS[1..18] the state layout (includes/state.lua)
+    KEYS[19]    events       pub/sub channel (includes/emit.lua)
+    KEYS[20]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     request id (becomes the lease id)
     ARGV[3]     vram, integer MiB > 0
@@ -58,7 +58,7 @@ local pin, ttl, mode, node, count = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[16
 
 local now = now_ms()
 local s = load_gpus(now)
-if next(s.cap) == nil then
+if s.gpu_count == 0 then
   return {-3}
 end
 local largest = 0
@@ -67,22 +67,27 @@ if pin ~= '' then
     return {-2}
   end
   largest = s.cap[pin]
-else
-  for gpu, cap in pairs(s.cap) do
+  if need > largest then
+    return {-1, largest}
+  end
+elseif not free_now(s, need, node) then
+  -- Nothing has that much free now: is there a GPU large enough at all? (every GPU is read only here)
+  for gpu, cap in pairs(all_gpus(s)) do
     if on_node(s, gpu, node) then
       largest = math.max(largest, cap)
     end
   end
-end
-if need > largest then
-  return {-1, largest}
+  if need > largest then
+    return {-1, largest}
+  end
 end
 if count > 1 then -- enough GPUs that large on one host?
   local per_host = {}
   local most = 0
-  for gpu, cap in pairs(s.cap) do
+  for gpu, cap in pairs(all_gpus(s)) do
+    largest = math.max(largest, on_node(s, gpu, node) and cap or 0)
     if cap >= need and on_node(s, gpu, node) then
-      local host = load_hosts(s)[gpu] or ''
+      local host = host_of(s, gpu) or ''
       per_host[host] = (per_host[host] or 0) + 1
       most = math.max(most, per_host[host])
     end

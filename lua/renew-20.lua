@@ -5,16 +5,16 @@
   arrives a moment later: a lease past its deadline never comes back. Then each live id gets a new
   deadline of now + its ttl, and freed capacity goes to the queue. A lease held longer than its class's
   `max_hold` (policy) is asked to checkpoint (`evict_requested`, reason `max_hold`) or revoked (`revoked`,
-  reason `max_hold`; it answers GONE), once. A lease idle (lua/activity-17.lua) for longer than its
+  reason `max_hold`; it answers GONE), once. A lease idle (lua/activity-20.lua) for longer than its
   `idle_timeout_ms` is asked to unload (`evict_requested`, by and reason `idle_timeout`; docs/warm.md).
 
   Events: a renewal is not an event; `lost` for an id its holder renews that is gone; `expired` and
   `granted` for what was collected and served.
 
   Input:
-    KEYS[1..15]       the state layout (includes/state.lua)
-    KEYS[16]         events       pub/sub channel (includes/emit.lua)
-    KEYS[17]         event_log    stream
+    KEYS[1..18]       the state layout (includes/state.lua)
+    KEYS[19]         events       pub/sub channel (includes/emit.lua)
+    KEYS[20]         event_log    stream
     ARGV[1]          wake-list prefix
     ARGV[2]          the holder's secret (an id whose record has another holder's answers GONE)
     ARGV[2k+1], ARGV[2k+2] (k >= 1, 2k+2 < #ARGV)   an id and its ttl in ms
@@ -70,7 +70,7 @@ for k = 3, #ARGV - 2, 2 do
   end
   if rec and rec.busy == false and rec.idle_timeout_ms and rec.idle_since and rec.state ~= 'evicting'
       and now - rec.idle_since >= rec.idle_timeout_ms then
-    -- Idle longer than its idle timeout (lua/activity-17.lua): asked to unload, even without contention.
+    -- Idle longer than its idle timeout (lua/activity-20.lua): asked to unload, even without contention.
     ask_to_checkpoint(rec, 'idle_timeout', rec.vram_mib, now, now + (tonumber(rec.grace_ms) or 30000),
       'idle_timeout')
   end

@@ -16,10 +16,10 @@
   Events: `vram_alert` for each alert; `expired` and `granted` when a lower reading served the queue.
 
   Input:
-    KEYS[1..15]  the state layout (includes/state.lua)
-    KEYS[16]     sampler     string  who may sample this GPU now (expires by itself)
-    KEYS[17]     events      pub/sub channel (includes/emit.lua)
-    KEYS[18]     event_log   stream
+    KEYS[1..18]  the state layout (includes/state.lua)
+    KEYS[19]     sampler     string  who may sample this GPU now (expires by itself)
+    KEYS[20]     events      pub/sub channel (includes/emit.lua)
+    KEYS[21]     event_log   stream
     ARGV[1]      wake-list prefix
     ARGV[2]      gpu id
     ARGV[3]      the caller's sampler id (unique per process and boss)
@@ -41,7 +41,7 @@
 --- @include "evict"
 --- @include "grant"
 
-local K_SAMPLER = KEYS[16]
+local K_SAMPLER = KEYS[19]
 local GPU, ME, USED = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local MAX_AGE, LEASE_MS = tonumber(ARGV[5]), tonumber(ARGV[6])
 local MAX_ALERTS = 16
@@ -63,15 +63,18 @@ end
 
 local granted = 0
 if mine and USED then
+  local s = load_gpus(now)
   local old = redis.call('HGET', K_OBSERVED, GPU)
   redis.call('HSET', K_OBSERVED, GPU, int(USED) .. ',' .. int(now) .. ',' .. int(MAX_AGE))
+  redis.call('ZADD', K_OBSERVED_EXP, int(now + MAX_AGE), GPU)
+  s.seen[GPU] = USED
+  index_gpu(s, GPU)
   local freed = false
   if old then
     local mib, at, max_age = string.match(old, '^(%d+),(%d+),(%d+)$')
     freed = mib == nil or USED < tonumber(mib) or now - tonumber(at) > tonumber(max_age)
   end
   if freed and redis.call('ZCARD', K_QUEUE) > 0 then
-    local s = load_gpus(now)
     collect_expired(s, now)
     granted = grant_waiting(s, now)
   end

@@ -10,9 +10,9 @@
   `granted` for waiters served, `evict_cancelled` when a shrink satisfied an eviction.
 
   Input:
-    KEYS[1..15] the state layout (includes/state.lua)
-    KEYS[16]    events       pub/sub channel (includes/emit.lua)
-    KEYS[17]    event_log    stream
+    KEYS[1..18] the state layout (includes/state.lua)
+    KEYS[19]    events       pub/sub channel (includes/emit.lua)
+    KEYS[20]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     new size, integer MiB > 0
@@ -61,6 +61,7 @@ end
 local function apply(delta)
   rec.vram_mib = rec.vram_mib + delta
   s.used[rec.gpu] = redis.call('HINCRBY', K_USED, rec.gpu, delta)
+  index_gpu(s, rec.gpu)
   count_mib(s, rec, delta)
   local ev = lease_fields(rec)
   ev.from_mib = rec.vram_mib - delta

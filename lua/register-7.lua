@@ -13,8 +13,10 @@
     KEYS[1]   gpus       hash  gpu id -> JSON declaration
     KEYS[2]   capacity   hash  gpu id -> leasable MiB
     KEYS[3]   used       hash  gpu id -> leased MiB
-    KEYS[4]   events     pub/sub channel (includes/emit.lua)
-    KEYS[5]   event_log  stream
+    KEYS[4]   free       zset  the placement index (includes/state.lua): each new GPU is entered
+    KEYS[5]   free_host  zset  the same by host, for a GPU with a host (includes/index.lua)
+    KEYS[6]   events     pub/sub channel (includes/emit.lua)
+    KEYS[7]   event_log  stream
     ARGV[k]   (1 <= k < #ARGV) one GPU as JSON: {"id", "name", "index", "capacity_mib", "reserve_mib"},
               and for a discovered GPU also "host", "uuid", "pci_bus_id", "parent_uuid" (MIG only)
     ARGV[#ARGV]  event log cap (0: no log)
@@ -24,6 +26,7 @@
     {-1, gpu_id, registered}      CONFLICT: `gpu_id` is registered with other sizes (its JSON)
 ]]
 --- @include "emit"
+--- @include "index"
 
 local decls = {}
 for k = 1, #ARGV - 1 do
@@ -48,6 +51,11 @@ for _, d in ipairs(decls) do
   redis.call('HSET', KEYS[1], gpu.id, d[2])
   redis.call('HSET', KEYS[2], gpu.id, string.format('%.0f', gpu.capacity_mib - gpu.reserve_mib))
   redis.call('HSETNX', KEYS[3], gpu.id, 0)
+  local free = gpu.capacity_mib - gpu.reserve_mib - tonumber(redis.call('HGET', KEYS[3], gpu.id))
+  redis.call('ZADD', KEYS[4], string.format('%.0f', free), gpu.id)
+  if type(gpu.host) == 'string' then
+    redis.call('ZADD', KEYS[5], 0, host_member(gpu.host, free, gpu.id))
+  end
   emit('gpu_registered', now, {
     lease = cjson.null, gpu = gpu.id, service = cjson.null, priority = cjson.null, vram_mib = cjson.null,
     name = gpu.name or '', index = gpu.index,

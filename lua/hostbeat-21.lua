@@ -13,10 +13,10 @@
   Events: `gpu_offline`, `gpu_online`; `expired` and `granted` when GPUs came back and the queue was served.
 
   Input:
-    KEYS[1..15]  the state layout (includes/state.lua)
-    KEYS[16]     hosts       hash  host -> last beat (ms, Redis time)
-    KEYS[17]     events      pub/sub channel (includes/emit.lua)
-    KEYS[18]     event_log   stream
+    KEYS[1..18]  the state layout (includes/state.lua)
+    KEYS[19]     hosts       hash  host -> last beat (ms, Redis time)
+    KEYS[20]     events      pub/sub channel (includes/emit.lua)
+    KEYS[21]     event_log   stream
     ARGV[1]      wake-list prefix
     ARGV[2]      this host's name
     ARGV[3]      timeout (ms): a host silent for longer has its GPUs marked offline
@@ -34,7 +34,7 @@
 --- @include "evict"
 --- @include "grant"
 
-local K_HOSTS = KEYS[16]
+local K_HOSTS = KEYS[19]
 local HOST = ARGV[2]
 local TIMEOUT = tonumber(ARGV[3])
 local REASON = 'host_timeout'

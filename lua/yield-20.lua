@@ -12,9 +12,9 @@
   collected first.
 
   Input:
-    KEYS[1..15] the state layout (includes/state.lua)
-    KEYS[16]    events       pub/sub channel (includes/emit.lua)
-    KEYS[17]    event_log    stream
+    KEYS[1..18] the state layout (includes/state.lua)
+    KEYS[19]    events       pub/sub channel (includes/emit.lua)
+    KEYS[20]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     resume: '1' queue again (same id, same arrival number), '0' end the lease
