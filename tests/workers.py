@@ -24,6 +24,11 @@ Commands:
             json>``, ``STEP <n> <t>`` after each step, ``CHECKPOINT <t>`` when ``on_evict`` starts,
             ``SAVED <step> <t>`` when it has written the file, ``RESUMED <step from file> <step in memory> <t>
             <evictions>`` after the safe point returns from a resume, ``DONE <step> <evictions> <t>``.
+``agent``   a scripted client for the scheduling-policy tests (``test_scheduling_processes.py``): one boss of
+            ``--service`` with the extra settings ``--settings`` (JSON: ``priorities``, ``aging``, ``caps``,
+            ``on_redis_down`` ...); prints ``READY``, then obeys one command per stdin line, each
+            ``VERB <tag> [json]``, and answers with lines ``KIND <tag> <json>`` (see :class:`Agent`). Requests
+            run on threads of their own, so one agent can hold a lease and wait for another.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the checkout's gpuboss wins
     sys.path.insert(0, str(ROOT))
 
-from gpuboss import GPUBoss, Lease, LeaseTimeout  # noqa: E402
+from gpuboss import GPUBoss, GPUBossError, Lease, LeaseTimeout  # noqa: E402
 
 SIZES_GB = (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 PRIORITIES = ("low", "normal", "high")
@@ -58,9 +63,13 @@ TIMEOUTS = (0, 0, 0.02, 0.1, 0.3, 1.0, 2.0)
 TTLS = (2.0, 5.0, 10.0)
 
 
+_EMITTING = threading.Lock()  # the agent's threads print whole lines, one at a time
+
+
 def emit(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    with _EMITTING:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def lease_json(lease: Lease) -> str:
@@ -74,6 +83,9 @@ def lease_json(lease: Lease) -> str:
             "pid": lease.pid,
             "ttl": lease.ttl,
             "expires_at": lease.expires_at,
+            "priority": lease.priority,
+            "service": lease.service,
+            "local": lease.local,
         }
     )
 
@@ -211,10 +223,132 @@ def checkpointer(args: argparse.Namespace) -> int:
     return 0
 
 
+class Agent:
+    """The ``agent`` command: a boss driven line by line from stdin (the test) with answers on stdout.
+
+    Commands (``<tag>`` names a request, a stream or a class; ``<json>`` is one JSON object, no newline):
+
+    ``ACQUIRE <tag> <json>``  ``boss.acquire(**json)`` on a thread of its own (``"checkpoint": true`` adds an
+        ``on_evict`` that prints ``EVICT``). Answers ``HELD <tag> <lease>``, ``TIMEOUT <tag> {elapsed}`` or
+        ``ERROR <tag> {type, message, elapsed}``; later ``LOST <tag> {}`` (``on_lost``), ``EVICT <tag> {}`` and
+        ``STATE <tag> {state, evictions}`` whenever the held lease's state or eviction count changes.
+    ``RELEASE <tag>``         ``boss.release(lease)``; answers ``RELEASED <tag> {released}``.
+    ``STREAM <tag> <json>``   on a thread: ``acquire(**json["acquire"])``, hold ``json["hold_s"]``, release, again,
+        ``json["count"]`` times (none: until ``STOP <tag>``). Answers ``GRANT <tag> {n, lease}`` per grant
+        and ``STREAMED <tag> {count}`` at the end (``ERROR`` if a request failed).
+    ``STOP <tag>``            end the stream after its current lease.
+    ``PAUSE <class>``, ``RESUME <class>``  ``boss.pause`` / ``boss.resume``; answer ``PAUSED`` / ``UNPAUSED
+        <class> {changed}`` (or ``ERROR``).
+    ``QUIT``                  close the boss and exit 0 (end of stdin does the same).
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        settings = json.loads(args.settings)
+        self.boss = GPUBoss(args.url, namespace=args.ns, gpus=json.loads(args.gpus), service=args.service, **settings)
+        self.leases: dict[str, Lease] = {}
+        self.stops: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+    def run(self) -> int:
+        threading.Thread(target=self._watch_states, daemon=True).start()
+        emit("READY")
+        for raw in sys.stdin:
+            verb, _, rest = raw.strip().partition(" ")
+            tag, _, payload = rest.partition(" ")
+            body: dict[str, Any] = json.loads(payload) if payload else {}
+            if verb == "QUIT":
+                break
+            if verb == "ACQUIRE":
+                threading.Thread(target=self._acquire, args=(tag, body), daemon=True).start()
+            elif verb == "RELEASE":
+                with self.lock:
+                    lease = self.leases.pop(tag)
+                started = time.monotonic()
+                try:
+                    released = self.boss.release(lease)
+                except GPUBossError as err:
+                    self._error(tag, err, started)
+                else:
+                    emit(f"RELEASED {tag} " + json.dumps({"released": released}))
+            elif verb == "STREAM":
+                self.stops[tag] = threading.Event()
+                threading.Thread(target=self._stream, args=(tag, body), daemon=True).start()
+            elif verb == "STOP":
+                self.stops[tag].set()
+            elif verb in ("PAUSE", "RESUME"):
+                started = time.monotonic()
+                try:
+                    changed = self.boss.pause(tag) if verb == "PAUSE" else self.boss.resume(tag)
+                except GPUBossError as err:
+                    self._error(tag, err, started)
+                else:
+                    kind = "PAUSED" if verb == "PAUSE" else "UNPAUSED"
+                    emit(f"{kind} {tag} " + json.dumps({"changed": changed}))
+            else:
+                raise SystemExit(f"agent: unknown command {raw!r}")
+        self.boss.close()
+        emit("BYE")
+        return 0
+
+    @staticmethod
+    def _error(tag: str, err: BaseException, started: float) -> None:
+        info = {"type": type(err).__name__, "message": str(err), "elapsed": time.monotonic() - started}
+        emit(f"ERROR {tag} " + json.dumps(info))
+
+    def _acquire(self, tag: str, body: dict[str, Any]) -> None:
+        kwargs = dict(body)
+        if kwargs.pop("checkpoint", False):
+            kwargs["on_evict"] = lambda: emit(f"EVICT {tag} {{}}")
+        started = time.monotonic()
+        try:
+            lease = self.boss.acquire(**kwargs, on_lost=lambda _lease: emit(f"LOST {tag} {{}}"))
+        except LeaseTimeout:
+            emit(f"TIMEOUT {tag} " + json.dumps({"elapsed": time.monotonic() - started}))
+            return
+        except GPUBossError as err:
+            self._error(tag, err, started)
+            return
+        with self.lock:
+            self.leases[tag] = lease
+        emit(f"HELD {tag} " + lease_json(lease))
+
+    def _stream(self, tag: str, body: dict[str, Any]) -> None:
+        count, stop, n = body.get("count"), self.stops[tag], 0
+        started = time.monotonic()
+        try:
+            while not stop.is_set() and (count is None or n < count):
+                lease = self.boss.acquire(**body["acquire"])
+                n += 1
+                emit(f"GRANT {tag} " + json.dumps({"n": n, "lease": json.loads(lease_json(lease))}))
+                time.sleep(body["hold_s"])
+                self.boss.release(lease)
+        except GPUBossError as err:
+            self._error(tag, err, started)
+        emit(f"STREAMED {tag} " + json.dumps({"count": n}))
+
+    def _watch_states(self) -> None:
+        """Print ``STATE`` when a held lease changes state or eviction count (an eviction, a resume, a loss)."""
+        last: dict[str, tuple[str, int]] = {}
+        while True:
+            with self.lock:
+                held = list(self.leases.items())
+            last = {tag: seen for tag, seen in last.items() if tag in self.leases}  # a released tag starts anew
+            for tag, lease in held:
+                now = (lease.state.value, lease.evictions)
+                if last.setdefault(tag, now) != now:
+                    last[tag] = now
+                    emit(f"STATE {tag} " + json.dumps({"state": now[0], "evictions": now[1]}))
+            time.sleep(0.01)
+
+
+def agent(args: argparse.Namespace) -> int:
+    return Agent(args).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workers")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("stress", "hold", "wait", "checkpointer"):
+    for name in ("stress", "hold", "wait", "checkpointer", "agent"):
         p = sub.add_parser(name)
         p.add_argument("--url", required=True)
         p.add_argument("--ns", required=True)
@@ -233,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--step-s", type=float, default=0.01)
             p.add_argument("--hold-at", type=int, default=100)
             p.add_argument("--checkpoint-s", type=float, default=0.0)
+        elif name == "agent":
+            p.add_argument("--service", required=True)
+            p.add_argument("--settings", default="{}", help="JSON object of further GPUBoss settings")
         else:
             p.add_argument("--ttl", type=float, default=10.0)
             p.add_argument("--vram", type=float, required=True)
@@ -240,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--timeout", type=float, default=60.0)
             p.add_argument("--report-lost", action="store_true")
     args = parser.parse_args(argv)
-    command = {"stress": stress, "hold": hold, "wait": wait, "checkpointer": checkpointer}[args.command]
+    commands = {"stress": stress, "hold": hold, "wait": wait, "checkpointer": checkpointer, "agent": agent}
+    command = commands[args.command]
     return command(args)
 
 
@@ -326,6 +464,76 @@ class Worker:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
+
+
+class AgentProcess(Worker):
+    """An ``agent`` worker (see :class:`Agent`) with its answers kept, so a test can wait for any of them.
+
+    ``answer(kind, tag)`` returns the payload of the first ``KIND tag`` line not returned before, waiting for
+    it; ``answers(kind, tag)`` lists those seen so far without waiting or taking them.
+    """
+
+    def __init__(self, url: str, namespace: str, gpus: list[dict[str, Any]], service: str, **settings: Any) -> None:
+        super().__init__("agent", url, namespace, gpus, "--service", service, "--settings", json.dumps(settings))
+        self.service = service
+        self.seen: list[tuple[str, str, Any]] = []
+        self.taken: set[int] = set()
+        self.ended = False
+
+    def _pull(self, timeout: float) -> bool:
+        """Move one line (waiting up to ``timeout``) from the pipe into ``seen``; False if none came."""
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if line is None:
+            self.ended = True
+            return False
+        kind, _, rest = line.partition(" ")
+        tag, _, payload = rest.partition(" ")
+        self.seen.append((kind, tag, json.loads(payload) if payload else None))
+        return True
+
+    def _find(self, kind: str, tag: str, where: Any) -> int | None:
+        for i, (k, t, payload) in enumerate(self.seen):
+            if k == kind and t == tag and i not in self.taken and (where is None or where(payload)):
+                return i
+        return None
+
+    def answer(self, kind: str, tag: str = "", timeout: float = 30.0, where: Any = None) -> Any:
+        """The payload of the first ``KIND tag`` line not taken before (and, with ``where``, for which
+        ``where(payload)`` is true), waiting up to ``timeout`` for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._pull(0):
+                pass
+            i = self._find(kind, tag, where)
+            if i is not None:
+                self.taken.add(i)
+                return self.seen[i][2]
+            left = deadline - time.monotonic()
+            if left <= 0 or self.ended:
+                raise AssertionError(
+                    f"agent {self.service} (pid {self.pid}): no {kind} {tag} within {timeout} s; "
+                    f"seen {self.seen[-8:]}; stderr: {self.err()}"
+                )
+            self._pull(min(left, 0.1))
+
+    def answers(self, kind: str, tag: str = "") -> list[Any]:
+        while self._pull(0):
+            pass
+        return [p for k, t, p in self.seen if k == kind and t == tag]
+
+    def command(self, verb: str, tag: str = "", body: dict[str, Any] | None = None) -> None:
+        self.send(" ".join([verb, tag, json.dumps(body)] if body is not None else [verb, tag]))
+
+    def acquire(self, tag: str, vram_gb: float, **kwargs: Any) -> None:
+        """Start ``acquire(vram_gb, **kwargs)`` in the agent; its answer comes later (``answer("HELD", tag)``)."""
+        self.command("ACQUIRE", tag, {"vram_gb": vram_gb, **kwargs})
+
+    def release(self, tag: str, timeout: float = 30.0) -> bool:
+        self.command("RELEASE", tag)
+        return bool(self.answer("RELEASED", tag, timeout)["released"])
 
 
 if __name__ == "__main__":
