@@ -381,6 +381,61 @@ def test_a_busy_model_is_not_unloaded_until_its_request_ends(backend_url: str, n
         a.close()
 
 
+def test_a_busy_preemptible_model_is_evicted_by_priority_once_its_request_ends(
+    backend_url: str, namespace: str
+) -> None:
+    """A busy lease is treated by its priority: a busy low, preemptible model is asked to leave for a high
+    request (reason priority), but is unloaded only when its running request ends; a request that comes in
+    meanwhile does not join the lease being handed back: it waits and reloads."""
+    warm_boss, high_boss = make(backend_url, namespace, service="lowsvc"), make(backend_url, namespace, service="hi")
+    loads = Loads()
+    release = threading.Event()
+    try:
+        warm_model = warm_boss.keep_warm(
+            "low-16g", 16, priority="low", preemptible=True, idle_timeout_s=None, on_load=loads.load
+        )
+        warm_model.on_unload = loads.unload
+        with warm_model as warm:
+            loads.warm = warm
+            first = warm.lease
+            assert first is not None
+
+            def serve() -> Any:
+                with warm.busy() as device:
+                    loads.log.append(("serving", device.lease.id))
+                    release.wait(WAIT_S)
+                    loads.log.append(("served", device.lease.id))
+                return device.lease
+
+            serving, served = in_thread(serve)
+            until(lambda: ("serving", first.id) in loads.log, "the low model serves")
+            high, high_out = in_thread(lambda: high_boss.acquire(16, priority="high", timeout=3 * WAIT_S))
+            until(lambda: first.state is LeaseState.EVICTING, "the busy low lease is asked to leave")
+            assert first.notice is not None and first.notice.reason == "priority"
+            late, late_out = in_thread(lambda: _serve_once(warm))  # does not join the lease being handed back
+            time.sleep(0.2)
+            assert ("unload", "reclaimed") not in loads.log and late.is_alive() and warm.users == 1
+            release.set()
+            result(serving, served)
+            granted = result(high, high_out)
+            assert loads.log[-1] == ("unload", "reclaimed") and loads.users_at_unload == [0]
+            assert late.is_alive()  # waits for the high lease to go
+            high_boss.release(granted)
+            assert result(late, late_out) is not first and warm.reloads == 1
+    finally:
+        release.set()
+        high_boss.close()
+        warm_boss.close()
+    (unloaded, *_) = events_of(backend_url, namespace, "model_unloaded")
+    assert (unloaded.lease, unloaded["reason"], unloaded["evict_reason"], unloaded["for_priority"]) == (
+        first.id,
+        "reclaimed",
+        "priority",
+        "high",
+    )
+    assert unloaded["idle_ms"] is None  # it was busy, not idle, when it was asked
+
+
 def test_an_idle_model_is_unloaded_after_its_timeout(backend_url: str, namespace: str) -> None:
     boss = make(backend_url, namespace, GPU24, service="alpha", default_ttl=3.0)  # renewed every second
     loads = Loads()
