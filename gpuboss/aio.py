@@ -198,8 +198,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             lease._move_if("continue")
         return lease
 
-    async def _activity(self, lease: Lease, op: str) -> Lease:
-        return await warm.activity_async(self, lease, op)
+    async def _activity(self, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:
+        return await warm.activity_async(self, lease, op, idle_timeout_ms)
 
     def keep_warm(self, model: str, vram_gb: float | None = None, **options: Any) -> warm.WarmModel:
         """``async with boss.keep_warm(model="gemma3:12b", vram_gb=9, idle_timeout_s=300, on_unload=...) as warm:``

@@ -213,6 +213,9 @@ def _lease_state(r: dict[str, Any]) -> str:
     state = str(r.get("state") or "active")
     evict = r.get("evict")
     activity = "busy" if r.get("busy") is True else f"idle {seconds(float(r.get('idle_for_s', 0)))}"
+    timeout = r.get("idle_timeout_ms")
+    if r.get("busy") is False and isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        activity += f" of {seconds(timeout / 1000)}"  # unloaded once idle that long (docs/warm.md)
     if r.get("model"):
         activity += f", {r['model']}"
     if state != "evicting" or not isinstance(evict, dict):

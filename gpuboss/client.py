@@ -182,8 +182,8 @@ class GPUBoss(InventoryMethods, BossBase):
             lease._move_if("continue")
         return lease
 
-    def _activity(self, lease: Lease, op: str) -> Lease:
-        return warm.activity_sync(self, lease, op)
+    def _activity(self, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:
+        return warm.activity_sync(self, lease, op, idle_timeout_ms)
 
     def keep_warm(self, model: str, vram_gb: float | None = None, **options: Any) -> warm.WarmModel:
         """``with boss.keep_warm(model="gemma3:12b", vram_gb=9, idle_timeout_s=300, on_unload=..., on_load=...)

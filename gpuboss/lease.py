@@ -79,6 +79,14 @@ TRANSITIONS: dict[tuple[LeaseState, str], LeaseState] = {
 }
 
 
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+#: ``lease.idle()`` without ``idle_timeout_s``: the lease keeps the idle timeout it has (none at first).
+KEEP = _Keep.KEEP
+
+
 class IllegalTransition(RuntimeError):
     """A state change the table does not allow: a bug in gpuboss, never a user error."""
 
@@ -170,8 +178,9 @@ class EvictFlag:
         self._event.clear()
 
 
-def call_on_evict(on_evict: OnEvict, notice: EvictNotice | None) -> Any:
-    """Call ``on_evict()`` or ``on_evict(notice)``, whichever it takes; returns what it returns."""
+def call_on_evict(on_evict: OnEvict, notice: object) -> Any:
+    """Call ``on_evict()`` or ``on_evict(notice)``, whichever it takes; returns what it returns. (Also the rule
+    for a warm model's ``on_load(lease)`` and ``on_unload(reason)``.)"""
     try:
         params = inspect.signature(on_evict).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: call it plainly
@@ -242,6 +251,8 @@ class Lease:
     idle_since: float | None = None
     #: Suspended after it was reclaimed while idle: no queue entry until its next busy() or safe point.
     _parked: bool = field(default=False, repr=False)
+    #: The idle timeout given to ``idle()`` (ms; 0: none), sent with each ``idle()``; None: never given.
+    _idle_timeout_ms: int | None = field(default=None, repr=False)
     #: Granted by this process's local store while Redis was unreachable (``on_redis_down: local``): only this
     #: process's leases were coordinated with it. It stays there, renewed, until released (docs/scheduling.md).
     local: bool = False
@@ -389,19 +400,29 @@ class Lease:
 
         return BusyBlock(self, self._activity("busy"))
 
-    def idle(self) -> Any:
+    def idle(self, idle_timeout_s: float | _Keep | None = KEEP) -> Any:
         """Mark the lease idle: the first candidate when another request does not fit, whatever its priority.
-        With an async boss this is a coroutine."""
-        return self._activity("idle")
+        With an async boss this is a coroutine.
+
+        ``idle_timeout_s`` (seconds) also sets an idle timeout: a lease idle that long, by the Redis clock, is
+        asked to hand back (reason ``idle_timeout``) at its next heartbeat, with or without contention; busy()
+        and touch() start it again. None removes it; left out, the lease keeps the one it has (docs/warm.md).
+        """
+        from gpuboss.warm import idle_timeout_arg
+
+        ms = idle_timeout_arg(idle_timeout_s)
+        if ms is not None:  # kept here too: a lease granted again (resumed) has a fresh record
+            self._idle_timeout_ms = ms
+        return self._activity("idle", self._idle_timeout_ms)
 
     def touch(self) -> Any:
         """Still wanted while idle: its idle time (and idle timeout) starts again. A coroutine for an async boss."""
         return self._activity("touch")
 
-    def _activity(self, op: str) -> Any:
+    def _activity(self, op: str, idle_timeout_ms: int | None = None) -> Any:
         if self._driver is None:
             raise RuntimeError(f"lease {self.id} is not held by a boss")
-        return self._driver._activity(self, op)
+        return self._driver._activity(self, op, idle_timeout_ms)
 
     def _move(self, event: str) -> bool:
         """Apply an event; True when the state changed."""

@@ -39,7 +39,7 @@ from gpuboss.core import (
     validate_vram,
 )
 from gpuboss.errors import InvalidRequest, LeaseCancelled, LeaseLost, RedisUnavailable
-from gpuboss.lease import Device, EvictNotice, Lease, LeaseState
+from gpuboss.lease import KEEP, Device, EvictNotice, Lease, LeaseState, call_on_evict
 
 if TYPE_CHECKING:
     from gpuboss.aio import AsyncGPUBoss
@@ -163,14 +163,24 @@ def _check_op(op: str) -> Op:
     return op  # type: ignore[return-value]
 
 
-def activity_sync(boss: GPUBoss, lease: Lease, op: str) -> Lease:
+def idle_timeout_arg(value: object) -> int | None:
+    """``lease.idle(idle_timeout_s=...)`` as the activity script's argument: KEEP (left out) leaves the lease's
+    idle timeout as it is (None), None removes it (0), seconds set it (ms, at least 1)."""
+    if value is KEEP:
+        return None
+    seconds = _validate_idle_timeout(value)
+    return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
+
+
+def activity_sync(boss: GPUBoss, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:
     """``lease.busy()``/``idle()``/``touch()`` for :class:`~gpuboss.GPUBoss`. A busy() on a lease being handed
     back first hands it back at this safe point (``on_evict``, resume) and marks it busy once granted again."""
     checked = _check_op(op)
     while True:
         if checked == "busy" and lease.state is not LeaseState.GRANTED:
             boss._yield_if_requested(lease)  # raises LeaseLost / LeaseEvicted when there is nothing to resume
-        notice = apply_activity(lease, checked, boss._eval(activity_call(boss._core, lease.id, checked)))
+        call = activity_call(boss._core, lease.id, checked, idle_timeout_ms)
+        notice = apply_activity(lease, checked, boss._eval(call))
         if notice is None:
             return lease
         take_notice(boss, lease, notice)
@@ -179,13 +189,13 @@ def activity_sync(boss: GPUBoss, lease: Lease, op: str) -> Lease:
         boss._yield_if_requested(lease)
 
 
-async def activity_async(boss: AsyncGPUBoss, lease: Lease, op: str) -> Lease:
+async def activity_async(boss: AsyncGPUBoss, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:
     """The :class:`~gpuboss.AsyncGPUBoss` twin of :func:`activity_sync`."""
     checked = _check_op(op)
     while True:
         if checked == "busy" and lease.state is not LeaseState.GRANTED:
             await boss._yield_if_requested(lease)
-        reply = await boss._eval(activity_call(boss._core, lease.id, checked))
+        reply = await boss._eval(activity_call(boss._core, lease.id, checked, idle_timeout_ms))
         notice = apply_activity(lease, checked, reply)
         if notice is None:
             return lease
@@ -293,19 +303,9 @@ def _is_async(boss: object) -> bool:
 # ---------------------------------------------------------------- callbacks
 
 
-def _takes_argument(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: call it plainly
-        return False
-    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
-
-
 def _call(fn: Callable[..., Any] | None, arg: object) -> Any:
-    """``fn(arg)`` or ``fn()``, whichever it takes; None when there is no callback."""
-    if fn is None:
-        return None
-    return fn(arg) if _takes_argument(fn) else fn()
+    """``fn(arg)`` or ``fn()``, whichever it takes (the rule of ``on_evict``); None when there is no callback."""
+    return None if fn is None else call_on_evict(fn, arg)
 
 
 def _call_sync(fn: Callable[..., Any] | None, arg: object) -> None:
@@ -441,31 +441,56 @@ class WarmModel:
 
     # -- the state shared by both front ends (called with the condition held)
 
-    def _next_enter(self) -> Literal["join", "mark", "load"] | None:
-        """What a ``busy()`` does now: join the running blocks, mark the lease busy, load, or wait (None)."""
+    def _next_enter(self) -> Literal["join", "mark", "load", "unload"] | None:
+        """What a ``busy()`` does now: join the running blocks, mark the lease busy, load, unload first, or wait
+        (None)."""
         if self._phase in ("new", "closing", "closed"):
             raise RuntimeError(f"keep_warm({self.model!r}) is not open: busy() goes inside its with block")
         lease = self.lease
-        if self._phase == "ready" and lease is not None and lease.state is LeaseState.GRANTED:
-            if self._users > 0:
-                self._users += 1
-                return "join"
-            self._phase = "marking"
-            return "mark"
+        if self._phase == "ready" and lease is not None:
+            if lease.state is LeaseState.GRANTED:
+                if self._users > 0:
+                    self._users += 1
+                    return "join"
+                self._phase = "marking"
+                return "mark"
+            if self._users == 0:
+                # Being handed back (or gone) and no block runs: unload here, at this safe point, then load
+                # again. This also retries an unload whose on_unload raised in the eviction thread.
+                self._phase = "unloading"
+                return "unload"
+            return None  # being handed back once the running blocks end; no new block joins them
         if self._phase == "unloaded":
             self._phase = "loading"
             return "load"
-        return None  # loading, marking or unloading by another caller; or the lease is being handed back
+        return None  # loading, marking or unloading by another caller
 
-    def _claim_unload(self, lease: Lease, evicting: bool) -> bool | None:
-        """Whether the caller may unload ``lease`` now (True; the phase becomes unloading), must wait (None), or
-        has nothing to do (False: another lease now, or the eviction was called off)."""
-        if self.lease is not lease or (evicting and lease.state is not LeaseState.EVICTING):
+    def _claim_unload(self, lease_id: str, evicting: bool) -> Lease | Literal[False] | None:
+        """For the eviction (``evicting``) or the loss of lease ``lease_id``: the lease to unload now (the phase
+        becomes unloading), None to wait, or False when there is nothing to do (another lease now, or the
+        eviction was called off)."""
+        lease = self.lease
+        if lease is None and self._phase == "loading":
+            return None  # granted, but acquire() has not returned it here yet: wait for the load
+        if lease is None or lease.id != lease_id or (evicting and lease.state is not LeaseState.EVICTING):
             return False
         if self._phase == "ready" and self._users == 0:
             self._phase = "unloading"
-            return True
+            return lease
         return None
+
+    def _unload_failed(self, reason: UnloadReason) -> bool:
+        """on_unload raised (called in its except block, the condition held): whether the lease is handed back
+        all the same. It is when the block is closing (the error is raised after) or the lease is gone anyway
+        (``lost``: logged). For an eviction the model is taken to be still loaded: the lease stays with it,
+        being handed back, and the next ``busy()`` unloads first, calling ``on_unload`` again."""
+        if self._phase == "closing":
+            return True
+        if reason == "lost":
+            log.exception("gpuboss: on_unload of %s failed; its lease is gone all the same", self.model)
+            return True
+        self._phase = "ready"
+        return False
 
     def _after_load(self, lease: Lease, waited: float, loading: float) -> str:
         reload = self.loads > 0
@@ -577,6 +602,29 @@ class WarmModel:
         block runs; the lease is idle again when the last block ends."""
         return self._busy_async() if self._async else self._busy_sync()
 
+    def touch(self) -> Any:
+        """Still wanted: the idle timeout of the loaded model starts again (nothing happens while it is unloaded,
+        busy or being handed back). A coroutine for an async boss."""
+        return self._touch_async() if self._async else self._touch_sync()
+
+    def _touchable(self) -> Lease | None:
+        lease = self.lease
+        if lease is None or self._phase != "ready" or lease.state is not LeaseState.GRANTED:
+            return None
+        return lease
+
+    def _touch_sync(self) -> None:
+        lease = self._touchable()
+        if lease is not None:
+            with contextlib.suppress(LeaseLost):  # gone meanwhile: on_lost unloads it
+                lease.touch()
+
+    async def _touch_async(self) -> None:
+        lease = self._touchable()
+        if lease is not None:
+            with contextlib.suppress(LeaseLost):
+                await lease.touch()
+
     def _load_sync(self, busy: bool) -> tuple[Lease, list[Any]]:
         boss: GPUBoss = self._boss  # type: ignore[assignment]
         asked = time.monotonic()
@@ -613,6 +661,10 @@ class WarmModel:
             try:
                 if action == "load":
                     lease, reply = self._load_sync(busy=True)
+                elif action == "unload":
+                    assert lease is not None
+                    self._unload_sync(lease, self._reason(lease, "lost"))
+                    continue
                 else:
                     assert lease is not None
                     reply = boss._eval(activity_call(boss._core, lease.id, "busy"))
@@ -659,16 +711,21 @@ class WarmModel:
         return bool(settled)
 
     def _unload_sync(self, lease: Lease, default: UnloadReason) -> None:
-        """Call on_unload and hand the lease back (the phase is unloading or closing)."""
+        """Call on_unload and hand the lease back (the phase is unloading or closing; if on_unload raises, see
+        :meth:`_unload_failed`)."""
         boss: GPUBoss = self._boss  # type: ignore[assignment]
         reason = self._reason(lease, default)
+        failed: BaseException | None = None
         try:
             _call_sync(self.on_unload, reason)
-        except BaseException:
+        except BaseException as err:
             with self._cv:
-                self._phase = "ready"
+                handed_back = self._unload_failed(reason)
+                closing = self._phase == "closing"
                 self._cv.notify_all()
-            raise
+            if not handed_back:
+                raise
+            failed = err if closing else None
         boss._before_yield(lease)  # no more renewals: it is about to be handed back
         try:
             boss._eval(unload_call(boss._core, lease, reason))
@@ -678,19 +735,20 @@ class WarmModel:
             with self._cv:
                 self._unloaded(lease, reason)
                 self._cv.notify_all()
+        if failed is not None:
+            raise failed
 
     def _on_evict(self, notice: EvictNotice | None) -> None:
         """The boss's eviction thread: wait until no request runs, then unload and hand the lease back."""
+        if notice is None:  # called off meanwhile
+            return
         with self._cv:
-            lease = self.lease
-            if notice is None or lease is None or lease.id != notice.lease_id:  # None: called off meanwhile
-                return
-            claim = self._claim_unload(lease, evicting=True)
+            claim = self._claim_unload(notice.lease_id, evicting=True)
             while claim is None:
                 self._cv.wait(POLL_S)
-                claim = self._claim_unload(lease, evicting=True)
+                claim = self._claim_unload(notice.lease_id, evicting=True)
         if claim:
-            self._unload_sync(lease, "reclaimed")
+            self._unload_sync(claim, "reclaimed")
 
     def _on_lost(self, lease: Lease) -> None:
         """From the heartbeat thread: the lease is gone; unload (in a thread: requests may still run)."""
@@ -698,12 +756,12 @@ class WarmModel:
 
     def _drop_lost(self, lease: Lease) -> None:
         with self._cv:
-            claim = self._claim_unload(lease, evicting=False)
+            claim = self._claim_unload(lease.id, evicting=False)
             while claim is None:
                 self._cv.wait(POLL_S)
-                claim = self._claim_unload(lease, evicting=False)
+                claim = self._claim_unload(lease.id, evicting=False)
         if claim:
-            self._unload_sync(lease, "lost")
+            self._unload_sync(claim, "lost")
 
     # -- AsyncGPUBoss
 
@@ -796,6 +854,10 @@ class WarmModel:
             try:
                 if action == "load":
                     lease, reply = await self._load_async(busy=True)
+                elif action == "unload":
+                    assert lease is not None
+                    await self._unload_async(lease, self._reason(lease, "lost"))
+                    continue
                 else:
                     assert lease is not None
                     reply = await boss._eval(activity_call(boss._core, lease.id, "busy"))
@@ -843,16 +905,21 @@ class WarmModel:
         return bool(settled)
 
     async def _unload_async(self, lease: Lease, default: UnloadReason) -> None:
+        """See :meth:`_unload_sync`."""
         boss: AsyncGPUBoss = self._boss  # type: ignore[assignment]
         cv = self._cond()
         reason = self._reason(lease, default)
+        failed: BaseException | None = None
         try:
             await _call_async(self.on_unload, reason)
-        except BaseException:
+        except BaseException as err:
             async with cv:
-                self._phase = "ready"
+                handed_back = self._unload_failed(reason)
+                closing = self._phase == "closing"
                 cv.notify_all()
-            raise
+            if not handed_back:
+                raise
+            failed = err if closing else None
         boss._before_yield(lease)
         try:
             await boss._eval(unload_call(boss._core, lease, reason))
@@ -862,26 +929,29 @@ class WarmModel:
             async with cv:
                 self._unloaded(lease, reason)
                 cv.notify_all()
+        if failed is not None:
+            raise failed
 
     async def _on_evict_async(self, notice: EvictNotice | None) -> None:
+        """See :meth:`_on_evict` (a task on the boss's event loop)."""
+        if notice is None:
+            return
         cv = self._cond()
         async with cv:
-            lease = self.lease
-            if notice is None or lease is None or lease.id != notice.lease_id:
-                return
-            claim = self._claim_unload(lease, evicting=True)
+            claim = self._claim_unload(notice.lease_id, evicting=True)
             while claim is None:
                 await self._wait()
-                claim = self._claim_unload(lease, evicting=True)
+                claim = self._claim_unload(notice.lease_id, evicting=True)
         if claim:
-            await self._unload_async(lease, "reclaimed")
+            await self._unload_async(claim, "reclaimed")
 
     async def _on_lost_async(self, lease: Lease) -> None:
+        """See :meth:`_on_lost` (a task on the boss's event loop)."""
         cv = self._cond()
         async with cv:
-            claim = self._claim_unload(lease, evicting=False)
+            claim = self._claim_unload(lease.id, evicting=False)
             while claim is None:
                 await self._wait()
-                claim = self._claim_unload(lease, evicting=False)
+                claim = self._claim_unload(lease.id, evicting=False)
         if claim:
-            await self._unload_async(lease, "lost")
+            await self._unload_async(claim, "lost")

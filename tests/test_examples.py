@@ -12,10 +12,13 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gpuboss import GPUBoss
@@ -164,13 +167,93 @@ def test_preemptible_training(real_url: str, namespace: str, tmp_path: Path) -> 
 
 
 def test_warm_model(real_url: str, namespace: str, tmp_path: Path) -> None:
-    done = run_example("warm_model.py", real_url, namespace, tmp_path)
+    done = run_example("warm_model.py", real_url, namespace, tmp_path, "--backend", "simulated")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK: 6 requests served, two 16 GB models taking turns on a 24 GB GPU" in done.stdout
+    assert "[chat] loaded gemma3:12b on cuda:0 (simulated)" in done.stdout
     lines = done.stdout.splitlines()
     assert sum("reloaded first" in line for line in lines) >= 5  # each request found the other model loaded
     assert any(line.startswith("[chat] unloaded gemma3:12b (reclaimed)") for line in lines)
     assert any(line.startswith("[code] unloaded qwen2.5-coder:14b (reclaimed)") for line in lines)
     main = next(i for i, line in enumerate(lines) if line.startswith("[main] no requests"))
     assert any("(idle_timeout)" in line for line in lines[main:])
+    assert_nothing_held(real_url, namespace)
+
+
+class StubOllama(ThreadingHTTPServer):
+    """The part of Ollama's HTTP API the warm-model example uses (/api/generate to load, unload and answer;
+    /api/ps), keeping score: how many models were loaded at once, and any answer asked of a model not loaded."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), StubOllamaHandler)
+        self.loaded: set[str] = set()
+        self.most = 0
+        self.calls: list[tuple[str, str]] = []
+        self.cold: list[str] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class StubOllamaHandler(BaseHTTPRequestHandler):
+    server: StubOllama
+
+    def log_message(self, *args: Any) -> None:
+        pass  # quiet
+
+    def reply(self, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        assert self.path == "/api/ps"
+        with self.server.lock:
+            self.reply({"models": [{"name": m, "model": m} for m in sorted(self.server.loaded)]})
+
+    def do_POST(self) -> None:
+        assert self.path == "/api/generate"
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model, stub = body["model"], self.server
+        with stub.lock:
+            if body.get("keep_alive") == 0 and not body.get("prompt"):
+                stub.calls.append(("unload", model))
+                stub.loaded.discard(model)
+                self.reply({"model": model, "response": "", "done": True, "done_reason": "unload"})
+                return
+            if body.get("prompt"):
+                stub.calls.append(("generate", model))
+                if model not in stub.loaded:
+                    stub.cold.append(model)  # Ollama would load it on the fly, without a lease
+            else:
+                stub.calls.append(("load", model))
+            assert body.get("keep_alive") == -1, body  # kept loaded: gpuboss decides when it goes
+            stub.loaded.add(model)
+            stub.most = max(stub.most, len(stub.loaded))
+        self.reply({"model": model, "response": f"answer from {model}" if body.get("prompt") else "", "done": True})
+
+
+def test_warm_model_with_an_ollama_server(real_url: str, namespace: str, tmp_path: Path) -> None:
+    """The example's OllamaServer against a stand-in for Ollama's API: the two models are loaded one at a time,
+    each unloaded (keep_alive 0) before the other loads, and no answer is asked of a model that is not loaded."""
+    stub = StubOllama()
+    thread = threading.Thread(target=stub.serve_forever, daemon=True)
+    thread.start()
+    try:
+        done = run_example(
+            "warm_model.py", real_url, namespace, tmp_path, "--backend", "ollama", "--ollama-url", stub.url
+        )
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 6 requests served" in done.stdout and "(ollama)" in done.stdout
+    assert stub.most == 1 and stub.cold == [] and stub.loaded == set(), (stub.most, stub.cold, stub.loaded)
+    kinds = [kind for kind, _ in stub.calls]
+    assert kinds.count("generate") == 6 and kinds.count("load") == kinds.count("unload") >= 6
     assert_nothing_held(real_url, namespace)
