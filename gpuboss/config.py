@@ -227,7 +227,8 @@ class BossConfig(BaseModel):
     # -- scheduling policy (docs/scheduling.md); each None leaves the namespace's rule alone
     #: Priority classes and their ranks (0..999, higher served first).
     priorities: dict[str, int] = Field(default_factory=lambda: dict(PRIORITIES))
-    aging: Aging | None = None
+    #: ``false`` removes the namespace's aging rule (None, left out, leaves it alone).
+    aging: Aging | Literal[False] | None = None
     #: "strict": a request that does not fit holds everyone behind it; "backfill": later requests may use
     #: GPUs the first one cannot use, while the GPU it waits for is kept for it.
     queueing: Literal["strict", "backfill"] | None = None

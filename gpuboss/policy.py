@@ -63,7 +63,9 @@ def policy_fields(config: BossConfig, today: date | None = None) -> list[tuple[s
     if config.pause is not None:
         rules = [r.to_lua() for r in config.pause]
         fields.append(("pause", _dump(rules) if rules else ""))
-    if config.aging is not None:
+    if config.aging is False:
+        fields += [("classes", ""), ("aging", "")]
+    elif config.aging is not None:
         fields.append(("classes", _dump(config.priorities)))
         aging = {"every_ms": math.ceil(config.aging.every_s * 1000), "max_boost": config.aging.max_boost}
         fields.append(("aging", _dump(aging)))

@@ -121,6 +121,27 @@ def test_aging_lets_low_work_overtake_a_stream_of_normal_requests(
     assert aged and aged[0].data["rank"] == 1
 
 
+def test_aging_false_removes_the_rule_and_leaving_it_out_keeps_it(
+    bosses: Bosses, backend_url: str, namespace: str
+) -> None:
+    policy = Keys(namespace).policy
+    client = raw_client(backend_url)
+    aging = bosses(aging={"every_s": 60})
+    aging.release(aging.acquire(1))
+    assert json.loads(client.hget(policy, "aging")) == {"every_ms": 60_000, "max_boost": 1}
+    assert client.hexists(policy, "classes")
+    other = bosses(service="other")  # no aging setting: the stored rule stays
+    other.release(other.acquire(1))
+    assert client.hexists(policy, "aging")
+    off = bosses(service="off", aging=False)
+    off.release(off.acquire(1))
+    assert not client.hexists(policy, "aging") and not client.hexists(policy, "classes")
+    changed = [e for e in replay(backend_url, namespace) if e.type == "policy_changed"]
+    assert [(e["rule"], e["value"]) for e in changed][-2:] == [("classes", ""), ("aging", "")]
+    with pytest.raises(ConfigError, match="aging"):
+        _config(aging=True)
+
+
 def test_without_aging_the_stream_wins(bosses: Bosses, backend_url: str, namespace: str) -> None:
     holder, low_boss, normal_boss = bosses(service="h"), bosses(service="b"), bosses(service="a")
     held = holder.acquire(16, priority="normal")
