@@ -36,13 +36,21 @@ local id, reason = ARGV[2], ARGV[3]
 local now = now_ms()
 local s = load_gpus(now)
 collect_expired(s, now)
-local held = redis.call('HGET', K_LEASES, id) or redis.call('HGET', K_TICKETS, id)
-if held and not is_holder(cjson.decode(held), ARGV[4]) then
-  return {-1, grant_waiting(s, now)}
+local lease_raw = redis.call('HGET', K_LEASES, id)
+local ticket = nil
+if not lease_raw then
+  ticket = redis.call('HGET', K_TICKETS, id)
+end
+local held = nil
+if lease_raw or ticket then
+  held = cjson.decode(lease_raw or ticket)
+  if not is_holder(held, ARGV[4]) then
+    return {-1, grant_waiting(s, now)}
+  end
 end
 
 local code = 0
-local rec = drop_lease(s, id)
+local rec = drop_lease(s, id, lease_raw and held)
 if rec then
   code = 1
   local ev = lease_fields(rec)
@@ -53,12 +61,11 @@ if rec then
   end
   emit('released', now, ev)
 end
-redis.call('DEL', WAKE_PREFIX .. id)
-local ticket = nil
-if code == 0 then
-  ticket = redis.call('HGET', K_TICKETS, id)
+-- (drop_lease deleted any grant pushed for the id that its waiter never took)
+if code == 1 and redis.call('HEXISTS', K_TICKETS, id) == 1 then
+  ticket = redis.call('HGET', K_TICKETS, id) -- never expected: a lease and a queued request of one id
 end
-if drop_request(id, s, now, reason) then
+if (code == 0 or ticket) and drop_request(id, s, now, reason) then
   code = 2
   local req = {id = id}
   if ticket then

@@ -1,5 +1,6 @@
 --[[
-  drop_lease(s, id) -> the removed lease record (decoded) and its JSON, or nil: frees its MiB on its GPU,
+  drop_lease(s, id, known) -> the removed lease record (decoded; `known` when the caller decoded it already)
+    and its JSON, or nil: frees its MiB on its GPU,
     counts it out of the usage hash, takes it off any reservation's victim list, and deletes a grant pushed
     to the id's wake list that its waiter never took.
   drop_request(id, s, now, why) -> true when a queued request was removed (its wake list goes too). With
@@ -56,14 +57,14 @@ local function save_hold(s, gpu)
   end
 end
 
-local function drop_lease(s, id)
+local function drop_lease(s, id, known)
   local raw = redis.call('HGET', K_LEASES, id)
   redis.call('ZREM', K_LEASE_EXP, id)
   redis.call('DEL', WAKE_PREFIX .. id, WAKE_PREFIX .. id .. ':grow') -- grants their waiters never took
   if not raw then
     return nil
   end
-  local rec = cjson.decode(raw)
+  local rec = known or cjson.decode(raw)
   redis.call('HDEL', K_LEASES, id)
   local gpus, each = rec.gpus or {rec.gpu}, rec.per_gpu_mib or rec.vram_mib
   for _, gpu in ipairs(gpus) do
@@ -175,7 +176,10 @@ end
 
 local function collect_expired(s, now, out)
   local leases, requests = 0, 0
-  local ids = redis.call('ZRANGEBYSCORE', K_LEASE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
+  local ids = {}
+  if redis.call('ZCOUNT', K_LEASE_EXP, '-inf', int(now)) > 0 then -- (a count is cheaper than an empty range)
+    ids = redis.call('ZRANGEBYSCORE', K_LEASE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
+  end
   for _, id in ipairs(ids) do
     local rec, raw = drop_lease(s, id)
     if rec then
@@ -189,7 +193,10 @@ local function collect_expired(s, now, out)
       end
     end
   end
-  ids = redis.call('ZRANGEBYSCORE', K_QUEUE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
+  ids = {}
+  if redis.call('ZCOUNT', K_QUEUE_EXP, '-inf', int(now)) > 0 then
+    ids = redis.call('ZRANGEBYSCORE', K_QUEUE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
+  end
   for _, id in ipairs(ids) do
     local raw = redis.call('HGET', K_TICKETS, id)
     if drop_request(id, s, now, 'requester_expired') then
