@@ -331,6 +331,8 @@ def read_config_file(path: str | os.PathLike[str] | None, use_env: bool = True) 
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{file}: malformed YAML: {err}") from None
+    except ValueError as err:  # a scalar the resolver reads as a value it cannot build: 2024-13-01, 4300+ digits
+        raise ConfigError(f"{file}: malformed YAML: {err}") from None
     except RecursionError:
         raise ConfigError(f"{file}: malformed YAML: nested too deeply") from None
     if data is None:

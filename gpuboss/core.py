@@ -22,6 +22,7 @@ from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from gpuboss.config import PRIORITIES, BossConfig, GPUConfig, gb_to_mib
+from gpuboss.devices import cuda_index
 from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, LeaseCancelled, LeaseLost, LeaseTimeout
 from gpuboss.keys import Keys
 from gpuboss.lease import Lease, OnEvict, OnLost
@@ -34,7 +35,7 @@ REGISTRY_WAIT_S = 0.5
 #: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
 EXPIRY_WATCH_POSITIONS = 2
 MAX_TTL_S = 86400.0
-#: No GPU is larger (1 PiB); a request above it is clamped here and can never fit.
+#: No GPU is larger (1 PiB); a request above it is clamped to one MiB more, so it can never fit.
 MAX_VRAM_GB = 2**20
 
 
@@ -203,8 +204,9 @@ def validate_vram(vram_gb: object) -> int:
     gb = _number("vram_gb", vram_gb)
     if not math.isfinite(gb) or gb <= 0:
         raise InvalidRequest("vram_gb", vram_gb, "must be a finite number of gigabytes greater than 0")
-    # Beyond any GPU: kept as a big integer so the capacity check answers InsufficientCapacity.
-    return gb_to_mib(gb) if gb <= MAX_VRAM_GB else MAX_VRAM_GB * 1024
+    # Beyond any GPU: one MiB more than the largest GPU can have, so the capacity check answers
+    # InsufficientCapacity (and the number stays small enough for Lua and for ceil()).
+    return gb_to_mib(gb) if gb <= MAX_VRAM_GB else MAX_VRAM_GB * 1024 + 1
 
 
 def validate_priority(priority: object, classes: Mapping[str, int] = PRIORITIES) -> tuple[str, int]:
@@ -320,15 +322,7 @@ def resolve_device(device: str | int | None, gpus: Mapping[str, GpuInfo]) -> str
         return ""
     if isinstance(device, str) and device in gpus:
         return device
-    index: int | None = device if isinstance(device, int) else None
-    if (
-        isinstance(device, str)
-        and device.startswith("cuda:")
-        and device[5:].isascii()
-        and device[5:].isdigit()
-        and len(device) < 16
-    ):
-        index = int(device[5:])
+    index = device if isinstance(device, int) else cuda_index(device)
     if index is not None:
         matches = [g.id for g in gpus.values() if g.index == index]
         if len(matches) == 1:

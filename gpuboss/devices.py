@@ -314,15 +314,28 @@ def child_env(uuids: str | Iterable[str]) -> dict[str, str]:
     return {ENV_VISIBLE: ",".join(items)}
 
 
+#: More significant digits than any CUDA index has; ``int()`` refuses 4300+ digits.
+CUDA_INDEX_DIGITS = 18
+
+
+def cuda_index(device: object) -> int | None:
+    """N of ``"cuda:N"``, N in ASCII decimal digits (leading zeros allowed), or None for anything else and for
+    an N of more than :data:`CUDA_INDEX_DIGITS` significant digits (no GPU has such an index)."""
+    text = device[5:] if isinstance(device, str) and device.startswith("cuda:") else ""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    significant = text.lstrip("0") or "0"
+    return int(significant) if len(significant) <= CUDA_INDEX_DIGITS else None
+
+
 def child_env_for_device(device: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment that gives a child process the GPU this process calls ``device`` (``"cuda:N"``), for GPUs
     known only by their CUDA index (declared GPUs, no UUID): this process's ``CUDA_VISIBLE_DEVICES`` entry N
     when it is set, else ``N``. The child must inherit ``CUDA_DEVICE_ORDER``; with the GPU's UUID, use
     :func:`child_env` instead, which does not depend on it."""
-    text = device[5:] if isinstance(device, str) and device.startswith("cuda:") else ""
-    if not (text.isascii() and text.isdigit()):
+    ordinal = cuda_index(device)
+    if ordinal is None:
         raise InvalidRequest("device", device, "must be 'cuda:N' with N >= 0")
-    ordinal = int(text)
     environ: Mapping[str, str] = os.environ if env is None else env
     raw = environ.get(ENV_VISIBLE)
     if raw is None:

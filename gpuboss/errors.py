@@ -16,7 +16,15 @@ class InvalidRequest(GPUBossError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"invalid {field}={value!r}: {allowed}")
+        super().__init__(f"invalid {field}={_shown(value)}: {allowed}")
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``; an int of 4300+ digits (or a container of one), which ``repr`` refuses, by its type."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to show>"
 
 
 class ConfigError(GPUBossError, ValueError):

@@ -30,7 +30,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from gpuboss.core import GpuInfo, LeaseRequest, Op, ReadHash, on_node, validate_node
-from gpuboss.devices import ENV_VISIBLE, cuda_ordinal, visible_devices
+from gpuboss.devices import ENV_VISIBLE, cuda_index, cuda_ordinal, visible_devices
 from gpuboss.errors import ConfigError, InvalidRequest
 from gpuboss.inventory import VRAMStatus, declarations_of, vram_status
 from gpuboss.lease import Lease
@@ -316,14 +316,13 @@ class Inventory:
         device = req.device
         if not self._local or device is None or (isinstance(device, str) and not device.startswith("cuda:")):
             return req
-        text = str(device)[5:] if isinstance(device, str) else str(device)
-        if not (text.isascii() and text.isdigit()):
+        ordinal = device if isinstance(device, int) else cuda_index(device)
+        if ordinal is None:
             return req  # the core says what is wrong with it
         physical = self.physical()
         if physical is None:
             return req
         seen = visible_devices(physical, self.env)
-        ordinal = int(text)
         if ordinal >= len(seen.uuids):
             raise InvalidRequest(
                 "device",

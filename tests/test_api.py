@@ -24,6 +24,9 @@ from gpuboss.lease import LeaseState
 
 from tests.conftest import GPUS, namespace_keys, raw_client
 
+# The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
+pytestmark = pytest.mark.valkey
+
 GB = 1024
 
 

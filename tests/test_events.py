@@ -21,7 +21,7 @@ from gpuboss.redis_io import evalsha_sync
 from gpuboss.server import RedisProcess
 
 from tests.conftest import GPUS, raw_client
-from tests.test_scripts import redis_binaries
+from tests.test_scripts import server_binaries
 
 COMMON = {"v", "type", "time", "lease", "gpu", "service", "priority", "vram_mib"}
 
@@ -346,15 +346,12 @@ def test_event_parsing() -> None:
     assert events.after("17-3") == "17-4" and events.parse_id("17-3") < events.parse_id("18-0")
 
 
-@pytest.mark.parametrize("binary", redis_binaries())
-def test_events_and_revoke_on_every_redis_version(
-    binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, namespace: str
-) -> None:
-    """XADD MAXLEN ~ and PUBLISH inside scripts, and every revoke reply, on Redis 6.2 and 7.x alike."""
+@pytest.mark.parametrize("binary", server_binaries())
+def test_events_and_revoke_on_every_redis_version(binary: str, tmp_path: Path, namespace: str) -> None:
+    """XADD MAXLEN ~ and PUBLISH inside scripts, and every revoke reply, on Redis 6.2 and 7.x and Valkey alike."""
     from gpuboss.server import start_redis
 
-    monkeypatch.setenv("GPUBOSS_REDIS_SERVER", binary)
-    server = start_redis(tmp_path, socket=tmp_path / "r.sock")
+    server = start_redis(tmp_path, socket=tmp_path / "r.sock", binary=binary)
     core = Core(BossConfig(namespace=namespace, gpus=GPUS, events_maxlen=5))
     client = raw_client(server.url)
     try:

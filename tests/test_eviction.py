@@ -23,6 +23,9 @@ from gpuboss.lease import EvictNotice, Lease
 from tests.conftest import raw_client
 from tests.threads import WAIT_S, in_thread, result, until
 
+# The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
+pytestmark = pytest.mark.valkey
+
 #: One GPU of 16 GiB: easy arithmetic for who must leave.
 ONE = [{"id": "g0", "name": "test", "vram_gb": 16, "index": 0}]
 TWO = [*ONE, {"id": "g1", "name": "test", "vram_gb": 16, "index": 1}]

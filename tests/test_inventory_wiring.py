@@ -290,6 +290,20 @@ def test_device_string_is_this_process_ordinal(
         assert dev == device and dev.lease.uuid == target
 
 
+@pytest.mark.parametrize("device", ["cuda:" + "1" * 5000, 10**5000], ids=["5000-digits", "int-of-5000-digits"])
+def test_a_huge_cuda_index_is_invalid_request(
+    backend_url: str, namespace: str, bosses: list[GPUBoss], device: object
+) -> None:
+    """Mapping a pin to this process's GPU called int() and str() on it: ValueError past 4300 digits."""
+    boss = make_boss(backend_url, namespace, fk.uniform_host())
+    bosses.append(boss)
+    before = snapshot(raw_client(backend_url), namespace)
+    with pytest.raises(InvalidRequest):
+        boss.acquire(vram_gb=1, device=device, timeout=0)
+    assert snapshot(raw_client(backend_url), namespace) == before
+    assert boss.acquire(vram_gb=1, device="cuda:" + "0" * 30 + "1", timeout=0).device == "cuda:1"
+
+
 def test_mixed_models_warn_with_the_fix_and_hidden_gpus_warn(
     backend_url: str, namespace: str, bosses: list[GPUBoss]
 ) -> None:

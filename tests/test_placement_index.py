@@ -23,6 +23,9 @@ from gpuboss.sampler import sample_call
 from tests import fake_nvml as fk
 from tests.conftest import raw_client
 
+# The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
+pytestmark = pytest.mark.valkey
+
 MANY = 40
 
 

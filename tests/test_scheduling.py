@@ -28,6 +28,9 @@ from gpuboss.redis_io import evalsha_sync
 from tests.conftest import raw_client
 from tests.threads import WAIT_S, in_thread, result
 
+# The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
+pytestmark = pytest.mark.valkey
+
 ONE = [{"id": "g0", "name": "test", "vram_gb": 16, "index": 0}]
 TWO = [*ONE, {"id": "g1", "name": "test", "vram_gb": 16, "index": 1}]
 

