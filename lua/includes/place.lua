@@ -52,39 +52,15 @@ end
 ]]
 local PLACE_BATCH = 4
 
-local function scan_free(s, need, id, avoid, node, best, best_left)
+-- Walk index entries ({gpu, indexed free MiB}, fewest first) that `read(offset)` returns a batch at a time
+-- (with whether the batch was full), keeping the best fit; it ends at the first entry that cannot beat it.
+local function scan(s, need, id, avoid, node, best, best_left, read)
   local offset = 0
   while true do
-    local batch = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', offset, PLACE_BATCH)
-    for i = 1, #batch, 2 do
-      local gpu = batch[i]
-      if not better(gpu, tonumber(batch[i + 1]) - need, best, best_left) then
-        return best, best_left
-      end
-      if not s.holds[gpu] and eligible(s, gpu, avoid, node) then
-        local left = free_for(s, gpu, id) - need
-        if left >= 0 and better(gpu, left, best, best_left) then
-          return gpu, left
-        end
-      end
-    end
-    if #batch < 2 * PLACE_BATCH then
-      return best, best_left
-    end
-    offset = offset + PLACE_BATCH
-  end
-end
-
--- The same within the GPUs of one host, from the by-host index.
-local function scan_host(s, need, id, avoid, node, best, best_left)
-  local offset = 0
-  local from, to = '[' .. host_member(node, need, ''), '(' .. node .. '!'
-  while true do
-    local batch = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset, PLACE_BATCH)
-    for _, member in ipairs(batch) do
-      local mib, gpu = string.match(member, ' (%d+) (.*)$', #node + 1)
-      local indexed = tonumber(mib)
-      if indexed and indexed >= need then
+    local batch, full = read(offset)
+    for _, entry in ipairs(batch) do
+      local gpu, indexed = entry[1], entry[2]
+      if indexed >= need then
         if not better(gpu, indexed - need, best, best_left) then
           return best, best_left
         end
@@ -96,10 +72,38 @@ local function scan_host(s, need, id, avoid, node, best, best_left)
         end
       end
     end
-    if #batch < PLACE_BATCH then
+    if not full then
       return best, best_left
     end
     offset = offset + PLACE_BATCH
+  end
+end
+
+-- Batches of the whole index: GPUs with at least `need` MiB free.
+local function free_batches(need)
+  return function(offset)
+    local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', offset, PLACE_BATCH)
+    local out = {}
+    for i = 1, #flat, 2 do
+      out[#out + 1] = {flat[i], tonumber(flat[i + 1])}
+    end
+    return out, #flat == 2 * PLACE_BATCH
+  end
+end
+
+-- Batches of one host's GPUs with at least `need` MiB free, from the by-host index.
+local function host_batches(host, need)
+  local from, to = '[' .. host_member(host, need, ''), '(' .. host .. '!'
+  return function(offset)
+    local members = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset, PLACE_BATCH)
+    local out = {}
+    for _, member in ipairs(members) do
+      local mib, gpu = string.match(member, ' (%d+) (.*)$', #host + 1)
+      if mib then
+        out[#out + 1] = {gpu, tonumber(mib)}
+      end
+    end
+    return out, #members == PLACE_BATCH
   end
 end
 
@@ -138,9 +142,9 @@ local function place(s, need, pin, id, avoid, node)
   end
   if node == nil or node == 'any' or hostless_gpus() then
     -- (with GPUs both with and without hosts, a request for one host skips the other hosts' GPUs here)
-    best, best_left = scan_free(s, need, id, avoid, node, best, best_left)
+    best, best_left = scan(s, need, id, avoid, node, best, best_left, free_batches(need))
   else
-    best, best_left = scan_host(s, need, id, avoid, node, best, best_left)
+    best, best_left = scan(s, need, id, avoid, node, best, best_left, host_batches(node, need))
   end
   return best
 end
