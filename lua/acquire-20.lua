@@ -144,10 +144,8 @@ end
 emit('queued', now, ev)
 if s.policy.queueing == 'backfill' then
   -- It may fit on a GPU that nobody ahead of it waits for.
-  grant_waiting(s, now)
-  local lease = redis.call('HGET', K_LEASES, id)
+  local lease = granted_now(s, id, now)
   if lease then
-    redis.call('DEL', WAKE_PREFIX .. id) -- handed back in this reply instead
     return {1, lease}
   end
   position = redis.call('ZRANK', K_QUEUE, id)

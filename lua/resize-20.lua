@@ -38,12 +38,8 @@ local s = load_gpus(now)
 collect_expired(s, now)
 grant_waiting(s, now) -- what the collection freed goes to the queue, whatever the answer below
 
-local raw = redis.call('HGET', K_LEASES, id)
-if not raw then
-  return {0}
-end
-local rec = cjson.decode(raw)
-if not is_holder(rec, ARGV[4]) then
+local rec, raw = held_lease(id, ARGV[4])
+if not rec then
   return {0}
 end
 local grow_id = id .. ':grow'

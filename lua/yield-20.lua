@@ -42,12 +42,8 @@ local s = load_gpus(now)
 collect_expired(s, now)
 grant_waiting(s, now) -- what the collection freed goes to the queue, whatever the answer below
 
-local raw = redis.call('HGET', K_LEASES, id)
-if not raw then
-  return {0}
-end
-local rec = cjson.decode(raw)
-if not is_holder(rec, ARGV[4]) then
+local rec, raw = held_lease(id, ARGV[4])
+if not rec then
   return {0}
 end
 if rec.state ~= 'evicting' then
@@ -80,10 +76,8 @@ qv.ahead = redis.call('ZRANK', K_QUEUE, id)
 qv.ttl_ms = rec.ttl_ms
 qv.resume = true
 emit('queued', now, qv)
-grant_waiting(s, now)
-local lease = redis.call('HGET', K_LEASES, id)
+local lease = granted_now(s, id, now)
 if lease then
-  redis.call('DEL', WAKE_PREFIX .. id) -- handed back in this reply instead
   return {1, lease}
 end
 return {2, redis.call('ZRANK', K_QUEUE, id), next_expiry(now)}

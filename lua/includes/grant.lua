@@ -1,6 +1,7 @@
 --[[
   grant(s, id, req, gpu, now) -> the new (or grown) lease record (JSON)
   grant_waiting(s, now) -> number of queued requests granted
+  granted_now(s, id, now) -> serves the queue; the lease JSON when that granted `id` (its pushed grant deleted)
   first_waiting_rank(s) -> the rank of the first queued request not held back by the policy, or nil
 
   grant writes the lease: a fresh fencing token, the MiB on `gpu`, the record and its expiry, and counts it
@@ -58,8 +59,7 @@ local function grant(s, id, req, where, now)
   end
   local devices = {}
   for i, g in ipairs(gpus) do
-    local decl = decl_of(s, g)
-    devices[i] = 'cuda:' .. ((decl and decl.index) or 0)
+    devices[i] = 'cuda:' .. (decl_of(s, g).index or 0)
   end
   local rec = {
     id = id, gpu = gpu, device = devices[1], vram_mib = req.vram_mib * #gpus,
@@ -214,4 +214,15 @@ local function grant_waiting(s, now)
     end
   end
   return granted
+end
+
+-- Serve the queue; when that granted request `id`, its lease (JSON), taken off its wake list: the caller
+-- answers with it instead.
+local function granted_now(s, id, now)
+  grant_waiting(s, now)
+  local lease = redis.call('HGET', K_LEASES, id)
+  if lease then
+    redis.call('DEL', WAKE_PREFIX .. id)
+  end
+  return lease
 end

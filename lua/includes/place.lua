@@ -93,7 +93,7 @@ end
 
 -- Batches of one host's GPUs with at least `need` MiB free, from the by-host index.
 local function host_batches(host, need)
-  local from, to = '[' .. host_member(host, need, ''), '(' .. host .. '!'
+  local from, to = host_range(host, need)
   return function(offset)
     local members = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset, PLACE_BATCH)
     local out = {}
@@ -107,9 +107,9 @@ local function host_batches(host, need)
   end
 end
 
--- Whether some GPUs have no host (they are in the index, but not in the by-host one).
-local function hostless_gpus()
-  return redis.call('ZCARD', K_FREE) > redis.call('ZCARD', K_FREE_HOST)
+-- Whether some GPUs have no host (every GPU is in the index, only those with a host in the by-host one).
+local function hostless_gpus(s)
+  return s.gpu_count > redis.call('ZCARD', K_FREE_HOST)
 end
 
 -- Whether some GPU of `node` has at least `need` MiB free now, by the index (a cheap "not too large"); false
@@ -118,10 +118,11 @@ local function free_now(s, need, node)
   if node == nil or node == 'any' then
     return redis.call('ZCOUNT', K_FREE, need, '+inf') > 0
   end
-  if hostless_gpus() then
+  if hostless_gpus(s) then
     return false
   end
-  return redis.call('ZLEXCOUNT', K_FREE_HOST, '[' .. host_member(node, need, ''), '(' .. node .. '!') > 0
+  local from, to = host_range(node, need)
+  return redis.call('ZLEXCOUNT', K_FREE_HOST, from, to) > 0
 end
 
 local function place(s, need, pin, id, avoid, node)
@@ -140,7 +141,7 @@ local function place(s, need, pin, id, avoid, node)
       end
     end
   end
-  if node == nil or node == 'any' or hostless_gpus() then
+  if node == nil or node == 'any' or hostless_gpus(s) then
     -- (with GPUs both with and without hosts, a request for one host skips the other hosts' GPUs here)
     best, best_left = scan(s, need, id, avoid, node, best, best_left, free_batches(need))
   else

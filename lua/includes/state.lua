@@ -100,12 +100,18 @@ end
     s.holds[gpu]    the reservation on that GPU (decoded), if any (all read at once: there are few)
   Effective free MiB for a request = cap - max(used, seen) - (a hold of another request).
 ]]
+-- A stored reading "used_mib,sampled_at_ms,max_age_ms" at `now`: its MiB while fresh (else false), and the
+-- moment it goes stale (nil when it is not a reading).
 local function parse_reading(v, now)
   local mib, at, max_age = string.match(v or '', '^(%d+),(%d+),(%d+)$')
-  if mib and now - tonumber(at) <= tonumber(max_age) then
-    return tonumber(mib)
+  if not mib then
+    return false, nil
   end
-  return false
+  local stale_at = tonumber(at) + tonumber(max_age)
+  if now <= stale_at then
+    return tonumber(mib), stale_at
+  end
+  return false, stale_at
 end
 
 local function lazy(load)
@@ -118,15 +124,24 @@ local function lazy(load)
   end})
 end
 
--- A GPU's declaration (the gpus hash), decoded once per call; nil for a GPU that is not registered.
+-- A GPU's declaration (the gpus hash) as JSON, read once per call ('{}' for a GPU that is not registered).
+local function raw_decl(s, gpu)
+  local raw = s.raw_decls[gpu]
+  if raw == nil then
+    raw = redis.call('HGET', K_GPUS, gpu) or '{}'
+    s.raw_decls[gpu] = raw
+  end
+  return raw
+end
+
+-- A GPU's declaration, decoded once per call (an empty table for a GPU that is not registered).
 local function decl_of(s, gpu)
   local decl = s.decls[gpu]
   if decl == nil then
-    local raw = redis.call('HGET', K_GPUS, gpu)
-    decl = raw and cjson.decode(raw) or false
+    decl = cjson.decode(raw_decl(s, gpu))
     s.decls[gpu] = decl
   end
-  return decl or nil
+  return decl
 end
 
 -- The host of a GPU (from its declaration), or false for a GPU without one. A plain host name is read from
@@ -134,16 +149,10 @@ end
 local function host_of(s, gpu)
   local host = s.host_of[gpu]
   if host == nil then
-    local decl = s.decls[gpu]
-    if decl == nil then
-      local raw = redis.call('HGET', K_GPUS, gpu) or '{}'
-      host = string.match(raw, '"host":%s*"([%w%.%-_]+)"')
-      if host == nil and string.find(raw, '"host":%s*"') then
-        decl = decl_of(s, gpu)
-      end
-    end
-    if decl then
-      host = decl.host
+    local raw = raw_decl(s, gpu)
+    host = string.match(raw, '"host":%s*"([%w%.%-_]+)"')
+    if host == nil and string.find(raw, '"host":%s*"') then
+      host = decl_of(s, gpu).host
     end
     if type(host) ~= 'string' then
       host = false
@@ -201,8 +210,11 @@ local function all_gpus(s)
     rawset(s.used, flat[i], tonumber(flat[i + 1]))
   end
   flat = redis.call('HGETALL', K_OBSERVED)
+  s.stale_at = {}
   for i = 1, #flat, 2 do
-    rawset(s.seen, flat[i], parse_reading(flat[i + 1], s.now))
+    local mib, stale_at = parse_reading(flat[i + 1], s.now)
+    rawset(s.seen, flat[i], mib)
+    s.stale_at[flat[i]] = stale_at
   end
   for gpu, _ in pairs(s.cap) do
     if rawget(s.used, gpu) == nil then
@@ -225,16 +237,14 @@ local function rebuild_index(s)
   redis.call('DEL', K_FREE, K_FREE_HOST, K_OBSERVED_EXP)
   for gpu, _ in pairs(all_gpus(s)) do
     index_gpu(s, gpu)
-    local v = redis.call('HGET', K_OBSERVED, gpu)
-    local _, at, max_age = string.match(v or '', '^(%d+),(%d+),(%d+)$')
-    if at and s.seen[gpu] then
-      redis.call('ZADD', K_OBSERVED_EXP, int(tonumber(at) + tonumber(max_age)), gpu)
+    if s.seen[gpu] then -- a fresh reading: re-indexed when it goes stale
+      redis.call('ZADD', K_OBSERVED_EXP, int(s.stale_at[gpu]), gpu)
     end
   end
 end
 
 local function load_gpus(now)
-  local s = {now = now, active = {}, holds = {}, host_of = {}, decls = {}}
+  local s = {now = now, active = {}, holds = {}, host_of = {}, decls = {}, raw_decls = {}}
   s.cap = lazy(function(gpu)
     return tonumber(redis.call('HGET', K_CAPACITY, gpu))
   end)
@@ -242,7 +252,7 @@ local function load_gpus(now)
     return tonumber(redis.call('HGET', K_USED, gpu)) or 0
   end)
   s.seen = lazy(function(gpu)
-    return parse_reading(redis.call('HGET', K_OBSERVED, gpu), now)
+    return (parse_reading(redis.call('HGET', K_OBSERVED, gpu), now))
   end)
   s.off = lazy(function(gpu)
     return redis.call('HEXISTS', K_OFFLINE, gpu) == 1
@@ -321,6 +331,19 @@ end
 
 local function is_holder(rec, secret)
   return rec.secret == nil or rec.secret == sha1hex(secret)
+end
+
+-- The lease record `id` (decoded) and its JSON when the caller (by its `secret`) holds it; nil otherwise.
+local function held_lease(id, secret)
+  local raw = redis.call('HGET', K_LEASES, id)
+  if not raw then
+    return nil
+  end
+  local rec = cjson.decode(raw)
+  if not is_holder(rec, secret) then
+    return nil
+  end
+  return rec, raw
 end
 
 -- Milliseconds until the earliest lease or queue entry expires, or -1 when nothing can expire.
