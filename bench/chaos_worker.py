@@ -105,7 +105,7 @@ def install_tap(log: EventLog) -> None:
     import gpuboss.heartbeat
 
     for module in (gpuboss.client, gpuboss.heartbeat):
-        inner = getattr(module, "evalsha_sync", None)
+        inner = getattr(module, "call_script_sync", None)
         if inner is None:
             continue
 
@@ -115,8 +115,8 @@ def install_tap(log: EventLog) -> None:
             log.call(sent, mono())
             return result
 
-        module.evalsha_sync = timed  # type: ignore[attr-defined]
-    inner_async = getattr(gpuboss.aio, "evalsha_async", None)
+        module.call_script_sync = timed  # type: ignore[attr-defined]
+    inner_async = getattr(gpuboss.aio, "call_script_async", None)
     if inner_async is not None:
 
         async def timed_async(*args: Any, **kwargs: Any) -> Any:
@@ -125,7 +125,7 @@ def install_tap(log: EventLog) -> None:
             log.call(sent, mono())
             return result
 
-        gpuboss.aio.evalsha_async = timed_async  # type: ignore[attr-defined]
+        gpuboss.aio.call_script_async = timed_async  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

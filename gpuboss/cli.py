@@ -1085,7 +1085,7 @@ def config_check(state: CliState, path: str | None) -> None:
 def _set_paused(state: CliState, priority: str, paused: bool) -> None:
     from gpuboss.core import Core
     from gpuboss.errors import InvalidRequest
-    from gpuboss.redis_io import evalsha_sync, retry_sync
+    from gpuboss.redis_io import call_script_sync, retry_sync
 
     cfg = state.config()
     core = Core(cfg)
@@ -1096,7 +1096,7 @@ def _set_paused(state: CliState, priority: str, paused: bool) -> None:
     target = find_target(cfg, start=False)
     client = connect(target, cfg)
     try:
-        reply = retry_sync(lambda: evalsha_sync(client, call), target.shown, cfg.connect_timeout)
+        reply = retry_sync(lambda: call_script_sync(client, call), target.shown, cfg.connect_timeout)
     finally:
         client.close()
     changed, granted = int(reply[0]), int(reply[1])
@@ -1138,14 +1138,14 @@ def gc(state: CliState) -> None:
     """Reclaim expired leases and queue entries now (every gpuboss call does this as it goes), hand the
     freed VRAM to the queue, and say what was collected."""
     from gpuboss.core import Core
-    from gpuboss.redis_io import evalsha_sync, retry_sync
+    from gpuboss.redis_io import call_script_sync, retry_sync
 
     cfg = state.config()
     target = find_target(cfg, start=False)
     client = connect(target, cfg)
     core = Core(cfg)
     try:
-        reply = retry_sync(lambda: evalsha_sync(client, core.collect_call()), target.shown, cfg.connect_timeout)
+        reply = retry_sync(lambda: call_script_sync(client, core.collect_call()), target.shown, cfg.connect_timeout)
     finally:
         client.close()
     counts = core.collected(reply)
@@ -1222,7 +1222,7 @@ def release(
     --all (asks first unless --yes). Each goes in one script that also hands its VRAM to the waiters and
     logs a `revoked` event; the holder's heartbeat then reports the lease lost (its on_lost runs)."""
     from gpuboss.core import Core, RevokeReply
-    from gpuboss.redis_io import evalsha_sync, retry_sync
+    from gpuboss.redis_io import call_script_sync, retry_sync
 
     selecting = service is not None or expired or everything
     if lease_ids and selecting:
@@ -1263,7 +1263,7 @@ def release(
     try:
         for rec in chosen:
             call = core.revoke_call(str(rec["id"]), by, reason)
-            reply = retry_sync(lambda call=call: evalsha_sync(client, call), target.shown, cfg.connect_timeout)  # type: ignore[misc]
+            reply = retry_sync(lambda call=call: call_script_sync(client, call), target.shown, cfg.connect_timeout)  # type: ignore[misc]
             code, granted, record = core.revoked(reply)
             results.append({"id": rec["id"], "result": code.name.lower(), "granted": granted, "lease": record or rec})
     finally:

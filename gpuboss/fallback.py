@@ -46,8 +46,8 @@ from gpuboss.redis_io import (
     TRANSIENT,
     connect_async,
     connect_sync,
-    evalsha_async,
-    evalsha_sync,
+    call_script_async,
+    call_script_sync,
     retry_async,
     retry_sync,
 )
@@ -374,7 +374,7 @@ class SyncLink:
             return self._local_op(op)
         if fallback.has_shadows() and isinstance(op, Call) and op.script == "release":
             for sid in fallback.pop_shadows(op):  # the VRAM is free now, whatever Redis says
-                evalsha_sync(self._local_connection(), fallback.core.release_call(sid))
+                call_script_sync(self._local_connection(), fallback.core.release_call(sid))
         try:
             return self._real_op(op, route)
         except RedisUnavailable as err:
@@ -398,7 +398,7 @@ class SyncLink:
         try:
             if isinstance(op, Call):
                 result = retry_sync(
-                    lambda: evalsha_sync(client, op),
+                    lambda: call_script_sync(client, op),
                     fallback.shown,
                     within,
                     cap=cap,
@@ -426,13 +426,13 @@ class SyncLink:
         client = self._local_connection()
         if self.fallback.take_setup():
             for call in self.fallback.setup_calls():
-                evalsha_sync(client, call)
+                call_script_sync(client, call)
         return client
 
     def _local_op(self, op: Call | Pop | ReadHash) -> Any:
         client = self.local_client()
         if isinstance(op, Call):
-            result = evalsha_sync(client, op)
+            result = call_script_sync(client, op)
             _discard_released(self.fallback, op)
             return result
         if isinstance(op, Pop):
@@ -443,7 +443,7 @@ class SyncLink:
     def close(self) -> None:
         """Free the stand-ins (the heartbeat releases the rest) and close the clients."""
         for sid in self.fallback.pop_shadows():
-            evalsha_sync(self._local_connection(), self.fallback.core.release_call(sid, "close"))
+            call_script_sync(self._local_connection(), self.fallback.core.release_call(sid, "close"))
         if self._local is not None:
             self._local.close()
             self._local = None
@@ -470,7 +470,7 @@ class AsyncLink:
             return await self._local_op(op)
         if fallback.has_shadows() and isinstance(op, Call) and op.script == "release":
             for sid in fallback.pop_shadows(op):
-                await evalsha_async(self._local_connection(), fallback.core.release_call(sid))
+                await call_script_async(self._local_connection(), fallback.core.release_call(sid))
         try:
             return await self._real_op(op, route)
         except RedisUnavailable as err:
@@ -494,7 +494,7 @@ class AsyncLink:
         try:
             if isinstance(op, Call):
                 result = await retry_async(
-                    lambda: evalsha_async(client, op),
+                    lambda: call_script_async(client, op),
                     fallback.shown,
                     within,
                     cap=cap,
@@ -521,9 +521,9 @@ class AsyncLink:
         client = self._local_connection()
         if self.fallback.take_setup():
             for call in self.fallback.setup_calls():
-                await evalsha_async(client, call)
+                await call_script_async(client, call)
         if isinstance(op, Call):
-            result = await evalsha_async(client, op)
+            result = await call_script_async(client, op)
             _discard_released(self.fallback, op)
             return result
         if isinstance(op, Pop):
@@ -533,7 +533,7 @@ class AsyncLink:
 
     async def close(self) -> None:
         for sid in self.fallback.pop_shadows():
-            await evalsha_async(self._local_connection(), self.fallback.core.release_call(sid, "close"))
+            await call_script_async(self._local_connection(), self.fallback.core.release_call(sid, "close"))
         if self._local is not None:
             await self._local.aclose()
             self._local = None

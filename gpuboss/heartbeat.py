@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from gpuboss.core import Core, RenewStatus
 from gpuboss.lease import Lease, LeaseState
-from gpuboss.redis_io import TRANSIENT, connect_sync, evalsha_sync
+from gpuboss.redis_io import TRANSIENT, connect_sync, call_script_sync
 
 if TYPE_CHECKING:
     from gpuboss.fallback import Fallback
@@ -138,7 +138,7 @@ class Heartbeat:
             for item_id, local in places:
                 try:
                     client = self._local_connection() if local else self._connection()
-                    evalsha_sync(client, self._core.release_call(item_id, "close"))
+                    call_script_sync(client, self._core.release_call(item_id, "close"))
                 except (RedisError, OSError) as err:
                     log.warning("gpuboss: could not release %s on close (%s); its TTL will reclaim it", item_id, err)
         if self._client is not None:
@@ -249,7 +249,7 @@ class Heartbeat:
         now = time.monotonic()
         for item_id, moot_at in items:
             if now < moot_at:
-                evalsha_sync(client, self._core.release_call(item_id))
+                call_script_sync(client, self._core.release_call(item_id))
             with self._lock:
                 book.pop(item_id, None)
 
@@ -257,7 +257,7 @@ class Heartbeat:
         """Renew a batch in one script call; report what was lost and the notices that came back."""
         if not batch:
             return
-        reply = evalsha_sync(client, self._core.renew_call(batch))
+        reply = call_script_sync(client, self._core.renew_call(batch))
         now_ms = int(reply[1])
         statuses = reply[2 : 2 + len(batch)]
         notices = [json.loads(str(n)) for n in reply[2 + len(batch) :]]

@@ -4,8 +4,10 @@ the two drivers that run a core flow (:func:`run_flow_sync`, :func:`run_flow_asy
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -298,7 +300,85 @@ def denied(url: str, err: BaseException) -> ConfigError:
     )
 
 
-def evalsha_sync(client: redis.Redis, call: Call) -> Any:
+#: How scripts are run: "auto" uses the function library (FCALL) where the server has functions and the
+#: user may load them, else EVALSHA; "evalsha" always uses EVALSHA. Set by GPUBOSS_SCRIPT_CALLS.
+SCRIPT_CALLS = os.environ.get("GPUBOSS_SCRIPT_CALLS", "auto")
+#: Per client: True once FCALL worked, False once the server (or the user's ACL) ruled functions out.
+_functions: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _function_missing(err: ResponseError) -> bool:
+    return "function not found" in str(err).lower()
+
+
+def _functions_unavailable(err: BaseException) -> bool:
+    """FCALL or FUNCTION LOAD refused for good: an older server (6.2), a server without functions, or an ACL
+    without them. EVALSHA does the same work there."""
+    text = str(err).lower()
+    return isinstance(err, NoPermissionError) or "unknown command" in text or "unknown subcommand" in text
+
+
+def _library_loaded(err: ResponseError) -> bool:
+    return "already exists" in str(err).lower()  # another process loaded the same library first
+
+
+def _no_functions(client: Any, err: BaseException) -> None:
+    _functions[client] = False
+    log.info("gpuboss: scripts run by EVALSHA on this server (no function library: %s)", err)
+
+
+def call_script_sync(client: redis.Redis, call: Call) -> Any:
+    """Run one script: FCALL of its function where the library is usable, else EVALSHA (see :data:`SCRIPT_CALLS`).
+
+    A flushed or restarted server answers "Function not found" or NOSCRIPT: the library or the script is
+    loaded again and the call sent once more."""
+    if SCRIPT_CALLS == "auto" and _functions.get(client, True):
+        lib = scripts.library()
+        function = lib.functions[call.script]
+        try:
+            return client.fcall(function, len(call.keys), *call.keys, *call.args)
+        except ResponseError as err:
+            if _function_missing(err):
+                try:
+                    client.function_load(lib.source)
+                except ResponseError as load_err:
+                    if not _library_loaded(load_err):
+                        if not _functions_unavailable(load_err):
+                            raise
+                        _no_functions(client, load_err)
+                        return _evalsha_sync(client, call)
+                return client.fcall(function, len(call.keys), *call.keys, *call.args)
+            if not _functions_unavailable(err):
+                raise
+            _no_functions(client, err)
+    return _evalsha_sync(client, call)
+
+
+async def call_script_async(client: redis.asyncio.Redis, call: Call) -> Any:
+    """:func:`call_script_sync` for asyncio clients."""
+    if SCRIPT_CALLS == "auto" and _functions.get(client, True):
+        lib = scripts.library()
+        function = lib.functions[call.script]
+        try:
+            return await client.fcall(function, len(call.keys), *call.keys, *call.args)
+        except ResponseError as err:
+            if _function_missing(err):
+                try:
+                    await client.function_load(lib.source)
+                except ResponseError as load_err:
+                    if not _library_loaded(load_err):
+                        if not _functions_unavailable(load_err):
+                            raise
+                        _no_functions(client, load_err)
+                        return await _evalsha_async(client, call)
+                return await client.fcall(function, len(call.keys), *call.keys, *call.args)
+            if not _functions_unavailable(err):
+                raise
+            _no_functions(client, err)
+    return await _evalsha_async(client, call)
+
+
+def _evalsha_sync(client: redis.Redis, call: Call) -> Any:
     script = scripts.get(call.script)
     try:
         return client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
@@ -307,7 +387,7 @@ def evalsha_sync(client: redis.Redis, call: Call) -> Any:
         return client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
 
 
-async def evalsha_async(client: redis.asyncio.Redis, call: Call) -> Any:
+async def _evalsha_async(client: redis.asyncio.Redis, call: Call) -> Any:
     script = scripts.get(call.script)
     try:
         return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)

@@ -3,8 +3,13 @@
 Each operation is one file ``lua/<name>-<N>.lua`` where N is the number of KEYS it takes. Shared pieces
 live in ``lua/includes/<piece>.lua`` and are pulled in with a line ``--- @include "<piece>"``; every piece is
 included once per script, in the order first named, and a missing or circular include is an error.
-Scripts are run with EVALSHA; the drivers load a script and retry once when Redis answers NOSCRIPT (after
-``SCRIPT FLUSH`` or a restart).
+
+The same files also make one Redis function library (:func:`library`, Redis and Valkey 7 or later): every
+include is defined once when the library is loaded, instead of on every EVALSHA, and each operation is a
+function ``gpuboss_<hash>_<operation>`` called by FCALL. Lines of an include between ``--- @per-call begin``
+and ``--- @per-call end`` read KEYS or ARGV: in the library, each is split into a declaration at load time and
+an assignment at the start of every call that includes the piece. redis_io.py picks FCALL where the server
+has functions, else EVALSHA; both recover from a flushed or restarted server by loading again and retrying.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 INCLUDE_RE = re.compile(r'^--- @include "([A-Za-z0-9_]+)"\s*$', re.MULTILINE)
+PER_CALL_RE = re.compile(r"^--- @per-call begin\n(?P<body>.*?)^--- @per-call end\n", re.MULTILINE | re.DOTALL)
+PER_CALL_LINE_RE = re.compile(r"^local (?P<names>[A-Za-z_][A-Za-z0-9_]*(?:, [A-Za-z_][A-Za-z0-9_]*)*) = (?P<values>.+)$")
+LIBRARY_PREFIX = "gpuboss_"
 NAME_RE = re.compile(r"^(?P<name>[a-z][A-Za-z0-9]*)-(?P<keys>\d+)\.lua$")
 
 
@@ -87,3 +95,105 @@ def all_scripts() -> dict[str, Script]:
 
 def get(name: str) -> Script:
     return all_scripts()[name]
+
+
+@dataclass(frozen=True)
+class Library:
+    """Every operation as one Redis function library: ``functions`` maps an operation to its function name."""
+
+    name: str
+    source: str
+    functions: dict[str, str]
+
+
+def _per_call(piece: str, text: str) -> tuple[str, list[str]]:
+    """Split a piece's per-call block into load-time declarations (the text returned) and per-call assignments."""
+    binds: list[str] = []
+
+    def one(match: re.Match[str]) -> str:
+        out = []
+        for line in match["body"].splitlines():
+            if not line.strip() or line.lstrip().startswith("--"):
+                out.append(line)
+                continue
+            local = PER_CALL_LINE_RE.match(line)
+            if not local:
+                raise ScriptError(f"includes/{piece}.lua: a per-call line must be 'local a, b = x, y': {line!r}")
+            out.append(f"local {local['names']}")
+            binds.append(f"  {local['names']} = {local['values']}")
+        return "\n".join(out) + "\n"
+
+    return PER_CALL_RE.sub(one, text), binds
+
+
+@cache
+def library() -> Library:
+    """Every script of :func:`all_scripts` as functions of one library, each include defined once."""
+    folder = lua_dir()
+    includes = folder / "includes"
+    order: list[str] = []  # every piece, after the pieces it includes
+    texts: dict[str, str] = {}
+
+    def visit(piece: str, chain: tuple[str, ...]) -> None:
+        if piece in texts:
+            return
+        if piece in chain:
+            raise ScriptError(f"circular include: {' -> '.join((*chain, piece))}")
+        path = includes / f"{piece}.lua"
+        if not path.is_file():
+            raise ScriptError(f"missing include {piece!r} (looked for includes/{piece}.lua)")
+        text = path.read_text(encoding="utf-8")
+        for dep in INCLUDE_RE.findall(text):
+            visit(dep, (*chain, piece))
+        texts[piece] = text
+        order.append(piece)
+
+    bodies: dict[str, tuple[str, list[str]]] = {}
+    for name in all_scripts():
+        (path,) = (p for p in folder.iterdir() if NAME_RE.match(p.name) and NAME_RE.match(p.name)["name"] == name)  # type: ignore[index]
+        text = path.read_text(encoding="utf-8")
+        pieces: list[str] = []
+        for piece in INCLUDE_RE.findall(text):
+            visit(piece, (name,))
+        for piece in order:
+            if piece in _pieces_of(text, texts) and piece not in pieces:
+                pieces.append(piece)
+        bodies[name] = (text, pieces)
+
+    prelude, binders = ["local KEYS, ARGV"], {}
+    for piece in order:
+        text, binds = _per_call(piece, INCLUDE_RE.sub(r"-- (include \1: defined above)", texts[piece]))
+        prelude.append(text)
+        if binds:
+            binders[piece] = f"bind_{piece}"
+            prelude.append(f"local function bind_{piece}()\n" + "\n".join(binds) + "\nend\n")
+    functions = {}
+    registrations = []
+    digest = hashlib.sha1("\n".join(prelude).encode(), usedforsecurity=False)
+    for name, (text, _) in bodies.items():
+        digest.update(f"\n-- {name}\n{text}".encode())
+    name_hash = digest.hexdigest()[:16]
+    for name, (text, pieces) in bodies.items():
+        function = f"{LIBRARY_PREFIX}{name_hash}_{name}"
+        functions[name] = function
+        calls = "".join(f"  {binders[p]}()\n" for p in pieces if p in binders)
+        body = INCLUDE_RE.sub(r"-- (include \1: defined above)", text)
+        registrations.append(
+            f"redis.register_function('{function}', function(keys, args)\n  KEYS, ARGV = keys, args\n{calls}"
+            f"{body}\nend)\n"
+        )
+    lib_name = f"{LIBRARY_PREFIX}{name_hash}"
+    header = f"#!lua name={lib_name}\n-- gpuboss's scripts as one function library, made from lua/ by gpuboss/scripts.py\n"
+    return Library(name=lib_name, source=header + "\n".join(prelude) + "\n" + "\n".join(registrations), functions=functions)
+
+
+def _pieces_of(text: str, texts: dict[str, str]) -> set[str]:
+    """The pieces a script includes, directly or through other pieces."""
+    found: set[str] = set()
+    todo = INCLUDE_RE.findall(text)
+    while todo:
+        piece = todo.pop()
+        if piece not in found:
+            found.add(piece)
+            todo.extend(INCLUDE_RE.findall(texts[piece]))
+    return found

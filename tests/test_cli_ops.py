@@ -22,7 +22,7 @@ from gpuboss.cli import cli
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
 from gpuboss.events import EVENT_TYPES
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 
 from tests.conftest import raw_client, snapshot
 from tests.workers import Worker
@@ -239,10 +239,10 @@ def test_gc_says_what_it_collected(real_url: str, namespace: str) -> None:
     client = raw_client(real_url)
     register = core.register_call()
     assert register is not None
-    evalsha_sync(client, register)
-    evalsha_sync(client, core.acquire_call("deadbeef01", core.make_request(23, ttl=0.1), "gpu0", "ghost"))
-    evalsha_sync(client, core.acquire_call("deadbeef02", core.make_request(4, ttl=0.1), "gpu0", "lurker"))
-    evalsha_sync(client, core.acquire_call("alive00001", core.make_request(16, ttl=60), "gpu1", "alive"))
+    call_script_sync(client, register)
+    call_script_sync(client, core.acquire_call("deadbeef01", core.make_request(23, ttl=0.1), "gpu0", "ghost"))
+    call_script_sync(client, core.acquire_call("deadbeef02", core.make_request(4, ttl=0.1), "gpu0", "lurker"))
+    call_script_sync(client, core.acquire_call("alive00001", core.make_request(16, ttl=60), "gpu1", "alive"))
     time.sleep(0.2)
     text = gpuboss(real_url, namespace, "gc")
     assert text.exit_code == 0, text.output
@@ -252,7 +252,7 @@ def test_gc_says_what_it_collected(real_url: str, namespace: str) -> None:
     again = gpuboss(real_url, namespace, "--json", "gc")
     assert json.loads(again.stdout) == {"leases": [], "requests": [], "granted": 0}
     assert "nothing had expired" in gpuboss(real_url, namespace, "gc").stdout
-    evalsha_sync(client, core.release_call("alive00001"))
+    call_script_sync(client, core.release_call("alive00001"))
     client.close()
 
 
@@ -327,8 +327,8 @@ def test_release_expired_collects_what_expired(real_url: str, namespace: str) ->
     client = raw_client(real_url)
     register = core.register_call()
     assert register is not None
-    evalsha_sync(client, register)
-    evalsha_sync(client, core.acquire_call("stale0001", core.make_request(2, ttl=0.1), "gpu0", "ghost"))
+    call_script_sync(client, register)
+    call_script_sync(client, core.acquire_call("stale0001", core.make_request(2, ttl=0.1), "gpu0", "ghost"))
     time.sleep(0.2)
     result = gpuboss(real_url, namespace, "release", "--expired", "--yes")
     assert result.exit_code == 0, result.output
@@ -526,11 +526,11 @@ def inventory(real_url: str, namespace: str) -> Iterator[dict[str, Any]]:
     client = raw_client(real_url)
     register = core.register_call()
     assert register is not None
-    evalsha_sync(client, register)
-    evalsha_sync(client, core.acquire_call("lease0001aaaa", core.make_request(10, ttl=600), "gpu0", "chat"))
-    evalsha_sync(client, core.acquire_call("lease0002bbbb", core.make_request(4, ttl=600), "gpu1", "batch"))
+    call_script_sync(client, register)
+    call_script_sync(client, core.acquire_call("lease0001aaaa", core.make_request(10, ttl=600), "gpu0", "chat"))
+    call_script_sync(client, core.acquire_call("lease0002bbbb", core.make_request(4, ttl=600), "gpu1", "batch"))
     want = core.make_request(20, priority="high", ttl=600)
-    evalsha_sync(client, core.acquire_call("want0001cccc", want, "gpu0", "big"))
+    call_script_sync(client, core.acquire_call("want0001cccc", want, "gpu0", "big"))
     assert client.zcard(f"{namespace}:queue") == 1
     keys = Keys(namespace)
     before = {"gpus": gpuboss(real_url, namespace, "gpus").stdout}

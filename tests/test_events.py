@@ -17,7 +17,7 @@ from gpuboss import ConfigError, GPUBoss, InvalidRequest, Keys, LeaseTimeout, ev
 from gpuboss.config import BossConfig
 from gpuboss.core import Core, RevokeReply
 from gpuboss.events import EVENT_TYPES, Event
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 from gpuboss.server import RedisProcess
 
 from tests.conftest import GPUS, raw_client
@@ -27,7 +27,7 @@ COMMON = {"v", "type", "time", "lease", "gpu", "service", "priority", "vram_mib"
 
 
 def run(client: redis.Redis, call: object) -> list[Any]:
-    return evalsha_sync(client, call)  # type: ignore[arg-type,no-any-return]
+    return call_script_sync(client, call)  # type: ignore[arg-type,no-any-return]
 
 
 def log(url: str, namespace: str) -> list[Event]:

@@ -495,20 +495,20 @@ def test_a_holder_over_budget_gets_one_alert_event_and_a_warning(
 
 def test_sample_script_ignores_unknown_gpus_and_bad_alerts(backend_url: str, namespace: str) -> None:
     from gpuboss.core import Core
-    from gpuboss.redis_io import evalsha_sync
+    from gpuboss.redis_io import call_script_sync
     from gpuboss.sampler import sample_call
 
     core = Core(build_config(namespace=namespace, gpus=GPUS))
     client = raw_client(backend_url)
     before = snapshot(client, namespace)
-    reply = evalsha_sync(client, sample_call(core, "nope", "me", 5, 6000, 6000))
+    reply = call_script_sync(client, sample_call(core, "nope", "me", 5, 6000, 6000))
     assert reply[:3] == [-1, 0, ""] and snapshot(client, namespace) == before
     register = core.register_call()
     assert register is not None
-    evalsha_sync(client, register)
+    call_script_sync(client, register)
     call = sample_call(core, "gpu0", "me", 5, 6000, 6000)
     bad = type(call)(call.script, call.keys, [*call.args[:6], '[{"leases": ["gone"], "used_mib": 9}, 7]', 0])
-    assert evalsha_sync(client, bad)[0] == 1
+    assert call_script_sync(client, bad)[0] == 1
     assert types(backend_url, namespace, "vram_alert") == []
 
 

@@ -22,7 +22,7 @@ from gpuboss import GPUBoss, Lease
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
 from gpuboss.metrics import Exporter, make_server, wait_ready
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GPUS, raw_client
@@ -110,7 +110,7 @@ def test_event_counters_and_histograms(exporter: Exporter, real_url: str, namesp
         wait_until(lambda: raw_client(real_url).zcard(f"{namespace}:queue") == 1)
         time.sleep(0.3)
         core = Core(BossConfig(namespace=namespace))
-        evalsha_sync(raw_client(real_url), core.revoke_call(big.id, "ops", "test"))  # the waiter gets gpu0
+        call_script_sync(raw_client(real_url), core.revoke_call(big.id, "ops", "test"))  # the waiter gets gpu0
         thread.join(timeout=10)
         other.release(got[0])
         # 2 registrations, 3 x (granted, released), granted big, queued, revoked, granted, released
@@ -145,9 +145,9 @@ def test_inventory_gauges_observed_offline_and_effective_free(real_url: str, nam
     client = raw_client(real_url)
     register = core.register_call()
     assert register is not None
-    evalsha_sync(client, register)
-    evalsha_sync(client, core.acquire_call("lease0001aaaa", core.make_request(10, ttl=600), "gpu0", "m"))
-    evalsha_sync(client, core.acquire_call("want0001bbbb", core.make_request(20, ttl=600), "gpu0", "m"))
+    call_script_sync(client, register)
+    call_script_sync(client, core.acquire_call("lease0001aaaa", core.make_request(10, ttl=600), "gpu0", "m"))
+    call_script_sync(client, core.acquire_call("want0001bbbb", core.make_request(20, ttl=600), "gpu0", "m"))
     exp = Exporter(real_url, namespace)
     gpu0 = {"namespace": namespace, "gpu": "gpu0", "device": "cuda:0", "name": "RTX 4090"}
     gpu1 = {"namespace": namespace, "gpu": "gpu1", "device": "cuda:1", "name": "RTX 4080"}

@@ -56,7 +56,7 @@ import redis
 from gpuboss import scripts
 from gpuboss.config import PRIORITIES, BossConfig
 from gpuboss.core import Call, Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply
-from gpuboss.redis_io import connect_sync, evalsha_sync
+from gpuboss.redis_io import connect_sync, call_script_sync
 from gpuboss.server import RedisProcess
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -256,7 +256,7 @@ class LeaseMachine(RuleBasedStateMachine):
             # Leases granted by two calls at the same model time are told apart by the real clock (the most
             # recently granted is evicted first): make sure it moved on by a millisecond.
             time.sleep(max(0.0, self.last_call + 0.0012 - time.monotonic()))
-        reply = evalsha_sync(self.client, call)
+        reply = call_script_sync(self.client, call)
         self.last_call = time.monotonic()
         self.scripted = True
         return list(reply)

@@ -17,7 +17,7 @@ import pytest
 import redis
 from gpuboss import GPUBoss, Keys, LeaseTimeout
 from gpuboss.core import Call, Core
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 from gpuboss.sampler import sample_call
 
 from tests import fake_nvml as fk
@@ -123,7 +123,7 @@ def test_a_reading_counts_until_it_goes_stale_then_its_gpu_is_reindexed(
     core: Core = boss._core
     max_age = 400
     # Something outside gpuboss fills "small" (12 GB); the reading stays valid for 400 ms.
-    reply = evalsha_sync(client, sample_call(core, "small", "sampler-1", 12 * 1024, max_age, 60_000))
+    reply = call_script_sync(client, sample_call(core, "small", "sampler-1", 12 * 1024, max_age, 60_000))
     assert int(reply[0]) == 1
     assert index_of(client, keys)["small"] == 0
     assert client.zscore(keys.observed_exp, "small") is not None
@@ -158,7 +158,7 @@ def test_a_request_for_a_host_gets_that_hosts_best_fit(
         if host:
             decls[-1]["host"] = host
         hosts[decls[-1]["id"]] = host
-    evalsha_sync(client, Call("register", [*keys.register(), *keys.event_keys()], [*map(json.dumps, decls), 100]))
+    call_script_sync(client, Call("register", [*keys.register(), *keys.event_keys()], [*map(json.dumps, decls), 100]))
     by_host = set(client.zrange(keys.free_host, 0, -1))
     assert by_host == {f"{d['host']} {d['capacity_mib']:012d} {d['id']}" for d in decls if "host" in d}
     boss = GPUBoss(backend_url, namespace=namespace, service="svc", gpus=None)

@@ -23,7 +23,7 @@ from gpuboss.errors import ConfigError, InvalidRequest
 from gpuboss.events import replay
 from gpuboss.keys import Keys
 from gpuboss.policy import window_intervals
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 
 from tests.conftest import raw_client
 from tests.threads import WAIT_S, in_thread, result
@@ -216,7 +216,7 @@ def test_a_window_pauses_a_class_until_it_ends(bosses: Bosses, backend_url: str,
     now_ms = seconds * 1000 + micros // 1000
     windows = json.dumps([{"class": "low", "from": now_ms - 1000, "to": now_ms + 1200}])
     keys = Keys(namespace)
-    evalsha_sync(client, Call("policy", [keys.policy, *keys.event_keys()], ["windows", windows, 100]))
+    call_script_sync(client, Call("policy", [keys.policy, *keys.event_keys()], ["windows", windows, 100]))
     assert boss.acquire(1, priority="high", timeout=0) is not None  # other classes are not paused
     low_t, low_out = in_thread(lambda: boss.acquire(1, priority="low", ttl=0.5, timeout=WAIT_S))
     queued(backend_url, namespace, 1)

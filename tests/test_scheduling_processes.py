@@ -28,7 +28,7 @@ from gpuboss.core import Call
 from gpuboss.events import Event, replay
 from gpuboss.keys import Keys
 from gpuboss.policy import policy_fields
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 from gpuboss.server import RedisProcess, start_redis
 
 from tests.conftest import raw_client
@@ -124,7 +124,7 @@ def store_policy(url: str, ns: str, pairs: list[tuple[str, str]]) -> None:
     them from its next script call on."""
     keys = Keys(ns)
     args: list[str | int] = [x for pair in pairs for x in pair]
-    with_client(url, lambda c: evalsha_sync(c, Call("policy", [keys.policy, *keys.event_keys()], [*args, 1000])))
+    with_client(url, lambda c: call_script_sync(c, Call("policy", [keys.policy, *keys.event_keys()], [*args, 1000])))
 
 
 def policy_of(**settings: Any) -> list[tuple[str, str]]:

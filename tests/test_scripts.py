@@ -15,7 +15,7 @@ import redis
 from gpuboss import GPUBoss, scripts
 from gpuboss.config import BossConfig
 from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply, new_request_id
-from gpuboss.redis_io import evalsha_sync
+from gpuboss.redis_io import call_script_sync
 from gpuboss.warm import ActivityReply, UnloadReply, activity_call, unload_call
 
 from tests.conftest import GPUS, raw_client
@@ -82,7 +82,7 @@ def core(namespace: str) -> Core:
 
 
 def run(client: redis.Redis, call: object) -> list[object]:
-    return evalsha_sync(client, call)  # type: ignore[arg-type,no-any-return]
+    return call_script_sync(client, call)  # type: ignore[arg-type,no-any-return]
 
 
 def server_binaries() -> list[Any]:

@@ -25,7 +25,7 @@ from gpuboss.core import Core
 from gpuboss.errors import InvalidRequest, LeaseLost
 from gpuboss.events import replay
 from gpuboss.keys import Keys
-from gpuboss.redis_io import connect_sync, evalsha_sync
+from gpuboss.redis_io import connect_sync, call_script_sync
 from gpuboss.warm import ActivityReply, UnloadReply, activity_call
 
 from tests.conftest import raw_client
@@ -107,7 +107,7 @@ def test_a_lease_another_process_holds_cannot_be_marked(backend_url: str, namesp
     holder, other = make(backend_url, namespace, service="a"), make(backend_url, namespace, service="b")
     try:
         lease = holder.acquire(2)
-        reply = evalsha_sync(raw_client(backend_url), activity_call(other._core, lease.id, "idle"))
+        reply = call_script_sync(raw_client(backend_url), activity_call(other._core, lease.id, "idle"))
         assert int(reply[0]) == ActivityReply.GONE
         rec = record(backend_url, namespace, lease.id)
         assert rec is not None and "busy" not in rec
@@ -861,25 +861,25 @@ def test_script_replies(backend_url: str, namespace: str) -> None:
     core: Core = boss._core
     try:
         lease = boss.acquire(4)
-        done = evalsha_sync(client, activity_call(core, lease.id, "idle", 1000, "m", "loaded"))
+        done = call_script_sync(client, activity_call(core, lease.id, "idle", 1000, "m", "loaded"))
         assert int(done[0]) == ActivityReply.DONE and json.loads(done[1])["idle_timeout_ms"] == 1000
         other = make(backend_url, namespace, service="other")
         try:
             thread, out = in_thread(lambda: other.acquire(16, timeout=WAIT_S))
             until(lambda: evicting(backend_url, namespace, lease.id), "the idle lease is asked to unload")
-            assert evalsha_sync(client, core.checkpoint_call(lease.id)) == [1]
-            refused = evalsha_sync(client, activity_call(core, lease.id, "busy"))
+            assert call_script_sync(client, core.checkpoint_call(lease.id)) == [1]
+            refused = call_script_sync(client, activity_call(core, lease.id, "busy"))
             assert int(refused[0]) == ActivityReply.EVICTING
             assert json.loads(refused[1])["reason"] == "idle"
             from gpuboss.warm import unload_call
 
             boss._heartbeat.forget(lease.id)
-            assert evalsha_sync(client, unload_call(core, lease, "closed"))[0] == UnloadReply.UNLOADED
+            assert call_script_sync(client, unload_call(core, lease, "closed"))[0] == UnloadReply.UNLOADED
             other.release(result(thread, out))
         finally:
             other.close()
-        assert evalsha_sync(client, unload_call(core, lease, "lost")) == [UnloadReply.GONE]
-        assert int(evalsha_sync(client, activity_call(core, lease.id, "touch"))[0]) == ActivityReply.GONE
+        assert call_script_sync(client, unload_call(core, lease, "lost")) == [UnloadReply.GONE]
+        assert int(call_script_sync(client, activity_call(core, lease.id, "touch"))[0]) == ActivityReply.GONE
         reasons = [e["reason"] for e in events_of(backend_url, namespace, "model_unloaded")]
         assert reasons == ["reclaimed", "lost"]
     finally:

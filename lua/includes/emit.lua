@@ -14,8 +14,10 @@
   lease, gpu, service, priority and vram_mib (null when not known). Events stay small on purpose (the
   JSON encoding is most of their cost): the lease record, read while the lease lives, has the rest.
 ]]
+--- @per-call begin
 local K_EVENTS, K_EVENT_LOG = KEYS[#KEYS - 1], KEYS[#KEYS]
 local EVENT_LOG_CAP = tonumber(ARGV[#ARGV]) or 0
+--- @per-call end
 local EVENT_VERSION = 1
 
 local function emit(kind, now, ev)

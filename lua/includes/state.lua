@@ -26,6 +26,7 @@
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
 ]]
+--- @per-call begin
 local K_GPUS, K_CAPACITY, K_USED = KEYS[1], KEYS[2], KEYS[3]
 local K_LEASES, K_LEASE_EXP = KEYS[4], KEYS[5]
 local K_QUEUE, K_TICKETS, K_QUEUE_EXP = KEYS[6], KEYS[7], KEYS[8]
@@ -34,6 +35,7 @@ local K_OBSERVED, K_OFFLINE, K_HOLDS = KEYS[11], KEYS[12], KEYS[13]
 local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
 local K_FREE, K_FREE_HOST, K_OBSERVED_EXP = KEYS[16], KEYS[17], KEYS[18]
 local WAKE_PREFIX = ARGV[1]
+--- @per-call end
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
 local RANK_BASE = 1000
@@ -325,7 +327,11 @@ end
   Records without one (written before secrets existed) accept any caller. fakeredis has no sha1hex: there
   the secret is kept as it is (a test backend, not a shared server).
 ]]
-local sha1hex = redis.sha1hex or function(text)
+local function sha1hex(text)
+  local hex = redis.sha1hex -- looked up per call: a function library is loaded without the redis API
+  if hex then
+    return hex(text)
+  end
   return 'plain:' .. text
 end
 
