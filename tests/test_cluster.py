@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from click.testing import CliRunner
-from gpuboss import AsyncGPUBoss, ConfigError, GPUBoss, Keys, events
+from gpuboss import AsyncGPUBoss, ConfigError, GPUBoss, Keys, events, redis_io
 from gpuboss.cli import cli
 from gpuboss.redis_io import connect_sync
 from gpuboss.topology import check_cluster_namespace, hash_tag, parse_url
@@ -154,15 +154,25 @@ def test_namespaces_spread_over_the_shards(cluster: ClusterSetup, rc: redis.Redi
         assert rc.hget(Keys(spaces[port]).used, "gpu0") in ("0", None)
 
 
-def test_scripts_reload_after_script_flush_on_every_node(
-    cluster: ClusterSetup, rc: redis.Redis, namespace: str
+@pytest.mark.parametrize("calls", ["auto", "evalsha"], ids=["function-flush", "script-flush"])
+def test_scripts_reload_after_a_flush_on_every_node(
+    cluster: ClusterSetup, rc: redis.Redis, namespace: str, calls: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(redis_io, "SCRIPT_CALLS", calls)
     boss = GPUBoss(cluster.url, namespace=namespace, gpus=GPUS)
     boss.release(boss.acquire(1))
-    rc.script_flush()  # on every primary
-    assert all(client(n.port).script_exists("0" * 40) == [False] for n in cluster.nodes)
-    lease = boss.acquire(2, timeout=5)  # NOSCRIPT -> SCRIPT LOAD (all primaries) -> EVALSHA
+    if calls == "auto":
+        assert all(client(n.port).function_list() for n in cluster.nodes)
+        rc.function_flush()  # on every primary
+        assert not any(client(n.port).function_list() for n in cluster.nodes)
+    else:
+        rc.script_flush()  # on every primary
+        assert all(client(n.port).script_exists("0" * 40) == [False] for n in cluster.nodes)
+    # Function not found -> FUNCTION LOAD / NOSCRIPT -> SCRIPT LOAD (all primaries) -> FCALL / EVALSHA
+    lease = boss.acquire(2, timeout=5)
     assert boss.release(lease) is True
+    if calls == "auto":
+        assert all(client(n.port).function_list() for n in cluster.nodes)
     boss.close()
 
 

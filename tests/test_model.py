@@ -53,10 +53,10 @@ from typing import Any, ClassVar
 
 import pytest
 import redis
-from gpuboss import scripts
+from gpuboss import redis_io, scripts
 from gpuboss.config import PRIORITIES, BossConfig
 from gpuboss.core import Call, Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply
-from gpuboss.redis_io import connect_sync, call_script_sync
+from gpuboss.redis_io import call_script_sync, connect_sync
 from gpuboss.server import RedisProcess
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -174,7 +174,7 @@ REAL_GRACES = (UNIT / 1000, 3 * UNIT / 1000)
 
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, backend_kind: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    """fakeredis with a frozen clock, a real redis-server and a valkey-server (tests/conftest.py's kinds)."""
+    """fakeredis with a frozen clock, a real redis-server (by FCALL, and by EVALSHA) and a valkey-server."""
     if backend_kind == "fake":
         client = connect_sync(f"fakeredis://model-{uuid.uuid4().hex[:8]}", 5.0)
         frozen = FrozenClock(1_800_000_000_000)
@@ -183,7 +183,9 @@ def backend(request: pytest.FixtureRequest, backend_kind: str, monkeypatch: pyte
         else:  # a fakeredis whose clock cannot be frozen: move deadlines, as on a real server
             yield Backend("fake", client, ShiftClock(), REAL_TTLS, REAL_ADVANCES, UNIT, REAL_GRACES)
     else:
-        server: RedisProcess = request.getfixturevalue("redis_server" if backend_kind == "real" else "valkey_server")
+        if backend_kind == "evalsha":
+            monkeypatch.setattr(redis_io, "SCRIPT_CALLS", "evalsha")
+        server: RedisProcess = request.getfixturevalue("valkey_server" if backend_kind == "valkey" else "redis_server")
         client = connect_sync(server.url, 5.0)
         yield Backend(backend_kind, client, ShiftClock(), REAL_TTLS, REAL_ADVANCES, UNIT, REAL_GRACES)
     client.close()

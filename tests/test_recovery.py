@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, redis_io
 from gpuboss.scripts import all_scripts
 from gpuboss.server import RedisProcess, start_redis
 
@@ -278,35 +278,52 @@ def test_sigint_while_queued_withdraws_the_request(
 # ---------------------------------------------------------------- scripts flushed, Redis restarted
 
 
-def test_script_flush_is_recovered(fresh_redis: RedisProcess, namespace: str) -> None:
+@pytest.mark.parametrize("calls", ["auto", "evalsha"], ids=["function-flush", "script-flush"])
+def test_script_flush_is_recovered(
+    fresh_redis: RedisProcess, namespace: str, calls: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUNCTION FLUSH (the library, FCALL) or SCRIPT FLUSH (EVALSHA) under live leases: every call reloads."""
+    monkeypatch.setattr(redis_io, "SCRIPT_CALLS", calls)
     keys = Keys(namespace)
     client = raw_client(fresh_redis.url)
     shas = [s.sha for s in all_scripts().values()]
+
+    def flush() -> None:
+        if calls == "auto":
+            client.function_flush()
+            assert client.function_list() == []
+        else:
+            client.script_flush()
+            assert client.script_exists(*shas) == [False] * len(shas)
+
     with GPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="flush") as boss:
         lease = boss.acquire(8, ttl=0.6, timeout=0)  # renewed every 0.2 s
         first_expiry = lease.expires_at
-        client.script_flush()
-        assert client.script_exists(*shas) == [False] * len(shas)
-        time.sleep(1.5)  # the heartbeat's renew meets NOSCRIPT, loads the script and renews
+        flush()
+        time.sleep(1.5)  # the heartbeat's renew meets NOSCRIPT / Function not found, loads and renews
         assert not lease.lost
         assert client.hexists(keys.leases, lease.id)
         assert lease.expires_at > first_expiry + 0.5
 
-        client.script_flush()
+        flush()
         assert boss.release(lease)  # release after a flush
         assert_idle(client, keys)
 
-        client.script_flush()
+        flush()
         with boss.lease(20, device="gpu0", timeout=0):  # acquire after a flush
             assert used(client, keys)["gpu0"] == 20 * GB
-            client.script_flush()
+            flush()
             # queued path after a flush: a request that must wait, then times out and is withdrawn
             with pytest.raises(LeaseTimeout):
                 boss.acquire(8, device="gpu0", timeout=0.3)
-            client.script_flush()
+            flush()
         assert_idle(client, keys)
-        client.script_flush()
+        flush()
         assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+    stats = client.info("commandstats")
+    assert stats["cmdstat_fcall" if calls == "auto" else "cmdstat_evalsha"]["calls"] > 0
+    if calls == "auto":
+        assert "cmdstat_evalsha" not in stats
     client.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from gpuboss import GPUBoss, scripts
+from gpuboss import AsyncGPUBoss, GPUBoss, redis_io, scripts
 from gpuboss.config import BossConfig
 from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply, new_request_id
 from gpuboss.redis_io import call_script_sync
@@ -106,15 +107,66 @@ def server_binaries() -> list[Any]:
     return binaries
 
 
+@pytest.mark.parametrize("calls", ["auto", "evalsha"])
 @pytest.mark.parametrize("binary", server_binaries())
-def test_every_reply_code_against_the_server(binary: str, core: Core, tmp_path: Path) -> None:
+def test_every_reply_code_against_the_server(
+    binary: str, calls: str, core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each server, by the function library (FCALL) where it has functions, and by EVALSHA."""
     from gpuboss.server import start_redis
 
+    monkeypatch.setattr(redis_io, "SCRIPT_CALLS", calls)
     server = start_redis(tmp_path, socket=tmp_path / "r.sock", binary=binary)
     try:
-        check_every_reply_code(raw_client(server.url), core)
+        client = raw_client(server.url)
+        check_every_reply_code(client, core)
+        stats = client.info("commandstats")
+        has_functions = int(str(client.info("server").get("redis_version", "0")).split(".")[0]) >= 7
+        used = "cmdstat_fcall" if calls == "auto" and has_functions else "cmdstat_evalsha"
+        unused = ({"cmdstat_fcall", "cmdstat_evalsha"} - {used}).pop()
+        assert stats[used]["calls"] > 40
+        assert unused not in stats
     finally:
         server.stop()
+
+
+def test_the_library_defines_each_include_once_and_registers_every_script() -> None:
+    lib = scripts.library()
+    assert lib.source.startswith(f"#!lua name={lib.name}\n") and re.fullmatch(r"gpuboss_[0-9a-f]{16}", lib.name)
+    assert lib.functions == {name: f"{lib.name}_{name}" for name in scripts.all_scripts()}
+    for name, function in lib.functions.items():
+        assert lib.source.count(f"redis.register_function('{function}', function(keys, args)") == 1, name
+    for piece in ("state", "emit", "index", "place", "drop", "evict", "grant"):
+        first_line = (scripts.lua_dir() / "includes" / f"{piece}.lua").read_text().splitlines()[1]
+        assert lib.source.count(first_line) == 1, piece  # each include's header, once
+    # the per-call lines are declared at load time and assigned by every call of a script that includes them
+    assert "\nlocal K_GPUS, K_CAPACITY, K_USED\n" in lib.source
+    assert "  K_GPUS, K_CAPACITY, K_USED = KEYS[1], KEYS[2], KEYS[3]\n" in lib.source
+    assert lib.source.count("  bind_state()\n") == sum('@include "state"' in _text(n) for n in lib.functions)
+    assert lib.source.count("  bind_emit()\n") == len(lib.functions)  # every script announces events
+
+
+def _text(name: str) -> str:
+    return next(scripts.lua_dir().glob(f"{name}-*.lua")).read_text()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_includes_keep_no_state_between_calls() -> None:
+    """A function library keeps an include's top-level locals from call to call: outside the per-call blocks
+    they may only be functions and constants (a number or a string), never a table filled by a call."""
+    allowed = re.compile(r"^local (function \w+\(|\w+(, \w+)* = (-?\d+|'[^']*')\s*(--.*)?$)")
+    for path in sorted((scripts.lua_dir() / "includes").iterdir(), key=lambda p: p.name):
+        text = scripts.PER_CALL_RE.sub("", path.read_text())
+        for line in text.splitlines():
+            if line.startswith("local "):
+                assert allowed.match(line), f"includes/{path.name}: {line}"
+            assert not re.match(r"^[A-Za-z_][\w.]*\s*=", line), f"includes/{path.name} sets a global: {line}"
+
+
+def test_a_per_call_line_must_be_a_plain_local(tmp_path: Path) -> None:
+    text, binds = scripts._per_call("x", "--- @per-call begin\nlocal A, B = KEYS[1], ARGV[2]\n--- @per-call end\n")
+    assert text == "local A, B\n" and binds == ["  A, B = KEYS[1], ARGV[2]"]
+    with pytest.raises(scripts.ScriptError, match="per-call line"):
+        scripts._per_call("x", "--- @per-call begin\nA = KEYS[1]\n--- @per-call end\n")
 
 
 def check_every_reply_code(client: redis.Redis, core: Core) -> None:
@@ -201,14 +253,27 @@ def test_expired_entries_are_collected_with_redis_time(real_url: str, core: Core
     assert client.exists(core.keys.leases, core.keys.queue, core.keys.tickets, core.keys.wake("dead-waiter")) == 0
 
 
-def test_scripts_recover_from_script_flush(real_url: str, namespace: str) -> None:
+def test_scripts_recover_from_script_and_function_flush(real_url: str, namespace: str) -> None:
+    admin = raw_client(real_url)
     boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
     boss.release(boss.acquire(1))
-    raw_client(real_url).script_flush()
+    admin.script_flush()
+    admin.function_flush()
     lease = boss.acquire(2)
-    raw_client(real_url).script_flush()
+    admin.function_flush()
     assert boss.release(lease) is True
     boss.close()
+
+    async def async_side() -> None:
+        aboss = AsyncGPUBoss(real_url, namespace=namespace, gpus=GPUS)
+        admin.function_flush()
+        lease = await aboss.acquire(2)
+        admin.function_flush()
+        assert await aboss.release(lease) is True
+        await aboss.close()
+
+    asyncio.run(async_side())
+    assert [lib[1] for lib in admin.function_list()] == [scripts.library().name]  # ["library_name", name, ...]
 
 
 def test_new_request_ids_are_unique() -> None:

@@ -115,7 +115,11 @@ def test_gpuboss_works_with_exactly_the_documented_acl(acl_server: RedisProcess)
             types.append(event.type)
         assert "queued" in types and types.count("granted") >= 2, types
 
-    admin.script_flush()  # NOSCRIPT -> SCRIPT LOAD, as this user
+    assert admin.info("commandstats")["cmdstat_fcall"]["calls"] > 0  # the function library, loaded by this user
+    assert "cmdstat_evalsha" not in admin.info("commandstats")
+    admin.function_flush()  # "Function not found" -> FUNCTION LOAD, as this user
+    boss.release(boss.acquire(1, ttl=5))
+    admin.script_flush()
     short = boss.acquire(1, ttl=0.2)
     boss._heartbeat.forget(short.id)  # its holder "dies": the lease expires, and collect reclaims it
     wait_until(lambda: boss.collect()["leases"] == 1, 10, "the expired lease to be collected")
@@ -142,27 +146,44 @@ def test_gpuboss_works_with_exactly_the_documented_acl(acl_server: RedisProcess)
     assert not admin.hgetall(Keys(ns).leases)
 
 
+@pytest.mark.parametrize("drop", [("+fcall",), ("+function|load",)], ids=["no-fcall", "no-function-load"])
+def test_a_user_without_functions_runs_the_scripts_by_evalsha(acl_server: RedisProcess, drop: tuple[str, ...]) -> None:
+    """Redis 6.2 has no functions; a user may lack them: every call goes by EVALSHA then, with the same result."""
+    ns = f"acl{uuid.uuid4().hex[:8]}"
+    admin = client(acl_server.port)
+    admin.function_flush()  # so that this user would have to load the library itself
+    name, password = make_user(acl_server, [r for r in documented_acl(ns, PW) if r not in drop])
+    admin.config_resetstat()
+    with GPUBoss(user_url(acl_server, name, password), namespace=ns, gpus=GPUS, service="acl-old") as boss:
+        with boss.lease(vram_gb=4) as device:
+            assert device.startswith("cuda:") and admin.hlen(Keys(ns).leases) == 1
+        assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+    stats = admin.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] >= 3
+    assert not admin.hgetall(Keys(ns).leases)
+
+
 @pytest.mark.parametrize(
     ("drop", "replace", "needle"),
     [
-        ("+evalsha", None, "evalsha"),
-        ("+publish", None, "script can't run this command|permissions to run the 'publish' command"),
-        ("+hgetall", None, "hgetall"),
-        ("~NS:*", "~other:*", "No permissions to access a key|no permissions to access"),
-        ("&NS:*", "&other:*", "channel"),
+        (("+evalsha", "+fcall"), None, "evalsha"),
+        (("+publish",), None, "script can't run this command|permissions to run the 'publish' command"),
+        (("+hgetall",), None, "hgetall"),
+        (("~NS:*",), "~other:*", "No permissions to access a key|no permissions to access"),
+        (("&NS:*",), "&other:*", "channel"),
     ],
-    ids=["no-evalsha", "no-publish-in-scripts", "no-hgetall", "other-keys", "other-channels"],
+    ids=["no-fcall-no-evalsha", "no-publish-in-scripts", "no-hgetall", "other-keys", "other-channels"],
 )
 def test_a_missing_permission_is_one_clear_error(
-    acl_server: RedisProcess, drop: str, replace: str | None, needle: str
+    acl_server: RedisProcess, drop: tuple[str, ...], replace: str | None, needle: str
 ) -> None:
     ns = f"acl{uuid.uuid4().hex[:8]}"
-    rules = [r for r in documented_acl(ns, PW) if r != drop.replace("NS", ns)]
+    rules = [r for r in documented_acl(ns, PW) if r not in {d.replace("NS", ns) for d in drop}]
     if replace is not None:
         rules.append(replace)
     name, password = make_user(acl_server, rules)
     url = user_url(acl_server, name, password)
-    if drop.startswith("&"):
+    if drop[0].startswith("&"):
         with pytest.raises(ConfigError, match="lacks a permission") as err:
             events.subscribe(url, ns, connect_timeout=1)
         boss = None
@@ -174,7 +195,7 @@ def test_a_missing_permission_is_one_clear_error(
     assert re.search(needle, message, re.IGNORECASE), message
     assert "docs/security.md" in message and password not in message
     result = CliRunner().invoke(cli, ["--redis-url", url, "--namespace", ns, "status"])
-    if drop in ("+hgetall", "~NS:*"):
+    if drop[0] in ("+hgetall", "~NS:*"):
         assert result.exit_code == 1 and "lacks a permission" in result.output
         assert "Traceback" not in result.output and password not in result.output
     if boss is not None:
