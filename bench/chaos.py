@@ -10,7 +10,8 @@ timeouts on two GPUs, through a TCP proxy (``bench/proxy.py``), while this drive
 ``stop_holder``    SIGSTOP a holder for longer than its lease's TTL, then SIGCONT: it must be told that the
                    lease is lost, and a newer lease on that GPU must carry a higher fencing token
 ``proxy_drop``     cut every live proxied connection at once
-``script_flush``   ``SCRIPT FLUSH``: the clients must load the scripts again by themselves (NOSCRIPT)
+``script_flush``   ``SCRIPT FLUSH`` and ``FUNCTION FLUSH``: the clients must load the scripts (NOSCRIPT) or the
+                   function library ("Function not found") again by themselves
 ``redis_restart``  SIGKILL redis-server and start an empty one on the same port (no persistence)
 
 An observer process (``--observe``, started by the driver) reads the namespace read-only, in one MULTI/EXEC
@@ -65,7 +66,7 @@ from gpuboss import GPUBoss, Keys
 from gpuboss.config import gb_to_mib
 from gpuboss.scripts import lua_dir
 from gpuboss.server import RedisProcess, start_redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bench.env import free_port
 from bench.handoff import ROOT, worker_env
@@ -662,7 +663,9 @@ class Chaos:
         assert self.direct is not None
         try:
             t = time.monotonic()
-            self.direct.script_flush()
+            self.direct.script_flush()  # the workers' EVALSHA (a server without functions)
+            with contextlib.suppress(ResponseError):  # no FUNCTION command before Redis 7
+                self.direct.function_flush()  # their FCALL (Redis and Valkey 7 or later)
         except (RedisError, OSError):
             return None
         return Fault("script_flush", t)

@@ -19,8 +19,9 @@ clock every process of the machine shares); the driver reads them after the run:
               then waited for the heartbeat's verdict before going on: ``lost`` or ``renewed``
 ``timeout``   ``{t}``: ``LeaseTimeout``; ``unavailable`` ``{t, op}``: ``RedisUnavailable``
 ``error``     ``{t, what}``: anything else raised (a heartbeat thread that died included): a failure
-``c``         ``{a, b}``: one script call (EVALSHA attempt, the heartbeat's included) sent at ``a``, answered
-              at ``b`` (a diagnostic tap on gpuboss's evalsha functions, for the proxy-drop recovery time)
+``c``         ``{a, b}``: one script call (FCALL or EVALSHA attempt, the heartbeat's included) sent at ``a``,
+              answered at ``b`` (a diagnostic tap on gpuboss's call_script functions, for the proxy-drop
+              and flush recovery times)
 ``exit``      ``{t}``: the boss is closed
 
 On SIGTERM a sync worker interrupts an ``acquire()`` in progress (as Ctrl-C would: the request is withdrawn),
@@ -99,12 +100,12 @@ class EventLog:
 
 
 def install_tap(log: EventLog) -> None:
-    """Time every script call (diagnostic): wrap the evalsha functions the front ends and heartbeat call."""
-    import gpuboss.aio
-    import gpuboss.client
+    """Time every script call (diagnostic): wrap the call_script functions that the front ends (through
+    gpuboss.fallback) and the heartbeat call."""
+    import gpuboss.fallback
     import gpuboss.heartbeat
 
-    for module in (gpuboss.client, gpuboss.heartbeat):
+    for module in (gpuboss.fallback, gpuboss.heartbeat):
         inner = getattr(module, "call_script_sync", None)
         if inner is None:
             continue
@@ -116,7 +117,7 @@ def install_tap(log: EventLog) -> None:
             return result
 
         module.call_script_sync = timed  # type: ignore[attr-defined]
-    inner_async = getattr(gpuboss.aio, "call_script_async", None)
+    inner_async = getattr(gpuboss.fallback, "call_script_async", None)
     if inner_async is not None:
 
         async def timed_async(*args: Any, **kwargs: Any) -> Any:
@@ -125,7 +126,7 @@ def install_tap(log: EventLog) -> None:
             log.call(sent, mono())
             return result
 
-        gpuboss.aio.call_script_async = timed_async  # type: ignore[attr-defined]
+        gpuboss.fallback.call_script_async = timed_async  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

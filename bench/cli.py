@@ -4,7 +4,9 @@ One run measures, against a private redis-server on a unix socket:
 
 1. floor A: one round trip of a trivial EVALSHA (``return 1``);
 2. floor B: an exclusive token handed between N processes by BLPOP/RPUSH (the push-based floor);
-3. uncontended acquire and release with ``GPUBoss``, ``AsyncGPUBoss`` and the bare scripts;
+3. uncontended acquire and release with ``GPUBoss``, ``AsyncGPUBoss`` and the bare scripts (sent as gpuboss
+   sends them: FCALL of its function library on Redis 7 or later, else EVALSHA; the header's "scripts" line
+   says which);
 4. handoff of an exclusive lease between N processes (2, 8, 32), with fairness (consecutive grants to one
    process, and grants retaken by the releaser ahead of a waiter), against the exclusive-lock peers on the
    same Redis: redis-py's ``Lock`` (its default sleep, 0.1 s, and 0.001 s), python-redis-lock, pottery's
@@ -40,9 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import redis
-
-from bench import eviction, floor, peers, scaling, uncontended, weighted
+from bench import eviction, floor, peers, scaling, scriptcalls, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
 from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
@@ -171,11 +171,24 @@ class Sampler(Protocol):
 
 @dataclass
 class ScriptTime:
-    """EVALSHA calls and Redis-side microseconds (INFO commandstats) while one sampler ran."""
+    """Script calls (FCALL, EVALSHA, ...: by command) and their Redis-side microseconds (INFO commandstats)
+    while one sampler ran."""
 
-    calls: int = 0
-    usec: int = 0
+    by_command: dict[str, tuple[int, int]] = field(default_factory=dict)
     cycles: int = 0
+
+    def add(self, delta: dict[str, tuple[int, int]]) -> None:
+        for name, (calls, usec) in delta.items():
+            c, u = self.by_command.get(name, (0, 0))
+            self.by_command[name] = (c + calls, u + usec)
+
+    @property
+    def calls(self) -> int:
+        return sum(c for c, _ in self.by_command.values())
+
+    @property
+    def usec(self) -> int:
+        return sum(u for _, u in self.by_command.values())
 
 
 @dataclass
@@ -243,11 +256,9 @@ class Bench:
                 spent = {name: ScriptTime() for name in samplers}
                 for _ in range(plan.rounds):
                     for name, sampler in samplers.items():
-                        calls, usec = evalsha_stats(control)
+                        before = scriptcalls.script_stats(control)
                         sampler.sample(chunk)
-                        after_calls, after_usec = evalsha_stats(control)
-                        spent[name].calls += after_calls - calls
-                        spent[name].usec += after_usec - usec
+                        spent[name].add(scriptcalls.stats_delta(before, scriptcalls.script_stats(control)))
                         spent[name].cycles += chunk
             finally:
                 for sampler in samplers.values():
@@ -263,8 +274,8 @@ class Bench:
             floors.append(Row("A: EVALSHA `return 1`, sync, TCP loopback", summarize(fa_tcp.samples)))
         sync_total, async_total = summarize(sync.cycles.total), summarize(aio.cycles.total)
         rows = [
-            Row("bare scripts: acquire EVALSHA", summarize(bare.cycles.acquire)),
-            Row("bare scripts: release EVALSHA", summarize(bare.cycles.release)),
+            Row(f"bare scripts: acquire {bare.command}", summarize(bare.cycles.acquire)),
+            Row(f"bare scripts: release {bare.command}", summarize(bare.cycles.release)),
             Row("bare scripts: acquire + release", summarize(bare.cycles.total), "2A", doubled(self.floor_a)),
             Row("GPUBoss acquire()", summarize(sync.cycles.acquire)),
             Row("GPUBoss release()", summarize(sync.cycles.release)),
@@ -460,13 +471,14 @@ class Bench:
             if not group:
                 continue
             base = group[0]
+            command = base.s.command  # FCALL, or EVALSHA where the server has no functions
             rows = []
             for what, attr in (
-                ("acquire EVALSHA, fits at once", "fit_acquire"),
-                ("release EVALSHA", "fit_release"),
+                (f"acquire {command}, fits at once", "fit_acquire"),
+                (f"release {command}", "fit_release"),
                 ("GPUBoss.acquire(), fits at once", "boss_acquire"),
                 ("GPUBoss acquire() + release()", "boss_cycle"),
-                ("handoff to the head: release EVALSHA → head's BLPOP", "handoff"),
+                (f"handoff to the head: release {command} → head's BLPOP", "handoff"),
             ):
                 reference = summarize(getattr(base, attr))
                 for lv in group:
@@ -489,12 +501,12 @@ class Bench:
                 "mean us",
                 "its own commands",
                 "their us",
-                "EVALSHA usec_per_call (commandstats)",
+                f"GPUBoss's {'/'.join(sorted({lv.s.command for lv in levels}))} usec_per_call (commandstats)",
             ],
             numeric={2, 3, 4, 5, 6, 7, 8},
         )
         for lv in levels:
-            per_call = f"{lv.evalsha_usec / lv.evalsha_calls:.1f}" if lv.evalsha_calls else "-"
+            per_call = f"{lv.script_usec / lv.script_calls:.1f}" if lv.script_calls else "-"
             for i, label in enumerate(scaling.LABELS):
                 us = scaling.us_summary(lv.redis_us.get(label, []))
                 inner = lv.inner.get(label, [])
@@ -581,9 +593,13 @@ def doubled(s: Summary | None) -> Summary | None:
     return Summary(n=s.n, p50=2 * s.p50, p99=2 * s.p99, mean=2 * s.mean, max=2 * s.max)
 
 
-def evalsha_stats(client: redis.Redis) -> tuple[int, int]:
-    stats = client.info("commandstats").get("cmdstat_evalsha", {})
-    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+def describe_scripts(url: str) -> str:
+    """How gpuboss calls its scripts on this server: the header's "scripts" line."""
+    client = connect(url)
+    try:
+        return scriptcalls.describe(client)
+    finally:
+        client.close()
 
 
 def script_note(spent: dict[str, ScriptTime]) -> str:
@@ -591,8 +607,9 @@ def script_note(spent: dict[str, ScriptTime]) -> str:
         s = spent.get(name)
         if s is None or not s.cycles or not s.calls:
             return f"{what}: -"
+        sent = " + ".join(f"{c / s.cycles:.1f} {cmd.upper()}" for cmd, (c, _) in sorted(s.by_command.items()))
         return (
-            f"{what}: {s.calls / s.cycles:.1f} EVALSHA and {s.usec / s.cycles:.1f} us of Redis time per "
+            f"{what}: {sent} and {s.usec / s.cycles:.1f} us of Redis time per "
             f"{'call' if name.startswith('floor') else 'acquire + release'}"
         )
 
@@ -620,6 +637,7 @@ def run(args: argparse.Namespace) -> Report:
             *describe_machine(server.unix_url),
             ("gpuboss", code_version(ROOT)),
             ("peers", peers.versions()),
+            ("scripts", describe_scripts(server.unix_url)),
         ]
         bench = Bench(server, plan)
         bench.find_peers()
@@ -711,8 +729,8 @@ def optional_row(name: str) -> bool:
 
 
 NOTES = [
-    "Floor A is one round trip of the cheapest script call from the same kind of client gpuboss uses "
-    "(redis-py with hiredis, decoded replies). Every latency row gives its p50 and p99 as a multiple of floor A "
+    "Floor A is one round trip of the cheapest script call (an EVALSHA of `return 1`, however gpuboss's own "
+    "scripts are called) from the same kind of client gpuboss uses (redis-py with hiredis, decoded replies). Every latency row gives its p50 and p99 as a multiple of floor A "
     "('x A'; the asyncio rows too, against the sync floor A); 'vs' names a second reference where one applies. "
     "Without a waiter, acquire() and release() are one script call each, so acquire() + release() is compared "
     "with two round trips ('2A'); the 'bare scripts' rows are those same calls sent from a plain client, which "
@@ -754,8 +772,8 @@ NOTES = [
     "held (from acquire returning to release being called) integrated over the window, over capacity x window: "
     "with zero hold time it is ~0 by construction, and that phase measures throughput. Redis CPU per grant is "
     "redis-server's user+system CPU over the phase (INFO cpu) divided by the grants: what the library costs "
-    "the Redis it shares; scripts/grant counts EVALSHA calls (busy retry shows there). The npm MultiSemaphore "
-    "runs with its defaults (a failed try is retried after 10 ms); reslock with its defaults (a JSON state file "
+    "the Redis it shares; scripts/grant counts script calls of every kind (FCALL, EVALSHA, EVAL: busy retry "
+    "shows there). The npm MultiSemaphore runs with its defaults (a failed try is retried after 10 ms); reslock with its defaults (a JSON state file "
     "under a file lock, polled every 0.25 s; no Redis).",
     "Scaling: each level is its own namespace, sampled in interleaved rounds. The p50 rows are the latency a "
     "client sees; their p99 over ~1,000 samples is sensitive to any other work on the 2 CPUs, so the Redis "
@@ -764,9 +782,11 @@ NOTES = [
     "nearly none of its own commands is: logging those at threshold 0 makes each call ~10 us slower). 'its "
     "own commands' and 'their us' come from a separate pass at threshold 0 (Redis 7 logs a script's own "
     "commands too): how many commands a script call ran inside Redis and their summed durations; the rest of "
-    "a call's time is Lua itself (JSON encoding and decoding, tables, the redis.call bridge). The EVALSHA "
-    "usec_per_call column is INFO commandstats over the GPUBoss acquire() + release() samples of that level, "
-    "with SLOWLOG off.",
+    "a call's time is Lua itself (JSON encoding and decoding, tables, the redis.call bridge). The script calls "
+    "are sent as gpuboss sends them (FCALL of its library's functions where the server has functions, else "
+    "EVALSHA: the header's 'scripts' line says which) and filed by operation (FCALL's function name, EVALSHA's "
+    "SHA1). The usec_per_call column is INFO commandstats of gpuboss's script calls (FCALL and EVALSHA) over "
+    "the GPUBoss acquire() + release() samples of that level, with SLOWLOG off.",
     "Cooperative eviction: the victim process holds a preemptible low lease of the whole GPU; each round, after "
     "a random pause (0 to TTL/3) since the previous one, the bench process asks for the whole GPU at high "
     "priority and the acquire script asks the victim to checkpoint. 'request' is the moment just before the "

@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 GPUS: list[dict[str, Any]] = [{"id": "gpu0", "name": "bench", "vram_gb": 24, "index": 0}]
 EXCLUSIVE_GB = 24.0
 STARTUP_S = 60.0
-#: What the workers send (gpuboss: EVALSHA and BLPOP; floor B: BLPOP and RPUSH; redis-py Lock: SET, EVALSHA).
-CLIENT_COMMANDS = ("evalsha", "blpop", "rpush", "set")
+#: What the workers send (gpuboss: FCALL, or EVALSHA where the server has no functions, and BLPOP; floor B:
+#: BLPOP and RPUSH; redis-py Lock: SET, EVALSHA).
+CLIENT_COMMANDS = ("fcall", "evalsha", "blpop", "rpush", "set")
 
 
 @dataclass(frozen=True)

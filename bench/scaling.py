@@ -10,16 +10,19 @@ Levels (one namespace each, all alive at once, sampled in interleaved rounds):
 
 In each level, one process with plain clients measures:
 
-* *fits at once*: an acquire EVALSHA of 24 GB, normal priority, unpinned (granted at once: the queue holds
-  only low requests), then its release EVALSHA; and the same through ``GPUBoss.acquire()/release()``;
+* *fits at once*: an acquire script call of 24 GB, normal priority, unpinned (granted at once: the queue
+  holds only low requests), then its release call; and the same through ``GPUBoss.acquire()/release()``;
 * *handoff to the head*: a holder on ``gpu0``; a waiter asks for ``gpu0`` (queued at the head, ahead of the
-  low requests); from the holder's release EVALSHA being sent to the waiter's BLPOP of its wake list
+  low requests); from the holder's release call being sent to the waiter's BLPOP of its wake list
   returning the grant the release script pushed (sequential, one process: the script cost plus two round
   trips, no scheduling between processes).
 
-Redis time per script call comes from SLOWLOG with ``slowlog-log-slower-than 0`` (every command logged with
-its own duration, turned on only for these samples and restored after), sorted by script and by what the call
-did; ``INFO commandstats`` gives EVALSHA's usec_per_call over the same samples.
+The script calls are sent as gpuboss sends them (:class:`bench.scriptcalls.Scripts`): ``FCALL`` of the
+library's functions on Redis 7 or later, else ``EVALSHA``. Redis time per script call comes from SLOWLOG
+(every command slower than a threshold logged with its own duration, turned on only for these samples and
+restored after), filed by operation (FCALL's function name, or EVALSHA's SHA1) and by what the call did;
+``INFO commandstats`` gives the usec_per_call of gpuboss's script calls (FCALL and EVALSHA) over the
+``GPUBoss`` samples.
 """
 
 from __future__ import annotations
@@ -33,16 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from gpuboss import GPUBoss, scripts
+from gpuboss import GPUBoss
 from gpuboss.config import config_from_arguments
-from gpuboss.core import Call, Core, ReleaseReply, Reply
+from gpuboss.core import Core, ReleaseReply, Reply
 
 from bench.env import connect
+from bench.scriptcalls import Scripts, totals
 from bench.stats import Summary, summarize
 
 GPU_GB = 24
 PARK_TTL_S = 3600.0
-BATCH = 500
 #: What a script call did, by the label it is filed under.
 FIT_ACQUIRE = "acquire, granted at once"
 FIT_RELEASE = "release, nobody to grant"
@@ -55,37 +58,12 @@ SLOWLOG_PER_SAMPLE = 250
 #: SLOWLOG threshold while timing the scripts: every script call is slower than this, nearly none of their own
 #: commands is, so logging those does not slow the scripts down (at 0 it adds ~10 us to each call).
 TIMING_THRESHOLD_US = 5
+#: Commands the bench itself sends (a SLOWLOG entry of one of these ends the run of a script's own commands).
+TOP_LEVEL = ("FCALL", "EVALSHA", "FUNCTION", "SCRIPT", "BLPOP", "CONFIG", "SLOWLOG")
 
 
 def gpu(i: int, width: int = 1) -> dict[str, Any]:
     return {"id": f"gpu{i:0{width}d}", "name": "bench-scale", "vram_gb": GPU_GB, "index": i}
-
-
-@dataclass
-class Scripts:
-    """The gpuboss scripts loaded into Redis, by name and by SHA."""
-
-    client: redis.Redis
-    sha: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("acquire", "release", "register"):
-            self.sha[name] = str(self.client.script_load(scripts.get(name).source))
-
-    def name_of(self, sha: str) -> str | None:
-        return next((n for n, s in self.sha.items() if s == sha), None)
-
-    def call(self, c: Call) -> Any:
-        return self.client.evalsha(self.sha[c.script], len(c.keys), *c.keys, *c.args)
-
-    def pipelined(self, calls: list[Call]) -> list[Any]:
-        out: list[Any] = []
-        for i in range(0, len(calls), BATCH):
-            pipe = self.client.pipeline(transaction=False)
-            for c in calls[i : i + BATCH]:
-                pipe.evalsha(self.sha[c.script], len(c.keys), *c.keys, *c.args)
-            out += pipe.execute()
-        return out
 
 
 def new_id() -> str:
@@ -110,8 +88,9 @@ class Level:
     redis_us: dict[str, list[int]] = field(default_factory=dict)
     #: per label: the script's own commands (count, microseconds) per call, from the SLOWLOG entries between calls
     inner: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    evalsha_calls: int = 0
-    evalsha_usec: int = 0
+    #: gpuboss's script calls (FCALL, EVALSHA) in the GPUBoss samples, and their microseconds (commandstats)
+    script_calls: int = 0
+    script_usec: int = 0
     parked: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -202,8 +181,9 @@ class Level:
         self.labels.clear()
 
     def file_slowlog(self, entries: list[dict[str, Any]], timing: bool) -> None:
-        """File the EVALSHA entries of this namespace's scripts by what the call did: their durations
-        (``timing``), or the script's own commands, which Redis 7 logs just before the script's entry."""
+        """File the entries of this namespace's script calls (FCALL <function>, or EVALSHA <sha>) by what the
+        call did: their durations (``timing``), or the script's own commands, which Redis 7 logs just before
+        the script's entry."""
         inner: list[int] = []
         for e in sorted(entries, key=lambda e: int(e["id"])):
             raw = e.get("command", b"")
@@ -211,13 +191,13 @@ class Level:
             if not words:
                 continue
             name = words[0].upper()
-            if name not in ("EVALSHA", "BLPOP", "CONFIG", "SLOWLOG"):
+            if name not in TOP_LEVEL:
                 inner.append(int(e["duration"]))
                 continue
             mine, inner = inner, []
-            if name != "EVALSHA" or len(words) < 3:
+            if len(words) < 3:
                 continue
-            script = self.s.name_of(words[1])
+            script = self.s.name_of(name, words[1])
             if script is None or not words[2].isdigit():
                 continue
             # The request id is one of ARGV (after the KEYS); found by value, whatever its position.
@@ -267,11 +247,6 @@ def slowlog_everything(control: redis.Redis, max_len: int, threshold_us: int = 0
         control.slowlog_reset()
 
 
-def evalsha_totals(control: redis.Redis) -> tuple[int, int]:
-    stats = control.info("commandstats").get("cmdstat_evalsha", {})
-    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
-
-
 @dataclass(frozen=True)
 class ScalePlan:
     waiting: tuple[int, ...]
@@ -282,7 +257,7 @@ class ScalePlan:
 
 def run_scaling(url: str, plan: ScalePlan, progress: Callable[[str], None]) -> tuple[list[Level], list[float]]:
     """Build every level, sample them in interleaved rounds, clean up; the levels with their samples, and
-    floor A (one EVALSHA ``return 1`` round trip) sampled in the same rounds, in seconds."""
+    floor A (one EVALSHA ``return 1`` round trip: the floor stays a trivial EVALSHA) sampled in the same rounds, in seconds."""
     from bench.floor import SyncFloor
 
     control = connect(url)
@@ -313,11 +288,11 @@ def run_scaling(url: str, plan: ScalePlan, progress: Callable[[str], None]) -> t
                     level.sample_fit(chunk)
                     level.sample_handoff(chunk)
                     level.file_slowlog(control.slowlog_get(max_len), timing=True)
-                calls, usec = evalsha_totals(control)
+                calls, usec = totals(control)
                 level.sample_boss(chunk)  # SLOWLOG off: commandstats gives the scripts' plain cost
-                after_calls, after_usec = evalsha_totals(control)
-                level.evalsha_calls += after_calls - calls
-                level.evalsha_usec += after_usec - usec
+                after_calls, after_usec = totals(control)
+                level.script_calls += after_calls - calls
+                level.script_usec += after_usec - usec
     finally:
         for level in levels:
             level.close()

@@ -170,7 +170,7 @@ def build_targets(r: Results) -> Table:
         a, b = group[0], group[-1]
         low, high = a.name, b.name
         for what, attr in (
-            ("acquire EVALSHA, fits at once", "fit_acquire"),
+            (f"acquire {a.s.command}, fits at once", "fit_acquire"),
             ("GPUBoss.acquire(), fits at once", "boss_acquire"),
             ("handoff to the head", "handoff"),
         ):

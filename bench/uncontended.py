@@ -1,7 +1,8 @@
 """Uncontended acquire and release of the whole GPU, one process, each in a fresh namespace.
 
 Three ways: :class:`~gpuboss.GPUBoss`, :class:`~gpuboss.AsyncGPUBoss`, and the bare scripts (the same
-EVALSHA calls gpuboss makes, built by its core, sent from a plain client) which separates the cost of the
+script calls gpuboss makes, built by its core, sent from a plain client the way gpuboss sends them: FCALL of
+its library's functions where the server has functions, else EVALSHA) which separates the cost of the
 scripts in Redis from the cost of the client library around them.
 """
 
@@ -12,12 +13,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from gpuboss import AsyncGPUBoss, GPUBoss, scripts
+from gpuboss import AsyncGPUBoss, GPUBoss
 from gpuboss.config import config_from_arguments
 from gpuboss.core import Core, ReleaseReply, Reply
 
 from bench.env import connect
 from bench.handoff import EXCLUSIVE_GB, GPUS
+from bench.scriptcalls import Scripts
 
 WARMUP = 50
 TIMEOUT_S = 10.0
@@ -85,32 +87,36 @@ class AsyncLeases:
 
 
 class BareScripts:
-    """The acquire and release scripts by plain EVALSHA: no validation, retries, lease objects or heartbeat."""
+    """The acquire and release scripts sent as gpuboss sends them (FCALL, or EVALSHA where the server has no
+    functions), from a plain client: no validation, retries, lease objects or heartbeat."""
 
     def __init__(self, url: str) -> None:
         self.core = Core(config_from_arguments(namespace=namespace(), gpus=GPUS, service="bench-bare"))
         self.client = connect(url)
         self.request = self.core.make_request(EXCLUSIVE_GB, timeout=0)
-        self.acquire_sha = self.client.script_load(scripts.get("acquire").source)
-        self.release_sha = self.client.script_load(scripts.get("release").source)
+        self.scripts = Scripts(self.client)
         register = self.core.register_call()
         assert register is not None
-        register_sha = self.client.script_load(scripts.get(register.script).source)
-        self.core.check_register_reply(
-            self.client.evalsha(register_sha, len(register.keys), *register.keys, *register.args)
-        )
+        self.core.check_register_reply(self.scripts.call(register))
         self.cycles = Cycles()
         self._loop(WARMUP, Cycles())
 
+    @property
+    def command(self) -> str:
+        """What the bare scripts are sent by: FCALL or EVALSHA."""
+        return self.scripts.command
+
     def _loop(self, n: int, cycles: Cycles) -> None:
-        core, req = self.core, self.request
-        calls = [(core.acquire_call(rid, req, "", "bench-bare"), core.release_call(rid)) for rid in ids(n)]
-        client, acquire_sha, release_sha, mono = self.client, self.acquire_sha, self.release_sha, time.monotonic
+        core, req, s = self.core, self.request, self.scripts
+        calls = [
+            (s.args(core.acquire_call(rid, req, "", "bench-bare")), s.args(core.release_call(rid))) for rid in ids(n)
+        ]
+        send, mono = s.sender(self.client), time.monotonic  # client.fcall, or client.evalsha
         for acquire, release in calls:
             t0 = mono()
-            granted = client.evalsha(acquire_sha, len(acquire.keys), *acquire.keys, *acquire.args)
+            granted = send(*acquire)
             t1 = mono()
-            released = client.evalsha(release_sha, len(release.keys), *release.keys, *release.args)
+            released = send(*release)
             t2 = mono()
             if int(granted[0]) != Reply.GRANTED or int(released[0]) != ReleaseReply.RELEASED:
                 raise RuntimeError(f"bare scripts: unexpected replies {granted[0]!r}, {released[0]!r}")

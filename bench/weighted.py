@@ -25,6 +25,7 @@ from typing import Any
 from bench.env import connect
 from bench.handoff import ROOT, redis_cpu, stop_workers, worker_env
 from bench.peers import NODE_WORKER, node_env
+from bench.scriptcalls import SCRIPT_COMMANDS
 from bench.stats import Summary, summarize
 
 CAPACITY_GB = 24
@@ -50,7 +51,7 @@ class Phase:
     wait_large: Summary | None = None
     utilisation: float | None = None
     redis_us_per_grant: float | None = None
-    calls_per_grant: float | None = None  # script calls (EVALSHA/EVAL) per grant, all clients
+    calls_per_grant: float | None = None  # script calls (FCALL/EVALSHA/EVAL) per grant, all clients
     failures: int = 0  # a peer's acquire calls that raised (and were retried)
     failure: str = ""  # the first of them
 
@@ -169,7 +170,7 @@ def run_weighted(
             cpu_before, cpu_after, calls_before, calls_after = cpu[i]
             total = sum(len(p["samples"]) for p in per)
             phase.redis_us_per_grant = (cpu_after - cpu_before) * 1e6 / max(1, total)
-            sent = sum(calls_after.get(k, 0) - calls_before.get(k, 0) for k in ("evalsha", "eval", "evalsha_ro"))
+            sent = sum(calls_after.get(k, 0) - calls_before.get(k, 0) for k in SCRIPT_COMMANDS)
             phase.calls_per_grant = sent / max(1, total)
         result.phases.append(phase)
     return result

@@ -37,6 +37,12 @@ def test_bench_smoke_runs_and_reports(tmp_path: Path) -> None:
         "pub/sub notice: request → victim's on_evict starts",
     ):
         assert row in result.stdout, row
+    # The header says how gpuboss's scripts were called, and the bare-script rows send them the same way.
+    header = next(line for line in result.stdout.splitlines() if line.startswith("scripts "))
+    command = "FCALL" if "FCALL of library gpuboss_" in header else "EVALSHA"
+    assert header.split(None, 1)[1].startswith(command), header
+    assert f"bare scripts: acquire {command}" in result.stdout
+    assert f"2.0 {command} and " in result.stdout  # the commandstats note counts gpuboss's own calls
     text = out.read_text()
     assert "GPUBoss" in text
     assert "## Targets (issue 9)" in text
