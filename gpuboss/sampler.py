@@ -39,7 +39,7 @@ from gpuboss.core import Call, Core
 from gpuboss.inventory import VramAlert, VRAMStatus, statuses, vram_alerts
 from gpuboss.lease import Lease
 from gpuboss.nvml import NvmlSession, NvmlUnavailable
-from gpuboss.redis_io import TRANSIENT, connect_sync, call_script_sync
+from gpuboss.redis_io import TRANSIENT, call_script_sync, connect_sync
 
 log = logging.getLogger("gpuboss")
 
