@@ -243,7 +243,9 @@ class Sampler:
 
     def beat(self) -> list[Any]:
         """Beat for this host now; the script's reply ``[now, offline, online, granted]``."""
-        reply: list[Any] = call_script_sync(self._connection(), hostbeat_call(self.core, self.core.host, self.timeout_ms))
+        reply: list[Any] = call_script_sync(
+            self._connection(), hostbeat_call(self.core, self.core.host, self.timeout_ms)
+        )
         return reply
 
     def tick(self) -> TickResult:
