@@ -390,6 +390,13 @@ class Core:
     def __init__(self, config: BossConfig) -> None:
         self.config = config
         self.keys = Keys(config.namespace)
+        #: The KEYS of every lease-state script (the state, then the event channel and log), and the values
+        #: every call sends, built once: the namespace and the configuration never change.
+        self._lease_keys = (*self.keys.state(), *self.keys.event_keys())
+        self._wake_prefix = self.keys.wake_prefix
+        self._grace_ms = max(1, math.ceil(config.evict_grace_s * 1000))
+        #: The event log's cap, the last ARGV of every script that emits.
+        self._cap = config.events_maxlen
         self.declared = {g.id: GpuInfo.from_config(g) for g in config.gpus}
         self.registry = dict(self.declared)
         self.registry_loaded = False
@@ -553,10 +560,11 @@ class Core:
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
         """Before a request: read the registry (first time, or to resolve a pin), check the request against
         it, and only then register this boss's GPUs, so a bad request writes nothing."""
-        today = datetime.now(UTC).date()
-        if self.policy_fields and self.policy_day != today:
-            yield self.policy_call(today)
-            self.policy_day = today
+        if self.policy_fields:
+            today = datetime.now(UTC).date()
+            if self.policy_day != today:
+                yield self.policy_call(today)
+                self.policy_day = today
         if self.registry_loaded and req.device is None:
             self.check_request(req)
             return
@@ -575,12 +583,12 @@ class Core:
     def state_keys(self) -> list[str]:
         return self.keys.state()
 
+    def lease_keys(self) -> list[str]:
+        """The KEYS of a lease-state script that emits: :meth:`state_keys`, then the event channel and log."""
+        return list(self._lease_keys)
+
     def _event_keys(self) -> list[str]:
         return self.keys.event_keys()
-
-    @property
-    def _cap(self) -> int:
-        return self.config.events_maxlen
 
     def register_call(self) -> Call | None:
         if not self.declared:
@@ -591,7 +599,7 @@ class Core:
     def acquire_call(self, request_id: str, req: LeaseRequest, pin: str, service: str) -> Call:
         mode = "try" if req.timeout == 0 else "wait"
         args: list[str | int] = [
-            self.keys.wake_prefix,
+            self._wake_prefix,
             request_id,
             req.vram_mib,
             req.rank,
@@ -604,50 +612,50 @@ class Core:
             self.pid,
             "1" if req.preemptible else "0",
             self.notify_channel,
-            max(1, math.ceil(self.config.evict_grace_s * 1000)),
+            self._grace_ms,
             self.config.evict_on_grace,
             self.node_arg(req.node, pin),
             req.count,
             self.secret,
             self._cap,
         ]
-        return Call("acquire", [*self.state_keys(), *self._event_keys()], args)
+        return Call("acquire", self.lease_keys(), args)
 
     def release_call(self, lease_id: str, reason: ReleaseReason = "release") -> Call:
         """Release a lease or withdraw a request; ``reason`` picks the event (``timeout``: ``timed_out``)."""
         return Call(
             "release",
-            [*self.state_keys(), *self._event_keys()],
-            [self.keys.wake_prefix, lease_id, reason, self.secret, self._cap],
+            self.lease_keys(),
+            [self._wake_prefix, lease_id, reason, self.secret, self._cap],
         )
 
     def revoke_call(self, lease_id: str, by: str, reason: str = "") -> Call:
         """Force-release someone else's lease (an operator's ``gpuboss release``)."""
         return Call(
             "revoke",
-            [*self.state_keys(), *self._event_keys()],
-            [self.keys.wake_prefix, lease_id, by, reason, self._cap],
+            self.lease_keys(),
+            [self._wake_prefix, lease_id, by, reason, self._cap],
         )
 
     def renew_call(self, items: Mapping[str, int]) -> Call:
-        args: list[str | int] = [self.keys.wake_prefix, self.secret]
+        args: list[str | int] = [self._wake_prefix, self.secret]
         for lease_id, ttl_ms in items.items():
             args += [lease_id, ttl_ms]
-        return Call("renew", [*self.state_keys(), *self._event_keys()], [*args, self._cap])
+        return Call("renew", self.lease_keys(), [*args, self._cap])
 
     def yield_call(self, lease_id: str, resume: bool) -> Call:
         """Hand back a lease asked to checkpoint; with ``resume``, queue it again at its arrival position."""
         return Call(
             "yield",
-            [*self.state_keys(), *self._event_keys()],
-            [self.keys.wake_prefix, lease_id, "1" if resume else "0", self.secret, self._cap],
+            self.lease_keys(),
+            [self._wake_prefix, lease_id, "1" if resume else "0", self.secret, self._cap],
         )
 
     def resize_call(self, lease_id: str, vram_mib: int) -> Call:
         return Call(
             "resize",
-            [*self.state_keys(), *self._event_keys()],
-            [self.keys.wake_prefix, lease_id, vram_mib, self.secret, self._cap],
+            self.lease_keys(),
+            [self._wake_prefix, lease_id, vram_mib, self.secret, self._cap],
         )
 
     def checkpoint_call(self, lease_id: str) -> Call:
@@ -664,12 +672,12 @@ class Core:
         name, _ = validate_priority(priority, self.config.priorities)
         return Call(
             "pause",
-            [*self.state_keys(), *self._event_keys()],
-            [self.keys.wake_prefix, name, "1" if paused else "0", by, self._cap],
+            self.lease_keys(),
+            [self._wake_prefix, name, "1" if paused else "0", by, self._cap],
         )
 
     def collect_call(self) -> Call:
-        return Call("collect", [*self.state_keys(), *self._event_keys()], [self.keys.wake_prefix, self._cap])
+        return Call("collect", self.lease_keys(), [self._wake_prefix, self._cap])
 
     # -- replies
 
