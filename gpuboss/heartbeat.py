@@ -94,7 +94,7 @@ class Heartbeat:
             # Wake the thread only when this entry needs renewing sooner than it planned: a wake-up on
             # every grant would compete for the CPU with the caller at the moment of the handoff.
             sooner = self._sleep_for is None or entry.ttl_ms / 3000 < self._sleep_for
-        self._start(wake=sooner)
+            self._start_locked(wake=sooner)
 
     def forget(self, item_id: str) -> None:
         with self._lock:
@@ -168,12 +168,16 @@ class Heartbeat:
 
     def _start(self, wake: bool) -> None:
         with self._lock:
-            if self._stopped or (self._thread is not None and self._thread.is_alive()):
-                if wake:
-                    self._wake.set()
-                return
-            self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
-            self._thread.start()
+            self._start_locked(wake)
+
+    def _start_locked(self, wake: bool) -> None:
+        """Start the thread unless it runs (or the heartbeat is closed); with ``wake``, wake it. Holds the lock."""
+        if self._stopped or (self._thread is not None and self._thread.is_alive()):
+            if wake:
+                self._wake.set()
+            return
+        self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
+        self._thread.start()
 
     def _interval(self) -> float | None:
         """The time between renewals now (None: nothing to do); remembered for :meth:`_add`."""
