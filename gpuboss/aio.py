@@ -19,12 +19,11 @@ from gpuboss.config import BossConfig
 from gpuboss.core import (
     CLEAN_ERRORS,
     DEFAULT,
+    REDIS_OPS,
     Call,
     Flow,
     GpuInfo,
     Op,
-    Pop,
-    ReadHash,
     ReleaseReason,
     RevokeReply,
     Timeout,
@@ -64,7 +63,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         return await self._link.perform(call)
 
     async def _perform(self, op: Op) -> Any:
-        if isinstance(op, Call | Pop | ReadHash):
+        if isinstance(op, REDIS_OPS):
             return await self._link.perform(op, ROUTE.get())
         if isinstance(op, Watch):
             self._heartbeat.watch(op.request_id, op.ttl_ms)

@@ -75,6 +75,8 @@ class Heartbeat:
         self._client: redis.Redis | None = None
         self._failing = False
         self._sleep_for: float | None = None
+        #: The shortest TTL (ms) of what was added since the thread last planned its sleep (see :meth:`_interval`).
+        self._added_ms: int | None = None
         _LIVE.add(self)
 
     # -- what the front ends call
@@ -91,10 +93,12 @@ class Heartbeat:
         with self._lock:
             if replace or item_id not in self._entries:
                 self._entries[item_id] = entry
+            if self._added_ms is None or entry.ttl_ms < self._added_ms:
+                self._added_ms = entry.ttl_ms
             # Wake the thread only when this entry needs renewing sooner than it planned: a wake-up on
             # every grant would compete for the CPU with the caller at the moment of the handoff.
             sooner = self._sleep_for is None or entry.ttl_ms / 3000 < self._sleep_for
-        self._start(wake=sooner)
+            self._start_locked(wake=sooner)
 
     def forget(self, item_id: str) -> None:
         with self._lock:
@@ -168,29 +172,47 @@ class Heartbeat:
 
     def _start(self, wake: bool) -> None:
         with self._lock:
-            if self._stopped or (self._thread is not None and self._thread.is_alive()):
-                if wake:
-                    self._wake.set()
-                return
-            self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
-            self._thread.start()
+            self._start_locked(wake)
 
-    def _interval(self) -> float | None:
-        """The time between renewals now (None: nothing to do); remembered for :meth:`_add`."""
+    def _start_locked(self, wake: bool) -> None:
+        """Start the thread unless it runs (or the heartbeat is closed); with ``wake``, wake it. Holds the lock."""
+        if self._stopped or (self._thread is not None and self._thread.is_alive()):
+            if wake:
+                self._wake.set()
+            return
+        self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _interval(self) -> tuple[float | None, bool]:
+        """The time between renewals now (None: nothing to do), remembered for :meth:`_add`; and whether there
+        is anything to renew or release now.
+
+        With nothing to renew right after leases came and went (a boss that acquires and releases in a loop),
+        the thread keeps its pace for one more round instead of sleeping until woken: a lease added meanwhile
+        is renewed in time without waking the thread at every grant. Once a round passes with nothing added,
+        it sleeps until something is."""
         with self._lock:
+            work = True
             if self._entries:
                 shortest = min(e.ttl_ms for e in self._entries.values())
                 self._sleep_for = max(MIN_INTERVAL_S, shortest / 3000)
             elif self._pending or self._withdraw:
                 self._sleep_for = RETRY_INTERVAL_S
             else:
-                self._sleep_for = None
-            return self._sleep_for
+                work = False
+                added = self._added_ms
+                self._sleep_for = None if added is None else max(MIN_INTERVAL_S, added / 3000)
+            self._added_ms = None
+            return self._sleep_for, work
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._entries or self._pending or self._withdraw)
 
     def _run(self) -> None:
         last = time.monotonic()
         while True:
-            interval = self._interval()
+            interval, work = self._interval()
             if interval is None:  # nothing to renew: sleep until something is added
                 self._wake.wait()
                 self._wake.clear()
@@ -205,6 +227,8 @@ class Heartbeat:
             if interval is None or last + interval > time.monotonic():
                 continue
             last = time.monotonic()
+            if not work and not self._has_work():
+                continue  # a round kept only for what may be added (see _interval): nothing came
             try:
                 self.tick()
             except TRANSIENT as err:

@@ -39,9 +39,31 @@ only while a lease, a waiting request, a reservation or a sampler's turn does.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.{}\-]{1,64}$")
+
+#: The KEYS every lease-state script takes, in the order their headers document (``Keys.state()``).
+STATE_SUFFIXES = (
+    "gpus",
+    "capacity",
+    "used",
+    "leases",
+    "lease_exp",
+    "queue",
+    "tickets",
+    "queue_exp",
+    "token",
+    "seq",
+    "observed",
+    "offline",
+    "holds",
+    "policy",
+    "usage",
+    "free",
+    "free_host",
+    "observed_exp",
+)
 
 #: Keys that stay once every lease is released: the GPU registry, the two counters and the event log.
 FIXED_SUFFIXES = (
@@ -67,6 +89,16 @@ class Keys:
     """Key and channel names of one namespace."""
 
     namespace: str
+    #: The names every call uses, built once (the namespace never changes): see :meth:`state`.
+    _state: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _events: tuple[str, str] = field(init=False, repr=False, compare=False)
+    _wake_prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        state = tuple(self._key(s) for s in STATE_SUFFIXES)
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_events", (self._key("events"), self._key("event_log")))
+        object.__setattr__(self, "_wake_prefix", self._key("wake:"))
 
     def _key(self, suffix: str) -> str:
         return f"{self.namespace}:{suffix}"
@@ -170,15 +202,15 @@ class Keys:
 
     def event_keys(self) -> list[str]:
         """The two KEYS every emitting script takes last (``lua/includes/emit.lua``): channel, then log."""
-        return [self.events, self.event_log]
+        return list(self._events)
 
     @property
     def wake_prefix(self) -> str:
         """Prefix of the per-request wake lists; scripts append the request id."""
-        return self._key("wake:")
+        return self._wake_prefix
 
     def wake(self, request_id: str) -> str:
-        return self.wake_prefix + request_id
+        return self._wake_prefix + request_id
 
     @property
     def pattern(self) -> str:
@@ -193,24 +225,5 @@ class Keys:
         return [self.gpus, self.capacity, self.used, self.free, self.free_host]
 
     def state(self) -> list[str]:
-        """The KEYS every lease-state script takes, in the order their headers document."""
-        return [
-            self.gpus,
-            self.capacity,
-            self.used,
-            self.leases,
-            self.lease_exp,
-            self.queue,
-            self.tickets,
-            self.queue_exp,
-            self.token,
-            self.seq,
-            self.observed,
-            self.offline,
-            self.holds,
-            self.policy,
-            self.usage,
-            self.free,
-            self.free_host,
-            self.observed_exp,
-        ]
+        """The KEYS every lease-state script takes, in the order their headers document (:data:`STATE_SUFFIXES`)."""
+        return list(self._state)

@@ -133,6 +133,47 @@ class EvictNotice:
         )
 
 
+class Signal:
+    """:class:`threading.Event` (``is_set``, ``set``, ``clear``, ``wait``) whose condition is made by the first
+    ``wait`` that has to block: every lease has two, made on each grant, and almost none is ever waited on."""
+
+    __slots__ = ("_cond", "_flag", "_lock")
+
+    def __init__(self, flag: bool = False) -> None:
+        self._flag = flag
+        self._lock = threading.Lock()
+        self._cond: threading.Condition | None = None
+
+    def __repr__(self) -> str:
+        return f"Signal({self._flag})"
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._lock:
+            self._flag = True
+            if self._cond is not None:
+                self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the flag is set, or ``timeout`` seconds passed; the flag then (like ``Event.wait``)."""
+        with self._lock:
+            if self._flag:
+                return True
+            if self._cond is None:
+                self._cond = threading.Condition(self._lock)
+            return self._cond.wait(timeout)
+
+
+def _set_signal() -> Signal:
+    return Signal(True)
+
+
 class EvictFlag:
     """``lease.evict_requested``: true while the lease is asked to checkpoint; also waitable.
 
@@ -142,7 +183,7 @@ class EvictFlag:
     """
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._event = Signal()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._lock = threading.Lock()
 
@@ -225,7 +266,7 @@ class Lease:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _evict_flag: EvictFlag = field(default_factory=EvictFlag, repr=False)
     #: Set whenever the lease is not suspended (a resume waits on it).
-    _settled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _settled: Signal = field(default_factory=_set_signal, repr=False)
     #: The boss that holds it (for resize and yield_if_requested); set when granted.
     _driver: Any = field(default=None, repr=False)
     #: A lock (threading or asyncio, per front end) so the eviction handling runs once at a time.
@@ -258,7 +299,6 @@ class Lease:
     local: bool = False
 
     def __post_init__(self) -> None:
-        self._settled.set()
         if not self.gpus:
             self.gpus = [self.gpu]
         if not self.devices:
@@ -460,17 +500,20 @@ class Lease:
             return True
 
     def _after_move(self) -> None:
+        # The flag and the event change only here, under the lease's lock: one already as wanted is left alone
+        # (setting a set Event, or clearing a clear one, would only take its lock).
         if self.state is LeaseState.EVICTING:
             self._evict_flag.set()
         else:
-            self._evict_flag.clear()
+            if self._evict_flag:
+                self._evict_flag.clear()
             if self.notice is not None:
                 self._settled_notice_at = max(self._settled_notice_at, self.notice.requested_at)
         if self.state is LeaseState.GRANTED:
             self.notice = None
         if self.state is LeaseState.SUSPENDED:
             self._settled.clear()
-        else:
+        elif not self._settled.is_set():
             self._settled.set()
 
     def child_env(self) -> dict[str, str]:
