@@ -44,10 +44,10 @@ from gpuboss.lease import Lease
 from gpuboss.redis_io import (
     MIN_POP_S,
     TRANSIENT,
-    connect_async,
-    connect_sync,
     call_script_async,
     call_script_sync,
+    connect_async,
+    connect_sync,
     retry_async,
     retry_sync,
 )

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from gpuboss.core import Core, RenewStatus
 from gpuboss.lease import Lease, LeaseState
-from gpuboss.redis_io import TRANSIENT, connect_sync, call_script_sync
+from gpuboss.redis_io import TRANSIENT, call_script_sync, connect_sync
 
 if TYPE_CHECKING:
     from gpuboss.fallback import Fallback

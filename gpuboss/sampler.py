@@ -39,7 +39,7 @@ from gpuboss.core import Call, Core
 from gpuboss.inventory import VramAlert, VRAMStatus, statuses, vram_alerts
 from gpuboss.lease import Lease
 from gpuboss.nvml import NvmlSession, NvmlUnavailable
-from gpuboss.redis_io import TRANSIENT, connect_sync, call_script_sync
+from gpuboss.redis_io import TRANSIENT, call_script_sync, connect_sync
 
 log = logging.getLogger("gpuboss")
 
@@ -243,7 +243,9 @@ class Sampler:
 
     def beat(self) -> list[Any]:
         """Beat for this host now; the script's reply ``[now, offline, online, granted]``."""
-        reply: list[Any] = call_script_sync(self._connection(), hostbeat_call(self.core, self.core.host, self.timeout_ms))
+        reply: list[Any] = call_script_sync(
+            self._connection(), hostbeat_call(self.core, self.core.host, self.timeout_ms)
+        )
         return reply
 
     def tick(self) -> TickResult:

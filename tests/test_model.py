@@ -56,7 +56,7 @@ import redis
 from gpuboss import scripts
 from gpuboss.config import PRIORITIES, BossConfig
 from gpuboss.core import Call, Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply
-from gpuboss.redis_io import connect_sync, call_script_sync
+from gpuboss.redis_io import call_script_sync, connect_sync
 from gpuboss.server import RedisProcess
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st

@@ -25,7 +25,7 @@ from gpuboss.core import Core
 from gpuboss.errors import InvalidRequest, LeaseLost
 from gpuboss.events import replay
 from gpuboss.keys import Keys
-from gpuboss.redis_io import connect_sync, call_script_sync
+from gpuboss.redis_io import call_script_sync, connect_sync
 from gpuboss.warm import ActivityReply, UnloadReply, activity_call
 
 from tests.conftest import raw_client
