@@ -10,6 +10,10 @@ function ``gpuboss_<hash>_<operation>`` called by FCALL. Lines of an include bet
 and ``--- @per-call end`` read KEYS or ARGV: in the library, each is split into a declaration at load time and
 an assignment at the start of every call that includes the piece. redis_io.py picks FCALL where the server
 has functions, else EVALSHA; both recover from a flushed or restarted server by loading again and retrying.
+
+A piece may name a call to make when the script returns, with a line ``--- @on-return <function>()`` (drop.lua
+writes the usage counters it collected during the call that way): the script's own text (after its include
+lines) then runs as a function, and each such call is made after it returned, before its reply is passed on.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from pathlib import Path
 
 INCLUDE_RE = re.compile(r'^--- @include "([A-Za-z0-9_]+)"\s*$', re.MULTILINE)
 PER_CALL_RE = re.compile(r"^--- @per-call begin\n(?P<body>.*?)^--- @per-call end\n", re.MULTILINE | re.DOTALL)
-PER_CALL_LINE_RE = re.compile(r"^local (?P<names>[A-Za-z_][A-Za-z0-9_]*(?:, [A-Za-z_][A-Za-z0-9_]*)*) = (?P<values>.+)$")
+PER_CALL_LINE_RE = re.compile(
+    r"^local (?P<names>[A-Za-z_][A-Za-z0-9_]*(?:, [A-Za-z_][A-Za-z0-9_]*)*) = (?P<values>.+)$"
+)
+ON_RETURN_RE = re.compile(r"^--- @on-return (?P<call>[A-Za-z_][A-Za-z0-9_]*\(\))\s*$", re.MULTILINE)
 LIBRARY_PREFIX = "gpuboss_"
 NAME_RE = re.compile(r"^(?P<name>[a-z][A-Za-z0-9]*)-(?P<keys>\d+)\.lua$")
 
@@ -71,11 +78,26 @@ def resolve_includes(source: str, includes: Traversable, stack: tuple[str, ...] 
     return expand(source, stack)
 
 
+def split_body(text: str) -> tuple[str, str]:
+    """A script's text up to its last include line, and the rest (its own code)."""
+    cut = max((match.end() for match in INCLUDE_RE.finditer(text)), default=0)
+    return text[:cut], text[cut:]
+
+
 def load_script(path: Traversable, includes: Traversable) -> Script:
     match = NAME_RE.match(path.name)
     if not match:
         raise ScriptError(f"script file {path.name!r} is not named <operation>-<number of keys>.lua")
-    source = resolve_includes(path.read_text(encoding="utf-8"), includes, (match["name"],))
+    text = path.read_text(encoding="utf-8")
+    source = resolve_includes(text, includes, (match["name"],))
+    hooks = ON_RETURN_RE.findall(source)
+    if hooks:
+        head, body = split_body(text)
+        source = resolve_includes(head, includes, (match["name"],)) + (
+            f"\nlocal function gpuboss_main(){body}\nend\nlocal gpuboss_reply = gpuboss_main()\n"
+            + "".join(f"{hook}\n" for hook in hooks)
+            + "return gpuboss_reply\n"
+        )
     sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
     return Script(name=match["name"], num_keys=int(match["keys"]), source=source, sha=sha)
 
@@ -178,13 +200,25 @@ def library() -> Library:
         functions[name] = function
         calls = "".join(f"  {binders[p]}()\n" for p in pieces if p in binders)
         body = INCLUDE_RE.sub(r"-- (include \1: defined above)", text)
+        hooks = [hook for p in pieces for hook in ON_RETURN_RE.findall(texts[p])]
+        if hooks:
+            registrations.append(
+                f"local function main_{name}()\n{body}\nend\n"
+                f"redis.register_function('{function}', function(keys, args)\n  KEYS, ARGV = keys, args\n{calls}"
+                f"  local reply = main_{name}()\n" + "".join(f"  {hook}\n" for hook in hooks) + "  return reply\nend)\n"
+            )
+            continue
         registrations.append(
             f"redis.register_function('{function}', function(keys, args)\n  KEYS, ARGV = keys, args\n{calls}"
             f"{body}\nend)\n"
         )
     lib_name = f"{LIBRARY_PREFIX}{name_hash}"
-    header = f"#!lua name={lib_name}\n-- gpuboss's scripts as one function library, made from lua/ by gpuboss/scripts.py\n"
-    return Library(name=lib_name, source=header + "\n".join(prelude) + "\n" + "\n".join(registrations), functions=functions)
+    header = (
+        f"#!lua name={lib_name}\n-- gpuboss's scripts as one function library, made from lua/ by gpuboss/scripts.py\n"
+    )
+    return Library(
+        name=lib_name, source=header + "\n".join(prelude) + "\n" + "\n".join(registrations), functions=functions
+    )
 
 
 def _pieces_of(text: str, texts: dict[str, str]) -> set[str]:
