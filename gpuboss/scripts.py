@@ -10,6 +10,10 @@ function ``gpuboss_<hash>_<operation>`` called by FCALL. Lines of an include bet
 and ``--- @per-call end`` read KEYS or ARGV: in the library, each is split into a declaration at load time and
 an assignment at the start of every call that includes the piece. redis_io.py picks FCALL where the server
 has functions, else EVALSHA; both recover from a flushed or restarted server by loading again and retrying.
+
+A piece may name a call to make when the script returns, with a line ``--- @on-return <function>()`` (drop.lua
+writes the usage counters it collected during the call that way): the script's own text (after its include
+lines) then runs as a function, and each such call is made after it returned, before its reply is passed on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ PER_CALL_RE = re.compile(r"^--- @per-call begin\n(?P<body>.*?)^--- @per-call end
 PER_CALL_LINE_RE = re.compile(
     r"^local (?P<names>[A-Za-z_][A-Za-z0-9_]*(?:, [A-Za-z_][A-Za-z0-9_]*)*) = (?P<values>.+)$"
 )
+ON_RETURN_RE = re.compile(r"^--- @on-return (?P<call>[A-Za-z_][A-Za-z0-9_]*\(\))\s*$", re.MULTILINE)
 LIBRARY_PREFIX = "gpuboss_"
 NAME_RE = re.compile(r"^(?P<name>[a-z][A-Za-z0-9]*)-(?P<keys>\d+)\.lua$")
 
@@ -73,11 +78,30 @@ def resolve_includes(source: str, includes: Traversable, stack: tuple[str, ...] 
     return expand(source, stack)
 
 
+def split_body(text: str) -> tuple[str, str]:
+    """A script's text up to its last include line, and the rest (its own code)."""
+    cut = max((match.end() for match in INCLUDE_RE.finditer(text)), default=0)
+    return text[:cut], text[cut:]
+
+
+def with_hooks(body: str, hooks: list[str], main: str) -> str:
+    """``body`` as the function ``main``, called, then each of ``hooks``; its reply returned."""
+    if not hooks:
+        return body
+    calls = "".join(f"  {hook}\n" for hook in hooks)
+    return f"local function {main}()\n{body}\nend\nlocal gpuboss_reply = {main}()\n{calls}return gpuboss_reply\n"
+
+
 def load_script(path: Traversable, includes: Traversable) -> Script:
     match = NAME_RE.match(path.name)
     if not match:
         raise ScriptError(f"script file {path.name!r} is not named <operation>-<number of keys>.lua")
-    source = resolve_includes(path.read_text(encoding="utf-8"), includes, (match["name"],))
+    text = path.read_text(encoding="utf-8")
+    source = resolve_includes(text, includes, (match["name"],))
+    hooks = ON_RETURN_RE.findall(source)
+    if hooks:
+        head, body = split_body(text)
+        source = resolve_includes(head, includes, (match["name"],)) + "\n" + with_hooks(body, hooks, "gpuboss_main")
     sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
     return Script(name=match["name"], num_keys=int(match["keys"]), source=source, sha=sha)
 
@@ -176,7 +200,7 @@ def library() -> Library:
     The library starts ``local KEYS, ARGV``; then every include (dependencies first), its per-call lines
     split into declarations and a ``bind_<piece>()`` function; then one ``redis.register_function`` per
     script, whose body is the script's own text after ``KEYS, ARGV = keys, args`` and the binds of the pieces
-    it includes. The library and function names carry a hash of the whole, so that two gpuboss versions
+    it includes (wrapped as ``main()`` and followed by the pieces' ``@on-return`` calls, if any). The library and function names carry a hash of the whole, so that two gpuboss versions
     sharing a server each call their own.
     """
     folder = lua_dir()
@@ -196,9 +220,11 @@ def library() -> Library:
         match = NAME_RE.match(path.name)
         if match:
             text = path.read_text(encoding="utf-8")
-            bound = [piece for piece in order if piece in binders and piece in _pieces_of(text, texts)]
-            calls = "".join(f"  bind_{piece}()\n" for piece in bound)
-            bodies[match["name"]] = f"  KEYS, ARGV = keys, args\n{calls}{_defined_above(text)}"
+            pieces = [piece for piece in order if piece in _pieces_of(text, texts)]
+            calls = "".join(f"  bind_{piece}()\n" for piece in pieces if piece in binders)
+            hooks = [hook for piece in pieces for hook in ON_RETURN_RE.findall(texts[piece])]
+            body = with_hooks(_defined_above(text), hooks, "main")
+            bodies[match["name"]] = f"  KEYS, ARGV = keys, args\n{calls}{body}"
     digest = hashlib.sha1("\n".join([*prelude, *bodies.values()]).encode(), usedforsecurity=False).hexdigest()
     name = f"{LIBRARY_PREFIX}{digest[:16]}"
     functions = {op: f"{name}_{op}" for op in bodies}

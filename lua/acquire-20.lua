@@ -133,6 +133,7 @@ req.seq = redis.call('INCR', K_SEQ)
 req.expires_at = now + ttl
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + req.seq), id)
+s.queue_empty = nil
 redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
 local position = redis.call('ZRANK', K_QUEUE, id)
 local ev = request_fields(req)

@@ -50,7 +50,7 @@ if lease_raw or ticket then
 end
 
 local code = 0
-local rec = drop_lease(s, id, lease_raw and held)
+local rec = drop_lease(s, id, lease_raw and held, lease_raw)
 if rec then
   code = 1
   local ev = lease_fields(rec)

@@ -120,6 +120,7 @@ local req = {
 }
 redis.call('HSET', K_TICKETS, grow_id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rec.rank) * SEQ_SPAN + req.seq), grow_id)
+s.queue_empty = nil
 redis.call('ZADD', K_QUEUE_EXP, int(now + rec.ttl_ms), grow_id)
 local position = redis.call('ZRANK', K_QUEUE, grow_id)
 local ev = request_fields(req)

@@ -63,6 +63,29 @@ def test_includes_resolve_once_and_reject_missing_and_circular(tmp_path: Path) -
         scripts.load_script(bad, inc)
 
 
+def test_on_return_hook_runs_after_the_script_body(tmp_path: Path) -> None:
+    """A piece's ``--- @on-return f()`` wraps the script's own code, in a script and in the library alike."""
+    inc = tmp_path / "includes"
+    inc.mkdir()
+    (inc / "a.lua").write_text("--- @on-return done()\nlocal function done() end\n")
+    path = tmp_path / "op-0.lua"
+    path.write_text('--- @include "a"\nif true then return 1 end\nreturn 2\n')
+    source = scripts.load_script(path, inc).source
+    body = source.index("local function gpuboss_main()")
+    assert (
+        source.index("local function done()")
+        < body
+        < source.index("done()\n", body)
+        < source.index("return gpuboss_reply")
+    )
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "includes").mkdir()
+    (plain / "includes" / "b.lua").write_text("local B = 1\n")
+    (plain / "op-0.lua").write_text('--- @include "b"\nreturn B\n')
+    assert "gpuboss_main" not in scripts.load_script(plain / "op-0.lua", plain / "includes").source
+
+
 def test_every_reply_code_is_documented() -> None:
     for name, codes in (
         ("acquire", Reply),

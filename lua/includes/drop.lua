@@ -1,6 +1,6 @@
 --[[
-  drop_lease(s, id, known) -> the removed lease record (decoded; `known` when the caller decoded it already)
-    and its JSON, or nil: frees its MiB on its GPU,
+  drop_lease(s, id, known, known_raw) -> the removed lease record (decoded) and its JSON, or nil: frees its MiB
+    on its GPU (`known` and `known_raw`: the record and its JSON, when the caller read it already),
     counts it out of the usage hash, takes it off any reservation's victim list, and deletes a grant pushed
     to the id's wake list that its waiter never took.
   drop_request(id, s, now, why) -> true when a queued request was removed (its wake list goes too). With
@@ -25,11 +25,26 @@ end
 --[[
   The usage hash: `class:<priority>` and `svc:<service>` count active leases, `svcmib:<service>` sums their
   MiB, `pre:<rank>` sums the MiB of preemptible ones. count_lease adds (delta 1) or removes (-1) a lease;
-  count_mib changes a lease's size by `mib`. Both reset the per-call caches in `s`.
+  count_mib changes a lease's size by `mib`. A call collects these changes in USAGE_DELTA (includes/state.lua:
+  usage_of and active_of count them) and flush_usage writes them once, when the script returns: a release
+  that grants the waiting head changes nothing there, and one that frees a lease writes its fields at once.
+  A field that comes to 0 is deleted (no field kept per service ever seen).
 ]]
 local function bump(field, delta)
-  if redis.call('HINCRBY', K_USAGE, field, delta) == 0 then
-    redis.call('HDEL', K_USAGE, field) -- nothing left: no field kept per service ever seen
+  USAGE_DELTA[field] = (USAGE_DELTA[field] or 0) + delta
+end
+
+--- @on-return flush_usage()
+local function flush_usage()
+  local gone = nil -- (one HINCRBY per changed field measured cheaper than HMGET + HSET)
+  for field, delta in pairs(USAGE_DELTA) do
+    if delta ~= 0 and redis.call('HINCRBY', K_USAGE, field, delta) == 0 then
+      gone = gone or {}
+      gone[#gone + 1] = field
+    end
+  end
+  if gone then
+    redis.call('HDEL', K_USAGE, unpack(gone))
   end
 end
 
@@ -38,14 +53,12 @@ local function count_mib(s, rec, mib)
   if rec.preemptible then
     bump('pre:' .. rec.rank, mib)
   end
-  s.usage = {}
 end
 
 local function count_lease(s, rec, delta)
   bump('class:' .. rec.priority, delta)
   bump('svc:' .. rec.service, delta)
   count_mib(s, rec, delta * rec.vram_mib)
-  s.active = {}
 end
 
 local function save_hold(s, gpu)
@@ -57,8 +70,8 @@ local function save_hold(s, gpu)
   end
 end
 
-local function drop_lease(s, id, known)
-  local raw = redis.call('HGET', K_LEASES, id)
+local function drop_lease(s, id, known, known_raw)
+  local raw = known_raw or redis.call('HGET', K_LEASES, id)
   redis.call('ZREM', K_LEASE_EXP, id)
   redis.call('DEL', WAKE_PREFIX .. id, WAKE_PREFIX .. id .. ':grow') -- grants their waiters never took
   if not raw then

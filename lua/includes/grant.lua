@@ -29,9 +29,12 @@ local AGING_PEEK = 16
 local BACKFILL_LIMIT = 64
 
 local function grant(s, id, req, where, now)
-  local token = redis.call('INCR', K_TOKEN)
-  if token <= now * 10 then -- never below Redis time (ms x 10): see the header
-    token = now * 10 + 1
+  -- max(counter + 1, Redis time (ms x 10) + 1), see the header: one SET ... GET, and a second SET only when
+  -- the counter is ahead of the clock.
+  local token = now * 10 + 1
+  local last = tonumber(redis.call('SET', K_TOKEN, int(token), 'GET'))
+  if last and last >= token then
+    token = last + 1
     redis.call('SET', K_TOKEN, int(token))
   end
   local gpus = where
@@ -141,6 +144,9 @@ end
 
 -- The rank of the first queued request that is not held back by the policy, or nil when none waits.
 local function first_waiting_rank(s)
+  if s.queue_empty then -- (grant_waiting left the queue empty, and nothing was queued since)
+    return nil
+  end
   local i = 0
   while true do
     local head = redis.call('ZRANGE', K_QUEUE, i, i, 'WITHSCORES')
@@ -169,7 +175,10 @@ local function grant_waiting(s, now)
   local backfill = s.policy.queueing == 'backfill'
   local avoid = nil -- GPUs kept for blocked requests ahead (backfill)
   local blocked = 0
-  while true do
+  -- Entries in the queue: the loop only removes entries (counted off as it does), so it reads no entry past
+  -- the last one (a count is cheaper than an empty range).
+  local left = redis.call('ZCARD', K_QUEUE)
+  while skip < left do
     local head = redis.call('ZRANGE', K_QUEUE, skip, skip)[1]
     if not head then
       break
@@ -177,16 +186,19 @@ local function grant_waiting(s, now)
     local raw = redis.call('HGET', K_TICKETS, head)
     if not raw then
       drop_request(head) -- a queue entry without its record: repair, never block on it
+      left = left - 1
     else
       local req = cjson.decode(raw)
       if held_back(s, req.priority, req.service, req.vram_mib) ~= '' then
         skip = skip + 1
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone
+        left = left - 1
       else
         local gpu = place_req(s, req, head, avoid)
         if gpu then
           drop_request(head)
+          left = left - 1
           local lease = grant(s, head, req, gpu, now)
           local wake = WAKE_PREFIX .. head
           redis.call('RPUSH', wake, lease)
@@ -213,6 +225,7 @@ local function grant_waiting(s, now)
       end
     end
   end
+  s.queue_empty = left == 0 -- (first_waiting_rank needs no read then)
   return granted
 end
 

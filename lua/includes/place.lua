@@ -79,15 +79,31 @@ local function scan(s, need, id, avoid, node, best, best_left, read)
   end
 end
 
+-- One batch of the whole index: GPUs with at least `need` MiB free, from `offset` on; the first batch is kept
+-- in s.first_batch until the index changes (free_now reads it, placement then needs no second read).
+local function free_batch(s, need, offset)
+  local first = s.first_batch
+  if offset == 0 and first and first.need == need then
+    return first.out, first.full
+  end
+  local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', offset, PLACE_BATCH)
+  local out = {}
+  for i = 1, #flat, 2 do
+    local gpu, free = flat[i], tonumber(flat[i + 1])
+    out[#out + 1] = {gpu, free}
+    s.indexed[gpu] = free
+  end
+  local full = #flat == 2 * PLACE_BATCH
+  if offset == 0 then
+    s.first_batch = {need = need, out = out, full = full}
+  end
+  return out, full
+end
+
 -- Batches of the whole index: GPUs with at least `need` MiB free.
-local function free_batches(need)
+local function free_batches(s, need)
   return function(offset)
-    local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', offset, PLACE_BATCH)
-    local out = {}
-    for i = 1, #flat, 2 do
-      out[#out + 1] = {flat[i], tonumber(flat[i + 1])}
-    end
-    return out, #flat == 2 * PLACE_BATCH
+    return free_batch(s, need, offset)
   end
 end
 
@@ -116,7 +132,7 @@ end
 -- also when that cannot be told cheaply (GPUs with and without hosts in one namespace, a node asked).
 local function free_now(s, need, node)
   if node == nil or node == 'any' then
-    return redis.call('ZCOUNT', K_FREE, need, '+inf') > 0
+    return #free_batch(s, need, 0) > 0
   end
   if hostless_gpus(s) then
     return false
@@ -143,7 +159,7 @@ local function place(s, need, pin, id, avoid, node)
   end
   if node == nil or node == 'any' or hostless_gpus(s) then
     -- (with GPUs both with and without hosts, a request for one host skips the other hosts' GPUs here)
-    best, best_left = scan(s, need, id, avoid, node, best, best_left, free_batches(need))
+    best, best_left = scan(s, need, id, avoid, node, best, best_left, free_batches(s, need))
   else
     best, best_left = scan(s, need, id, avoid, node, best, best_left, host_batches(node, need))
   end

@@ -17,7 +17,9 @@
     KEYS[13] holds     hash  gpu id -> JSON reservation {id, vram_mib, victims, deadline}: VRAM being freed
                              by eviction for request `id`; nobody else may take it
     KEYS[14] policy    hash  rule -> JSON: rules every process obeys (see load_policy)
-    KEYS[15] usage     hash  "class:<priority>" -> active leases of that class
+    KEYS[15] usage     hash  "class:<priority>" -> active leases of that class (and the other counters of
+                             includes/drop.lua: a call collects its changes in USAGE_DELTA and writes them
+                             when it returns; usage_of and active_of add them to what they read)
     KEYS[16] free      zset  gpu id by the MiB placement sees free on it: capacity - max(used, fresh observed)
     KEYS[17] free_host zset  "<host> <free MiB, 12 digits> <gpu id>", all scored 0: the same for the GPUs
                              that have a host, read as a lexicographic range (best fit within one host)
@@ -35,6 +37,7 @@ local K_OBSERVED, K_OFFLINE, K_HOLDS = KEYS[11], KEYS[12], KEYS[13]
 local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
 local K_FREE, K_FREE_HOST, K_OBSERVED_EXP = KEYS[16], KEYS[17], KEYS[18]
 local WAKE_PREFIX = ARGV[1]
+local USAGE_DELTA = {} -- usage hash field -> change not written yet (includes/drop.lua flush_usage)
 --- @per-call end
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
@@ -43,8 +46,12 @@ local SEQ_SPAN = 1099511627776 -- 2^40
 -- Expired entries collected by one call; the rest go to the next call (bounded work per script).
 local COLLECT_LIMIT = 64
 
--- Numbers handed to redis.call are formatted by hand: Lua's default "%.14g" would round big integers.
+-- Numbers handed to redis.call are formatted by hand: Lua's default "%.14g" would round big integers. An
+-- integer (every number the scripts pass) is formatted as one ('%d': 64-bit), far cheaper than '%.0f'.
 local function int(x)
+  if x % 1 == 0 and x > -9e15 and x < 9e15 then
+    return string.format('%d', x)
+  end
   return string.format('%.0f', x)
 end
 
@@ -171,6 +178,9 @@ end
   index_gpu(s, gpu) writes one GPU's entry; every change of used or of a reading calls it. A reading that goes
   stale (observed_exp) re-indexes its GPU at the next call. When the index does not cover the registry (a GPU
   registered since, a Redis that lost it, an older version's data), it is rebuilt from the hashes.
+  s.indexed[gpu] is a GPU's score in `free` as this call last read or wrote it (an entry that is already right
+  is not written again, and a GPU with a host needs no ZSCORE for it); s.first_batch caches the first batch of
+  the index that placement read (place.lua free_batches), until the index changes.
 ]]
 --- @include "index"
 
@@ -181,17 +191,25 @@ local function index_gpu(s, gpu)
   end
   local used, seen = s.used[gpu] or 0, s.seen[gpu]
   local free = cap - ((seen and seen > used) and seen or used)
+  local old = s.indexed[gpu]
+  if old == free then
+    return
+  end
+  s.indexed[gpu] = free
+  s.first_batch = nil
   local host = host_of(s, gpu)
   if not host then
     redis.call('ZADD', K_FREE, int(free), gpu)
     return
   end
-  local old = redis.call('ZSCORE', K_FREE, gpu)
-  if old and tonumber(old) == free then
-    return
+  if old == nil then
+    old = tonumber(redis.call('ZSCORE', K_FREE, gpu))
+    if old == free then
+      return
+    end
   end
   if old then
-    redis.call('ZREM', K_FREE_HOST, host_member(host, tonumber(old), gpu))
+    redis.call('ZREM', K_FREE_HOST, host_member(host, old, gpu))
   end
   redis.call('ZADD', K_FREE, int(free), gpu)
   redis.call('ZADD', K_FREE_HOST, 0, host_member(host, free, gpu))
@@ -237,6 +255,7 @@ end
 
 local function rebuild_index(s)
   redis.call('DEL', K_FREE, K_FREE_HOST, K_OBSERVED_EXP)
+  s.indexed, s.first_batch = {}, nil
   for gpu, _ in pairs(all_gpus(s)) do
     index_gpu(s, gpu)
     if s.seen[gpu] then -- a fresh reading: re-indexed when it goes stale
@@ -246,7 +265,7 @@ local function rebuild_index(s)
 end
 
 local function load_gpus(now)
-  local s = {now = now, active = {}, holds = {}, host_of = {}, decls = {}, raw_decls = {}}
+  local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
   s.cap = lazy(function(gpu)
     return tonumber(redis.call('HGET', K_CAPACITY, gpu))
   end)
@@ -373,18 +392,8 @@ end
             `while` class is active; with evict, its active leases are asked to checkpoint too.
 ]]
 
--- Active leases of one priority class (the usage hash), read once per call and cached in `s`.
-local function active_of(s, class)
-  s.active = s.active or {}
-  local n = s.active[class]
-  if n == nil then
-    n = tonumber(redis.call('HGET', K_USAGE, 'class:' .. class) or '0')
-    s.active[class] = n
-  end
-  return n
-end
-
--- The usage hash counter `field` (active leases or MiB), read once per call and cached in `s`.
+-- The usage hash counter `field` (active leases or MiB): the stored value, read once per call and cached in
+-- `s`, plus the changes this call made so far (USAGE_DELTA, written when it returns: includes/drop.lua).
 local function usage_of(s, field)
   s.usage = s.usage or {}
   local n = s.usage[field]
@@ -392,7 +401,12 @@ local function usage_of(s, field)
     n = tonumber(redis.call('HGET', K_USAGE, field) or '0')
     s.usage[field] = n
   end
-  return n
+  return n + (USAGE_DELTA[field] or 0)
+end
+
+-- Active leases of one priority class (the usage hash).
+local function active_of(s, class)
+  return usage_of(s, 'class:' .. class)
 end
 
 -- Why a request of this class and service may not be granted now ('' when it may): a pause rule, a runtime
