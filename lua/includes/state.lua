@@ -38,6 +38,7 @@ local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
 local K_FREE, K_FREE_HOST, K_OBSERVED_EXP = KEYS[16], KEYS[17], KEYS[18]
 local WAKE_PREFIX = ARGV[1]
 local USAGE_DELTA = {} -- usage hash field -> change not written yet (includes/drop.lua flush_usage)
+local LOAD_NOW = 0 -- the `now` of load_gpus: s.seen's readings are fresh or stale at that moment
 --- @per-call end
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
@@ -123,15 +124,30 @@ local function parse_reading(v, now)
   return false, stale_at
 end
 
+-- A table that reads a GPU's value with `load(gpu)` on first use and keeps it (nil is not kept).
 local function lazy(load)
-  return setmetatable({}, {__index = function(t, gpu)
+  return {__index = function(t, gpu)
     local v = load(gpu)
     if v ~= nil then
       rawset(t, gpu, v)
     end
     return v
-  end})
+  end}
 end
+-- The metatables of s.cap, s.used, s.seen and s.off: made once (in a function library, once for every call;
+-- they keep nothing, they read through the key handles and LOAD_NOW of the current call).
+local CAP_MT = lazy(function(gpu)
+  return tonumber(redis.call('HGET', K_CAPACITY, gpu))
+end)
+local USED_MT = lazy(function(gpu)
+  return tonumber(redis.call('HGET', K_USED, gpu)) or 0
+end)
+local SEEN_MT = lazy(function(gpu)
+  return (parse_reading(redis.call('HGET', K_OBSERVED, gpu), LOAD_NOW))
+end)
+local OFF_MT = lazy(function(gpu)
+  return redis.call('HEXISTS', K_OFFLINE, gpu) == 1
+end)
 
 -- A GPU's declaration (the gpus hash) as JSON, read once per call ('{}' for a GPU that is not registered).
 local function raw_decl(s, gpu)
@@ -266,18 +282,9 @@ end
 
 local function load_gpus(now)
   local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
-  s.cap = lazy(function(gpu)
-    return tonumber(redis.call('HGET', K_CAPACITY, gpu))
-  end)
-  s.used = lazy(function(gpu)
-    return tonumber(redis.call('HGET', K_USED, gpu)) or 0
-  end)
-  s.seen = lazy(function(gpu)
-    return (parse_reading(redis.call('HGET', K_OBSERVED, gpu), now))
-  end)
-  s.off = lazy(function(gpu)
-    return redis.call('HEXISTS', K_OFFLINE, gpu) == 1
-  end)
+  LOAD_NOW = now
+  s.cap, s.used = setmetatable({}, CAP_MT), setmetatable({}, USED_MT)
+  s.seen, s.off = setmetatable({}, SEEN_MT), setmetatable({}, OFF_MT)
   for gpu, v in pairs(hgetall(K_HOLDS)) do
     s.holds[gpu] = cjson.decode(v)
   end
