@@ -2,7 +2,8 @@
   resize: change the VRAM of a lease. Shrinking hands the difference to the queue in the same step (and,
   for a lease being evicted, counts against what it was asked for: asked enough, it is no longer being
   evicted). Growing is granted at once when the extra fits on the lease's GPU and nobody of the same or
-  a higher priority waits; otherwise a request for the extra (id `<lease id>:grow`, pinned to the lease's
+  a higher priority waits (VRAM held for the eviction of a lower priority's request counts as free for it,
+  as for a newcomer in acquire); otherwise a request for the extra (id `<lease id>:grow`, pinned to the lease's
   GPU) waits in the queue like a new request of the lease's priority while the current part stays held,
   and its grant adds to the lease. Calling again with the same size reports where that stands.
 
@@ -106,6 +107,7 @@ if redis.call('HEXISTS', K_TICKETS, grow_id) == 1 then
   grant_waiting(s, now)
 end
 local first = first_waiting_rank(s)
+s.newcomer = {id = id, rank = rec.rank} -- a hold for a request of a lower rank does not block the growth
 if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff
     and held_back(s, rec.priority, rec.service, diff) == '' then
   apply(diff)

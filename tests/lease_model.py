@@ -606,6 +606,7 @@ class LeaseModel:
             self._drop_request(grow_id, release_hold=True)  # another size: ask again
             self._serve("resize-drop-no-grant")
         ordered = self.ordered_queue()
+        self.newcomer = (rid, lease.rank)  # a hold for a lower rank does not block the growth (resize's newcomer)
         if (not ordered or ordered[0].rank < lease.rank) and self.free_for(lease.gpu, rid) >= diff:
             lease.vram_mib += diff
             return ResizeReply.DONE, copy.deepcopy(lease), None
