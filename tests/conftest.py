@@ -118,7 +118,9 @@ async def aboss(backend_url: str, namespace: str) -> AsyncIterator[AsyncGPUBoss]
 
 
 def namespace_keys(client: redis.Redis, namespace: str) -> set[str]:
-    return {str(k) for k in client.scan_iter(match=f"{namespace}:*")}
+    # SCAN walks the whole database whatever the MATCH: with SCAN's default COUNT of 10 that is a round trip
+    # per 10 keys that the session's earlier tests left, on every call (the model test calls it at every step).
+    return {str(k) for k in client.scan_iter(match=f"{namespace}:*", count=10_000)}
 
 
 def snapshot(client: redis.Redis, namespace: str) -> dict[str, Any]:
