@@ -200,8 +200,9 @@ def library() -> Library:
     The library starts ``local KEYS, ARGV``; then every include (dependencies first), its per-call lines
     split into declarations and a ``bind_<piece>()`` function; then one ``redis.register_function`` per
     script, whose body is the script's own text after ``KEYS, ARGV = keys, args`` and the binds of the pieces
-    it includes (wrapped as ``main()`` and followed by the pieces' ``@on-return`` calls, if any). The library and function names carry a hash of the whole, so that two gpuboss versions
-    sharing a server each call their own.
+    it includes (wrapped as ``main()`` and followed by the pieces' ``@on-return`` calls, if any). The library
+    and function names carry a hash of the whole, so that two gpuboss versions sharing a server each call
+    their own.
     """
     folder = lua_dir()
     texts: dict[str, str] = {}
