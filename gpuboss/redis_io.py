@@ -370,9 +370,30 @@ def _library_loaded(err: ResponseError) -> bool:
     return "already exists" in str(err).lower()  # another process loaded the same library first
 
 
-def _no_functions(client: Any, err: BaseException) -> None:
+def _no_functions(client: Any, err: BaseException) -> bool:
     _functions[client] = False
     log.info("gpuboss: scripts run by EVALSHA on this server (no function library: %s)", err)
+    return False
+
+
+def _load_after(client: Any, err: ResponseError) -> bool:
+    """What a refused FCALL calls for: True, load the library and send it again ("Function not found");
+    False, EVALSHA from now on (functions unavailable). Anything else (the script's own error) is raised."""
+    if _function_missing(err):
+        return True
+    if not _functions_unavailable(err):
+        raise err
+    return _no_functions(client, err)
+
+
+def _loaded_after(client: Any, err: ResponseError) -> bool:
+    """What a refused FUNCTION LOAD calls for: True, send the FCALL again (another process loaded the same
+    library first); False, EVALSHA from now on. Anything else is raised."""
+    if _library_loaded(err):
+        return True
+    if not _functions_unavailable(err):
+        raise err
+    return _no_functions(client, err)
 
 
 def call_script_sync(client: redis.Redis, call: Call) -> Any:
@@ -386,19 +407,15 @@ def call_script_sync(client: redis.Redis, call: Call) -> Any:
         try:
             return client.fcall(function, len(call.keys), *call.keys, *call.args)
         except ResponseError as err:
-            if _function_missing(err):
-                try:
-                    client.function_load(lib.source)
-                except ResponseError as load_err:
-                    if not _library_loaded(load_err):
-                        if not _functions_unavailable(load_err):
-                            raise
-                        _no_functions(client, load_err)
-                        return _evalsha_sync(client, call)
+            load = _load_after(client, err)
+        if load:
+            try:
+                client.function_load(lib.source)
+                loaded = True
+            except ResponseError as err:
+                loaded = _loaded_after(client, err)
+            if loaded:
                 return client.fcall(function, len(call.keys), *call.keys, *call.args)
-            if not _functions_unavailable(err):
-                raise
-            _no_functions(client, err)
     return _evalsha_sync(client, call)
 
 
@@ -410,19 +427,15 @@ async def call_script_async(client: redis.asyncio.Redis, call: Call) -> Any:
         try:
             return await client.fcall(function, len(call.keys), *call.keys, *call.args)
         except ResponseError as err:
-            if _function_missing(err):
-                try:
-                    await client.function_load(lib.source)
-                except ResponseError as load_err:
-                    if not _library_loaded(load_err):
-                        if not _functions_unavailable(load_err):
-                            raise
-                        _no_functions(client, load_err)
-                        return await _evalsha_async(client, call)
+            load = _load_after(client, err)
+        if load:
+            try:
+                await client.function_load(lib.source)
+                loaded = True
+            except ResponseError as err:
+                loaded = _loaded_after(client, err)
+            if loaded:
                 return await client.fcall(function, len(call.keys), *call.keys, *call.args)
-            if not _functions_unavailable(err):
-                raise
-            _no_functions(client, err)
     return await _evalsha_async(client, call)
 
 
