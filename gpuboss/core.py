@@ -84,7 +84,7 @@ class RenewStatus(enum.IntEnum):
 
 
 class YieldReply(enum.IntEnum):
-    """Replies of ``lua/yield-20.lua``: what handing back an evicted lease did."""
+    """Replies of ``lua/yield-21.lua``: what handing back an evicted lease did."""
 
     GONE = 0
     GRANTED = 1

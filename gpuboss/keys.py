@@ -23,6 +23,8 @@ key                 type   contents
 ``ns:free``         zset   gpu id, scored by the MiB placement sees free (capacity - max(leased, observed))
 ``ns:free_host``    zset   ``"<host> <free MiB, 12 digits> <gpu id>"``, all scored 0: the same by host
 ``ns:observed_exp`` zset   gpu id, scored by when its last NVML reading goes stale (ms, Redis time)
+``ns:head``         hash   the scripts' summary of the rest: ``due`` (no expiry and no check is due before it,
+                           ms, Redis time) and flags ``holds``, ``offline``, ``observed`` (0: that hash is empty)
 ``ns:hosts``        hash   host -> last heartbeat (ms, Redis time) of that host's GPU inventory
 ``ns:sampler:<gpu>`` string the holder of the right to sample one GPU (expires by itself)
 ``ns:holder:<id>``  pubsub a holder's own channel: eviction notices for its leases (a channel, not a key)
@@ -32,7 +34,8 @@ key                 type   contents
 ==================  =====  ===============================================================
 
 The fixed keys are ``gpus``, ``capacity``, ``used``, ``token``, ``seq``, ``event_log``, ``observed``,
-``offline``, ``policy``, ``usage``, ``hosts``, ``free``, ``free_host`` and ``observed_exp`` (each exists once something wrote it); every other key exists
+``offline``, ``policy``, ``usage``, ``hosts``, ``free``, ``free_host``, ``observed_exp`` and ``head`` (each exists once
+something wrote it); every other key exists
 only while a lease, a waiting request, a reservation or a sampler's turn does.
 """
 
@@ -63,6 +66,7 @@ STATE_SUFFIXES = (
     "free",
     "free_host",
     "observed_exp",
+    "head",
 )
 
 #: Keys that stay once every lease is released: the GPU registry, the two counters and the event log.
@@ -81,6 +85,7 @@ FIXED_SUFFIXES = (
     "free",
     "free_host",
     "observed_exp",
+    "head",
 )
 
 
@@ -181,6 +186,12 @@ class Keys:
     def observed_exp(self) -> str:
         """GPUs by when their stored NVML reading goes stale: the scripts re-index them then."""
         return self._key("observed_exp")
+
+    @property
+    def head(self) -> str:
+        """The state header: when the scripts next need to look for expiries, and which optional hashes hold
+        anything (``lua/includes/state.lua``)."""
+        return self._key("head")
 
     def sampler(self, gpu_id: str) -> str:
         """Who may sample ``gpu_id`` now (a short-lived string key)."""

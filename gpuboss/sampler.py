@@ -2,10 +2,10 @@
 
 Every ``sample_interval_s`` it
 
-1. beats for its host (``lua/hostbeat-21.lua``): the host's GPUs stay online, and the GPUs of hosts silent for
+1. beats for its host (``lua/hostbeat-22.lua``): the host's GPUs stay online, and the GPUs of hosts silent for
    ``host_timeout_s`` go offline;
 2. reads NVML once (used memory and compute processes of every local GPU);
-3. stores each local GPU's used memory (``lua/sample-21.lua``) if this process holds the right to sample that
+3. stores each local GPU's used memory (``lua/sample-22.lua``) if this process holds the right to sample that
    GPU (one process per GPU at a time, by a short Redis lease the holder renews with each reading; another
    process takes over when it lapses). Placement then counts ``max(leased, observed used)``; a lower reading
    serves the queue at once. The reading's max age is three intervals: after that placement ignores it;
@@ -54,7 +54,7 @@ class VramOverBudgetWarning(UserWarning):
 
 
 class SampleReply:
-    """Reply codes of ``lua/sample-21.lua``."""
+    """Reply codes of ``lua/sample-22.lua``."""
 
     UNKNOWN_GPU = -1
     OTHER = 0
@@ -76,7 +76,7 @@ def max_age_ms(interval_s: float) -> int:
 
 
 def hostbeat_call(core: Core, host: str, timeout_ms: int) -> Call:
-    """Beat for ``host``; mark hosts silent for ``timeout_ms`` offline (``lua/hostbeat-21.lua``)."""
+    """Beat for ``host``; mark hosts silent for ``timeout_ms`` offline (``lua/hostbeat-22.lua``)."""
     keys = core.keys
     return Call(
         "hostbeat",
@@ -94,7 +94,7 @@ def sample_call(
     lease_ms: int,
     alerts: Sequence[VramAlert] = (),
 ) -> Call:
-    """Store a reading of ``gpu`` (if ``sampler_id`` may sample it) and announce ``alerts`` (``lua/sample-21.lua``)."""
+    """Store a reading of ``gpu`` (if ``sampler_id`` may sample it) and announce ``alerts`` (``lua/sample-22.lua``)."""
     keys = core.keys
     payload = (
         json.dumps(

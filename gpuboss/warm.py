@@ -2,14 +2,14 @@
 
 A model server keeps its model loaded between requests; on a shared GPU that idle model must not block
 everyone else. A lease can say whether it is in use: ``lease.busy()``, ``lease.idle()``, ``lease.touch()``
-(each one call of ``lua/activity-20.lua``). An idle lease is the first candidate whenever another request
+(each one call of ``lua/activity-21.lua``). An idle lease is the first candidate whenever another request
 cannot be placed, whatever its priority (``lua/includes/evict.lua``); after ``idle_timeout_s`` without
 ``busy()`` or ``touch()`` the heartbeat's renew script asks it to unload even without contention.
 
 :class:`WarmModel` (``boss.keep_warm(...)``, ``with`` or ``async with``) wraps the pattern: it leases the
 model's VRAM and calls ``on_load``; ``warm.busy()`` marks each request; when the lease is asked to leave it
 waits for running requests to finish, calls ``on_unload`` and hands the lease back in one script call
-(``lua/unload-20.lua``); the next ``busy()`` leases again (queued by its priority), calls ``on_load`` and
+(``lua/unload-21.lua``); the next ``busy()`` leases again (queued by its priority), calls ``on_load`` and
 reports the time it waited and reloaded.
 """
 
@@ -59,7 +59,7 @@ UnloadReason = Literal["idle_timeout", "reclaimed", "closed", "lost"]
 
 
 class ActivityReply(enum.IntEnum):
-    """Replies of ``lua/activity-20.lua``."""
+    """Replies of ``lua/activity-21.lua``."""
 
     GONE = 0
     DONE = 1
@@ -67,7 +67,7 @@ class ActivityReply(enum.IntEnum):
 
 
 class UnloadReply(enum.IntEnum):
-    """Replies of ``lua/unload-20.lua``."""
+    """Replies of ``lua/unload-21.lua``."""
 
     GONE = 0
     UNLOADED = 1

@@ -19,7 +19,7 @@ its deadline with victims left revokes them (``revoke``) or is marked overdue on
 an evicting lease back (and, with resume, queues it again at its arrival number, pinned to its GPU);
 ``resize`` shrinks at once (counting against what an eviction asked) or grows at once or through a queued
 ``<id>:grow`` request. Not modelled: pause rules and the rest of the policy hash (none is set), idle leases
-(lua/activity-20.lua), NVML observations, offline GPUs, nodes and leases over several GPUs.
+(lua/activity-21.lua), NVML observations, offline GPUs, nodes and leases over several GPUs.
 
 Replies use the reply enums of :mod:`gpuboss.core` (the documented codes); lease, request and hold records
 are kept as plain dataclasses the test compares with the JSON records in Redis.
@@ -52,7 +52,7 @@ DEFAULT_GRACE_MS = 30_000
 #: makes it follow the script instead.
 KNOWN_DIVERGENCES: dict[str, str] = {
     "collect-no-serve": (
-        "lua/yield-20.lua and lua/resize-20.lua collect expired entries (and enforce eviction grace) but do not "
+        "lua/yield-21.lua and lua/resize-21.lua collect expired entries (and enforce eviction grace) but do not "
         "serve the queue on most of their answers: what the collection freed stays free while the head fits"
     ),
     "hold-blocks-head": (
@@ -61,7 +61,7 @@ KNOWN_DIVERGENCES: dict[str, str] = {
         "cannot be placed there nor evict there, the holder waits behind the head; both wait on a free GPU"
     ),
     "resize-drop-no-grant": (
-        "lua/resize-20.lua withdraws a queued growth (same size again, or another growth size) without serving "
+        "lua/resize-21.lua withdraws a queued growth (same size again, or another growth size) without serving "
         "the queue: a request behind the withdrawn head that fits is not granted"
     ),
     "grow-wake-leak": (

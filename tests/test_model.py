@@ -138,6 +138,9 @@ class ShiftClock:
         for zset in (keys.lease_exp, keys.queue_exp):
             for member, score in client.zrange(zset, 0, -1, withscores=True):
                 pipe.zadd(zset, {member: int(score) - ms})
+        due = client.hget(keys.head, "due")  # the state header's next check is a stored time too
+        if due is not None:
+            pipe.hset(keys.head, "due", int(due) - ms)
         for hash_key in (keys.leases, keys.tickets, keys.holds):
             for rid, raw in client.hgetall(hash_key).items():
                 rec = json.loads(raw)

@@ -65,6 +65,7 @@ local function save_hold(s, gpu)
   local hold = s.holds[gpu]
   if hold then
     redis.call('HSET', K_HOLDS, gpu, cjson.encode(hold))
+    head_flag(s, 'holds')
   else
     redis.call('HDEL', K_HOLDS, gpu)
   end
@@ -190,7 +191,7 @@ end
 local function collect_expired(s, now, out)
   local leases, requests = 0, 0
   local ids = {}
-  if redis.call('ZCOUNT', K_LEASE_EXP, '-inf', int(now)) > 0 then -- (a count is cheaper than an empty range)
+  if s.check and redis.call('ZCOUNT', K_LEASE_EXP, '-inf', int(now)) > 0 then -- (a count is cheaper than an empty range)
     ids = redis.call('ZRANGEBYSCORE', K_LEASE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
   end
   for _, id in ipairs(ids) do
@@ -207,7 +208,7 @@ local function collect_expired(s, now, out)
     end
   end
   ids = {}
-  if redis.call('ZCOUNT', K_QUEUE_EXP, '-inf', int(now)) > 0 then
+  if s.check and redis.call('ZCOUNT', K_QUEUE_EXP, '-inf', int(now)) > 0 then
     ids = redis.call('ZRANGEBYSCORE', K_QUEUE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
   end
   for _, id in ipairs(ids) do

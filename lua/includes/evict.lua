@@ -65,7 +65,7 @@ local function preemptible_below(rank)
   return total, idle
 end
 
--- A lease its holder marked idle (lua/activity-20.lua): the first candidate, whatever its rank.
+-- A lease its holder marked idle (lua/activity-21.lua): the first candidate, whatever its rank.
 local function is_idle(rec)
   return rec.busy == false
 end
@@ -190,6 +190,7 @@ local function try_evict(s, req, now)
   end
   s.holds[best.gpu] = hold
   redis.call('HSET', K_HOLDS, best.gpu, cjson.encode(hold))
+  head_flag(s, 'holds')
   return true
 end
 

@@ -82,7 +82,7 @@ local function grant(s, id, req, where, now)
   end
   local raw = cjson.encode(rec)
   redis.call('HSET', K_LEASES, id, raw)
-  redis.call('ZADD', K_LEASE_EXP, int(now + req.ttl_ms), id)
+  add_expiry(s, K_LEASE_EXP, now + req.ttl_ms, id)
   count_lease(s, rec, 1)
   local ev = lease_fields(rec)
   ev.waited_ms = now - req.requested_at

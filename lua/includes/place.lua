@@ -125,7 +125,7 @@ end
 
 -- Whether some GPUs have no host (every GPU is in the index, only those with a host in the by-host one).
 local function hostless_gpus(s)
-  return s.gpu_count > redis.call('ZCARD', K_FREE_HOST)
+  return gpu_count(s) > redis.call('ZCARD', K_FREE_HOST)
 end
 
 -- Whether some GPU of `node` has at least `need` MiB free now, by the index (a cheap "not too large"); false

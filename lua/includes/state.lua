@@ -24,6 +24,7 @@
     KEYS[17] free_host zset  "<host> <free MiB, 12 digits> <gpu id>", all scored 0: the same for the GPUs
                              that have a host, read as a lexicographic range (best fit within one host)
     KEYS[18] observed_exp  zset  gpu id by when its stored reading goes stale (ms): it is re-indexed then
+    KEYS[19] head      hash  the state header (below): `due` and the flags `holds`, `offline`, `observed`
   and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
@@ -35,7 +36,7 @@ local K_QUEUE, K_TICKETS, K_QUEUE_EXP = KEYS[6], KEYS[7], KEYS[8]
 local K_TOKEN, K_SEQ = KEYS[9], KEYS[10]
 local K_OBSERVED, K_OFFLINE, K_HOLDS = KEYS[11], KEYS[12], KEYS[13]
 local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
-local K_FREE, K_FREE_HOST, K_OBSERVED_EXP = KEYS[16], KEYS[17], KEYS[18]
+local K_FREE, K_FREE_HOST, K_OBSERVED_EXP, K_HEAD = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
 local WAKE_PREFIX = ARGV[1]
 local USAGE_DELTA = {} -- usage hash field -> change not written yet (includes/drop.lua flush_usage)
 local LOAD_NOW = 0 -- the `now` of load_gpus: s.seen's readings are fresh or stale at that moment
@@ -46,6 +47,8 @@ local RANK_BASE = 1000
 local SEQ_SPAN = 1099511627776 -- 2^40
 -- Expired entries collected by one call; the rest go to the next call (bounded work per script).
 local COLLECT_LIMIT = 64
+-- The longest the scripts go without a full check (see the state header below), ms.
+local CHECK_EVERY_MS = 1000
 
 -- Numbers handed to redis.call are formatted by hand: Lua's default "%.14g" would round big integers. An
 -- integer (every number the scripts pass) is formatted as one ('%d': 64-bit), far cheaper than '%.0f'.
@@ -73,7 +76,7 @@ end
   The namespace's scheduling rules (the policy hash; gpuboss/policy.py documents each field):
     pause     list of {class, while = {class, ...}, evict}: `class` is not granted while any lease of a
               `while` class is active; with evict, its active leases are asked to checkpoint too.
-    paused    {class -> {by, at}}: classes paused at runtime (`gpuboss pause`; lua/pause-20.lua)
+    paused    {class -> {by, at}}: classes paused at runtime (`gpuboss pause`; lua/pause-21.lua)
     windows   list of {class, from, to}: `class` is not granted while Redis time is in [from, to)
     caps      {services = {name -> {leases, mib}}, classes = {name -> {leases}}}: a request that would
               exceed one waits
@@ -147,6 +150,11 @@ local SEEN_MT = lazy(function(gpu)
 end)
 local OFF_MT = lazy(function(gpu)
   return redis.call('HEXISTS', K_OFFLINE, gpu) == 1
+end)
+
+-- s.seen and s.off when the header says the observed or offline hash is empty: nothing to read.
+local NONE_MT = lazy(function(_)
+  return false
 end)
 
 -- A GPU's declaration (the gpus hash) as JSON, read once per call ('{}' for a GPU that is not registered).
@@ -280,17 +288,66 @@ local function rebuild_index(s)
   end
 end
 
-local function load_gpus(now)
-  local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
-  LOAD_NOW = now
-  s.cap, s.used = setmetatable({}, CAP_MT), setmetatable({}, USED_MT)
-  s.seen, s.off = setmetatable({}, SEEN_MT), setmetatable({}, OFF_MT)
-  for gpu, v in pairs(hgetall(K_HOLDS)) do
-    s.holds[gpu] = cjson.decode(v)
+--[[
+  The state header (KEYS head, one small hash read by every call) spares a call the reads that would find
+  nothing to do:
+    due       Redis ms before which no lease or queue entry expires, no reading goes stale, and no check of
+              the index is due: until then a call skips those checks (6 reads). A full check sets it to the
+              earliest of those expiries, at most CHECK_EVERY_MS ahead; every script that adds an earlier
+              expiry lowers it (due_by).
+    holds, offline, observed
+              '0' when that hash was empty at the last full check and nothing was added since: a call then
+              does not read it (nor, per GPU, the offline mark and the reading). A script that adds to one
+              sets its flag to '1' (head_flag).
+  A missing header or field counts as "check everything", so data written before the header existed, a
+  deleted header, or a Redis that lost it is checked at the next call. A key changed by anything but these
+  scripts (by hand, or by an older gpuboss sharing the namespace) is seen at the next full check, within
+  CHECK_EVERY_MS; delete the header to have the next call check at once.
+]]
+
+-- Lower the header's `due` to `at` (ms) when it is later: an expiry or a reading that goes stale at `at` was
+-- just added. `s` may be nil (a script that has not loaded the state).
+local function due_by(s, at)
+  local due = s and s.due
+  if due == nil then
+    due = tonumber(redis.call('HGET', K_HEAD, 'due')) or 0
   end
-  s.policy = load_policy()
-  s.gpu_count = redis.call('HLEN', K_CAPACITY)
-  if redis.call('ZCARD', K_FREE) ~= s.gpu_count then
+  if at < due then
+    redis.call('HSET', K_HEAD, 'due', int(at))
+    if s then
+      s.due = at
+    end
+  end
+end
+
+-- ZADD `member` to an expiry zset (lease_exp, queue_exp, observed_exp) at `at` ms, keeping the header right.
+local function add_expiry(s, key, at, member)
+  redis.call('ZADD', key, int(at), member)
+  due_by(s, at)
+end
+
+-- Note in the header that the `name` hash ('holds', 'offline' or 'observed') has entries now.
+local function head_flag(s, name)
+  if s == nil or s.flags[name] ~= '1' then
+    redis.call('HSET', K_HEAD, name, '1')
+    if s then
+      s.flags[name] = '1'
+    end
+  end
+end
+
+-- The number of registered GPUs (read once per call, when asked).
+local function gpu_count(s)
+  if s.gpu_count == nil then
+    s.gpu_count = redis.call('HLEN', K_CAPACITY)
+  end
+  return s.gpu_count
+end
+
+-- The full check: the index against the registry (rebuilt if they differ), readings gone stale, and the
+-- header written again.
+local function full_check(s, now)
+  if redis.call('ZCARD', K_FREE) ~= gpu_count(s) then
     rebuild_index(s)
   elseif redis.call('ZCARD', K_OBSERVED_EXP) > 0 then
     -- Readings gone stale since the last call: their GPUs are indexed without them now.
@@ -298,6 +355,46 @@ local function load_gpus(now)
       redis.call('ZREM', K_OBSERVED_EXP, gpu)
       index_gpu(s, gpu)
     end
+  end
+  local due = now + CHECK_EVERY_MS
+  for _, key in ipairs({K_LEASE_EXP, K_QUEUE_EXP, K_OBSERVED_EXP}) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
+    if first then
+      due = math.min(due, tonumber(first))
+    end
+  end
+  s.due = due
+  s.flags = {
+    holds = next(s.holds) and '1' or '0',
+    offline = redis.call('HLEN', K_OFFLINE) > 0 and '1' or '0',
+    observed = redis.call('HLEN', K_OBSERVED) > 0 and '1' or '0',
+  }
+  if gpu_count(s) > 0 then -- (a namespace without GPUs keeps no header: a call there writes nothing)
+    redis.call('HSET', K_HEAD, 'due', int(due), 'holds', s.flags.holds, 'offline', s.flags.offline,
+      'observed', s.flags.observed)
+  end
+end
+
+-- The state of one call at Redis time `now`. s.check is true when this call made the full check (`full`
+-- asks for one whatever the header says): collect_expired looks for expired entries only then.
+local function load_gpus(now, full)
+  local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
+  LOAD_NOW = now
+  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed')
+  s.due = tonumber(head[1]) or 0
+  s.flags = {holds = head[2], offline = head[3], observed = head[4]}
+  s.check = full or now >= s.due
+  s.cap, s.used = setmetatable({}, CAP_MT), setmetatable({}, USED_MT)
+  s.seen = setmetatable({}, (s.check or s.flags.observed ~= '0') and SEEN_MT or NONE_MT)
+  s.off = setmetatable({}, (s.check or s.flags.offline ~= '0') and OFF_MT or NONE_MT)
+  if s.check or s.flags.holds ~= '0' then
+    for gpu, v in pairs(hgetall(K_HOLDS)) do
+      s.holds[gpu] = cjson.decode(v)
+    end
+  end
+  s.policy = load_policy()
+  if s.check then
+    full_check(s, now)
   end
   return s
 end

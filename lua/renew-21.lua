@@ -5,16 +5,16 @@
   arrives a moment later: a lease past its deadline never comes back. Then each live id gets a new
   deadline of now + its ttl, and freed capacity goes to the queue. A lease held longer than its class's
   `max_hold` (policy) is asked to checkpoint (`evict_requested`, reason `max_hold`) or revoked (`revoked`,
-  reason `max_hold`; it answers GONE), once. A lease idle (lua/activity-20.lua) for longer than its
+  reason `max_hold`; it answers GONE), once. A lease idle (lua/activity-21.lua) for longer than its
   `idle_timeout_ms` is asked to unload (`evict_requested`, by and reason `idle_timeout`; docs/warm.md).
 
   Events: a renewal is not an event; `lost` for an id its holder renews that is gone; `expired` and
   `granted` for what was collected and served.
 
   Input:
-    KEYS[1..18]       the state layout (includes/state.lua)
-    KEYS[19]         events       pub/sub channel (includes/emit.lua)
-    KEYS[20]         event_log    stream
+    KEYS[1..19]       the state layout (includes/state.lua)
+    KEYS[20]         events       pub/sub channel (includes/emit.lua)
+    KEYS[21]         event_log    stream
     ARGV[1]          wake-list prefix
     ARGV[2]          the holder's secret (an id whose record has another holder's answers GONE)
     ARGV[2k+1], ARGV[2k+2] (k >= 1, 2k+2 < #ARGV)   an id and its ttl in ms
@@ -70,14 +70,14 @@ for k = 3, #ARGV - 2, 2 do
   end
   if rec and rec.busy == false and rec.idle_timeout_ms and rec.idle_since and rec.state ~= 'evicting'
       and now - rec.idle_since >= rec.idle_timeout_ms then
-    -- Idle longer than its idle timeout (lua/activity-20.lua): asked to unload, even without contention.
+    -- Idle longer than its idle timeout (lua/activity-21.lua): asked to unload, even without contention.
     ask_to_checkpoint(rec, 'idle_timeout', rec.vram_mib, now, now + (tonumber(rec.grace_ms) or 30000),
       'idle_timeout')
   end
   if rec then
     rec.expires_at = now + ttl
     redis.call('HSET', K_LEASES, id, cjson.encode(rec))
-    redis.call('ZADD', K_LEASE_EXP, int(now + ttl), id)
+    add_expiry(s, K_LEASE_EXP, now + ttl, id)
     st = 1
     if rec.state == 'evicting' and rec.evict then
       st = 3
@@ -88,7 +88,7 @@ for k = 3, #ARGV - 2, 2 do
       })
     end
   elseif redis.call('ZSCORE', K_QUEUE_EXP, id) and is_holder(cjson.decode(redis.call('HGET', K_TICKETS, id) or '{}'), secret) then
-    redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
+    add_expiry(s, K_QUEUE_EXP, now + ttl, id)
     st = 2
   end
   if st == 0 then

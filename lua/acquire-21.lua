@@ -14,9 +14,9 @@
   `evict_requested` (victims asked to checkpoint).
 
   Input:
-    KEYS[1..18] the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19] the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     request id (becomes the lease id)
     ARGV[3]     vram, integer MiB > 0
@@ -58,19 +58,19 @@ local pin, ttl, mode, node, count = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[16
 
 local now = now_ms()
 local s = load_gpus(now)
-if s.gpu_count == 0 then
-  return {-3}
-end
 local largest = 0
 if pin ~= '' then
   if s.cap[pin] == nil then
-    return {-2}
+    return {gpu_count(s) == 0 and -3 or -2}
   end
   largest = s.cap[pin]
   if need > largest then
     return {-1, largest}
   end
 elseif not free_now(s, need, node) then
+  if gpu_count(s) == 0 then
+    return {-3}
+  end
   -- Nothing has that much free now: is there a GPU large enough at all? (every GPU is read only here)
   for gpu, cap in pairs(all_gpus(s)) do
     if on_node(s, gpu, node) then
@@ -134,7 +134,7 @@ req.expires_at = now + ttl
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + req.seq), id)
 s.queue_empty = nil
-redis.call('ZADD', K_QUEUE_EXP, int(now + ttl), id)
+add_expiry(s, K_QUEUE_EXP, now + ttl, id)
 local position = redis.call('ZRANK', K_QUEUE, id)
 local ev = request_fields(req)
 ev.ahead = position

@@ -7,9 +7,9 @@
   Events: `expired` for each lease and queued request collected, `granted` for each waiter served.
 
   Input:
-    KEYS[1..18]  the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19]  the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     event log cap (0: no log)
 
@@ -26,7 +26,7 @@
 --- @include "grant"
 
 local now = now_ms()
-local s = load_gpus(now)
+local s = load_gpus(now, true) -- (a full check, whatever the state header says)
 local out = {leases = {}, requests = {}}
 local leases, requests = collect_expired(s, now, out)
 local granted = grant_waiting(s, now)

@@ -9,9 +9,9 @@
   collected first (a lease whose TTL had already run out is collected as expired, not revoked).
 
   Input:
-    KEYS[1..18]  the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19]  the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     who revokes it (e.g. user@host), carried by the event

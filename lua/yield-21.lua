@@ -12,9 +12,9 @@
   collected first.
 
   Input:
-    KEYS[1..18] the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19] the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     resume: '1' queue again (same id, same arrival number), '0' end the lease
@@ -70,7 +70,7 @@ local req = {
 }
 redis.call('HSET', K_TICKETS, id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rec.rank) * SEQ_SPAN + rec.seq), id)
-redis.call('ZADD', K_QUEUE_EXP, int(now + rec.ttl_ms), id)
+add_expiry(s, K_QUEUE_EXP, now + rec.ttl_ms, id)
 local qv = request_fields(req)
 qv.ahead = redis.call('ZRANK', K_QUEUE, id)
 qv.ttl_ms = rec.ttl_ms

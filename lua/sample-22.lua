@@ -16,10 +16,10 @@
   Events: `vram_alert` for each alert; `expired` and `granted` when a lower reading served the queue.
 
   Input:
-    KEYS[1..18]  the state layout (includes/state.lua)
-    KEYS[19]     sampler     string  who may sample this GPU now (expires by itself)
-    KEYS[20]     events      pub/sub channel (includes/emit.lua)
-    KEYS[21]     event_log   stream
+    KEYS[1..19]  the state layout (includes/state.lua)
+    KEYS[20]     sampler     string  who may sample this GPU now (expires by itself)
+    KEYS[21]     events      pub/sub channel (includes/emit.lua)
+    KEYS[22]     event_log   stream
     ARGV[1]      wake-list prefix
     ARGV[2]      gpu id
     ARGV[3]      the caller's sampler id (unique per process and boss)
@@ -41,7 +41,7 @@
 --- @include "evict"
 --- @include "grant"
 
-local K_SAMPLER = KEYS[19]
+local K_SAMPLER = KEYS[20]
 local GPU, ME, USED = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local MAX_AGE, LEASE_MS = tonumber(ARGV[5]), tonumber(ARGV[6])
 local MAX_ALERTS = 16
@@ -66,7 +66,8 @@ if mine and USED then
   local s = load_gpus(now)
   local old = redis.call('HGET', K_OBSERVED, GPU)
   redis.call('HSET', K_OBSERVED, GPU, int(USED) .. ',' .. int(now) .. ',' .. int(MAX_AGE))
-  redis.call('ZADD', K_OBSERVED_EXP, int(now + MAX_AGE), GPU)
+  head_flag(s, 'observed')
+  add_expiry(s, K_OBSERVED_EXP, now + MAX_AGE, GPU)
   s.seen[GPU] = USED
   index_gpu(s, GPU)
   local freed = false

@@ -22,9 +22,9 @@
   `evict_requested`, `granted`, `expired` for what serving the queue did. busy, idle and touch are not events.
 
   Input:
-    KEYS[1..18] the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19] the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     op: 'busy', 'idle' or 'touch'

@@ -13,10 +13,10 @@
   Events: `gpu_offline`, `gpu_online`; `expired` and `granted` when GPUs came back and the queue was served.
 
   Input:
-    KEYS[1..18]  the state layout (includes/state.lua)
-    KEYS[19]     hosts       hash  host -> last beat (ms, Redis time)
-    KEYS[20]     events      pub/sub channel (includes/emit.lua)
-    KEYS[21]     event_log   stream
+    KEYS[1..19]  the state layout (includes/state.lua)
+    KEYS[20]     hosts       hash  host -> last beat (ms, Redis time)
+    KEYS[21]     events      pub/sub channel (includes/emit.lua)
+    KEYS[22]     event_log   stream
     ARGV[1]      wake-list prefix
     ARGV[2]      this host's name
     ARGV[3]      timeout (ms): a host silent for longer has its GPUs marked offline
@@ -34,7 +34,7 @@
 --- @include "evict"
 --- @include "grant"
 
-local K_HOSTS = KEYS[19]
+local K_HOSTS = KEYS[20]
 local HOST = ARGV[2]
 local TIMEOUT = tonumber(ARGV[3])
 local REASON = 'host_timeout'
@@ -85,6 +85,7 @@ if any then
     if decl and type(decl.host) == 'string' and stale[decl.host] and redis.call('HEXISTS', K_OFFLINE, gpu) == 0 then
       local last = stale[decl.host]
       redis.call('HSET', K_OFFLINE, gpu, cjson.encode({host = decl.host, since = now, reason = REASON, last_beat = last}))
+      head_flag(nil, 'offline')
       offline = offline + 1
       gpu_event('gpu_offline', gpu, {host = decl.host, reason = REASON, last_beat = last, silent_ms = now - last})
     end

@@ -11,9 +11,9 @@
   `granted` for waiters served, `evict_cancelled` when a shrink satisfied an eviction.
 
   Input:
-    KEYS[1..18] the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19] the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     lease id
     ARGV[3]     new size, integer MiB > 0
@@ -123,7 +123,7 @@ local req = {
 redis.call('HSET', K_TICKETS, grow_id, cjson.encode(req))
 redis.call('ZADD', K_QUEUE, int((RANK_BASE - rec.rank) * SEQ_SPAN + req.seq), grow_id)
 s.queue_empty = nil
-redis.call('ZADD', K_QUEUE_EXP, int(now + rec.ttl_ms), grow_id)
+add_expiry(s, K_QUEUE_EXP, now + rec.ttl_ms, grow_id)
 local position = redis.call('ZRANK', K_QUEUE, grow_id)
 local ev = request_fields(req)
 ev.ahead = position

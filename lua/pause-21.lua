@@ -7,9 +7,9 @@
   Events: `paused` or `unpaused` (with `by`), and `granted` for what resuming served.
 
   Input:
-    KEYS[1..18] the state layout (includes/state.lua)
-    KEYS[19]    events       pub/sub channel (includes/emit.lua)
-    KEYS[20]    event_log    stream
+    KEYS[1..19] the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
     ARGV[1]     wake-list prefix
     ARGV[2]     priority class
     ARGV[3]     '1' pause, '0' resume
