@@ -57,7 +57,7 @@ local id, need, rank = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local pin, ttl, mode, node, count = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[16], tonumber(ARGV[17])
 
 local now = now_ms()
-local s = load_gpus(now)
+local s = load_gpus(now, false, true) -- (the full check, if due, after the replies that write nothing)
 local largest = 0
 if pin ~= '' then
   if s.cap[pin] == nil then
@@ -97,6 +97,9 @@ if count > 1 then -- enough GPUs that large on one host?
   end
 end
 
+if s.check then
+  full_check(s, now)
+end
 collect_expired(s, now)
 grant_waiting(s, now)
 

@@ -62,7 +62,7 @@ local function grant(s, id, req, where, now)
   end
   local devices = {}
   for i, g in ipairs(gpus) do
-    devices[i] = 'cuda:' .. (decl_of(s, g).index or 0)
+    devices[i] = 'cuda:' .. index_of(s, g)
   end
   local rec = {
     id = id, gpu = gpu, device = devices[1], vram_mib = req.vram_mib * #gpus,

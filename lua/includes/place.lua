@@ -143,6 +143,16 @@ end
 
 local function place(s, need, pin, id, avoid, node)
   if pin ~= '' then
+    -- The index entry is the most a request may take there (a hold only takes more): one read tells a pinned
+    -- request that waits for more, as the head of a queue often does.
+    local indexed = s.indexed[pin]
+    if indexed == nil then
+      indexed = tonumber(redis.call('ZSCORE', K_FREE, pin))
+      s.indexed[pin] = indexed
+    end
+    if indexed and indexed < need then
+      return nil
+    end
     if eligible(s, pin, avoid, node) and free_for(s, pin, id) >= need then
       return pin
     end

@@ -177,6 +177,17 @@ local function decl_of(s, gpu)
   return decl
 end
 
+-- A GPU's device index (from its declaration): read from the JSON text when it is a plain integer (every grant
+-- asks), else decoded; 0 when it has none.
+local function index_of(s, gpu)
+  local raw = raw_decl(s, gpu)
+  local index = string.match(raw, '"index":%s*(%d+)%s*[,}]')
+  if index and not string.find(raw, '"index"', string.find(raw, '"index"', 1, true) + 1, true) then
+    return tonumber(index)
+  end
+  return decl_of(s, gpu).index or 0
+end
+
 -- The host of a GPU (from its declaration), or false for a GPU without one. A plain host name is read from
 -- the JSON text (every grant and release asks, and decoding costs more); anything else is decoded.
 local function host_of(s, gpu)
@@ -375,9 +386,10 @@ local function full_check(s, now)
   end
 end
 
--- The state of one call at Redis time `now`. s.check is true when this call made the full check (`full`
--- asks for one whatever the header says): collect_expired looks for expired entries only then.
-local function load_gpus(now, full)
+-- The state of one call at Redis time `now`. s.check is true when this call makes the full check (`full` asks
+-- for one whatever the header says): collect_expired looks for expired entries only then. With `later`, the
+-- check (which writes) is left to the caller: acquire answers its replies that write nothing first.
+local function load_gpus(now, full, later)
   local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
   LOAD_NOW = now
   local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed')
@@ -393,7 +405,7 @@ local function load_gpus(now, full)
     end
   end
   s.policy = load_policy()
-  if s.check then
+  if s.check and not later then
     full_check(s, now)
   end
   return s

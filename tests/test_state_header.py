@@ -1,0 +1,116 @@
+"""The state header (``ns:head``; lua/includes/state.lua): what every script call reads first.
+
+It tells a call when the next expiry, stale reading or index check is due and which optional hashes (holds,
+offline, observed) hold anything, so that a call skips the reads that would find nothing. These tests hold it
+to the promise that skipping changes nothing: an expiry sooner than the next full check is still collected on
+time, what the scripts add is seen by the very next call, an edit by hand is seen within ``CHECK_EVERY_MS``
+(at once when the header is deleted with it), and a namespace without GPUs keeps no header.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from gpuboss import GPUBoss, Keys, LeaseTimeout
+from gpuboss.core import Call
+from gpuboss.redis_io import call_script_sync
+
+from tests.conftest import raw_client
+
+# The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
+pytestmark = pytest.mark.valkey
+
+#: lua/includes/state.lua CHECK_EVERY_MS, and a margin for a slow machine.
+CHECK_EVERY_S = 1.0
+MARGIN_S = 0.3
+
+GPUS = [{"id": "g0", "name": "t", "vram_gb": 8, "index": 0}, {"id": "g1", "name": "t", "vram_gb": 8, "index": 1}]
+
+
+@pytest.fixture
+def boss(backend_url: str, namespace: str) -> Iterator[GPUBoss]:
+    made = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="svc")
+    made.register_gpus()
+    yield made
+    made.close()
+
+
+def redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def dead_holder_lease(client: redis.Redis, boss: GPUBoss, rid: str, vram_gb: int, ttl_s: float, device: str) -> None:
+    """A lease whose holder never renews it (a process that died): granted by the script call alone."""
+    core = boss._core
+    req = core.make_request(vram_gb, priority="normal", timeout=0, ttl=ttl_s, device=device)
+    reply = call_script_sync(client, core.acquire_call(rid, req, device, "svc"))
+    assert reply[0] == 1, reply
+
+
+def test_an_expiry_sooner_than_the_next_check_is_collected_on_time(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    dead_holder_lease(client, boss, "short-lived", 8, 0.3, "g0")
+    expires_at = int(client.zscore(keys.lease_exp, "short-lived") or 0)
+    due = int(client.hget(keys.head, "due") or 0)
+    assert 0 < due <= expires_at, f"the header's next check ({due}) must not come after the expiry ({expires_at})"
+    dead_holder_lease(client, boss, "long-lived", 8, 30, "g1")
+    time.sleep(max(0.0, (expires_at - redis_ms(client)) / 1000) + 0.05)
+    assert redis_ms(client) - expires_at < CHECK_EVERY_S * 1000 - 200, "the machine was too slow to tell"
+    # g1 is held, g0's lease expired a moment ago and well before the next regular check: collected now.
+    lease = boss.acquire(vram_gb=8, timeout=0)
+    assert lease.gpu == "g0"
+    boss.release(lease)
+
+
+def test_what_the_scripts_add_is_seen_by_the_next_call(boss: GPUBoss, backend_url: str, namespace: str) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    first = boss.acquire(vram_gb=1, timeout=0)
+    boss.release(first)
+    assert client.hget(keys.head, "holds") == "0", "no reservation yet: calls skip the holds hash"
+    # A preemptible low lease fills g0 and g1 is full: a high request asks it to checkpoint and reserves g0.
+    victim = boss.acquire(vram_gb=8, priority="low", preemptible=True, device="g0", timeout=0)
+    other = boss.acquire(vram_gb=8, device="g1", timeout=0)
+    with pytest.raises(LeaseTimeout):
+        boss.acquire(vram_gb=8, priority="high", timeout=0.3)
+    assert client.hget(keys.head, "holds") == "1", "a reservation was written: the flag says so at once"
+    boss.release(victim)
+    boss.release(other)
+
+
+def test_an_edit_by_hand_is_seen_at_the_next_check_or_at_once_without_the_header(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    boss.release(boss.acquire(vram_gb=1, timeout=0))
+    assert client.hget(keys.head, "offline") == "0"
+    silent = {"host": "box", "since": redis_ms(client), "reason": "by hand"}
+    client.hset(keys.offline, mapping={"g0": json.dumps(silent), "g1": json.dumps(silent)})
+    client.delete(keys.head)
+    with pytest.raises(LeaseTimeout):
+        boss.acquire(vram_gb=1, timeout=0)  # both GPUs offline: nothing is granted
+    client.delete(keys.offline)
+    time.sleep(CHECK_EVERY_S + MARGIN_S)
+    lease = boss.acquire(vram_gb=1, timeout=0)  # the marks are gone, and the next full check saw it
+    boss.release(lease)
+    client.hset(keys.offline, mapping={"g0": json.dumps(silent), "g1": json.dumps(silent)})
+    time.sleep(CHECK_EVERY_S + MARGIN_S)
+    with pytest.raises(LeaseTimeout):
+        boss.acquire(vram_gb=1, timeout=0)  # marked again, header kept: seen within CHECK_EVERY_MS
+    client.delete(keys.offline)
+
+
+def test_a_namespace_without_gpus_keeps_no_header(boss: GPUBoss, backend_url: str, namespace: str) -> None:
+    client, empty = raw_client(backend_url), Keys(f"{namespace}-empty")
+    core = boss._core
+    call = core.acquire_call("nobody", core.make_request(1, timeout=0), "", "svc")
+    args = [empty.wake_prefix, *call.args[1:]]
+    reply = call_script_sync(client, Call(call.script, [*empty.state(), *empty.event_keys()], args))
+    assert reply == [-3], "no GPU is registered there"
+    assert client.exists(empty.head) == 0, "the call wrote nothing"
