@@ -71,10 +71,10 @@ elseif not free_now(s, need, node) then
   if gpu_count(s) == 0 then
     return {-3}
   end
-  -- Nothing has that much free now: is there a GPU large enough at all? (every GPU is read only here)
-  for gpu, cap in pairs(all_gpus(s)) do
+  -- Nothing has that much free now: is there a GPU large enough at all? (every GPU's capacity is read only here)
+  for gpu, cap in pairs(hgetall(K_CAPACITY)) do
     if on_node(s, gpu, node) then
-      largest = math.max(largest, cap)
+      largest = math.max(largest, tonumber(cap))
     end
   end
   if need > largest then

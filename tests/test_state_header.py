@@ -114,3 +114,17 @@ def test_a_namespace_without_gpus_keeps_no_header(boss: GPUBoss, backend_url: st
     reply = call_script_sync(client, Call(call.script, [*empty.state(), *empty.event_keys()], args))
     assert reply == [-3], "no GPU is registered there"
     assert client.exists(empty.head) == 0, "the call wrote nothing"
+
+
+def test_a_due_time_too_far_ahead_is_not_trusted(boss: GPUBoss, backend_url: str, namespace: str) -> None:
+    """Redis time that went back (a failover to a replica whose clock is behind, a clock step) leaves a `due`
+    further ahead than any check sets it: the next call checks anyway, so nothing is collected late."""
+    client, keys = raw_client(backend_url), Keys(namespace)
+    dead_holder_lease(client, boss, "short-lived", 8, 0.2, "g0")
+    dead_holder_lease(client, boss, "long-lived", 8, 30, "g1")
+    client.hset(keys.head, "due", redis_ms(client) + 3_600_000)  # as if the clock had been an hour ahead
+    time.sleep(0.3)
+    lease = boss.acquire(vram_gb=8, timeout=0)  # short-lived expired: collected, and its GPU granted
+    assert lease.gpu == "g0"
+    assert int(client.hget(keys.head, "due") or 0) <= redis_ms(client) + CHECK_EVERY_S * 1000
+    boss.release(lease)

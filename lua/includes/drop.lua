@@ -51,6 +51,9 @@ end
 local function count_mib(s, rec, mib)
   bump('svcmib:' .. rec.service, mib)
   if rec.preemptible then
+    if mib > 0 then
+      head_flag(s, 'evictable')
+    end
     bump('pre:' .. rec.rank, mib)
   end
 end

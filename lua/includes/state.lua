@@ -355,6 +355,25 @@ local function gpu_count(s)
   return s.gpu_count
 end
 
+-- Whether the usage hash counts any preemptible MiB (`pre:<rank>`) or idle lease (`idle:<id>`): leases that
+-- eviction could ask (includes/evict.lua), with this call's changes not written yet (USAGE_DELTA).
+local function any_evictable()
+  local flat = redis.call('HGETALL', K_USAGE)
+  for i = 1, #flat, 2 do
+    local field = flat[i]
+    local kind = string.sub(field, 1, 4)
+    if (kind == 'pre:' or kind == 'idle') and tonumber(flat[i + 1]) + (USAGE_DELTA[field] or 0) > 0 then
+      return true
+    end
+  end
+  for field, delta in pairs(USAGE_DELTA) do
+    if string.sub(field, 1, 4) == 'pre:' and delta > 0 then
+      return true
+    end
+  end
+  return false
+end
+
 -- The full check: the index against the registry (rebuilt if they differ), readings gone stale, and the
 -- header written again.
 local function full_check(s, now)
@@ -379,10 +398,11 @@ local function full_check(s, now)
     holds = next(s.holds) and '1' or '0',
     offline = redis.call('HLEN', K_OFFLINE) > 0 and '1' or '0',
     observed = redis.call('HLEN', K_OBSERVED) > 0 and '1' or '0',
+    evictable = any_evictable() and '1' or '0',
   }
   if gpu_count(s) > 0 then -- (a namespace without GPUs keeps no header: a call there writes nothing)
     redis.call('HSET', K_HEAD, 'due', int(due), 'holds', s.flags.holds, 'offline', s.flags.offline,
-      'observed', s.flags.observed)
+      'observed', s.flags.observed, 'evictable', s.flags.evictable)
   end
 end
 
@@ -392,10 +412,12 @@ end
 local function load_gpus(now, full, later)
   local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
   LOAD_NOW = now
-  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed')
+  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed', 'evictable')
   s.due = tonumber(head[1]) or 0
-  s.flags = {holds = head[2], offline = head[3], observed = head[4]}
-  s.check = full or now >= s.due
+  s.flags = {holds = head[2], offline = head[3], observed = head[4], evictable = head[5]}
+  -- (a `due` further ahead than a check ever sets it means Redis time went back: a failover to a replica whose
+  -- clock is behind, a clock step; check now rather than wait for it)
+  s.check = full or now >= s.due or s.due > now + CHECK_EVERY_MS
   s.cap, s.used = setmetatable({}, CAP_MT), setmetatable({}, USED_MT)
   s.seen = setmetatable({}, (s.check or s.flags.observed ~= '0') and SEEN_MT or NONE_MT)
   s.off = setmetatable({}, (s.check or s.flags.offline ~= '0') and OFF_MT or NONE_MT)
