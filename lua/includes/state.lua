@@ -24,7 +24,8 @@
     KEYS[17] free_host zset  "<host> <free MiB, 12 digits> <gpu id>", all scored 0: the same for the GPUs
                              that have a host, read as a lexicographic range (best fit within one host)
     KEYS[18] observed_exp  zset  gpu id by when its stored reading goes stale (ms): it is re-indexed then
-    KEYS[19] head      hash  the state header (below): `due` and the flags `holds`, `offline`, `observed`
+    KEYS[19] head      hash  the state header (below): `due` and the flags `holds`, `offline`, `observed`,
+                             `evictable`
   and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
@@ -303,13 +304,16 @@ end
   The state header (KEYS head, one small hash read by every call) spares a call the reads that would find
   nothing to do:
     due       Redis ms before which no lease or queue entry expires, no reading goes stale, and no check of
-              the index is due: until then a call skips those checks (6 reads). A full check sets it to the
+              the index is due: until then a call skips those checks (five reads). A full check sets it to the
               earliest of those expiries, at most CHECK_EVERY_MS ahead; every script that adds an earlier
               expiry lowers it (due_by).
     holds, offline, observed
               '0' when that hash was empty at the last full check and nothing was added since: a call then
               does not read it (nor, per GPU, the offline mark and the reading). A script that adds to one
               sets its flag to '1' (head_flag).
+    evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>`) and no idle lease (`idle:<id>`)
+              and none was granted or marked since: a request that does not fit asks nobody to checkpoint
+              without reading that hash (includes/evict.lua try_evict).
   A missing header or field counts as "check everything", so data written before the header existed, a
   deleted header, or a Redis that lost it is checked at the next call. A key changed by anything but these
   scripts (by hand, or by an older gpuboss sharing the namespace) is seen at the next full check, within
@@ -337,7 +341,8 @@ local function add_expiry(s, key, at, member)
   due_by(s, at)
 end
 
--- Note in the header that the `name` hash ('holds', 'offline' or 'observed') has entries now.
+-- Note in the header that `name` ('holds', 'offline', 'observed': that hash; 'evictable': the usage hash's
+-- preemptible or idle counts) has entries now.
 local function head_flag(s, name)
   if s == nil or s.flags[name] ~= '1' then
     redis.call('HSET', K_HEAD, name, '1')
