@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from bench.env import connect
 from bench.handoff import ROOT, stop_workers, worker_env
 from bench.stats import Summary, summarize
 
@@ -58,6 +63,23 @@ class EvictionRun:
     to_resume: Summary | None = None
     rounds: int = 0
     errors: list[str] = field(default_factory=list)
+
+
+def namespace_state(url: str, namespace: str) -> str:
+    """The namespace's leases, queue and header as one line: what a stalled round left in Redis."""
+    from gpuboss import Keys
+
+    keys, client = Keys(namespace), connect(url)
+    try:
+        leases = {k: json.loads(v).get("state") for k, v in client.hgetall(keys.leases).items()}
+        return (
+            f"namespace state: leases {leases}, used {client.hgetall(keys.used)}, queue {client.zrange(keys.queue, 0, -1)}, "
+            f"holds {client.hgetall(keys.holds)}, head {client.hgetall(keys.head)}, time {client.time()}"
+        )
+    except (redis.RedisError, ValueError) as err:  # a diagnostic only
+        return f"namespace state: unreadable ({err})"
+    finally:
+        client.close()
 
 
 class Victim:
@@ -89,16 +111,19 @@ class Victim:
         try:
             line = self.lines.get(timeout=LINE_TIMEOUT_S)
         except queue.Empty:
-            raise RuntimeError(f"victim: no {prefix!r} line within {LINE_TIMEOUT_S:g} s{self.stderr()}") from None
+            with contextlib.suppress(OSError):  # its Python stacks into its stderr (faulthandler): where it hangs
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(0.5)
+            raise RuntimeError(f"victim: no {prefix!r} line within {LINE_TIMEOUT_S:g} s{self.stderr(6000)}") from None
         if line is None or not line.startswith(prefix + " "):
             raise RuntimeError(f"victim: expected {prefix!r}, got {line!r}{self.stderr()}")
         return line[len(prefix) + 1 :]
 
-    def stderr(self) -> str:
+    def stderr(self, tail: int = 1500) -> str:
         with contextlib.suppress(OSError):
             text = self._stderr_path.read_text(errors="replace").strip()
             if text:
-                return "; its stderr: " + text[-1500:]
+                return "; its stderr: " + text[-tail:]
         return ""
 
     def close(self) -> None:
@@ -153,7 +178,9 @@ def run_eviction(url: str, workdir: Path, rounds: int, notices: bool, label: str
         if victim.proc.wait(timeout=LINE_TIMEOUT_S) != 0:
             result.errors.append(f"eviction, {label}: the victim exited with {victim.proc.returncode}")
     except Exception as err:  # noqa: BLE001 - reported as a failure of this measurement, with what was measured
-        result.errors.append(f"eviction, {label}: {type(err).__name__}: {err}")
+        result.errors.append(
+            f"eviction, {label}: {type(err).__name__}: {err}; {namespace_state(url, result.namespace)}"
+        )
     finally:
         victim.close()
         boss.close()
