@@ -306,7 +306,7 @@ end
     due       Redis ms before which no lease or queue entry expires, no reading goes stale, and no check of
               the index is due: until then a call skips those checks (five reads). A full check sets it to the
               earliest of those expiries, at most CHECK_EVERY_MS ahead; every script that adds an earlier
-              expiry lowers it (due_by).
+              expiry lowers it (add_expiry).
     holds, offline, observed
               '0' when that hash was empty at the last full check and nothing was added since: a call then
               does not read it (nor, per GPU, the offline mark and the reading). A script that adds to one
@@ -320,25 +320,14 @@ end
   CHECK_EVERY_MS; delete the header to have the next call check at once.
 ]]
 
--- Lower the header's `due` to `at` (ms) when it is later: an expiry or a reading that goes stale at `at` was
--- just added. `s` may be nil (a script that has not loaded the state).
-local function due_by(s, at)
-  local due = s and s.due
-  if due == nil then
-    due = tonumber(redis.call('HGET', K_HEAD, 'due')) or 0
-  end
-  if at < due then
-    redis.call('HSET', K_HEAD, 'due', int(at))
-    if s then
-      s.due = at
-    end
-  end
-end
-
--- ZADD `member` to an expiry zset (lease_exp, queue_exp, observed_exp) at `at` ms, keeping the header right.
+-- ZADD `member` to an expiry zset (lease_exp, queue_exp, observed_exp) at `at` ms, and lower the header's `due`
+-- to `at` when it is later.
 local function add_expiry(s, key, at, member)
   redis.call('ZADD', key, int(at), member)
-  due_by(s, at)
+  if at < s.due then
+    redis.call('HSET', K_HEAD, 'due', int(at))
+    s.due = at
+  end
 end
 
 -- Note in the header that `name` ('holds', 'offline', 'observed': that hash; 'evictable': the usage hash's
