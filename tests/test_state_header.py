@@ -19,7 +19,7 @@ from gpuboss import GPUBoss, Keys, LeaseTimeout
 from gpuboss.core import Call
 from gpuboss.redis_io import call_script_sync
 
-from tests.conftest import raw_client
+from tests.conftest import raw_client, snapshot
 
 # The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
 pytestmark = pytest.mark.valkey
@@ -128,3 +128,20 @@ def test_a_due_time_too_far_ahead_is_not_trusted(boss: GPUBoss, backend_url: str
     assert lease.gpu == "g0"
     assert int(client.hget(keys.head, "due") or 0) <= redis_ms(client) + CHECK_EVERY_S * 1000
     boss.release(lease)
+
+
+def test_a_try_that_does_not_fit_writes_nothing_even_at_a_full_check(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    dead_holder_lease(client, boss, "a", 8, 30, "g0")
+    dead_holder_lease(client, boss, "b", 8, 30, "g1")
+    client.hset(keys.head, "due", 0)  # the next call makes the full check
+    before = snapshot(client, namespace)
+    core = boss._core
+    reply = call_script_sync(client, core.acquire_call("c", core.make_request(8, timeout=0), "", "svc"))
+    assert reply[0] == 0, reply  # BUSY
+    assert snapshot(client, namespace) == before, "a try that does not fit changed Redis"
+    reply = call_script_sync(client, core.acquire_call("d", core.make_request(8, timeout=None), "", "svc"))
+    assert reply[0] == 2, reply  # QUEUED: a call that changes something writes the header too
+    assert int(client.hget(keys.head, "due") or 0) > 0

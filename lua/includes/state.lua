@@ -41,6 +41,7 @@ local K_FREE, K_FREE_HOST, K_OBSERVED_EXP, K_HEAD = KEYS[16], KEYS[17], KEYS[18]
 local WAKE_PREFIX = ARGV[1]
 local USAGE_DELTA = {} -- usage hash field -> change not written yet (includes/drop.lua flush_usage)
 local LOAD_NOW = 0 -- the `now` of load_gpus: s.seen's readings are fresh or stale at that moment
+local HEAD_WRITE = false -- the state whose full check writes the header when the call returns (flush_head)
 --- @per-call end
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
@@ -395,7 +396,18 @@ local function full_check(s, now)
     evictable = any_evictable() and '1' or '0',
   }
   if gpu_count(s) > 0 then -- (a namespace without GPUs keeps no header: a call there writes nothing)
-    redis.call('HSET', K_HEAD, 'due', int(due), 'holds', s.flags.holds, 'offline', s.flags.offline,
+    HEAD_WRITE = s
+  end
+end
+
+-- The header of this call's full check, written as the call returns (with what the call changed since: an
+-- earlier expiry, a flag). A call that answers without changing anything (acquire's BUSY) calls it off by
+-- setting HEAD_WRITE to false: the next call checks again and writes it.
+--- @on-return flush_head()
+local function flush_head()
+  local s = HEAD_WRITE
+  if s then
+    redis.call('HSET', K_HEAD, 'due', int(s.due), 'holds', s.flags.holds, 'offline', s.flags.offline,
       'observed', s.flags.observed, 'evictable', s.flags.evictable)
   end
 end
