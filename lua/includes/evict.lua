@@ -34,37 +34,6 @@ local function ask_to_checkpoint(rec, by, need, now, deadline, reason)
   notify(rec, {type = 'evict', by = by, need_mib = need, at = now, deadline = deadline, reason = reason})
 end
 
--- Sum of preemptible MiB held by ranks below `rank`, plus the MiB of idle leases (usage hash, with the changes
--- this call has not written yet: USAGE_DELTA), to skip a scan that cannot succeed; and whether any
--- `idle:<lease id>` field is there.
-local function preemptible_below(rank)
-  local total, idle, flat = 0, false, redis.call('HGETALL', K_USAGE)
-  local pending = {}
-  for field, delta in pairs(USAGE_DELTA) do
-    pending[field] = delta
-  end
-  local function add(field, value)
-    local r = string.match(field, '^pre:(%d+)$')
-    if r and tonumber(r) < rank then
-      total = total + value
-    elseif string.sub(field, 1, 5) == 'idle:' then
-      total = total + value
-      idle = true
-    end
-  end
-  for i = 1, #flat, 2 do
-    local field = flat[i]
-    add(field, tonumber(flat[i + 1]) + (pending[field] or 0))
-    pending[field] = nil
-  end
-  for field, delta in pairs(pending) do
-    if delta ~= 0 then
-      add(field, delta)
-    end
-  end
-  return total, idle
-end
-
 -- A lease its holder marked idle (lua/activity-21.lua): the first candidate, whatever its rank.
 local function is_idle(rec)
   return rec.busy == false
@@ -192,8 +161,7 @@ local function try_evict(s, req, now)
     ask_to_checkpoint(cand.rec, id, need, now, deadline, is_idle(cand.rec) and 'idle' or 'priority')
   end
   s.holds[best.gpu] = hold
-  redis.call('HSET', K_HOLDS, best.gpu, cjson.encode(hold))
-  head_flag(s, 'holds')
+  save_hold(s, best.gpu)
   return true
 end
 

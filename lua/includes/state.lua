@@ -350,27 +350,39 @@ local function gpu_count(s)
   return s.gpu_count
 end
 
--- Whether the usage hash counts any preemptible MiB (`pre:<rank>`) or idle lease (`idle:<id>`): leases that
--- eviction could ask (includes/evict.lua), with this call's changes not written yet (USAGE_DELTA).
-local function any_evictable()
-  local flat = redis.call('HGETALL', K_USAGE)
+-- Sum of preemptible MiB held by ranks below `rank`, plus the MiB of idle leases (usage hash, with the changes
+-- this call has not written yet: USAGE_DELTA), to skip a scan that cannot succeed; and whether any
+-- `idle:<lease id>` field is there. (includes/evict.lua asks before it scans; the full check, with any rank.)
+local function preemptible_below(rank)
+  local total, idle, flat = 0, false, redis.call('HGETALL', K_USAGE)
+  local pending = {}
+  for field, delta in pairs(USAGE_DELTA) do
+    pending[field] = delta
+  end
+  local function add(field, value)
+    local r = string.match(field, '^pre:(%d+)$')
+    if r and tonumber(r) < rank then
+      total = total + value
+    elseif string.sub(field, 1, 5) == 'idle:' then
+      total = total + value
+      idle = true
+    end
+  end
   for i = 1, #flat, 2 do
     local field = flat[i]
-    local kind = string.sub(field, 1, 4)
-    if (kind == 'pre:' or kind == 'idle') and tonumber(flat[i + 1]) + (USAGE_DELTA[field] or 0) > 0 then
-      return true
+    add(field, tonumber(flat[i + 1]) + (pending[field] or 0))
+    pending[field] = nil
+  end
+  for field, delta in pairs(pending) do
+    if delta ~= 0 then
+      add(field, delta)
     end
   end
-  for field, delta in pairs(USAGE_DELTA) do
-    if string.sub(field, 1, 4) == 'pre:' and delta > 0 then
-      return true
-    end
-  end
-  return false
+  return total, idle
 end
 
 -- The full check: the index against the registry (rebuilt if they differ), readings gone stale, and the
--- header written again.
+-- header's fields worked out again (written as the call returns: flush_head).
 local function full_check(s, now)
   if redis.call('ZCARD', K_FREE) ~= gpu_count(s) then
     rebuild_index(s)
@@ -393,7 +405,7 @@ local function full_check(s, now)
     holds = next(s.holds) and '1' or '0',
     offline = redis.call('HLEN', K_OFFLINE) > 0 and '1' or '0',
     observed = redis.call('HLEN', K_OBSERVED) > 0 and '1' or '0',
-    evictable = any_evictable() and '1' or '0',
+    evictable = preemptible_below(math.huge) > 0 and '1' or '0',
   }
   if gpu_count(s) > 0 then -- (a namespace without GPUs keeps no header: a call there writes nothing)
     HEAD_WRITE = s
