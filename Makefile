@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format mypy unit bench bench-smoke chaos clean
+.PHONY: install demo test lint format mypy unit bench bench-smoke bench-ir chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
+
+bench-ir: $(STAMP)
+	$(BIN)/python -m bench.instructions
 
 # About 3 minutes of faults against a private redis-server; CHAOS_ARGS="--duration 30 --json" to change it.
 chaos: $(STAMP)

@@ -786,7 +786,10 @@ NOTES = [
     "are sent as gpuboss sends them (FCALL of its library's functions where the server has functions, else "
     "EVALSHA: the header's 'scripts' line says which) and filed by operation (FCALL's function name, EVALSHA's "
     "SHA1). The usec_per_call column is INFO commandstats of gpuboss's script calls (FCALL and EVALSHA) over "
-    "the GPUBoss acquire() + release() samples of that level, with SLOWLOG off.",
+    "the GPUBoss acquire() + release() samples of that level, with SLOWLOG off. These timings move by 10-20% "
+    "between runs on a shared VM; to compare two versions of the scripts, `make bench-ir` "
+    "(bench/instructions.py) counts redis-server's instructions for the same calls under valgrind's callgrind, "
+    "which repeats within 0.1%.",
     "Cooperative eviction: the victim process holds a preemptible low lease of the whole GPU; each round, after "
     "a random pause (0 to TTL/3) since the previous one, the bench process asks for the whole GPU at high "
     "priority and the acquire script asks the victim to checkpoint. 'request' is the moment just before the "

@@ -24,7 +24,8 @@ key                 type   contents
 ``ns:free_host``    zset   ``"<host> <free MiB, 12 digits> <gpu id>"``, all scored 0: the same by host
 ``ns:observed_exp`` zset   gpu id, scored by when its last NVML reading goes stale (ms, Redis time)
 ``ns:head``         hash   the scripts' summary of the rest: ``due`` (no expiry and no check is due before it,
-                           ms, Redis time) and flags ``holds``, ``offline``, ``observed``, ``evictable`` (0: none)
+                           ms, Redis time), flags ``holds``, ``offline``, ``observed``, ``evictable`` (0: none),
+                           and ``blocked``/``blocked_need``: the queue's head that does not fit, and its need
 ``ns:hosts``        hash   host -> last heartbeat (ms, Redis time) of that host's GPU inventory
 ``ns:sampler:<gpu>`` string the holder of the right to sample one GPU (expires by itself)
 ``ns:holder:<id>``  pubsub a holder's own channel: eviction notices for its leases (a channel, not a key)

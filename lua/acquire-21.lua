@@ -129,7 +129,7 @@ if (first == nil or first < rank) and why == '' then
 end
 
 if mode ~= 'wait' then
-  HEAD_WRITE = false -- (a try that does not fit changes nothing of its own, not even the header)
+  HEAD_WRITE, BLOCKED_NEXT = false, nil -- (a try that does not fit changes nothing of its own, not even the header)
   return {0, next_expiry(now)}
 end
 

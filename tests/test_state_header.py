@@ -145,3 +145,72 @@ def test_a_try_that_does_not_fit_writes_nothing_even_at_a_full_check(
     reply = call_script_sync(client, core.acquire_call("d", core.make_request(8, timeout=None), "", "svc"))
     assert reply[0] == 2, reply  # QUEUED: a call that changes something writes the header too
     assert int(client.hget(keys.head, "due") or 0) > 0
+
+
+def queue_pinned(client: redis.Redis, boss: GPUBoss, rid: str, vram_gb: int, device: str) -> None:
+    core = boss._core
+    reply = call_script_sync(
+        client, core.acquire_call(rid, core.make_request(vram_gb, timeout=None, device=device), device, "svc")
+    )
+    assert reply[0] == 2, reply  # QUEUED
+
+
+def release_by_script(client: redis.Redis, boss: GPUBoss, rid: str) -> int:
+    return int(call_script_sync(client, boss._core.release_call(rid))[0])
+
+
+def test_a_blocked_head_is_noted_and_forgotten_with_its_request(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    """The header notes the queue's head that does not fit, so that later calls need not read its record; a
+    request of the same id queued later may need something else, so the note goes with the request."""
+    client, keys = raw_client(backend_url), Keys(namespace)
+    dead_holder_lease(client, boss, "big", 6, 30, "g0")
+    dead_holder_lease(client, boss, "small", 1, 30, "g0")  # g0: 1 GB free
+    dead_holder_lease(client, boss, "other", 1, 30, "g1")
+    queue_pinned(client, boss, "x", 4, "g0")
+    assert release_by_script(client, boss, "other") == 1  # serves the queue: x does not fit, and is noted
+    assert client.hget(keys.head, "blocked") == "x"
+    assert (client.hget(keys.head, "blocked_need") or "").split(" ")[0] == "4096"
+    assert release_by_script(client, boss, "x") == 2  # withdrawn
+    assert client.hget(keys.head, "blocked") is None, "the note went with the request"
+    queue_pinned(client, boss, "x", 2, "g0")  # the same id, needing less: still 1 GB free
+    assert release_by_script(client, boss, "small") == 1  # 2 GB free on g0 now: x fits
+    assert client.hexists(keys.leases, "x"), "the request needing 2 GB was judged by a note about 4 GB"
+    assert client.hget(keys.head, "blocked") is None
+    for rid in ("x", "big"):
+        release_by_script(client, boss, rid)
+
+
+def test_a_blocked_head_edited_by_hand_is_seen_at_the_next_check(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    dead_holder_lease(client, boss, "big", 7, 30, "g0")  # g0: 1 GB free
+    dead_holder_lease(client, boss, "other", 1, 30, "g1")
+    queue_pinned(client, boss, "x", 4, "g0")
+    release_by_script(client, boss, "other")
+    assert client.hget(keys.head, "blocked") == "x"
+    ticket = json.loads(client.hget(keys.tickets, "x") or "{}")
+    ticket["vram_mib"] = 1024  # by hand: x now fits in g0's free GB
+    client.hset(keys.tickets, "x", json.dumps(ticket))
+    time.sleep(CHECK_EVERY_S + MARGIN_S)
+    dead_holder_lease(client, boss, "other", 1, 30, "g1")  # the next call makes the full check and serves x
+    assert client.hexists(keys.leases, "x"), "the edited request was still judged by the note"
+    for rid in ("x", "big", "other"):
+        release_by_script(client, boss, rid)
+
+
+def test_a_try_that_does_not_fit_notes_no_blocked_head(boss: GPUBoss, backend_url: str, namespace: str) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    dead_holder_lease(client, boss, "a", 8, 30, "g0")
+    dead_holder_lease(client, boss, "b", 8, 30, "g1")
+    queue_pinned(client, boss, "d", 8, "g0")  # queued by its own acquire: not noted yet
+    assert client.hget(keys.head, "blocked") is None
+    before = snapshot(client, namespace)
+    core = boss._core
+    reply = call_script_sync(client, core.acquire_call("c", core.make_request(8, timeout=0), "", "svc"))
+    assert reply[0] == 0, reply  # BUSY: it served the queue first and found d blocked, but wrote nothing
+    assert snapshot(client, namespace) == before, "a try that does not fit changed Redis"
+    for rid in ("d", "a", "b"):
+        release_by_script(client, boss, rid)

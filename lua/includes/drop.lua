@@ -136,6 +136,7 @@ local function release_hold(s, id, now, why)
 end
 
 local function drop_request(id, s, now, why)
+  forget_blocked(id)
   redis.call('ZREM', K_QUEUE_EXP, id)
   redis.call('DEL', WAKE_PREFIX .. id)
   local removed = redis.call('ZREM', K_QUEUE, id)

@@ -168,6 +168,40 @@ local function first_waiting_rank(s)
   end
 end
 
+-- Whether the queue's head, found blocked by an earlier call (the header's `blocked`), still does not fit and
+-- has nobody to ask to checkpoint: told from the placement index (an entry is the most a request may take on
+-- its GPU; holds and offline GPUs only take more) and the header, without its record. False when that cannot
+-- be told so cheaply: the caller then examines the head as usual.
+local function head_still_blocked(s)
+  local need, rank, node, pin = string.match(s.blocked_need or '', '^(%d+) (%-?%d+) (%S+) (.*)$')
+  if not need then
+    return false
+  end
+  need = tonumber(need)
+  if pin ~= '' then
+    local indexed = s.indexed[pin]
+    if indexed == nil then
+      indexed = tonumber(redis.call('ZSCORE', K_FREE, pin))
+      s.indexed[pin] = indexed
+    end
+    if not indexed or indexed >= need then
+      return false
+    end
+  elseif node ~= 'any' or #free_batch(s, need, 0) > 0 then
+    return false
+  end
+  return s.flags.evictable == '0' or preemptible_below(tonumber(rank)) == 0
+end
+
+-- Note the queue's head as blocked in the header, as the call returns (a single-GPU request of strict
+-- queueing that did not fit).
+local function remember_blocked(s, id, req)
+  if id ~= BLOCKED_ID and not req.grow_of and (tonumber(req.count) or 1) == 1 then
+    local need = int(req.vram_mib) .. ' ' .. int(req.rank) .. ' ' .. (req.node or 'any') .. ' ' .. (req.pin or '')
+    BLOCKED_NEXT, BLOCKED_ID, s.blocked_need = {id = id, need = need}, id, need
+  end
+end
+
 local function grant_waiting(s, now)
   age_queue(s, now)
   local granted = 0
@@ -181,6 +215,9 @@ local function grant_waiting(s, now)
   while skip < left do
     local head = redis.call('ZRANGE', K_QUEUE, skip, skip)[1]
     if not head then
+      break
+    end
+    if head == BLOCKED_ID and skip == 0 and not backfill and not s.policy.holds_back and head_still_blocked(s) then
       break
     end
     local raw = redis.call('HGET', K_TICKETS, head)
@@ -209,6 +246,9 @@ local function grant_waiting(s, now)
             try_evict(s, req, now) -- the first request in line that does not fit
           end
           if not backfill then
+            if skip == 0 and not s.policy.holds_back then
+              remember_blocked(s, head, req)
+            end
             break
           end
           avoid = avoid or {}

@@ -24,8 +24,8 @@
     KEYS[17] free_host zset  "<host> <free MiB, 12 digits> <gpu id>", all scored 0: the same for the GPUs
                              that have a host, read as a lexicographic range (best fit within one host)
     KEYS[18] observed_exp  zset  gpu id by when its stored reading goes stale (ms): it is re-indexed then
-    KEYS[19] head      hash  the state header (below): `due` and the flags `holds`, `offline`, `observed`,
-                             `evictable`
+    KEYS[19] head      hash  the state header (below): `due`, the flags `holds`, `offline`, `observed`,
+                             `evictable`, and the blocked head of the queue (`blocked`, `blocked_need`)
   and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
@@ -42,6 +42,10 @@ local WAKE_PREFIX = ARGV[1]
 local USAGE_DELTA = {} -- usage hash field -> change not written yet (includes/drop.lua flush_usage)
 local LOAD_NOW = 0 -- the `now` of load_gpus: s.seen's readings are fresh or stale at that moment
 local HEAD_WRITE = false -- the state whose full check writes the header when the call returns (flush_head)
+-- The header's blocked head (grant.lua head_still_blocked): the id stored there, the id this call may trust
+-- (none after a full check), and the change written as the call returns (nil: none, false: removed, or
+-- {id, need}: set; an acquire that answers BUSY calls it off, like the header).
+local BLOCKED_STORED, BLOCKED_ID, BLOCKED_NEXT = false, false, nil
 --- @per-call end
 
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
@@ -315,6 +319,12 @@ end
     evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>`) and no idle lease (`idle:<id>`)
               and none was granted or marked since: a request that does not fit asks nobody to checkpoint
               without reading that hash (includes/evict.lua try_evict).
+    blocked, blocked_need
+              the queue's head when a call last found that it does not fit (strict queueing), and what it
+              needs: "<MiB> <rank> <node> <pinned GPU>". While it stays at the head, the next calls tell
+              from the placement index alone that it still does not fit, without reading and decoding its
+              record (includes/grant.lua head_still_blocked). Removed with the request (drop_request) and
+              at every full check; what it describes never changes while the request is queued.
   A missing header or field counts as "check everything", so data written before the header existed, a
   deleted header, or a Redis that lost it is checked at the next call. A key changed by anything but these
   scripts (by hand, or by an older gpuboss sharing the namespace) is seen at the next full check, within
@@ -381,6 +391,21 @@ local function preemptible_below(rank)
   return total, idle
 end
 
+-- Request `id` leaves the queue: when it is the header's blocked head, that goes at once (a later request of
+-- the same id may need something else).
+local function forget_blocked(id)
+  if id == BLOCKED_STORED then
+    redis.call('HDEL', K_HEAD, 'blocked', 'blocked_need')
+    BLOCKED_STORED, BLOCKED_ID = false, false
+    if BLOCKED_NEXT == false then
+      BLOCKED_NEXT = nil
+    end
+  end
+  if BLOCKED_NEXT and BLOCKED_NEXT.id == id then
+    BLOCKED_NEXT, BLOCKED_ID = nil, false
+  end
+end
+
 -- The full check: the index against the registry (rebuilt if they differ), readings gone stale, and the
 -- header's fields worked out again (written as the call returns: flush_head).
 local function full_check(s, now)
@@ -410,17 +435,28 @@ local function full_check(s, now)
   if gpu_count(s) > 0 then -- (a namespace without GPUs keeps no header: a call there writes nothing)
     HEAD_WRITE = s
   end
+  -- (the queue may have been changed by hand: its head is examined again, and the note goes)
+  BLOCKED_ID = false
+  if BLOCKED_STORED and BLOCKED_NEXT == nil then
+    BLOCKED_NEXT = false
+  end
 end
 
 -- The header of this call's full check, written as the call returns (with what the call changed since: an
--- earlier expiry, a flag). A call that answers without changing anything (acquire's BUSY) calls it off by
--- setting HEAD_WRITE to false: the next call checks again and writes it.
+-- earlier expiry, a flag), and the blocked head it noted. A call that answers without changing anything
+-- (acquire's BUSY) calls both off by setting HEAD_WRITE to false and BLOCKED_NEXT to nil: the next call checks
+-- again and writes them.
 --- @on-return flush_head()
 local function flush_head()
   local s = HEAD_WRITE
   if s then
     redis.call('HSET', K_HEAD, 'due', int(s.due), 'holds', s.flags.holds, 'offline', s.flags.offline,
       'observed', s.flags.observed, 'evictable', s.flags.evictable)
+  end
+  if BLOCKED_NEXT then
+    redis.call('HSET', K_HEAD, 'blocked', BLOCKED_NEXT.id, 'blocked_need', BLOCKED_NEXT.need)
+  elseif BLOCKED_NEXT == false then
+    redis.call('HDEL', K_HEAD, 'blocked', 'blocked_need')
   end
 end
 
@@ -430,9 +466,11 @@ end
 local function load_gpus(now, full, later)
   local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
   LOAD_NOW = now
-  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed', 'evictable')
+  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed', 'evictable', 'blocked',
+    'blocked_need')
   s.due = tonumber(head[1]) or 0
   s.flags = {holds = head[2], offline = head[3], observed = head[4], evictable = head[5]}
+  BLOCKED_STORED, BLOCKED_ID, s.blocked_need = head[6] or false, head[6] or false, head[7]
   -- (a `due` further ahead than a check ever sets it means Redis time went back: a failover to a replica whose
   -- clock is behind, a clock step; check now rather than wait for it)
   s.check = full or now >= s.due or s.due > now + CHECK_EVERY_MS

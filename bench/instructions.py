@@ -1,0 +1,132 @@
+"""Redis instructions per lease operation: a repeatable measure of what the scripts cost, for A/B comparisons.
+
+The timings of ``make bench`` move by 10-20% from run to run on a shared 2-core VM, more than most changes to
+a script are worth. This runs a private ``redis-server`` under valgrind's callgrind, which counts the
+instructions the server executes (the same count twice for the same binary and calls, whatever else the
+machine is doing), and prints them per cycle of the scaling bench's samples (:mod:`bench.scaling`):
+
+* ``fit``: an acquire that is granted at once, then its release (nobody to grant), with W requests waiting
+  behind a full GPU (the head of the queue does not fit);
+* ``handoff``: a holder's acquire, a waiter's acquire (queued at the head), the holder's release granting
+  the waiter, the waiter's BLPOP of its grant and its release.
+
+Each figure includes the server's own work for the calls (reading the command, the reply), not only the
+scripts. Run it in two worktrees (or before and after a change) to compare; the figures of one tree differ
+by less than 0.1% between runs. It needs ``valgrind`` on PATH; ``--server`` picks the binary (a build with
+symbols lets ``callgrind_annotate`` name the functions in the profiles it keeps with ``--keep``).
+
+    python -m bench.instructions                 # W=10, 200 cycles of each
+    python -m bench.instructions --waiting 1000 --cycles 100 --keep /tmp/profiles
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpuboss.server import find_redis_server
+
+from bench.scaling import Level, gpu
+
+TOTALS_RE = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
+
+
+class Callgrind:
+    """A redis-server under callgrind on a unix socket; ``measure`` counts the instructions of one step."""
+
+    def __init__(self, server: str, folder: Path) -> None:
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.out = folder / "callgrind.out"
+        args = [
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
+            server, "--port", "0", "--unixsocket", str(self.socket), "--save", "", "--appendonly", "no",
+            "--dir", str(folder),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start under valgrind ({server})")
+            time.sleep(0.1)
+        self.url = f"unix://{self.socket}"
+
+    def control(self, option: str) -> None:
+        subprocess.run(["callgrind_control", option, str(self.process.pid)], check=True, capture_output=True)
+
+    def measure(self, step: object, name: str) -> int:
+        """Instructions executed by the server while ``step()`` ran (its profile kept as ``<name>.callgrind``)."""
+        self.control("-z")
+        step()  # type: ignore[operator]
+        before = set(self.folder.glob("callgrind.out*"))
+        self.control("-d")
+        deadline = time.monotonic() + 30
+        while True:
+            new = set(self.folder.glob("callgrind.out*")) - before
+            if new:
+                dump = max(new, key=lambda p: p.stat().st_mtime)
+                match = TOTALS_RE.search(dump.read_text(errors="replace"))
+                if match:
+                    dump.rename(self.folder / f"{name}.callgrind")
+                    return int(match.group(1))
+            if time.monotonic() > deadline:
+                raise RuntimeError("callgrind wrote no profile")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", help="redis-server binary (default: the one gpuboss finds)")
+    parser.add_argument("--waiting", type=int, default=10, metavar="W", help="requests queued behind a full GPU")
+    parser.add_argument("--cycles", type=int, default=200, metavar="N", help="cycles of each kind")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the callgrind profiles in DIR")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("valgrind (with callgrind_control) is not on PATH: nothing measured", file=sys.stderr)
+        return 2
+    folder = Path(tempfile.mkdtemp(prefix="gpuboss-ir-"))
+    server = Callgrind(args.server or find_redis_server(), folder)
+    try:
+        level = Level(f"{args.waiting} waiting", args.waiting, [gpu(0), gpu(1)], server.url, pin="gpu0")
+        try:
+            level.boss.close()  # (its heartbeats would run script calls in between)
+            level.sample_fit(10)
+            level.sample_handoff(10)
+            fit = server.measure(lambda: level.sample_fit(args.cycles), "fit")
+            handoff = server.measure(lambda: level.sample_handoff(args.cycles), "handoff")
+        finally:
+            level.boss.close = lambda: None  # type: ignore[method-assign]
+            level.close()
+    finally:
+        server.stop()
+    print(f"redis-server instructions per cycle, {args.waiting:,} waiting, {args.cycles} cycles each ({os.getcwd()}):")
+    print(f"  fit      {fit / args.cycles / 1000:9.1f} k   acquire granted at once, its release")
+    print(
+        f"  handoff  {handoff / args.cycles / 1000:9.1f} k   holder's acquire, waiter's (queued), release granting it,"
+    )
+    print("                        the waiter's BLPOP of its grant and its release")
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for name in ("fit", "handoff"):
+            shutil.copy(folder / f"{name}.callgrind", args.keep / f"{name}.callgrind")
+        print(
+            f"profiles: {args.keep}/fit.callgrind, {args.keep}/handoff.callgrind (callgrind_annotate --inclusive=yes)"
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
