@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """A low-priority training job yields the GPU to a high-priority inference request, then resumes.
 
-The training job (a process of its own) holds the whole GPU with a preemptible `low` lease and checkpoints
-its step counter when asked (`on_evict`). At each step it calls `yield_if_requested()`, its safe point: while
-the inference service has the GPU, the job waits there, keeping its place in the queue, and it goes on from
-its checkpoint when the GPU comes back. The parent checks that no step was lost or repeated.
+The training job (a process of its own) holds the whole GPU with a preemptible `low` lease. Between two
+steps, its safe point, it looks whether a higher priority asked for the GPU (`lease.evict_requested`); if
+so it checkpoints its step counter there and calls `yield_if_requested()`, which hands the GPU back and
+waits, keeping its place in the queue, until the GPU comes back; then it goes on from its checkpoint. No
+step runs on the GPU between the checkpoint and the resume: the hand-back happens in the training thread,
+at the safe point (an `on_evict` callback would run on the boss's thread, while a step may still be running:
+docs/eviction.md). The parent checks that no step was lost or repeated.
 
     python examples/preemptible_training.py             # embedded Redis
     python examples/preemptible_training.py --quick --redis-url redis://localhost:6379/0
@@ -32,23 +35,27 @@ def train(redis_url: str | None, namespace: str, steps: int, step_s: float, chec
     """The training job: `steps` steps on the whole GPU, checkpointing when a higher priority needs it."""
     state = {"step": 0}
 
-    def save(notice: EvictNotice) -> None:
+    def save(notice: EvictNotice | None) -> None:
         Path(checkpoint).write_text(json.dumps(state))
-        events.put((time.time(), "train", f"checkpoint at step {state['step']} ({notice.need_gb:g} GB asked)"))
+        asked = f" ({notice.need_gb:g} GB asked)" if notice is not None else ""
+        events.put((time.time(), "train", f"checkpoint at step {state['step']}{asked}"))
 
     with (
         GPUBoss(redis_url, namespace=namespace, service="train", gpus=GPUS) as boss,
-        boss.lease(vram_gb=24, priority="low", on_evict=save) as device,
+        boss.lease(vram_gb=24, priority="low") as device,
     ):
+        lease = device.lease
         events.put((time.time(), "train", f"training on {device}"))
         while state["step"] < steps:
-            if device.lease.yield_if_requested():  # handed back and granted again: reload the checkpoint
-                state = json.loads(Path(checkpoint).read_text())
-                events.put((time.time(), "train", f"resumed at step {state['step']} on {device.lease.device}"))
+            if lease.evict_requested:  # the safe point, between two steps: a higher priority needs the GPU
+                save(lease.notice)
+                if lease.yield_if_requested():  # handed back and granted again: reload the checkpoint
+                    state = json.loads(Path(checkpoint).read_text())
+                    events.put((time.time(), "train", f"resumed at step {state['step']} on {lease.device}"))
             time.sleep(step_s)  # one training step on the GPU
             state["step"] += 1
-        events.put((time.time(), "train", f"done: {state['step']} steps, evicted {device.lease.evictions} time(s)"))
-        events.put(("result", state["step"], device.lease.evictions))
+        events.put((time.time(), "train", f"done: {state['step']} steps, evicted {lease.evictions} time(s)"))
+        events.put(("result", state["step"], lease.evictions))
 
 
 def infer(redis_url: str | None, namespace: str, work_s: float, events: Any) -> None:

@@ -181,13 +181,14 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     async def _yield_if_requested(self, lease: Lease) -> bool:
         lease.raise_if_lost()
         if lease.state is LeaseState.GRANTED:
-            return False
+            return lease._report_rounds()  # (a round the boss's thread finished since the last safe point)
         if lease.state is LeaseState.EVICTING:
             await self._evict_now(lease)
         await warm.unpark_async(self, lease)  # reclaimed while idle: ask again now (docs/warm.md)
         if not lease._settled.is_set():
             await asyncio.to_thread(lease._settled.wait)
         lease.raise_if_lost()
+        lease._report_rounds()
         return True
 
     async def _resize(self, lease: Lease, vram_gb: float, timeout: float | None) -> Lease:

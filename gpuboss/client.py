@@ -166,12 +166,13 @@ class GPUBoss(InventoryMethods, BossBase):
     def _yield_if_requested(self, lease: Lease) -> bool:
         lease.raise_if_lost()
         if lease.state is LeaseState.GRANTED:
-            return False
+            return lease._report_rounds()  # (a round the boss's thread finished since the last safe point)
         if lease.state is LeaseState.EVICTING:
             self._evict_now(lease)
         warm.unpark_sync(self, lease)  # reclaimed while idle: ask again now (docs/warm.md)
         lease._settled.wait()
         lease.raise_if_lost()
+        lease._report_rounds()
         return True
 
     def _resize(self, lease: Lease, vram_gb: float, timeout: float | None) -> Lease:

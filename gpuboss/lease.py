@@ -297,12 +297,23 @@ class Lease:
     #: Granted by this process's local store while Redis was unreachable (``on_redis_down: local``): only this
     #: process's leases were coordinated with it. It stays there, renewed, until released (docs/scheduling.md).
     local: bool = False
+    #: ``evictions`` as of the holder's last safe point (yield_if_requested): a round finished since then on
+    #: the boss's own thread (with ``on_evict``) is reported at the next one.
+    _evictions_reported: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if not self.gpus:
             self.gpus = [self.gpu]
         if not self.devices:
             self.devices = [self.device]
+        self._evictions_reported = self.evictions
+
+    def _report_rounds(self) -> bool:
+        """True when an eviction round (hand-back and resume) ended since the last safe point; the next call
+        then answers False until another one ends."""
+        ended = self.evictions != self._evictions_reported
+        self._evictions_reported = self.evictions
+        return ended
 
     @classmethod
     def from_record(
@@ -415,7 +426,10 @@ class Lease:
 
     def yield_if_requested(self) -> Any:
         """At a safe point: if the lease is asked to checkpoint, run ``on_evict``, hand the VRAM back and (with
-        ``resume``) wait until it is granted again. True when it yielded, False when nothing was asked.
+        ``resume``) wait until it is granted again. True when it yielded, here or since the last safe point:
+        with ``on_evict``, the boss's own thread may run a whole round (checkpoint, hand-back, resume) before
+        the holder gets here: state kept on the GPU may be gone, so reload from the checkpoint when this
+        answers True. False when nothing was asked since the last safe point.
 
         With an async boss this is a coroutine: ``await lease.yield_if_requested()``. Raises
         :class:`LeaseEvicted` when the lease was handed back for good, :class:`LeaseLost` when it is gone.

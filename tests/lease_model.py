@@ -48,8 +48,9 @@ COLLECT_LIMIT = 64
 #: An eviction's grace when the request carries none (lua/includes/evict.lua).
 DEFAULT_GRACE_MS = 30_000
 
-#: Known differences between the scripts and the intended semantics; each name, when given to the model,
-#: makes it follow the script instead.
+#: Differences between the scripts and the intended semantics found by this model; each name, when given to
+#: the model, makes it follow the script's old behaviour instead. All four below are fixed in the scripts now
+#: (tests/test_model.py replays each one as a regression test).
 KNOWN_DIVERGENCES: dict[str, str] = {
     "collect-no-serve": (
         "lua/yield-21.lua and lua/resize-21.lua collect expired entries (and enforce eviction grace) but do not "

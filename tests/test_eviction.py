@@ -105,6 +105,20 @@ def test_resumed_request_keeps_its_arrival_position(backend_url: str, namespace:
             b.close()
 
 
+def test_a_round_the_boss_finished_is_reported_at_the_next_safe_point(pair: tuple[GPUBoss, GPUBoss]) -> None:
+    """With on_evict, the boss's own thread runs the whole round (checkpoint, hand-back, resume); a holder that
+    reaches its safe point only afterwards still learns that it yielded (its GPU state may be stale now)."""
+    victim, requester = pair
+    low = victim.acquire(16, priority="low", on_evict=lambda: None)
+    assert low.yield_if_requested() is False  # nothing asked yet
+    high = requester.acquire(16, priority="high", timeout=WAIT_S)  # granted once the boss's thread handed back
+    requester.release(high)
+    until(lambda: low.state is LeaseState.GRANTED and low.evictions == 1, "the victim resumed")
+    assert low.yield_if_requested() is True, "a finished round was not reported"
+    assert low.yield_if_requested() is False, "the same round was reported twice"
+    victim.release(low)
+
+
 def test_polling_at_safe_points_without_a_callback(pair: tuple[GPUBoss, GPUBoss]) -> None:
     victim, requester = pair
     low = victim.acquire(16, priority="low")
@@ -434,6 +448,7 @@ async def test_async_cycle_with_an_async_callback_and_await_flag(backend_url: st
             await requester.release(high)
             assert await asyncio.wait_for(waiter, WAIT_S) is True
             assert lease.active and lease.evictions == 1
+            assert await lease.yield_if_requested() is False  # that round was reported once
     finally:
         await requester.close()
         await victim.close()

@@ -34,7 +34,9 @@ Known divergences: where a script is known to differ from the intended semantics
 intended semantics, so the test fails until the script is fixed; ``test_known_divergence_replays`` replays
 the shortest steps that show each one. ``GPUBOSS_MODEL_KNOWN`` (comma-separated names of
 ``tests.lease_model.KNOWN_DIVERGENCES``) makes the model follow the scripts there instead, and skips the one
-check each of them breaks, to look for other bugs until they are fixed.
+check each of them breaks, to look for other bugs until they are fixed. The four named there now are all
+fixed: their replays pass with the intended semantics and stay as regression tests (the names remain, so
+that GPUBOSS_MODEL_KNOWN can still reproduce the old behaviour when bisecting).
 """
 
 from __future__ import annotations
@@ -858,8 +860,9 @@ REPLAYS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 
 @pytest.mark.parametrize("name", sorted(REPLAYS))
 def test_known_divergence_replays(backend: Backend, name: str) -> None:
-    """The steps that show a known divergence, checked like any example: they fail while the scripts differ
-    from the intended semantics (with the name in GPUBOSS_MODEL_KNOWN the model follows the scripts)."""
+    """The steps that showed a known divergence, checked like any example: they failed while the scripts
+    differed from the intended semantics (with the name in GPUBOSS_MODEL_KNOWN the model follows the old
+    scripts); all four are fixed, so these pass and guard against the divergence coming back."""
     replay(backend, REPLAYS[name])
 
 
