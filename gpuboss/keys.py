@@ -25,6 +25,7 @@ key                 type   contents
 ``ns:observed_exp`` zset   gpu id, scored by when its last NVML reading goes stale (ms, Redis time)
 ``ns:head``         hash   the scripts' summary of the rest: ``due`` (no expiry and no check is due before it,
                            ms, Redis time), flags ``holds``, ``offline``, ``observed``, ``evictable`` (0: none),
+                           ``evict_rank`` (the lowest rank a preemptible lease may have; -1: an idle one),
                            and ``blocked``/``blocked_need``: the queue's head that does not fit, and its need
 ``ns:hosts``        hash   host -> last heartbeat (ms, Redis time) of that host's GPU inventory
 ``ns:sampler:<gpu>`` string the holder of the right to sample one GPU (expires by itself)

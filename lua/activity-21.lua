@@ -110,7 +110,7 @@ elseif op == 'idle' then
   rec.busy = false
   rec.idle_since = now
   redis.call('HSET', K_USAGE, 'idle:' .. id, rec.per_gpu_mib or rec.vram_mib)
-  head_flag(s, 'evictable')
+  note_evictable(s, -1) -- (an idle lease is a candidate for a request of any rank)
 elseif rec.busy == false then -- touch: still wanted; the idle timeout starts again
   rec.idle_since = now
 end

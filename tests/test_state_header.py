@@ -17,6 +17,7 @@ import pytest
 import redis
 from gpuboss import GPUBoss, Keys, LeaseTimeout
 from gpuboss.core import Call
+from gpuboss.events import replay
 from gpuboss.redis_io import call_script_sync
 
 from tests.conftest import raw_client, snapshot
@@ -214,3 +215,23 @@ def test_a_try_that_does_not_fit_notes_no_blocked_head(boss: GPUBoss, backend_ur
     assert snapshot(client, namespace) == before, "a try that does not fit changed Redis"
     for rid in ("d", "a", "b"):
         release_by_script(client, boss, rid)
+
+
+def test_a_preemptible_lease_of_a_lower_rank_lowers_the_evict_rank_at_once(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    """`evict_rank` lets a request of that rank or lower skip the search for someone to evict: a grant of a
+    preemptible lease of a lower rank must lower it in the same call, or a request above it would not evict."""
+    client, keys = raw_client(backend_url), Keys(namespace)
+    normal = boss.acquire(vram_gb=8, priority="normal", preemptible=True, device="g0", timeout=0)
+    client.hset(keys.head, "due", 0)  # the next call makes the full check: the lowest rank is normal's
+    boss.release(boss.acquire(vram_gb=1, device="g1", timeout=0))
+    assert client.hget(keys.head, "evict_rank") == "1"
+    low = boss.acquire(vram_gb=8, priority="low", preemptible=True, device="g1", timeout=0)
+    assert client.hget(keys.head, "evict_rank") == "0", "the header still says nothing below normal"
+    with pytest.raises(LeaseTimeout):  # the low lease holds g1 and does not yield: nothing is granted
+        boss.acquire(vram_gb=8, priority="normal", device="g1", timeout=0.3)
+    asked = [e for e in replay(backend_url, namespace) if e.type == "evict_requested"]
+    assert [e.lease for e in asked] == [low.id], "a normal request did not ask the low preemptible lease"
+    boss.release(low)
+    boss.release(normal)

@@ -52,7 +52,7 @@ local function count_mib(s, rec, mib)
   bump('svcmib:' .. rec.service, mib)
   if rec.preemptible then
     if mib > 0 then
-      head_flag(s, 'evictable')
+      note_evictable(s, rec.rank)
     end
     bump('pre:' .. rec.rank, mib)
   end

@@ -190,7 +190,7 @@ local function head_still_blocked(s)
   elseif node ~= 'any' or #free_batch(s, need, 0) > 0 then
     return false
   end
-  return s.flags.evictable == '0' or preemptible_below(tonumber(rank)) == 0
+  return nobody_to_evict(s, tonumber(rank))
 end
 
 -- Note the queue's head as blocked in the header, as the call returns (a single-GPU request of strict

@@ -25,7 +25,7 @@
                              that have a host, read as a lexicographic range (best fit within one host)
     KEYS[18] observed_exp  zset  gpu id by when its stored reading goes stale (ms): it is re-indexed then
     KEYS[19] head      hash  the state header (below): `due`, the flags `holds`, `offline`, `observed`,
-                             `evictable`, and the blocked head of the queue (`blocked`, `blocked_need`)
+                             `evictable`, `evict_rank`, and the queue's blocked head (`blocked`, `blocked_need`)
   and ARGV[1] = the wake-list prefix (a request id is appended to it). Scripts add their own KEYS after
   these; the two event KEYS (channel and log, includes/emit.lua) always come last, and the event log's
   cap is always the last ARGV.
@@ -319,6 +319,11 @@ end
     evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>`) and no idle lease (`idle:<id>`)
               and none was granted or marked since: a request that does not fit asks nobody to checkpoint
               without reading that hash (includes/evict.lua try_evict).
+    evict_rank
+              the lowest rank a preemptible lease may have ('-1' when an idle lease may exist: those are
+              candidates for any rank): a request of that rank or lower has nobody to ask to checkpoint, told
+              without reading the usage hash (nobody_to_evict). Set by the full check, lowered by every grant of a
+              preemptible lease of a lower rank and by every lease marked idle; never raised in between.
     blocked, blocked_need
               the queue's head when a call last found that it does not fit (strict queueing), and what it
               needs: "<MiB> <rank> <node> <pinned GPU>". While it stays at the head, the next calls tell
@@ -341,14 +346,29 @@ local function add_expiry(s, key, at, member)
   end
 end
 
--- Note in the header that `name` ('holds', 'offline', 'observed': that hash; 'evictable': the usage hash's
--- preemptible or idle counts) has entries now.
+-- Note in the header that `name` ('holds', 'offline', 'observed': that hash) has entries now.
 local function head_flag(s, name)
   if s == nil or s.flags[name] ~= '1' then
     redis.call('HSET', K_HEAD, name, '1')
     if s then
       s.flags[name] = '1'
     end
+  end
+end
+
+-- Note in the header that a preemptible lease of `rank` (or, with rank -1, an idle lease) may exist now: the
+-- `evictable` flag, and `evict_rank` lowered to `rank` (left alone when it is not known).
+local function note_evictable(s, rank)
+  local known = tonumber(s.flags.evict_rank)
+  local lower = known ~= nil and rank < known
+  if s.flags.evictable ~= '1' or lower then
+    if lower then
+      redis.call('HSET', K_HEAD, 'evictable', '1', 'evict_rank', int(rank))
+      s.flags.evict_rank = int(rank)
+    else
+      redis.call('HSET', K_HEAD, 'evictable', '1')
+    end
+    s.flags.evictable = '1'
   end
 end
 
@@ -361,18 +381,25 @@ local function gpu_count(s)
 end
 
 -- Sum of preemptible MiB held by ranks below `rank`, plus the MiB of idle leases (usage hash, with the changes
--- this call has not written yet: USAGE_DELTA), to skip a scan that cannot succeed; and whether any
--- `idle:<lease id>` field is there. (includes/evict.lua asks before it scans; the full check, with any rank.)
+-- this call has not written yet: USAGE_DELTA), to skip a scan that cannot succeed; whether any
+-- `idle:<lease id>` field is there; and the lowest rank with preemptible MiB (nil: none). (includes/evict.lua
+-- asks before it scans; the full check, with any rank.)
 local function preemptible_below(rank)
-  local total, idle, flat = 0, false, redis.call('HGETALL', K_USAGE)
+  local total, idle, lowest, flat = 0, false, nil, redis.call('HGETALL', K_USAGE)
   local pending = {}
   for field, delta in pairs(USAGE_DELTA) do
     pending[field] = delta
   end
   local function add(field, value)
     local r = string.match(field, '^pre:(%d+)$')
-    if r and tonumber(r) < rank then
-      total = total + value
+    if r then
+      r = tonumber(r)
+      if r < rank then
+        total = total + value
+      end
+      if value > 0 and (lowest == nil or r < lowest) then
+        lowest = r
+      end
     elseif string.sub(field, 1, 5) == 'idle:' then
       total = total + value
       idle = true
@@ -388,7 +415,20 @@ local function preemptible_below(rank)
       add(field, delta)
     end
   end
-  return total, idle
+  return total, idle, lowest
+end
+
+-- True when a request of `rank` has nobody to ask to checkpoint: the header tells (no preemptible or idle lease,
+-- or none below `rank`), else the usage hash does.
+local function nobody_to_evict(s, rank)
+  if s.flags.evictable == '0' then
+    return true
+  end
+  local lowest = tonumber(s.flags.evict_rank)
+  if lowest ~= nil and rank <= lowest then
+    return true
+  end
+  return preemptible_below(rank) == 0
 end
 
 -- Request `id` leaves the queue: when it is the header's blocked head, that goes at once (a later request of
@@ -426,11 +466,13 @@ local function full_check(s, now)
     end
   end
   s.due = due
+  local evictable, idle, lowest = preemptible_below(math.huge)
   s.flags = {
     holds = next(s.holds) and '1' or '0',
     offline = redis.call('HLEN', K_OFFLINE) > 0 and '1' or '0',
     observed = redis.call('HLEN', K_OBSERVED) > 0 and '1' or '0',
-    evictable = preemptible_below(math.huge) > 0 and '1' or '0',
+    evictable = evictable > 0 and '1' or '0',
+    evict_rank = idle and '-1' or int(lowest or RANK_BASE),
   }
   if gpu_count(s) > 0 then -- (a namespace without GPUs keeps no header: a call there writes nothing)
     HEAD_WRITE = s
@@ -451,7 +493,7 @@ local function flush_head()
   local s = HEAD_WRITE
   if s then
     redis.call('HSET', K_HEAD, 'due', int(s.due), 'holds', s.flags.holds, 'offline', s.flags.offline,
-      'observed', s.flags.observed, 'evictable', s.flags.evictable)
+      'observed', s.flags.observed, 'evictable', s.flags.evictable, 'evict_rank', s.flags.evict_rank)
   end
   if BLOCKED_NEXT then
     redis.call('HSET', K_HEAD, 'blocked', BLOCKED_NEXT.id, 'blocked_need', BLOCKED_NEXT.need)
@@ -466,11 +508,11 @@ end
 local function load_gpus(now, full, later)
   local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
   LOAD_NOW = now
-  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed', 'evictable', 'blocked',
-    'blocked_need')
+  local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed', 'evictable', 'evict_rank',
+    'blocked', 'blocked_need')
   s.due = tonumber(head[1]) or 0
-  s.flags = {holds = head[2], offline = head[3], observed = head[4], evictable = head[5]}
-  BLOCKED_STORED, BLOCKED_ID, s.blocked_need = head[6] or false, head[6] or false, head[7]
+  s.flags = {holds = head[2], offline = head[3], observed = head[4], evictable = head[5], evict_rank = head[6]}
+  BLOCKED_STORED, BLOCKED_ID, s.blocked_need = head[7] or false, head[7] or false, head[8]
   -- (a `due` further ahead than a check ever sets it means Redis time went back: a failover to a replica whose
   -- clock is behind, a clock step; check now rather than wait for it)
   s.check = full or now >= s.due or s.due > now + CHECK_EVERY_MS
