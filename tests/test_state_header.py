@@ -235,3 +235,18 @@ def test_a_preemptible_lease_of_a_lower_rank_lowers_the_evict_rank_at_once(
     assert [e.lease for e in asked] == [low.id], "a normal request did not ask the low preemptible lease"
     boss.release(low)
     boss.release(normal)
+
+
+def test_a_lease_marked_idle_lowers_the_evict_rank_below_every_rank(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    client, keys = raw_client(backend_url), Keys(namespace)
+    low = boss.acquire(vram_gb=8, priority="low", preemptible=True, device="g0", timeout=0)
+    client.hset(keys.head, "due", 0)  # the next call makes the full check
+    boss.release(boss.acquire(vram_gb=1, device="g1", timeout=0))
+    assert client.hget(keys.head, "evict_rank") == "0"
+    high = boss.acquire(vram_gb=4, priority="high", device="g1", timeout=0)
+    high.idle()
+    assert client.hget(keys.head, "evict_rank") == "-1", "an idle lease is a candidate for a request of any rank"
+    boss.release(high)
+    boss.release(low)
