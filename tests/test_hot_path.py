@@ -1,16 +1,23 @@
 """The pieces that make a lease call cheap must behave exactly like what they replace: the hiredis packing of
-asyncio commands, the lazily made Signal (threading.Event), request ids (UUID4)."""
+asyncio commands, the direct FCALL of sync clients, the lazily made Signal (threading.Event), request ids
+(UUID4)."""
 
 from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
+import fakeredis
 import pytest
-from gpuboss.core import new_request_id
+import redis
+from gpuboss import scripts
+from gpuboss.config import config_from_arguments
+from gpuboss.core import Call, Core, new_request_id
 from gpuboss.lease import Signal
-from gpuboss.redis_io import HiredisPacking, connect_async
+from gpuboss.redis_io import HiredisPacking, _direct_fcall, call_script_sync, connect_async, connect_sync
 from redis.asyncio.connection import Connection
+from redis.exceptions import ResponseError
 
 ARGS: list[tuple[object, ...]] = [
     ("FCALL", "gpuboss_0123_acquire", 2, "ns:gpus", "ns:{tag}:capacity", "x" * 1000),
@@ -59,3 +66,51 @@ def test_request_ids_are_uuid4_hex() -> None:
         rid = new_request_id()
         parsed = uuid.UUID(hex=rid)
         assert parsed.hex == rid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def _ping_call() -> tuple[Call, str]:
+    """A cheap real script call (collect, on an empty namespace) and its FCALL function name."""
+    core = Core(config_from_arguments(namespace=f"hot{uuid.uuid4().hex[:8]}", gpus=[], service="svc"))
+    call = core.collect_call()
+    return call, scripts.library().functions[call.script]
+
+
+def test_direct_fcall_answers_like_redis_py(real_url: str) -> None:
+    client = connect_sync(real_url, 5.0, 5.0)
+    client.function_load(scripts.library().source, replace=True)
+    call, function = _ping_call()
+    direct = _direct_fcall(client, function, call)
+    assert direct is not NotImplemented, "a plain client of a plain URL takes the direct path"
+    assert direct == client.fcall(function, len(call.keys), *call.keys, *call.args)
+    with pytest.raises(ResponseError, match=r"(?i)function not found"):  # as redis-py raises the server's errors
+        _direct_fcall(client, "gpuboss_no_such_function", call)
+    assert client.ping(), "the connection is still usable after an error reply"
+
+
+def test_direct_fcall_is_skipped_where_it_does_not_apply(real_url: str) -> None:
+    call, function = _ping_call()
+    single = redis.Redis.from_url(real_url, decode_responses=True, single_connection_client=True)
+    fake = fakeredis.FakeRedis(decode_responses=True)
+    for client in (single, fake):
+        assert _direct_fcall(client, function, call) is NotImplemented
+    single.close()
+
+
+def test_a_connection_lost_mid_call_falls_back_to_redis_py(real_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct path gives a failed connection back (dropped) and the call goes the usual way, which
+    reconnects: the caller sees the reply, not the error."""
+    client = connect_sync(real_url, 5.0, 5.0)
+    call, _ = _ping_call()
+    first = call_script_sync(client, call)
+    original = redis.connection.AbstractConnection.read_response
+    failures: list[int] = []
+
+    def lose_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise redis.exceptions.ConnectionError("connection lost (test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", lose_once)
+    assert call_script_sync(client, call) == first
+    assert failures == [1], "the direct path was not taken"
