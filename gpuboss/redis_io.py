@@ -410,11 +410,11 @@ def _direct_fcall(client: redis.Redis, function: str, call: Call) -> Any:
     drops the connection and returns :data:`NotImplemented` too: the usual path then sends the call again,
     with redis-py's reconnect and retry, as its own retry would have (the scripts are safe to run twice: a
     request id is never granted twice). The script's own errors are raised as redis-py raises them."""
+    if not HIREDIS_AVAILABLE or type(client) is not redis.Redis:  # (a cluster client has no pool of its own)
+        return NotImplemented
     pool = client.connection_pool
     if (
-        not HIREDIS_AVAILABLE
-        or type(client) is not redis.Redis
-        or type(pool) not in _DIRECT_POOLS
+        type(pool) not in _DIRECT_POOLS
         or client.connection is not None
         or not all(type(arg) in _HIREDIS_TYPES for arg in call.args)
     ):
