@@ -148,6 +148,12 @@ def test_a_try_that_does_not_fit_writes_nothing_even_at_a_full_check(
     assert int(client.hget(keys.head, "due") or 0) > 0
 
 
+def full_check_now(client: redis.Redis, keys: Keys, boss: GPUBoss) -> None:
+    """Make the next call's full check due, and make a call (an acquire and release of 1 GB on g1)."""
+    client.hset(keys.head, "due", 0)
+    boss.release(boss.acquire(vram_gb=1, device="g1", timeout=0))
+
+
 def queue_pinned(client: redis.Redis, boss: GPUBoss, rid: str, vram_gb: int, device: str) -> None:
     core = boss._core
     reply = call_script_sync(
@@ -224,8 +230,7 @@ def test_a_preemptible_lease_of_a_lower_rank_lowers_the_evict_rank_at_once(
     preemptible lease of a lower rank must lower it in the same call, or a request above it would not evict."""
     client, keys = raw_client(backend_url), Keys(namespace)
     normal = boss.acquire(vram_gb=8, priority="normal", preemptible=True, device="g0", timeout=0)
-    client.hset(keys.head, "due", 0)  # the next call makes the full check: the lowest rank is normal's
-    boss.release(boss.acquire(vram_gb=1, device="g1", timeout=0))
+    full_check_now(client, keys, boss)  # the lowest rank is normal's
     assert client.hget(keys.head, "evict_rank") == "1"
     low = boss.acquire(vram_gb=8, priority="low", preemptible=True, device="g1", timeout=0)
     assert client.hget(keys.head, "evict_rank") == "0", "the header still says nothing below normal"
@@ -242,8 +247,7 @@ def test_a_lease_marked_idle_lowers_the_evict_rank_below_every_rank(
 ) -> None:
     client, keys = raw_client(backend_url), Keys(namespace)
     low = boss.acquire(vram_gb=8, priority="low", preemptible=True, device="g0", timeout=0)
-    client.hset(keys.head, "due", 0)  # the next call makes the full check
-    boss.release(boss.acquire(vram_gb=1, device="g1", timeout=0))
+    full_check_now(client, keys, boss)
     assert client.hget(keys.head, "evict_rank") == "0"
     high = boss.acquire(vram_gb=4, priority="high", device="g1", timeout=0)
     high.idle()

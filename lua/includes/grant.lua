@@ -179,11 +179,7 @@ local function head_still_blocked(s)
   end
   need = tonumber(need)
   if pin ~= '' then
-    local indexed = s.indexed[pin]
-    if indexed == nil then
-      indexed = tonumber(redis.call('ZSCORE', K_FREE, pin))
-      s.indexed[pin] = indexed
-    end
+    local indexed = indexed_free(s, pin)
     if not indexed or indexed >= need then
       return false
     end

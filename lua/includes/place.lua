@@ -141,15 +141,21 @@ local function free_now(s, need, node)
   return redis.call('ZLEXCOUNT', K_FREE_HOST, from, to) > 0
 end
 
+-- A GPU's entry in the placement index, read once per call (nil: not indexed): the most a request may take
+-- there (a hold only takes more).
+local function indexed_free(s, gpu)
+  local indexed = s.indexed[gpu]
+  if indexed == nil then
+    indexed = tonumber(redis.call('ZSCORE', K_FREE, gpu))
+    s.indexed[gpu] = indexed
+  end
+  return indexed
+end
+
 local function place(s, need, pin, id, avoid, node)
   if pin ~= '' then
-    -- The index entry is the most a request may take there (a hold only takes more): one read tells a pinned
-    -- request that waits for more, as the head of a queue often does.
-    local indexed = s.indexed[pin]
-    if indexed == nil then
-      indexed = tonumber(redis.call('ZSCORE', K_FREE, pin))
-      s.indexed[pin] = indexed
-    end
+    -- One read tells a pinned request that waits for more, as the head of a queue often does.
+    local indexed = indexed_free(s, pin)
     if indexed and indexed < need then
       return nil
     end
