@@ -66,8 +66,7 @@ local function try_evict(s, req, now)
   if req.grow_of or (tonumber(req.count) or 1) > 1 then
     return false -- (a request for several GPUs waits; it does not evict)
   end
-  local lowest = tonumber(s.flags.evict_rank)
-  if s.flags.evictable == '0' or (lowest ~= nil and req.rank <= lowest) then
+  if header_says_nobody(s, req.rank) then
     return false -- no idle lease, and no preemptible one of a lower rank (the state header): nobody to ask
   end
   local evictable, any_idle = preemptible_below(req.rank)

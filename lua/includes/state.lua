@@ -418,17 +418,16 @@ local function preemptible_below(rank)
   return total, idle, lowest
 end
 
--- True when a request of `rank` has nobody to ask to checkpoint: the header tells (no preemptible or idle lease,
--- or none below `rank`), else the usage hash does.
-local function nobody_to_evict(s, rank)
-  if s.flags.evictable == '0' then
-    return true
-  end
+-- True when the header tells that a request of `rank` has nobody to ask to checkpoint: no preemptible or idle
+-- lease, or none that such a request may ask (`evict_rank`).
+local function header_says_nobody(s, rank)
   local lowest = tonumber(s.flags.evict_rank)
-  if lowest ~= nil and rank <= lowest then
-    return true
-  end
-  return preemptible_below(rank) == 0
+  return s.flags.evictable == '0' or (lowest ~= nil and rank <= lowest)
+end
+
+-- True when a request of `rank` has nobody to ask to checkpoint: the header tells, else the usage hash does.
+local function nobody_to_evict(s, rank)
+  return header_says_nobody(s, rank) or preemptible_below(rank) == 0
 end
 
 -- Request `id` leaves the queue: when it is the header's blocked head, that goes at once (a later request of
