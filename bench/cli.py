@@ -789,7 +789,7 @@ NOTES = [
     "the GPUBoss acquire() + release() samples of that level, with SLOWLOG off. These timings move by 10-20% "
     "between runs on a shared VM; to compare two versions of the scripts, `make bench-ir` "
     "(bench/instructions.py) counts redis-server's instructions for the same calls under valgrind's callgrind, "
-    "which repeats within 0.1%.",
+    "which repeats within 0.5%.",
     "Cooperative eviction: the victim process holds a preemptible low lease of the whole GPU; each round, after "
     "a random pause (0 to TTL/3) since the previous one, the bench process asks for the whole GPU at high "
     "priority and the acquire script asks the victim to checkpoint. 'request' is the moment just before the "

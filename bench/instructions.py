@@ -2,7 +2,7 @@
 
 The timings of ``make bench`` move by 10-20% from run to run on a shared 2-core VM, more than most changes to
 a script are worth. This runs a private ``redis-server`` under valgrind's callgrind, which counts the
-instructions the server executes (the same count twice for the same binary and calls, whatever else the
+instructions the server executes (nearly the same count for the same binary and calls, whatever else the
 machine is doing), and prints them per cycle of the scaling bench's samples (:mod:`bench.scaling`):
 
 * ``fit``: an acquire that is granted at once, then its release (nobody to grant), with W requests waiting
@@ -12,7 +12,8 @@ machine is doing), and prints them per cycle of the scaling bench's samples (:mo
 
 Each figure includes the server's own work for the calls (reading the command, the reply), not only the
 scripts. Run it in two worktrees (or before and after a change) to compare; the figures of one tree differ
-by less than 0.1% between runs. It needs ``valgrind`` on PATH; ``--server`` picks the binary (a build with
+by less than 0.5% between runs (a slower run makes a few more of the scripts' once-a-second full checks:
+lua/includes/state.lua). It needs ``valgrind`` on PATH; ``--server`` picks the binary (a build with
 symbols lets ``callgrind_annotate`` name the functions in the profiles it keeps with ``--keep``).
 
     python -m bench.instructions                 # W=10, 200 cycles of each
