@@ -5,8 +5,8 @@ It holds one preemptible ``low`` lease of the whole GPU (``vram_gb``, ``ttl``) w
 waits at its safe point (``yield_if_requested()``) until the lease is granted again; after ``rounds``
 evictions it releases the lease and exits. A boss runs ``on_evict`` and the hand-back on its own eviction
 thread as soon as the request arrives, so on a busy machine the whole round can end before the main thread
-reaches its safe point (which then has nothing left to do and answers False): the round is counted by
-``lease.evictions`` and reported then, a little late, rather than missed. With ``notices`` false the boss's notice listener is never started,
+reaches its safe point (which then has nothing left to do, and answers True for that round): the round
+is counted by ``lease.evictions`` and reported then, a little late, rather than missed. With ``notices`` false the boss's notice listener is never started,
 so the eviction requests reach it only through the heartbeat's renew reply (every ``ttl``/3).
 
 Line protocol on stdout, times on ``time.monotonic()`` (CLOCK_MONOTONIC: the same clock in every process on

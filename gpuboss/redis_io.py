@@ -136,6 +136,13 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
 
 #: The argument types hiredis packs exactly as redis-py's encoder does (bool, bytearray... are the encoder's).
 _HIREDIS_TYPES = (str, bytes, int, float)
+
+
+def _hiredis_packs(args: Any) -> bool:
+    """True when hiredis packs every one of ``args`` exactly as redis-py's encoder does."""
+    return all(type(arg) in _HIREDIS_TYPES for arg in args)
+
+
 _hiredis_classes: dict[type[Any], type[Any]] = {}
 
 
@@ -155,7 +162,7 @@ class HiredisPacking:
             and " " not in first
             and encoder.encoding == "utf-8"
             and encoder.encoding_errors == "strict"
-            and all(type(arg) in _HIREDIS_TYPES for arg in args)
+            and _hiredis_packs(args)
         ):
             return [hiredis.pack_command(args)]
         packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
@@ -413,11 +420,7 @@ def _direct_fcall(client: redis.Redis, function: str, call: Call) -> Any:
     if not HIREDIS_AVAILABLE or type(client) is not redis.Redis:  # (a cluster client has no pool of its own)
         return NotImplemented
     pool = client.connection_pool
-    if (
-        type(pool) not in _DIRECT_POOLS
-        or client.connection is not None
-        or not all(type(arg) in _HIREDIS_TYPES for arg in call.args)
-    ):
+    if type(pool) not in _DIRECT_POOLS or client.connection is not None or not _hiredis_packs(call.args):
         return NotImplemented
     command: Any = ("FCALL", function, len(call.keys), *call.keys, *call.args)
     conn: Any = pool.get_connection()

@@ -102,15 +102,20 @@ def test_a_connection_lost_mid_call_falls_back_to_redis_py(real_url: str, monkey
     client = connect_sync(real_url, 5.0, 5.0)
     call, _ = _ping_call()
     first = call_script_sync(client, call)
-    original = redis.connection.AbstractConnection.read_response
-    failures: list[int] = []
+    original, usual = redis.connection.AbstractConnection.read_response, client.fcall
+    steps: list[str] = []
 
     def lose_once(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not failures:
-            failures.append(1)
+        if "lost" not in steps:
+            steps.append("lost")
             raise redis.exceptions.ConnectionError("connection lost (test)")
         return original(self, *args, **kwargs)
 
+    def counted(function: str, *args: Any) -> Any:
+        steps.append("usual path")
+        return usual(function, *args)
+
     monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", lose_once)
+    monkeypatch.setattr(client, "fcall", counted)
     assert call_script_sync(client, call) == first
-    assert failures == [1], "the direct path was not taken"
+    assert steps == ["lost", "usual path"], "the direct path was not taken, or did not hand over to the usual one"

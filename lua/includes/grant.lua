@@ -205,6 +205,9 @@ local function grant_waiting(s, now)
   local backfill = s.policy.queueing == 'backfill'
   local avoid = nil -- GPUs kept for blocked requests ahead (backfill)
   local blocked = 0
+  -- The header's blocked-head note is used and written only for the head of strict queueing without policy
+  -- holds (head_still_blocked, remember_blocked).
+  local noting = not backfill and not s.policy.holds_back
   -- Entries in the queue: the loop only removes entries (counted off as it does), so it reads no entry past
   -- the last one (a count is cheaper than an empty range).
   local left = redis.call('ZCARD', K_QUEUE)
@@ -213,7 +216,7 @@ local function grant_waiting(s, now)
     if not head then
       break
     end
-    if head == BLOCKED_ID and skip == 0 and not backfill and not s.policy.holds_back and head_still_blocked(s) then
+    if noting and skip == 0 and head == BLOCKED_ID and head_still_blocked(s) then
       break
     end
     local raw = redis.call('HGET', K_TICKETS, head)
@@ -242,7 +245,7 @@ local function grant_waiting(s, now)
             try_evict(s, req, now) -- the first request in line that does not fit
           end
           if not backfill then
-            if skip == 0 and not s.policy.holds_back then
+            if noting and skip == 0 then
               remember_blocked(s, head, req)
             end
             break
