@@ -638,5 +638,7 @@ def usage_of(leases: object) -> dict[str, int]:
         out[f"svc:{get('service')}"] += 1
         out[f"svcmib:{get('service')}"] += get("vram_mib")
         if get("preemptible"):
-            out[f"pre:{get('rank')}"] += get("vram_mib")
+            gpus = (lease.get("gpus") if isinstance(lease, dict) else None) or [get("gpu")]
+            for gpu in gpus:
+                out[f"pre:{get('rank')}:{gpu}"] += get("vram_mib") // len(gpus)
     return {k: v for k, v in out.items() if v != 0}

@@ -19,6 +19,7 @@ from gpuboss.errors import InsufficientCapacity, InvalidRequest
 from gpuboss.events import replay
 from gpuboss.keys import Keys
 from gpuboss.lease import EvictNotice, Lease
+from gpuboss.redis_io import call_script_sync
 
 from tests.conftest import raw_client
 from tests.threads import WAIT_S, in_thread, result, until
@@ -238,6 +239,86 @@ def test_the_gpu_needing_fewest_victims_is_chosen(backend_url: str, namespace: s
         assert result(done, waiting) is True
         for lease in (a1, a2, b1, filler):
             victim.release(lease)
+    finally:
+        requester.close()
+        victim.close()
+
+
+def test_preemptible_mib_is_counted_per_rank_and_gpu(backend_url: str, namespace: str) -> None:
+    """The usage hash sums preemptible MiB per rank and GPU (`pre:<rank>:<gpu>`): a lease over several GPUs
+    counts on each, a resize changes its GPU's sum, a release takes it out (and a field at 0 goes)."""
+    boss = make(backend_url, namespace, TWO)
+    client, keys = raw_client(backend_url), Keys(namespace)
+
+    def pre() -> dict[str, str]:
+        return {k: v for k, v in client.hgetall(keys.usage).items() if k.startswith("pre:")}
+
+    try:
+        tp = boss.acquire(8, gpus=2, priority="low")  # 4 GiB on each GPU
+        one = boss.acquire(4, priority="low", device="g1")
+        normal = boss.acquire(2, priority="normal", preemptible=True, device="g0")
+        boss.acquire(1, priority="low", preemptible=False, device="g0")  # not preemptible: not counted
+        assert pre() == {"pre:0:g0": "4096", "pre:0:g1": "8192", "pre:1:g0": "2048"}
+        one.resize(1)
+        assert pre() == {"pre:0:g0": "4096", "pre:0:g1": "5120", "pre:1:g0": "2048"}
+        boss.release(tp)
+        assert pre() == {"pre:0:g1": "1024", "pre:1:g0": "2048"}
+        boss.release(one)
+        boss.release(normal)
+        assert pre() == {}
+    finally:
+        boss.close()
+
+
+def test_a_request_that_no_gpu_it_may_use_can_make_room_for_reads_no_lease(backend_url: str, namespace: str) -> None:
+    """A queued request first in line looks for victims only where it could find enough: with the only lower
+    preemptible lease on another GPU than its pin, it does not read the leases (a record nobody can decode
+    proves it), and asks nobody; pinned to that GPU, it asks that lease."""
+    victim, requester = make(backend_url, namespace, TWO, service="b"), make(backend_url, namespace, TWO, service="a")
+    client, keys = raw_client(backend_url), Keys(namespace)
+    core = requester._core
+
+    def queue(rid: str, device: str) -> None:
+        req = core.make_request(16, priority="high", timeout=None, device=device)
+        reply = call_script_sync(client, core.acquire_call(rid, req, device, "a"))
+        assert reply[0] == 2, reply  # QUEUED
+
+    try:
+        busy = victim.acquire(16, priority="normal", device="g0")  # not preemptible
+        low = victim.acquire(12, priority="low", device="g1")  # preemptible; g1 has 4 GiB free
+        client.hset(keys.leases, "trap", "not a record")  # any scan of the leases fails on it
+        queue("on-g0", "g0")  # g0: nothing to free there, whatever g1 holds
+        assert not low.evict_requested
+        assert "evict_requested" not in event_types(backend_url, namespace)
+        assert call_script_sync(client, core.release_call("on-g0"))[0] == 2  # withdrawn
+        client.hdel(keys.leases, "trap")
+        queue("on-g1", "g1")  # 4 GiB free and 12 GiB of low: enough
+        assert low.evict_requested.wait(WAIT_S), "the low lease on the request's GPU was not asked"
+        assert call_script_sync(client, core.release_call("on-g1"))[0] == 2
+        for lease in (busy, low):
+            victim.release(lease)
+    finally:
+        requester.close()
+        victim.close()
+
+
+def test_preemptible_mib_an_older_gpuboss_counted_without_its_gpu_is_searched_for(
+    backend_url: str, namespace: str
+) -> None:
+    """A `pre:<rank>` field without a GPU (as a gpuboss before per-GPU sums wrote it) cannot tell where its
+    MiB is: a request then reads the leases, as it did before, and finds the victim."""
+    victim, requester = make(backend_url, namespace, TWO, service="b"), make(backend_url, namespace, TWO, service="a")
+    client, keys = raw_client(backend_url), Keys(namespace)
+    try:
+        low = victim.acquire(16, priority="low", device="g1")
+        client.hdel(keys.usage, "pre:0:g1")
+        client.hset(keys.usage, "pre:0", 16 * 1024)
+        thread, out = in_thread(lambda: requester.acquire(16, priority="high", device="g1", timeout=WAIT_S))
+        assert low.evict_requested.wait(WAIT_S), "the low lease counted the old way was not asked"
+        done, waiting = in_thread(low.yield_if_requested)
+        requester.release(result(thread, out))
+        assert result(done, waiting) is True
+        victim.release(low)
     finally:
         requester.close()
         victim.close()

@@ -24,7 +24,7 @@ end
 
 --[[
   The usage hash: `class:<priority>` and `svc:<service>` count active leases, `svcmib:<service>` sums their
-  MiB, `pre:<rank>` sums the MiB of preemptible ones. count_lease adds (delta 1) or removes (-1) a lease;
+  MiB, `pre:<rank>:<gpu>` sums the MiB that preemptible ones of that rank hold on that GPU. count_lease adds (delta 1) or removes (-1) a lease;
   count_mib changes a lease's size by `mib`. A call collects these changes in USAGE_DELTA (includes/state.lua:
   usage_of and active_of count them) and flush_usage writes them once, when the script returns: a release
   that grants the waiting head changes nothing there, and one that frees a lease writes its fields at once.
@@ -54,7 +54,10 @@ local function count_mib(s, rec, mib)
     if mib > 0 then
       note_evictable(s, rec.rank)
     end
-    bump('pre:' .. rec.rank, mib)
+    local gpus = rec.gpus or {rec.gpu}
+    for _, gpu in ipairs(gpus) do -- (a lease over several GPUs holds the same MiB on each)
+      bump('pre:' .. rec.rank .. ':' .. gpu, mib / #gpus)
+    end
   end
 end
 

@@ -56,6 +56,14 @@ local function victim_order(x, y)
   return a.id < b.id
 end
 
+-- True when victims on `gpu` may be asked for request `req`: a registered GPU, online, large enough, the
+-- request's pin and node, and no reservation there for another request.
+local function may_evict_on(s, req, gpu)
+  local hold = s.holds[gpu]
+  return s.cap[gpu] ~= nil and not s.off[gpu] and s.cap[gpu] >= req.vram_mib and (req.pin == '' or req.pin == gpu)
+    and not (hold and hold.id ~= req.id) and on_node(s, gpu, req.node)
+end
+
 local function try_evict(s, req, now)
   local id = req.id
   for _, hold in pairs(s.holds) do
@@ -69,18 +77,33 @@ local function try_evict(s, req, now)
   if header_says_nobody(s, req.rank) then
     return false -- no idle lease, and no preemptible one of a lower rank (the state header): nobody to ask
   end
-  local evictable, any_idle = preemptible_below(req.rank)
+  local evictable, any_idle, _, on_gpu = preemptible_below(req.rank)
   if evictable == 0 then
     return false -- nothing to ask (it does not fit, so no GPU has its whole need free either)
   end
-  local best_free = 0
-  for gpu, cap in pairs(all_gpus(s)) do
-    if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
-      best_free = math.max(best_free, free_for(s, gpu, id))
+  if on_gpu and not any_idle then
+    -- Only a GPU with preemptible MiB of a lower rank can be freed, and only when that and its free MiB
+    -- together reach the need: when none can, the leases are not read (nor any other GPU).
+    local possible = false
+    for gpu, mib in pairs(on_gpu) do
+      if may_evict_on(s, req, gpu) and free_for(s, gpu, id) + mib >= req.vram_mib then
+        possible = true
+        break
+      end
     end
-  end
-  if evictable + best_free < req.vram_mib then
-    return false
+    if not possible then
+      return false
+    end
+  else
+    local best_free = 0 -- (idle leases, or sums the hash cannot place: their MiB may be on any GPU)
+    for gpu, cap in pairs(all_gpus(s)) do
+      if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
+        best_free = math.max(best_free, free_for(s, gpu, id))
+      end
+    end
+    if evictable + best_free < req.vram_mib then
+      return false
+    end
   end
   local idle_seen = {}
   local by_gpu = {}
@@ -107,9 +130,7 @@ local function try_evict(s, req, now)
   end
   local best = nil
   for gpu, cands in pairs(by_gpu) do
-    local hold = s.holds[gpu]
-    if s.cap[gpu] and not s.off[gpu] and s.cap[gpu] >= req.vram_mib and (req.pin == '' or req.pin == gpu)
-        and not (hold and hold.id ~= id) and on_node(s, gpu, req.node) then
+    if may_evict_on(s, req, gpu) then
       local short = req.vram_mib - free_for(s, gpu, id)
       table.sort(cands, victim_order)
       local taken, sum, busy = {}, 0, 0

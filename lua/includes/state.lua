@@ -316,7 +316,7 @@ end
               '0' when that hash was empty at the last full check and nothing was added since: a call then
               does not read it (nor, per GPU, the offline mark and the reading). A script that adds to one
               sets its flag to '1' (head_flag).
-    evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>`) and no idle lease (`idle:<id>`)
+    evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>:<gpu>`) and no idle lease (`idle:<id>`)
               and none was granted or marked since: a request that does not fit asks nobody to checkpoint
               without reading that hash (includes/evict.lua try_evict).
     evict_rank
@@ -382,20 +382,34 @@ end
 
 -- Sum of preemptible MiB held by ranks below `rank`, plus the MiB of idle leases (usage hash, with the changes
 -- this call has not written yet: USAGE_DELTA), to skip a scan that cannot succeed; whether any
--- `idle:<lease id>` field is there; and the lowest rank with preemptible MiB (nil: none). (includes/evict.lua
+-- `idle:<lease id>` field is there; the lowest rank with preemptible MiB (nil: none); and, per GPU, the
+-- preemptible MiB of ranks below `rank` there (`pre:<rank>:<gpu>`), or nil when the hash cannot tell (a
+-- `pre:<rank>` field without its GPU, written by an older gpuboss, or a sum below 0). (includes/evict.lua
 -- asks before it scans; the full check, with any rank.)
 local function preemptible_below(rank)
   local total, idle, lowest, flat = 0, false, nil, redis.call('HGETALL', K_USAGE)
+  local on_gpu = {}
   local pending = {}
   for field, delta in pairs(USAGE_DELTA) do
     pending[field] = delta
   end
   local function add(field, value)
-    local r = string.match(field, '^pre:(%d+)$')
-    if r then
+    if string.sub(field, 1, 4) == 'pre:' then
+      local r, gpu = string.match(field, '^pre:(%d+):(.+)$')
+      if not r then
+        r = string.match(field, '^pre:(%d+)$') -- (an older gpuboss's sum, without its GPU)
+      end
       r = tonumber(r)
+      if r == nil then
+        return
+      end
       if r < rank then
         total = total + value
+        if gpu == nil or value < 0 then
+          on_gpu = nil -- (where that MiB is cannot be told)
+        elseif on_gpu then
+          on_gpu[gpu] = (on_gpu[gpu] or 0) + value
+        end
       end
       if value > 0 and (lowest == nil or r < lowest) then
         lowest = r
@@ -415,7 +429,7 @@ local function preemptible_below(rank)
       add(field, delta)
     end
   end
-  return total, idle, lowest
+  return total, idle, lowest, on_gpu
 end
 
 -- True when the header tells that a request of `rank` has nobody to ask to checkpoint: no preemptible or idle
