@@ -424,7 +424,7 @@ class AsyncSubscription:
                 await asyncio.sleep(0.1)
 
     async def _open(self, first: bool) -> None:
-        self._client = connect_async(self.url, self._within)
+        self._client = connect_async(self.url, self._within, socket_timeout=self._within)
         self._pubsub = await pubsub_async(self._client)
         await self._pubsub.subscribe(self.keys.events)
         deadline = time.monotonic() + self._within

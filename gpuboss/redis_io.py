@@ -182,8 +182,10 @@ def _with_hiredis_packing(client: redis.asyncio.Redis) -> redis.asyncio.Redis:
     return client
 
 
-def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
-    """The asyncio twin of :func:`connect_sync` (no socket timeout: a BLPOP may block for long)."""
+def connect_async(url: str, connect_timeout: float, socket_timeout: float | None = None) -> redis.asyncio.Redis:
+    """The asyncio twin of :func:`connect_sync`: no socket timeout unless one is given (a BLPOP may block for
+    long). It is always passed: redis-py 8's asyncio connections default to 5 s, which cut every longer BLPOP
+    short (and dropped its connection), and wrap every send in a task to time it."""
     if url.startswith(FAKE_SCHEME):
         import fakeredis
 
@@ -200,7 +202,7 @@ def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
             **_node_kwargs(target, connect_timeout),
         )
         primary: redis.asyncio.Redis = sentinel.master_for(
-            target.service, redis_class=AsyncSentinelPrimary, socket_timeout=None, db=target.db
+            target.service, redis_class=AsyncSentinelPrimary, socket_timeout=socket_timeout, db=target.db
         )
         return primary
     if target.kind == "cluster":
@@ -208,12 +210,14 @@ def connect_async(url: str, connect_timeout: float) -> redis.asyncio.Redis:
 
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.endpoints],
-            socket_timeout=None,
+            socket_timeout=socket_timeout,
             **_node_kwargs(target, connect_timeout),
         )
         return cast(redis.asyncio.Redis, cluster)
     return _with_hiredis_packing(
-        redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout)
+        redis.asyncio.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout
+        )
     )
 
 

@@ -119,3 +119,20 @@ def test_a_connection_lost_mid_call_falls_back_to_redis_py(real_url: str, monkey
     monkeypatch.setattr(client, "fcall", counted)
     assert call_script_sync(client, call) == first
     assert steps == ["lost", "usual path"], "the direct path was not taken, or did not hand over to the usual one"
+
+
+async def test_async_connections_have_no_socket_timeout_unless_asked(real_url: str) -> None:
+    """redis-py 8's asyncio connections time reads out after 5 s by default: a waiter's BLPOP (up to 30 s) was
+    cut short and its connection dropped, and every send was wrapped in a task to time it. gpuboss's asyncio
+    clients have none, as its sync clients, unless one is asked for (the event subscriber's)."""
+    for timeout, expected in ((None, None), (2.5, 2.5)):
+        client = connect_async(real_url, 5.0, socket_timeout=timeout) if timeout else connect_async(real_url, 5.0)
+        try:
+            assert await client.ping()
+            conn = await client.connection_pool.get_connection()
+            try:
+                assert conn.socket_timeout == expected, f"socket timeout {conn.socket_timeout!r}"
+            finally:
+                await client.connection_pool.release(conn)
+        finally:
+            await client.aclose()
