@@ -135,12 +135,12 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
 
 
 #: The argument types hiredis packs exactly as redis-py's encoder does (bool, bytearray... are the encoder's).
-_HIREDIS_TYPES = (str, bytes, int, float)
+_HIREDIS_TYPES = frozenset((str, bytes, int, float))
 
 
 def _hiredis_packs(args: Any) -> bool:
     """True when hiredis packs every one of ``args`` exactly as redis-py's encoder does."""
-    return all(type(arg) in _HIREDIS_TYPES for arg in args)
+    return _HIREDIS_TYPES.issuperset(map(type, args))
 
 
 _hiredis_classes: dict[type[Any], type[Any]] = {}
