@@ -391,14 +391,16 @@ class Bench:
                 "7-8 GB wait p99 ms (x A)",
                 "7-8 GB longest ms",
                 "utilisation",
+                "mean GB",
+                "mean held ms",
                 "Redis CPU us/grant",
                 "scripts/grant",
             ],
-            numeric=set(range(1, 11)),
+            numeric=set(range(1, 13)),
         )
         for kind, label in kinds:
             if kind in self.skipped:
-                table.rows.append([label, self.skipped[kind], *["-"] * 9])
+                table.rows.append([label, self.skipped[kind], *["-"] * 11])
                 continue
             started = time.monotonic()
             result = weighted.run_weighted(
@@ -429,6 +431,8 @@ class Bench:
                         with_a(large.p99 if large else None, a.p99 if a else None),
                         "-" if large is None else ms(large.max),
                         "-" if ph.utilisation is None else f"{ph.utilisation:.1%}",
+                        "-" if ph.size_mean_gb is None else f"{ph.size_mean_gb:.2f}",
+                        "-" if ph.held_mean_ms is None else f"{ph.held_mean_ms:.3f}",
                         "-" if ph.redis_us_per_grant is None else f"{ph.redis_us_per_grant:.0f}",
                         "-" if ph.calls_per_grant is None else f"{ph.calls_per_grant:.2f}",
                     ]
@@ -770,7 +774,10 @@ NOTES = [
     "process was running; wait is acquire called -> returned (its multiple of floor A in brackets); the 7-8 GB "
     "columns take the largest requests apart (starvation shows there). Utilisation is the VRAM the clients "
     "held (from acquire returning to release being called) integrated over the window, over capacity x window: "
-    "with zero hold time it is ~0 by construction, and that phase measures throughput. Redis CPU per grant is "
+    "with zero hold time it is ~0 by construction, and that phase measures throughput. It is grants/s x mean "
+    "GB x mean held time / capacity: 'mean GB' is the mean size granted, 'mean held ms' the mean time from "
+    "acquire returning to release being called (the hold asked for, plus the holder's wake-up from its sleep, "
+    "later when other processes keep the CPUs busy). Redis CPU per grant is "
     "redis-server's user+system CPU over the phase (INFO cpu) divided by the grants: what the library costs "
     "the Redis it shares; scripts/grant counts script calls of every kind (FCALL, EVALSHA, EVAL: busy retry "
     "shows there). The npm MultiSemaphore runs with its defaults (a failed try is retried after 10 ms); reslock with its defaults (a JSON state file "

@@ -50,6 +50,10 @@ class Phase:
     wait: Summary | None = None
     wait_large: Summary | None = None
     utilisation: float | None = None
+    #: what makes up the utilisation: the mean size of the grants in the window, and how long they were held
+    #: (acquire returned -> release called: the hold time asked for, plus the holder's wake-up from its sleep)
+    size_mean_gb: float | None = None
+    held_mean_ms: float | None = None
     redis_us_per_grant: float | None = None
     calls_per_grant: float | None = None  # script calls (FCALL/EVALSHA/EVAL) per grant, all clients
     failures: int = 0  # a peer's acquire calls that raised (and were retried)
@@ -216,4 +220,7 @@ def analyze_phase(hold_ms: float, per: list[dict[str, Any]]) -> Phase:
         if end > start:
             held += size * (end - start)
     phase.utilisation = held / (CAPACITY_GB * phase.window_s)
+    if in_window:
+        phase.size_mean_gb = sum(s[0] for s in in_window) / len(in_window)
+        phase.held_mean_ms = 1000 * sum(s[3] - s[2] for s in in_window) / len(in_window)
     return phase
