@@ -81,7 +81,7 @@ def test_busy_idle_touch_are_kept_in_the_lease_record(boss: GPUBoss, backend_url
     assert rec is not None and rec["busy"] is False and lease.is_busy is False
     assert lease.idle_since is not None and rec["idle_since"] == round(lease.idle_since * 1000)
     usage = raw_client(backend_url).hgetall(Keys(namespace).usage)
-    assert usage[f"idle:{lease.id}"] == str(4 * 1024)
+    assert usage[f"idle:{lease.id}"] == f"{4 * 1024} {lease.gpu}"  # its MiB and its GPU: eviction's hint
     before_ms = rec["idle_since"]
     seconds, micros = raw_client(backend_url).time()
     now_ms = seconds * 1000 + micros // 1000
@@ -283,6 +283,54 @@ def test_the_idle_hint_of_a_lease_released_while_idle_is_removed(
     assert hint not in raw_client(backend_url).hgetall(Keys(namespace).usage)
     assert not full.evict_requested and "evict_requested" not in [e.type for e in replay(backend_url, namespace)]
     holder.release(full)
+
+
+def test_an_idle_lease_on_another_gpu_than_the_request_may_use_is_not_searched_for(
+    backend_url: str, namespace: str
+) -> None:
+    """The idle hint names its GPU: a request pinned to another GPU does not read the leases for victims (a
+    record nobody can decode proves it), and one pinned to the idle lease's GPU asks it."""
+    holder, requester = make(backend_url, namespace, TWO, service="alpha"), make(backend_url, namespace, TWO)
+    client, keys = raw_client(backend_url), Keys(namespace)
+    core = requester._core
+    try:
+        busy = holder.acquire(16, device="g0")
+        warm = holder.acquire(16, device="g1")
+        warm.idle()
+        client.hset(keys.leases, "trap", "not a record")  # any scan of the leases fails on it
+        req = core.make_request(8, priority="low", timeout=None, device="g0")
+        assert call_script_sync(client, core.acquire_call("on-g0", req, "g0", "svc"))[0] == 2  # QUEUED
+        assert events_of(backend_url, namespace, "evict_requested") == []
+        assert call_script_sync(client, core.release_call("on-g0"))[0] == 2  # withdrawn
+        client.hdel(keys.leases, "trap")
+        with pytest.raises(LeaseTimeout):  # (nobody hands the idle lease back here: the request times out)
+            requester.acquire(8, priority="low", device="g1", timeout=0.3)
+        asked = [e.lease for e in events_of(backend_url, namespace, "evict_requested")]
+        assert asked == [warm.id], "the idle lease on the request's GPU was not asked (only it)"
+        for lease in (busy, warm):
+            holder.release(lease)
+    finally:
+        requester.close()
+        holder.close()
+
+
+def test_an_idle_hint_without_its_gpu_is_searched_for(backend_url: str, namespace: str) -> None:
+    """An idle hint of an older gpuboss ("<MiB>" alone) cannot tell its GPU: the leases are read, as before."""
+    holder, requester = make(backend_url, namespace, TWO, service="alpha"), make(backend_url, namespace, TWO)
+    client, keys = raw_client(backend_url), Keys(namespace)
+    try:
+        busy = holder.acquire(16, device="g0")
+        warm = holder.acquire(16, device="g1")
+        warm.idle()
+        client.hset(keys.usage, f"idle:{warm.id}", str(16 * 1024))
+        with pytest.raises(LeaseTimeout):
+            requester.acquire(8, priority="low", device="g1", timeout=0.3)
+        assert [e.lease for e in events_of(backend_url, namespace, "evict_requested")] == [warm.id]
+        for lease in (busy, warm):
+            holder.release(lease)
+    finally:
+        requester.close()
+        holder.close()
 
 
 # ---------------------------------------------------------------- keep_warm

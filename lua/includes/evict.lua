@@ -81,9 +81,9 @@ local function try_evict(s, req, now)
   if evictable == 0 then
     return false -- nothing to ask (it does not fit, so no GPU has its whole need free either)
   end
-  if on_gpu and not any_idle then
-    -- Only a GPU with preemptible MiB of a lower rank can be freed, and only when that and its free MiB
-    -- together reach the need: when none can, the leases are not read (nor any other GPU).
+  if on_gpu then
+    -- Only a GPU with idle MiB or preemptible MiB of a lower rank can be freed, and only when that and its
+    -- free MiB together reach the need: when none can, the leases are not read (nor any other GPU).
     local possible = false
     for gpu, mib in pairs(on_gpu) do
       if may_evict_on(s, req, gpu) and free_for(s, gpu, id) + mib >= req.vram_mib then
@@ -95,7 +95,7 @@ local function try_evict(s, req, now)
       return false
     end
   else
-    local best_free = 0 -- (idle leases, or sums the hash cannot place: their MiB may be on any GPU)
+    local best_free = 0 -- (sums the hash cannot place: their MiB may be on any GPU)
     for gpu, cap in pairs(all_gpus(s)) do
       if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
         best_free = math.max(best_free, free_for(s, gpu, id))

@@ -382,10 +382,11 @@ end
 
 -- Sum of preemptible MiB held by ranks below `rank`, plus the MiB of idle leases (usage hash, with the changes
 -- this call has not written yet: USAGE_DELTA), to skip a scan that cannot succeed; whether any
--- `idle:<lease id>` field is there; the lowest rank with preemptible MiB (nil: none); and, per GPU, the
--- preemptible MiB of ranks below `rank` there (`pre:<rank>:<gpu>`), or nil when the hash cannot tell (a
--- `pre:<rank>` field without its GPU, written by an older gpuboss, or a sum below 0). (includes/evict.lua
--- asks before it scans; the full check, with any rank.)
+-- `idle:<lease id>` field is there; the lowest rank with preemptible MiB (nil: none); and, per GPU, the MiB
+-- there that a request of `rank` may ask for: preemptible of a lower rank (`pre:<rank>:<gpu>`) and idle
+-- (`idle:<lease id>` -> "<MiB> <gpu>[,<gpu>...]"), or nil when the hash cannot tell (a `pre:<rank>` field or
+-- an idle hint without its GPU, written by an older gpuboss, or a sum below 0). (includes/evict.lua asks
+-- before it scans; the full check, with any rank.)
 local function preemptible_below(rank)
   local total, idle, lowest, flat = 0, false, nil, redis.call('HGETALL', K_USAGE)
   local on_gpu = {}
@@ -393,39 +394,52 @@ local function preemptible_below(rank)
   for field, delta in pairs(USAGE_DELTA) do
     pending[field] = delta
   end
+  local function place(gpu, value)
+    if gpu == nil or value < 0 then
+      on_gpu = nil -- (where that MiB is cannot be told)
+    elseif on_gpu then
+      on_gpu[gpu] = (on_gpu[gpu] or 0) + value
+    end
+  end
   local function add(field, value)
-    if string.sub(field, 1, 4) == 'pre:' then
-      local r, gpu = string.match(field, '^pre:(%d+):(.+)$')
-      if not r then
-        r = string.match(field, '^pre:(%d+)$') -- (an older gpuboss's sum, without its GPU)
-      end
-      r = tonumber(r)
-      if r == nil then
-        return
-      end
-      if r < rank then
-        total = total + value
-        if gpu == nil or value < 0 then
-          on_gpu = nil -- (where that MiB is cannot be told)
-        elseif on_gpu then
-          on_gpu[gpu] = (on_gpu[gpu] or 0) + value
-        end
-      end
-      if value > 0 and (lowest == nil or r < lowest) then
-        lowest = r
-      end
-    elseif string.sub(field, 1, 5) == 'idle:' then
+    local r, gpu = string.match(field, '^pre:(%d+):(.+)$')
+    if not r then
+      r = string.match(field, '^pre:(%d+)$') -- (an older gpuboss's sum, without its GPU)
+    end
+    r = tonumber(r)
+    if r == nil then
+      return
+    end
+    if r < rank then
       total = total + value
-      idle = true
+      place(gpu, value)
+    end
+    if value > 0 and (lowest == nil or r < lowest) then
+      lowest = r
     end
   end
   for i = 1, #flat, 2 do
     local field = flat[i]
-    add(field, tonumber(flat[i + 1]) + (pending[field] or 0))
-    pending[field] = nil
+    if string.sub(field, 1, 5) == 'idle:' then
+      local mib, gpus = string.match(flat[i + 1], '^(%d+) ?(.*)$')
+      mib = tonumber(mib) or 0
+      idle = true
+      if gpus == nil or gpus == '' then
+        total = total + mib
+        place(nil, mib)
+      else
+        for gpu in string.gmatch(gpus, '[^,]+') do -- (a lease over several GPUs: the same MiB on each)
+          total = total + mib
+          place(gpu, mib)
+        end
+      end
+    elseif string.sub(field, 1, 4) == 'pre:' then
+      add(field, tonumber(flat[i + 1]) + (pending[field] or 0))
+      pending[field] = nil
+    end
   end
   for field, delta in pairs(pending) do
-    if delta ~= 0 then
+    if delta ~= 0 and string.sub(field, 1, 4) == 'pre:' then
       add(field, delta)
     end
   end
