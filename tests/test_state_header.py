@@ -223,6 +223,33 @@ def test_a_try_that_does_not_fit_notes_no_blocked_head(boss: GPUBoss, backend_ur
         release_by_script(client, boss, rid)
 
 
+def test_a_blocked_head_with_victims_only_on_other_gpus_is_not_read_again(
+    boss: GPUBoss, backend_url: str, namespace: str
+) -> None:
+    """A blocked head whose GPU holds nothing it could ask to checkpoint stays noted while a lower preemptible
+    lease sits on another GPU: later calls do not read its record (a record nobody can decode proves it)."""
+    client, keys = raw_client(backend_url), Keys(namespace)
+    full_check_now(client, keys, boss)  # (the next full check, which reads the head again, is ~1 s away)
+    low = boss.acquire(vram_gb=8, priority="low", device="g1", timeout=0)
+    assert low.preemptible
+    dead_holder_lease(client, boss, "big", 6, 30, "g0")
+    dead_holder_lease(client, boss, "small", 1, 30, "g0")  # g0: 1 GB free
+    queue_pinned(client, boss, "x", 4, "g0")
+    assert release_by_script(client, boss, "small") == 1  # 2 GB free: x still does not fit, and is noted
+    assert client.hget(keys.head, "blocked") == "x"
+    ticket = client.hget(keys.tickets, "x")
+    client.hset(keys.tickets, "x", "not a record")
+    core = boss._core
+    try:
+        reply = call_script_sync(client, core.acquire_call("c", core.make_request(1, timeout=0), "g0", "svc"))
+        assert reply[0] == 0, reply  # BUSY: behind x, and x was not read
+    finally:
+        client.hset(keys.tickets, "x", str(ticket))
+    for rid in ("x", "big"):
+        release_by_script(client, boss, rid)
+    boss.release(low)
+
+
 def test_a_preemptible_lease_of_a_lower_rank_lowers_the_evict_rank_at_once(
     boss: GPUBoss, backend_url: str, namespace: str
 ) -> None:

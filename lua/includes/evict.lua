@@ -64,6 +64,34 @@ local function may_evict_on(s, req, gpu)
     and not (hold and hold.id ~= req.id) and on_node(s, gpu, req.node)
 end
 
+-- Whether victims might be found for request `req` (its vram_mib, rank, pin, node and id) without reading
+-- the leases, and whether any idle hint is there: false when the header or the usage hash tells that no GPU
+-- it may use has enough idle MiB, or preemptible MiB of a lower rank, with its free MiB to make room.
+local function room_to_make(s, req)
+  if header_says_nobody(s, req.rank) then
+    return false, false -- no idle lease, and no preemptible one of a lower rank (the state header)
+  end
+  local evictable, any_idle, _, on_gpu = preemptible_below(req.rank)
+  if evictable == 0 then
+    return false, any_idle -- nothing to ask (it does not fit, so no GPU has its whole need free either)
+  end
+  if on_gpu then -- (per GPU: the leases are not read, nor any GPU without such MiB)
+    for gpu, mib in pairs(on_gpu) do
+      if may_evict_on(s, req, gpu) and free_for(s, gpu, req.id) + mib >= req.vram_mib then
+        return true, any_idle
+      end
+    end
+    return false, any_idle
+  end
+  local best_free = 0 -- (sums the hash cannot place: their MiB may be on any GPU)
+  for gpu, cap in pairs(all_gpus(s)) do
+    if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
+      best_free = math.max(best_free, free_for(s, gpu, req.id))
+    end
+  end
+  return evictable + best_free >= req.vram_mib, any_idle
+end
+
 local function try_evict(s, req, now)
   local id = req.id
   for _, hold in pairs(s.holds) do
@@ -74,36 +102,9 @@ local function try_evict(s, req, now)
   if req.grow_of or (tonumber(req.count) or 1) > 1 then
     return false -- (a request for several GPUs waits; it does not evict)
   end
-  if header_says_nobody(s, req.rank) then
-    return false -- no idle lease, and no preemptible one of a lower rank (the state header): nobody to ask
-  end
-  local evictable, any_idle, _, on_gpu = preemptible_below(req.rank)
-  if evictable == 0 then
-    return false -- nothing to ask (it does not fit, so no GPU has its whole need free either)
-  end
-  if on_gpu then
-    -- Only a GPU with idle MiB or preemptible MiB of a lower rank can be freed, and only when that and its
-    -- free MiB together reach the need: when none can, the leases are not read (nor any other GPU).
-    local possible = false
-    for gpu, mib in pairs(on_gpu) do
-      if may_evict_on(s, req, gpu) and free_for(s, gpu, id) + mib >= req.vram_mib then
-        possible = true
-        break
-      end
-    end
-    if not possible then
-      return false
-    end
-  else
-    local best_free = 0 -- (sums the hash cannot place: their MiB may be on any GPU)
-    for gpu, cap in pairs(all_gpus(s)) do
-      if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
-        best_free = math.max(best_free, free_for(s, gpu, id))
-      end
-    end
-    if evictable + best_free < req.vram_mib then
-      return false
-    end
+  local possible, any_idle = room_to_make(s, req)
+  if not possible then
+    return false
   end
   local idle_seen = {}
   local by_gpu = {}

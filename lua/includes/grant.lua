@@ -170,8 +170,9 @@ end
 
 -- Whether the queue's head, found blocked by an earlier call (the header's `blocked`), still does not fit and
 -- has nobody to ask to checkpoint: told from the placement index (an entry is the most a request may take on
--- its GPU; holds and offline GPUs only take more) and the header, without its record. False when that cannot
--- be told so cheaply: the caller then examines the head as usual.
+-- its GPU; holds and offline GPUs only take more), and from the header or the usage hash (no GPU it may use
+-- can be freed enough: includes/evict.lua room_to_make), without its record. False when that cannot be told
+-- so cheaply: the caller then examines the head as usual.
 local function head_still_blocked(s)
   local need, rank, node, pin = string.match(s.blocked_need or '', '^(%d+) (%-?%d+) (%S+) (.*)$')
   if not need then
@@ -186,7 +187,9 @@ local function head_still_blocked(s)
   elseif node ~= 'any' or #free_batch(s, need, 0) > 0 then
     return false
   end
-  return nobody_to_evict(s, tonumber(rank))
+  rank = tonumber(rank)
+  return header_says_nobody(s, rank) -- (the header alone, before a request table is made for the rest)
+    or not room_to_make(s, {id = BLOCKED_ID, vram_mib = need, rank = rank, pin = pin, node = node})
 end
 
 -- Note the queue's head as blocked in the header, as the call returns (a single-GPU request of strict

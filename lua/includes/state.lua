@@ -322,7 +322,7 @@ end
     evict_rank
               the lowest rank a preemptible lease may have ('-1' when an idle lease may exist: those are
               candidates for any rank): a request of that rank or lower has nobody to ask to checkpoint, told
-              without reading the usage hash (nobody_to_evict). Set by the full check, lowered by every grant of a
+              without reading the usage hash (includes/evict.lua room_to_make). Set by the full check, lowered by every grant of a
               preemptible lease of a lower rank and by every lease marked idle; never raised in between.
     blocked, blocked_need
               the queue's head when a call last found that it does not fit (strict queueing), and what it
@@ -451,11 +451,6 @@ end
 local function header_says_nobody(s, rank)
   local lowest = tonumber(s.flags.evict_rank)
   return s.flags.evictable == '0' or (lowest ~= nil and rank <= lowest)
-end
-
--- True when a request of `rank` has nobody to ask to checkpoint: the header tells, else the usage hash does.
-local function nobody_to_evict(s, rank)
-  return header_says_nobody(s, rank) or preemptible_below(rank) == 0
 end
 
 -- Request `id` leaves the queue: when it is the header's blocked head, that goes at once (a later request of
