@@ -109,7 +109,8 @@ if op == 'busy' then
 elseif op == 'idle' then
   rec.busy = false
   rec.idle_since = now
-  redis.call('HSET', K_USAGE, 'idle:' .. id, int(rec.per_gpu_mib or rec.vram_mib) .. ' ' .. table.concat(rec.gpus or {rec.gpu}, ','))
+  local hint = int(rec.per_gpu_mib or rec.vram_mib) .. ' ' .. table.concat(rec.gpus or {rec.gpu}, ',')
+  redis.call('HSET', K_USAGE, 'idle:' .. id, hint) -- (its MiB and GPU: includes/state.lua preemptible_below)
   note_evictable(s, -1) -- (an idle lease is a candidate for a request of any rank)
 elseif rec.busy == false then -- touch: still wanted; the idle timeout starts again
   rec.idle_since = now

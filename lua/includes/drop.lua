@@ -24,10 +24,11 @@ end
 
 --[[
   The usage hash: `class:<priority>` and `svc:<service>` count active leases, `svcmib:<service>` sums their
-  MiB, `pre:<rank>:<gpu>` sums the MiB that preemptible ones of that rank hold on that GPU. count_lease adds (delta 1) or removes (-1) a lease;
-  count_mib changes a lease's size by `mib`. A call collects these changes in USAGE_DELTA (includes/state.lua:
-  usage_of and active_of count them) and flush_usage writes them once, when the script returns: a release
-  that grants the waiting head changes nothing there, and one that frees a lease writes its fields at once.
+  MiB, `pre:<rank>:<gpu>` sums the MiB that preemptible ones of that rank hold on that GPU. count_lease adds
+  (delta 1) or removes (-1) a lease; count_mib changes a lease's size by `mib`. A call collects these
+  changes in USAGE_DELTA (includes/state.lua: usage_of and active_of count them) and flush_usage writes them
+  once, when the script returns: a release that grants the waiting head changes nothing there, and one that
+  frees a lease writes its fields at once.
   A field that comes to 0 is deleted (no field kept per service ever seen).
 ]]
 local function bump(field, delta)

@@ -316,14 +316,15 @@ end
               '0' when that hash was empty at the last full check and nothing was added since: a call then
               does not read it (nor, per GPU, the offline mark and the reading). A script that adds to one
               sets its flag to '1' (head_flag).
-    evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>:<gpu>`) and no idle lease (`idle:<id>`)
-              and none was granted or marked since: a request that does not fit asks nobody to checkpoint
-              without reading that hash (includes/evict.lua try_evict).
+    evictable '0' when the usage hash counts no preemptible MiB (`pre:<rank>:<gpu>`) and no idle lease
+              (`idle:<id>`) and none was granted or marked since: a request that does not fit asks nobody to
+              checkpoint without reading that hash (includes/evict.lua room_to_make).
     evict_rank
               the lowest rank a preemptible lease may have ('-1' when an idle lease may exist: those are
               candidates for any rank): a request of that rank or lower has nobody to ask to checkpoint, told
-              without reading the usage hash (includes/evict.lua room_to_make). Set by the full check, lowered by every grant of a
-              preemptible lease of a lower rank and by every lease marked idle; never raised in between.
+              without reading the usage hash (includes/evict.lua room_to_make). Set by the full check, lowered
+              by every grant of a preemptible lease of a lower rank and by every lease marked idle; never
+              raised in between.
     blocked, blocked_need
               the queue's head when a call last found that it does not fit (strict queueing), and what it
               needs: "<MiB> <rank> <node> <pinned GPU>". While it stays at the head, the next calls tell
