@@ -16,8 +16,13 @@ by less than 0.5% between runs (a slower run makes a few more of the scripts' on
 lua/includes/state.lua). It needs ``valgrind`` on PATH; ``--server`` picks the binary (a build with
 symbols lets ``callgrind_annotate`` name the functions in the profiles it keeps with ``--keep``).
 
+With ``--leases L``, a third GPU holds L live preemptible leases (of the waiter's own priority: not
+candidates for it) while a lower preemptible lease holds the second: the waiter's eviction check must not
+read them (the counts stay flat as L grows).
+
     python -m bench.instructions                 # W=10, 200 cycles of each
     python -m bench.instructions --waiting 1000 --cycles 100 --keep /tmp/profiles
+    python -m bench.instructions --leases 1000
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from gpuboss.core import Reply
 from gpuboss.server import find_redis_server
 
-from bench.scaling import Level, gpu
+from bench.scaling import GPU_GB, PARK_TTL_S, Level, gpu, new_id
 
 TOTALS_RE = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
 
@@ -88,12 +94,27 @@ class Callgrind:
         self.process.wait(timeout=30)
 
 
+def add_leases(level: Level, count: int) -> None:
+    """``count`` preemptible leases of normal priority (the waiter's: not candidates for it) filling gpu2."""
+    if count <= 0:
+        return
+    core = level.core
+    req = core.make_request(
+        (GPU_GB - 1) / count, priority="normal", timeout=0, ttl=PARK_TTL_S, device="gpu2", preemptible=True
+    )
+    calls = [core.acquire_call(new_id(), req, "gpu2", "bench-leases") for _ in range(count)]
+    granted = sum(1 for r in level.s.pipelined(calls) if int(r[0]) == Reply.GRANTED)
+    if granted != count:
+        raise RuntimeError(f"granted {granted} of {count} leases on gpu2")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="redis-server binary (default: the one gpuboss finds)")
     parser.add_argument("--waiting", type=int, default=10, metavar="W", help="requests queued behind a full GPU")
     parser.add_argument("--cycles", type=int, default=200, metavar="N", help="cycles of each kind")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the callgrind profiles in DIR")
+    parser.add_argument("--leases", type=int, default=0, metavar="L", help="live leases on a third GPU")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is not on PATH: nothing measured", file=sys.stderr)
@@ -101,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="gpuboss-ir-"))
     server = Callgrind(args.server or find_redis_server(), folder)
     try:
-        level = Level(f"{args.waiting} waiting", args.waiting, [gpu(0), gpu(1)], server.url, pin="gpu0")
+        gpus = [gpu(0), gpu(1), gpu(2)] if args.leases else [gpu(0), gpu(1)]
+        level = Level(f"{args.waiting} waiting", args.waiting, gpus, server.url, pin="gpu0")
         try:
             level.boss.close()  # (its heartbeats would run script calls in between; closing twice is safe)
+            add_leases(level, args.leases)
             level.sample_fit(10)
             level.sample_handoff(10)
             fit = server.measure(lambda: level.sample_fit(args.cycles), "fit")
@@ -112,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             level.close()
     finally:
         server.stop()
-    print(f"redis-server instructions per cycle, {args.waiting:,} waiting, {args.cycles} cycles each ({os.getcwd()}):")
+    leases = f", {args.leases:,} leases on gpu2" if args.leases else ""
+    print(
+        f"redis-server instructions per cycle, {args.waiting:,} waiting{leases}, {args.cycles} cycles each "
+        f"({os.getcwd()}):"
+    )
     print(f"  fit      {fit / args.cycles / 1000:9.1f} k   acquire granted at once, its release")
     print(
         f"  handoff  {handoff / args.cycles / 1000:9.1f} k   holder's acquire, waiter's (queued), release granting it,"
