@@ -83,9 +83,9 @@ local function room_to_make(s, req)
     end
     return false, any_idle
   end
-  local best_free = 0 -- (sums the hash cannot place: their MiB may be on any GPU)
-  for gpu, cap in pairs(all_gpus(s)) do
-    if not s.off[gpu] and cap >= req.vram_mib and on_node(s, gpu, req.node) then
+  local best_free = 0 -- (sums the hash cannot place: their MiB may be on any GPU it may use)
+  for gpu in pairs(all_gpus(s)) do
+    if may_evict_on(s, req, gpu) then
       best_free = math.max(best_free, free_for(s, gpu, req.id))
     end
   end

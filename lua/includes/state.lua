@@ -440,8 +440,8 @@ local function preemptible_below(rank)
     end
   end
   for field, delta in pairs(pending) do
-    if delta ~= 0 and string.sub(field, 1, 4) == 'pre:' then
-      add(field, delta)
+    if delta ~= 0 then
+      add(field, delta) -- (fields other than `pre:` are passed over there)
     end
   end
   return total, idle, lowest, on_gpu
