@@ -8,7 +8,7 @@
   release_hold(s, id, now, why) -> releases the reservation held for request `id`, if any: victims still
     evicting for it go back to active, get an `evict_cancelled` event and a `continue` notice.
   collect_expired(s, now, out) -> leases, requests: removes leases and queued requests whose TTL has run
-    out (at most COLLECT_LIMIT of each), emitting `expired` for each; with a table `out`, their records
+    out (at most COLLECT_LIMIT_ARG of each), emitting `expired` for each; with a table `out`, their records
     (JSON) are appended to out.leases and out.requests. Then enforces eviction grace (enforce_holds).
 
   Needs the emit include above it.
@@ -200,7 +200,7 @@ local function collect_expired(s, now, out)
   local leases, requests = 0, 0
   local ids = {}
   if s.check and redis.call('ZCOUNT', K_LEASE_EXP, '-inf', int(now)) > 0 then -- (a count is cheaper than an empty range)
-    ids = redis.call('ZRANGEBYSCORE', K_LEASE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
+    ids = redis.call('ZRANGEBYSCORE', K_LEASE_EXP, '-inf', int(now), 'LIMIT', '0', COLLECT_LIMIT_ARG)
   end
   for _, id in ipairs(ids) do
     local rec, raw = drop_lease(s, id)
@@ -217,7 +217,7 @@ local function collect_expired(s, now, out)
   end
   ids = {}
   if s.check and redis.call('ZCOUNT', K_QUEUE_EXP, '-inf', int(now)) > 0 then
-    ids = redis.call('ZRANGEBYSCORE', K_QUEUE_EXP, '-inf', int(now), 'LIMIT', 0, COLLECT_LIMIT)
+    ids = redis.call('ZRANGEBYSCORE', K_QUEUE_EXP, '-inf', int(now), 'LIMIT', '0', COLLECT_LIMIT_ARG)
   end
   for _, id in ipairs(ids) do
     local raw = redis.call('HGET', K_TICKETS, id)

@@ -17,6 +17,7 @@
 --- @per-call begin
 local K_EVENTS, K_EVENT_LOG = KEYS[#KEYS - 1], KEYS[#KEYS]
 local EVENT_LOG_CAP = tonumber(ARGV[#ARGV]) or 0
+local EVENT_LOG_CAP_ARG = ARGV[#ARGV]
 --- @per-call end
 local EVENT_VERSION = 1
 
@@ -26,7 +27,7 @@ local function emit(kind, now, ev)
   ev.time = now
   local json = cjson.encode(ev)
   if EVENT_LOG_CAP > 0 then
-    local id = redis.call('XADD', K_EVENT_LOG, 'MAXLEN', '~', EVENT_LOG_CAP, '*', 'event', json)
+    local id = redis.call('XADD', K_EVENT_LOG, 'MAXLEN', '~', EVENT_LOG_CAP_ARG, '*', 'event', json)
     json = '{"id":"' .. id .. '",' .. string.sub(json, 2)
   end
   redis.call('PUBLISH', K_EVENTS, json)

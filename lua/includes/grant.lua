@@ -118,7 +118,7 @@ local function age_queue(s, now)
   for i = 1, #ranks - 1 do
     local band = RANK_BASE - ranks[i]
     local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, int(band * SEQ_SPAN), '(' .. int((band + 1) * SEQ_SPAN),
-      'LIMIT', 0, AGING_PEEK)
+      'LIMIT', '0', AGING_PEEK)
     for _, id in ipairs(ids) do
       local raw = redis.call('HGET', K_TICKETS, id)
       if raw then
@@ -211,12 +211,14 @@ local function grant_waiting(s, now)
   -- The header's blocked-head note is used and written only for the head of strict queueing without policy
   -- holds (head_still_blocked, remember_blocked).
   local noting = not backfill and not s.policy.holds_back
-  -- Entries in the queue: the loop only removes entries (counted off as it does), so it reads no entry past
-  -- the last one (a count is cheaper than an empty range).
-  local left = redis.call('ZCARD', K_QUEUE)
-  while skip < left do
-    local head = redis.call('ZRANGE', K_QUEUE, skip, skip)[1]
+  -- No count first: the entry at `skip` is read until there is none (a blocked head costs one read then, and
+  -- serving the queue to its end one read more than a count would, which it saves: never more in all).
+  local empty = false
+  while true do
+    local at = skip == 0 and '0' or skip
+    local head = redis.call('ZRANGE', K_QUEUE, at, at)[1]
     if not head then
+      empty = skip == 0
       break
     end
     if noting and skip == 0 and head == BLOCKED_ID and head_still_blocked(s) then
@@ -225,19 +227,16 @@ local function grant_waiting(s, now)
     local raw = redis.call('HGET', K_TICKETS, head)
     if not raw then
       drop_request(head) -- a queue entry without its record: repair, never block on it
-      left = left - 1
     else
       local req = cjson.decode(raw)
       if held_back(s, req.priority, req.service, req.vram_mib) ~= '' then
         skip = skip + 1
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone
-        left = left - 1
       else
         local gpu = place_req(s, req, head, avoid)
         if gpu then
           drop_request(head)
-          left = left - 1
           local lease = grant(s, head, req, gpu, now)
           local wake = WAKE_PREFIX .. head
           redis.call('RPUSH', wake, lease)
@@ -267,7 +266,7 @@ local function grant_waiting(s, now)
       end
     end
   end
-  s.queue_empty = left == 0 -- (first_waiting_rank needs no read then)
+  s.queue_empty = empty -- (first_waiting_rank needs no read then)
   return granted
 end
 

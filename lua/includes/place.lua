@@ -51,6 +51,7 @@ end
   those are weighed apart (there are few).
 ]]
 local PLACE_BATCH = 4
+local PLACE_BATCH_ARG = '4' -- (PLACE_BATCH as redis.call takes it: see int() in includes/state.lua)
 
 -- Walk index entries ({gpu, indexed free MiB}, fewest first) that `read(offset)` returns a batch at a time
 -- (with whether the batch was full), keeping the best fit; it ends at the first entry that cannot beat it.
@@ -86,7 +87,8 @@ local function free_batch(s, need, offset)
   if offset == 0 and first and first.need == need then
     return first.out, first.full
   end
-  local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', offset, PLACE_BATCH)
+  local from = offset == 0 and '0' or offset
+  local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', from, PLACE_BATCH_ARG)
   local out = {}
   for i = 1, #flat, 2 do
     local gpu, free = flat[i], tonumber(flat[i + 1])
@@ -111,7 +113,8 @@ end
 local function host_batches(host, need)
   local from, to = host_range(host, need)
   return function(offset)
-    local members = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset, PLACE_BATCH)
+    local members = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset == 0 and '0' or offset,
+      PLACE_BATCH_ARG)
     local out = {}
     for _, member in ipairs(members) do
       local mib, gpu = string.match(member, ' (%d+) (.*)$', #host + 1)

@@ -51,13 +51,16 @@ local BLOCKED_STORED, BLOCKED_ID, BLOCKED_NEXT = false, false, nil
 -- Queue score = (RANK_BASE - rank) * SEQ_SPAN + seq: higher rank first, then arrival order.
 local RANK_BASE = 1000
 local SEQ_SPAN = 1099511627776 -- 2^40
--- Expired entries collected by one call; the rest go to the next call (bounded work per script).
-local COLLECT_LIMIT = 64
+-- Expired entries collected by one call; the rest go to the next call (bounded work per script). A string, as
+-- redis.call takes it (see int() below).
+local COLLECT_LIMIT_ARG = '64'
 -- The longest the scripts go without a full check (see the state header below), ms.
 local CHECK_EVERY_MS = 1000
 
 -- Numbers handed to redis.call are formatted by hand: Lua's default "%.14g" would round big integers. An
 -- integer (every number the scripts pass) is formatted as one ('%d': 64-bit), far cheaper than '%.0f'.
+-- (redis.call formats a number argument itself, exactly but with glibc's float formatting: ~2k instructions
+-- each; constants are therefore passed as strings, which cost nothing there.)
 local function int(x)
   if x % 1 == 0 and x > -9e15 and x < 9e15 then
     return string.format('%d', x)
@@ -253,7 +256,7 @@ local function index_gpu(s, gpu)
     redis.call('ZREM', K_FREE_HOST, host_member(host, old, gpu))
   end
   redis.call('ZADD', K_FREE, int(free), gpu)
-  redis.call('ZADD', K_FREE_HOST, 0, host_member(host, free, gpu))
+  redis.call('ZADD', K_FREE_HOST, '0', host_member(host, free, gpu))
 end
 
 -- Every GPU's numbers, read at once (s.cap then lists every registered GPU); returns s.cap.
@@ -476,14 +479,14 @@ local function full_check(s, now)
     rebuild_index(s)
   elseif redis.call('ZCARD', K_OBSERVED_EXP) > 0 then
     -- Readings gone stale since the last call: their GPUs are indexed without them now.
-    for _, gpu in ipairs(redis.call('ZRANGEBYSCORE', K_OBSERVED_EXP, '-inf', '(' .. int(now), 'LIMIT', 0, COLLECT_LIMIT)) do
+    for _, gpu in ipairs(redis.call('ZRANGEBYSCORE', K_OBSERVED_EXP, '-inf', '(' .. int(now), 'LIMIT', '0', COLLECT_LIMIT_ARG)) do
       redis.call('ZREM', K_OBSERVED_EXP, gpu)
       index_gpu(s, gpu)
     end
   end
   local due = now + CHECK_EVERY_MS
   for _, key in ipairs({K_LEASE_EXP, K_QUEUE_EXP, K_OBSERVED_EXP}) do
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
+    local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')[2]
     if first then
       due = math.min(due, tonumber(first))
     end
@@ -634,7 +637,7 @@ end
 local function next_expiry(now)
   local best = -1
   for _, key in ipairs({K_LEASE_EXP, K_QUEUE_EXP}) do
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     if first[2] then
       local left = math.max(0, tonumber(first[2]) - now)
       if best < 0 or left < best then
