@@ -48,6 +48,8 @@ from gpuboss.redis_io import (
     call_script_sync,
     connect_async,
     connect_sync,
+    direct_command,
+    direct_command_async,
     retry_async,
     retry_sync,
 )
@@ -388,7 +390,9 @@ class SyncLink:
         client = self.real
         if isinstance(op, Pop):
             try:
-                popped = client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
+                popped = direct_command(client, ("BLPOP", op.key, max(op.timeout, MIN_POP_S)))
+                if popped is NotImplemented:
+                    popped = client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
             except TRANSIENT:
                 return None  # the flow looks again through a retried call
             return None if popped is None else popped[1]
@@ -484,7 +488,9 @@ class AsyncLink:
         client = self.real
         if isinstance(op, Pop):
             try:
-                popped = await client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
+                popped = await direct_command_async(client, ("BLPOP", op.key, max(op.timeout, MIN_POP_S)))
+                if popped is NotImplemented:
+                    popped = await client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
             except TRANSIENT:
                 return None
             return None if popped is None else popped[1]
