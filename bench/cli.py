@@ -247,6 +247,7 @@ class Bench:
             try:
                 fa = samplers["floor"] = floor.SyncFloor(self.url)
                 fa_async = samplers["floor async"] = floor.AsyncFloor(self.url, runner)
+                fa_direct = samplers["floor direct"] = floor.SyncFloor(self.url, direct=True)
                 fa_tcp = None
                 if self.server.tcp_url is not None:
                     fa_tcp = samplers["floor tcp"] = floor.SyncFloor(self.server.tcp_url)
@@ -269,6 +270,7 @@ class Bench:
         floors = [
             Row("A: EVALSHA `return 1`, sync client", self.floor_a),
             Row("A: EVALSHA `return 1`, asyncio client", fas),
+            Row("A: EVALSHA `return 1`, sync, sent as gpuboss sends its calls", summarize(fa_direct.samples)),
         ]
         if fa_tcp is not None:
             floors.append(Row("A: EVALSHA `return 1`, sync, TCP loopback", summarize(fa_tcp.samples)))
@@ -734,7 +736,12 @@ def optional_row(name: str) -> bool:
 
 NOTES = [
     "Floor A is one round trip of the cheapest script call (an EVALSHA of `return 1`, however gpuboss's own "
-    "scripts are called) from the same kind of client gpuboss uses (redis-py with hiredis, decoded replies). Every latency row gives its p50 and p99 as a multiple of floor A "
+    "scripts are called) from the same kind of client gpuboss uses (redis-py with hiredis, decoded replies), sent by "
+    "redis-py's own evalsha. The row 'sent as gpuboss sends its calls' is the same call on gpuboss's direct path "
+    "(packed by hiredis, on a connection the client keeps out of its pool, without redis-py's per-command layers), "
+    "which gpuboss's script calls and its waiters' BLPOPs take: the difference between the two rows is what "
+    "those layers cost per command, and the ratios to floor A (and to floor B, whose token processes call "
+    "redis-py's blpop and rpush) include it. Every latency row gives its p50 and p99 as a multiple of floor A "
     "('x A'; the asyncio rows too, against the sync floor A); 'vs' names a second reference where one applies. "
     "Without a waiter, acquire() and release() are one script call each, so acquire() + release() is compared "
     "with two round trips ('2A'); the 'bare scripts' rows are those same calls sent from a plain client, which "

@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import redis.asyncio
+from gpuboss.redis_io import direct_command
 
 from bench.env import SOCKET_TIMEOUT_S, connect
 
@@ -18,17 +19,30 @@ WARMUP = 200
 
 
 class SyncFloor:
-    """``EVALSHA <return 1> 0`` from a sync client (hiredis, decoded replies), as gpuboss connects."""
+    """``EVALSHA <return 1> 0`` from a sync client (hiredis, decoded replies), as gpuboss connects: by redis-py's
+    own ``evalsha``, or with ``direct`` as gpuboss sends its own script calls and BLPOPs
+    (:func:`gpuboss.redis_io.direct_command`: packed by hiredis and sent on a connection the client keeps, without
+    redis-py's per-command layers and pool)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, direct: bool = False) -> None:
         self.client = connect(url)
         self.sha: str = self.client.script_load(TRIVIAL)
+        self.direct = direct
         self.samples: list[float] = []
-        for _ in range(WARMUP):
-            self.client.evalsha(self.sha, 0)
+        self.sample(WARMUP)
+        self.samples.clear()
 
     def sample(self, n: int) -> None:
         client, sha, out, mono = self.client, self.sha, self.samples, time.monotonic
+        if self.direct:
+            command = ("EVALSHA", sha, 0)
+            for _ in range(n):
+                t0 = mono()
+                reply = direct_command(client, command)
+                out.append(mono() - t0)
+                if reply != 1:
+                    raise RuntimeError(f"the direct path did not answer the call: {reply!r}")
+            return
         for _ in range(n):
             t0 = mono()
             client.evalsha(sha, 0)
