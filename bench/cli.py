@@ -247,7 +247,7 @@ class Bench:
             try:
                 fa = samplers["floor"] = floor.SyncFloor(self.url)
                 fa_async = samplers["floor async"] = floor.AsyncFloor(self.url, runner)
-                fa_direct = samplers["floor direct"] = floor.SyncFloor(self.url, direct=True)
+                fa_redis_py = samplers["redis-py evalsha"] = floor.SyncFloor(self.url, direct=False)
                 fa_tcp = None
                 if self.server.tcp_url is not None:
                     fa_tcp = samplers["floor tcp"] = floor.SyncFloor(self.server.tcp_url)
@@ -270,7 +270,7 @@ class Bench:
         floors = [
             Row("A: EVALSHA `return 1`, sync client", self.floor_a),
             Row("A: EVALSHA `return 1`, asyncio client", fas),
-            Row("A: EVALSHA `return 1`, sync, sent as gpuboss sends its calls", summarize(fa_direct.samples)),
+            Row("EVALSHA `return 1`, sync, by redis-py's evalsha (not a floor)", summarize(fa_redis_py.samples)),
         ]
         if fa_tcp is not None:
             floors.append(Row("A: EVALSHA `return 1`, sync, TCP loopback", summarize(fa_tcp.samples)))
@@ -736,12 +736,13 @@ def optional_row(name: str) -> bool:
 
 NOTES = [
     "Floor A is one round trip of the cheapest script call (an EVALSHA of `return 1`, however gpuboss's own "
-    "scripts are called) from the same kind of client gpuboss uses (redis-py with hiredis, decoded replies), sent by "
-    "redis-py's own evalsha. The row 'sent as gpuboss sends its calls' is the same call on gpuboss's direct path "
-    "(packed by hiredis, on a connection the client keeps out of its pool, without redis-py's per-command layers), "
-    "which gpuboss's script calls and its waiters' BLPOPs take: the difference between the two rows is what "
-    "those layers cost per command, and the ratios to floor A (and to floor B, whose token processes call "
-    "redis-py's blpop and rpush) include it. Every latency row gives its p50 and p99 as a multiple of floor A "
+    "scripts are called) from the same kind of client gpuboss uses (redis-py with hiredis, decoded replies), sent "
+    "the way gpuboss sends its own script calls and its waiters' BLPOPs: packed by hiredis, on a connection the "
+    "client keeps out of its pool, without redis-py's per-command layers (gpuboss.redis_io.direct_command). The "
+    "row 'by redis-py's evalsha' is the same call through redis-py's own command path, what a plain redis-py "
+    "program pays, for reference; the difference between the two is what those layers cost per command. Pages "
+    "made up to commit 70a4cef took floors A and B through redis-py's own commands: their ratios are not "
+    "comparable with these. Every latency row gives its p50 and p99 as a multiple of floor A "
     "('x A'; the asyncio rows too, against the sync floor A); 'vs' names a second reference where one applies. "
     "Without a waiter, acquire() and release() are one script call each, so acquire() + release() is compared "
     "with two round trips ('2A'); the 'bare scripts' rows are those same calls sent from a plain client, which "
@@ -751,7 +752,7 @@ NOTES = [
     "next to what it is compared with: interleaved with the one-process rows, and again inside the scaling "
     "rounds, which those rows are compared with.",
     "Floor B is the push-based exclusive floor: a token taken by BLPOP and given back by RPUSH by N "
-    "processes. 'from RPUSH returned' is the handoff as issue 9 defines it: from the RPUSH returning in the "
+    "processes (sent the same direct way as floor A). 'from RPUSH returned' is the handoff as issue 9 defines it: from the RPUSH returning in the "
     "giver to the BLPOP returning in the next taker. Redis answers the giver and wakes the taker in the same "
     "event-loop turn, so it measures which of two runnable processes the kernel runs first, and is often "
     "near 0 or negative (no ratio is given against a floor below 0.01 ms, nor for a negative value). 'from RPUSH "

@@ -1,7 +1,10 @@
-"""Floor A: one round trip of a trivial EVALSHA (``return 1``), the least any script call can cost.
+"""Floor A: one round trip of a trivial EVALSHA (``return 1``), the least any script call can cost: sent the way
+gpuboss sends its own calls (:func:`gpuboss.redis_io.direct_command`: packed by hiredis, on a connection the client
+keeps out of its pool, without redis-py's per-command layers). With ``direct=False`` the same call goes through
+redis-py's own ``evalsha``: what a plain redis-py program pays, for reference (not a floor).
 
-Floor B (the push-based exclusive floor: a token handed over by BLPOP/RPUSH between processes) runs
-through :func:`bench.handoff.run_contention` with the ``token`` worker.
+Floor B (the push-based exclusive floor: a token handed over by BLPOP/RPUSH between processes, sent the same
+direct way) runs through :func:`bench.handoff.run_contention` with the ``token`` worker.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import time
 
 import redis.asyncio
-from gpuboss.redis_io import direct_command
+from gpuboss.redis_io import direct_command, direct_command_async
 
 from bench.env import SOCKET_TIMEOUT_S, connect
 
@@ -19,12 +22,10 @@ WARMUP = 200
 
 
 class SyncFloor:
-    """``EVALSHA <return 1> 0`` from a sync client (hiredis, decoded replies), as gpuboss connects: by redis-py's
-    own ``evalsha``, or with ``direct`` as gpuboss sends its own script calls and BLPOPs
-    (:func:`gpuboss.redis_io.direct_command`: packed by hiredis and sent on a connection the client keeps, without
-    redis-py's per-command layers and pool)."""
+    """``EVALSHA <return 1> 0`` from a sync client (hiredis, decoded replies), as gpuboss connects and sends its
+    calls; with ``direct=False``, by redis-py's own ``evalsha``."""
 
-    def __init__(self, url: str, direct: bool = False) -> None:
+    def __init__(self, url: str, direct: bool = True) -> None:
         self.client = connect(url)
         self.sha: str = self.client.script_load(TRIVIAL)
         self.direct = direct
@@ -53,7 +54,8 @@ class SyncFloor:
 
 
 class AsyncFloor:
-    """The same from an asyncio client, for comparison with :class:`~gpuboss.AsyncGPUBoss`."""
+    """The same from an asyncio client, for comparison with :class:`~gpuboss.AsyncGPUBoss` (sent as it sends its
+    calls: :func:`gpuboss.redis_io.direct_command_async`)."""
 
     def __init__(self, url: str, runner: asyncio.Runner) -> None:
         self.runner = runner
@@ -68,11 +70,13 @@ class AsyncFloor:
         return str(await self.client.script_load(TRIVIAL))
 
     async def _loop(self, n: int, out: list[float]) -> None:
-        client, sha, mono = self.client, self.sha, time.monotonic
+        client, command, mono = self.client, ("EVALSHA", self.sha, 0), time.monotonic
         for _ in range(n):
             t0 = mono()
-            await client.evalsha(sha, 0)  # type: ignore[misc,unused-ignore]
+            reply = await direct_command_async(client, command)
             out.append(mono() - t0)
+            if reply != 1:
+                raise RuntimeError(f"the direct path did not answer the call: {reply!r}")
 
     def sample(self, n: int) -> None:
         self.runner.run(self._loop(n, self.samples))

@@ -65,21 +65,27 @@ def wait_for_start(control: redis.Redis, spec: dict[str, Any]) -> float:
 
 
 def run_token(spec: dict[str, Any]) -> tuple[list[Sample], str]:
+    from gpuboss.redis_io import direct_command
+
     client = connect(spec["url"])
     key = spec["token_key"]
     client.ping()
     deadline = wait_for_start(client, spec)
     samples: list[Sample] = []
     mono = time.monotonic
+    take = ("BLPOP", key, STALL_S)
     while len(samples) < spec["count"] and mono() < deadline:
         t_req = mono()
-        got = client.blpop([key], timeout=STALL_S)
+        got = direct_command(client, take)  # (sent as gpuboss sends its own BLPOPs)
         t_granted = mono()
+        if got is NotImplemented:
+            raise RuntimeError("the direct path does not apply to this client, or its connection failed")
         if got is None:
             return samples, f"no token within {STALL_S:g} s"
         seq = int(got[1])
         t_release = mono()
-        client.rpush(key, seq + 1)
+        if direct_command(client, ("RPUSH", key, seq + 1)) is NotImplemented:
+            raise RuntimeError("the direct path does not apply to this client")
         t_released = mono()
         samples.append([seq, t_req, t_granted, t_release, t_released, None])
     client.close()

@@ -14,7 +14,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-from gpuboss import scripts
+from gpuboss import AsyncGPUBoss, GPUBoss, scripts
 from gpuboss.config import config_from_arguments
 from gpuboss.core import Call, Core, new_request_id
 from gpuboss.lease import Signal
@@ -270,3 +270,60 @@ async def test_a_task_cancelled_in_a_direct_blpop_leaves_no_reply_behind(real_ur
         assert await client.lpop(key) == "grant", "the cancelled BLPOP still took the value"
     finally:
         await client.aclose()
+
+
+def test_a_waiter_blocks_on_the_direct_path(real_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued acquire waits for its grant with a BLPOP on the direct path (redis-py's blpop adds ~45 us to
+    every wake-up, on the handoff's critical path), and gets it when the holder releases."""
+    calls: list[str] = []
+    original = redis.Redis.blpop
+
+    def counted(self: redis.Redis, *args: Any, **kwargs: Any) -> Any:
+        calls.append("blpop")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "blpop", counted)
+    with GPUBoss(real_url, namespace=namespace, gpus=[{"id": "gpu0", "vram_gb": 24}], service="hot") as boss:
+        held = boss.acquire(vram_gb=24)
+        got: list[Any] = []
+        waiter = threading.Thread(target=lambda: got.append(boss.acquire(vram_gb=24, timeout=30)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while boss._redis.info("clients")["blocked_clients"] < 1:
+            assert time.monotonic() < deadline, "the waiter never blocked"
+            time.sleep(0.01)
+        boss.release(held)
+        waiter.join(30)
+        assert got and got[0].vram_mib == 24 * 1024, "the waiter was not granted the lease"
+        boss.release(got[0])
+    assert calls == [], "the waiter's BLPOP went through redis-py's blpop"
+
+
+async def test_an_async_waiter_blocks_on_the_direct_path(
+    real_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    original = redis.asyncio.Redis.blpop
+
+    async def counted(self: redis.asyncio.Redis, *args: Any, **kwargs: Any) -> Any:
+        calls.append("blpop")
+        return await original(self, *args, **kwargs)  # type: ignore[misc]
+
+    monkeypatch.setattr(redis.asyncio.Redis, "blpop", counted)
+    boss = AsyncGPUBoss(real_url, namespace=namespace, gpus=[{"id": "gpu0", "vram_gb": 24}], service="ahot")
+    try:
+        held = await boss.acquire(vram_gb=24)
+        waiter = asyncio.ensure_future(boss.acquire(vram_gb=24, timeout=30))
+        control = connect_sync(real_url, 5.0)
+        deadline = time.monotonic() + 10
+        while control.info("clients")["blocked_clients"] < 1:
+            assert time.monotonic() < deadline, "the waiter never blocked"
+            await asyncio.sleep(0.01)
+        control.close()
+        await boss.release(held)
+        lease = await asyncio.wait_for(waiter, 30)
+        assert lease.vram_mib == 24 * 1024
+        await boss.release(lease)
+    finally:
+        await boss.close()
+    assert calls == [], "the waiter's BLPOP went through redis-py's blpop"
