@@ -270,10 +270,12 @@ class Bench:
         floors = [
             Row("A: EVALSHA `return 1`, sync client", self.floor_a),
             Row("A: EVALSHA `return 1`, asyncio client", fas),
-            Row("EVALSHA `return 1`, sync, by redis-py's evalsha (not a floor)", summarize(fa_redis_py.samples)),
         ]
         if fa_tcp is not None:
             floors.append(Row("A: EVALSHA `return 1`, sync, TCP loopback", summarize(fa_tcp.samples)))
+        floors.append(
+            Row("EVALSHA `return 1`, sync, by redis-py's evalsha (not a floor)", summarize(fa_redis_py.samples))
+        )
         sync_total, async_total = summarize(sync.cycles.total), summarize(aio.cycles.total)
         rows = [
             Row(f"bare scripts: acquire {bare.command}", summarize(bare.cycles.acquire)),
@@ -290,6 +292,13 @@ class Bench:
         self.results.sync_cycle, self.results.async_cycle = sync_total, async_total
         self.notes.append(script_note(spent))
         return floors, rows
+
+    def single_sections(self) -> list[Section]:
+        floors, rows = self.single_process()
+        return [
+            Section("Floor A: one script round trip, one process", floors),
+            Section("Uncontended acquire and release, one process", rows),
+        ]
 
     # -- N processes: floor B, gpuboss, peers
 
@@ -649,15 +658,7 @@ def run(args: argparse.Namespace) -> Report:
         bench.find_peers()
         sections: list[Section] = []
         if "single" in parts:
-            single = bench.step(
-                "one process: floor A, uncontended leases",
-                lambda: [r for part in bench.single_process() for r in part],
-            )
-            split = next((i for i, r in enumerate(single) if not r.name.startswith("A:")), len(single))
-            sections += [
-                Section("Floor A: one script round trip, one process", single[:split]),
-                Section("Uncontended acquire and release, one process", single[split:]),
-            ]
+            sections += bench.step("one process: floor A, uncontended leases", bench.single_sections)
         if "handoff" in parts:
             for n in plan.procs:
                 rows = bench.step(f"exclusive handoff, N={n}", lambda n=n: bench.handoffs(n))  # type: ignore[misc]
