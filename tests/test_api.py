@@ -485,8 +485,27 @@ def test_waiting_request_heartbeats_its_queue_entry(boss: GPUBoss, backend_url: 
     boss.release(w.lease)
 
 
-async def test_cancelled_release_still_lands(aboss: AsyncGPUBoss, backend_url: str, namespace: str) -> None:
+@pytest.mark.parametrize("midway", ["before the call is sent", "awaiting the reply"])
+async def test_cancelled_release_still_lands(
+    aboss: AsyncGPUBoss,
+    backend_url: str,
+    backend_kind: str,
+    namespace: str,
+    midway: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release whose caller is cancelled midway still lands (the heartbeat thread finishes it)."""
+    if midway == "awaiting the reply" and backend_kind == "fake":
+        pytest.skip("fakeredis answers without a reply to wait for: nothing is in flight")
     lease = await aboss.acquire(8)
+    if midway == "before the call is sent":  # (a slow path to Redis: the call has not left when the cancel comes)
+        original = aboss._eval
+
+        async def slow(call: Any) -> Any:
+            await asyncio.sleep(0.2)
+            return await original(call)
+
+        monkeypatch.setattr(aboss, "_eval", slow)
     task = asyncio.create_task(aboss.release(lease))
     await asyncio.sleep(0)  # the release has started...
     task.cancel()  # ...and its caller is cancelled midway
