@@ -753,8 +753,8 @@ NOTES = [
     "next to what it is compared with: interleaved with the one-process rows, and again inside the scaling "
     "rounds, which those rows are compared with.",
     "Floor B is the push-based exclusive floor: a token taken by BLPOP and given back by RPUSH by N "
-    "processes (sent the same direct way as floor A). 'from RPUSH returned' is the handoff as issue 9 defines it: from the RPUSH returning in the "
-    "giver to the BLPOP returning in the next taker. Redis answers the giver and wakes the taker in the same "
+    "processes (sent the same direct way as floor A). 'from RPUSH returned' is the handoff as issue 9 defines "
+    "it: from the RPUSH returning in the giver to the BLPOP returning in the next taker. Redis answers the giver and wakes the taker in the same "
     "event-loop turn, so it measures which of two runnable processes the kernel runs first, and is often "
     "near 0 or negative (no ratio is given against a floor below 0.01 ms, nor for a negative value). 'from RPUSH "
     "called' counts from the moment the giver sent its RPUSH and is always positive: one round trip plus the "

@@ -441,7 +441,9 @@ def direct_command(client: redis.Redis, command: tuple[Any, ...]) -> Any:
     dispatch, observability hooks, the retry wrapper) and without taking a connection from the pool and giving
     it back each time (~15 us with redis-py 8: a lock, a poll of the socket, connection-count hooks). A client
     keeps one connection out of its pool for this (gpuboss's URLs take no pool size: redis-py's default of 100
-    stands); a thread that finds it in use by another takes one from the pool as before. Only for a plain :class:`redis.Redis` with its own pool and hiredis; anything else returns
+    stands); a thread that finds it in use by another takes one from the pool as before.
+
+    Only for a plain :class:`redis.Redis` with its own pool and hiredis; anything else returns
     :data:`NotImplemented` and takes the usual path. A connection error or timeout drops the connection and
     returns :data:`NotImplemented` too: the usual path then sends the command again, with redis-py's reconnect
     and retry, as its own retry would have (the scripts are safe to run twice: a request id is never granted
