@@ -389,10 +389,11 @@ class SyncLink:
     def _real_op(self, op: Call | Pop | ReadHash, route: Route | None) -> Any:
         client = self.real
         if isinstance(op, Pop):
+            timeout = max(op.timeout, MIN_POP_S)
             try:
-                popped = direct_command(client, ("BLPOP", op.key, max(op.timeout, MIN_POP_S)))
+                popped = direct_command(client, ("BLPOP", op.key, timeout))
                 if popped is NotImplemented:
-                    popped = client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
+                    popped = client.blpop([op.key], timeout=timeout)
             except TRANSIENT:
                 return None  # the flow looks again through a retried call
             return None if popped is None else popped[1]
@@ -487,10 +488,11 @@ class AsyncLink:
     async def _real_op(self, op: Call | Pop | ReadHash, route: Route | None) -> Any:
         client = self.real
         if isinstance(op, Pop):
+            timeout = max(op.timeout, MIN_POP_S)
             try:
-                popped = await direct_command_async(client, ("BLPOP", op.key, max(op.timeout, MIN_POP_S)))
+                popped = await direct_command_async(client, ("BLPOP", op.key, timeout))
                 if popped is NotImplemented:
-                    popped = await client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
+                    popped = await client.blpop([op.key], timeout=timeout)
             except TRANSIENT:
                 return None
             return None if popped is None else popped[1]
