@@ -764,6 +764,8 @@ class Logs:
     released: dict[int, dict[str, list[tuple[float, bool]]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list))
     )
+    #: pid -> lease id -> when its release() raised RedisUnavailable (given back while Redis was unreachable)
+    gave_back: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     #: pid -> (lease id, token) -> the heartbeat's verdict after the hold was paused (SIGSTOP)
     pauses: dict[int, dict[tuple[str, int], str]] = field(default_factory=lambda: defaultdict(dict))
     #: pid -> the (lease id, token) its acquire() calls returned
@@ -803,6 +805,8 @@ class Logs:
                     logs.errors.append(f"pid {w.pid}: {ev['what']}")
                 elif kind == "unavailable":
                     logs.counts[f"unavailable_{ev.get('op')}"] += 1
+                    if ev.get("op") == "release" and "id" in ev:
+                        logs.gave_back[w.pid].setdefault(ev["id"], ev["t"])
                 elif kind == "pause":
                     logs.pauses[w.pid][(ev["id"], ev["tok"])] = str(ev["verdict"])
             logs.calls[w.pid] = sorted(mine)
@@ -1025,6 +1029,9 @@ def check_restart(f: Fault, logs: Logs, tally: Tally) -> list[float]:
             tally.told["redis_restart"]["release"] += 1
         elif rels and rels[0][1]:
             continue  # its release landed before the kill
+        elif logs.gave_back[pid].get(lease_id, f.t - 2.0) >= f.t - 1.0:
+            continue  # it gave the lease back while Redis was down (release() raised RedisUnavailable): it holds
+            # nothing to be told about, and the heartbeat sends that release once Redis is back
         elif logs.alive_until[pid] < f.t + 5.0:
             continue  # killed (or ended) before it could be told
         else:

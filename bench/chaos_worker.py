@@ -17,7 +17,8 @@ clock every process of the machine shares); the driver reads them after the run:
 ``lost``      ``{t, id, tok}``: ``on_lost`` ran for the lease
 ``pause``     ``{t, id, tok, gap, verdict}``: a sleep of the hold overshot by ``gap`` s (SIGSTOP); the worker
               then waited for the heartbeat's verdict before going on: ``lost`` or ``renewed``
-``timeout``   ``{t}``: ``LeaseTimeout``; ``unavailable`` ``{t, op}``: ``RedisUnavailable``
+``timeout``   ``{t}``: ``LeaseTimeout``; ``unavailable`` ``{t, op[, id]}``: ``RedisUnavailable`` (``id``: the lease
+              a release was for)
 ``error``     ``{t, what}``: anything else raised (a heartbeat thread that died included): a failure
 ``c``         ``{a, b}``: one script call (FCALL or EVALSHA attempt, the heartbeat's included) sent at ``a``,
               answered at ``b`` (a diagnostic tap on gpuboss's call_script functions, for the proxy-drop
@@ -227,7 +228,7 @@ class SyncWorker:
         try:
             ok = self.boss.release(lease)
         except RedisUnavailable:
-            self.log.event("unavailable", op="release")
+            self.log.event("unavailable", op="release", id=lease.id)
             return
         self.log.event("rel", r0=r0, id=lease.id, ok=ok, lost=was_lost)
 
@@ -334,7 +335,7 @@ class AsyncWorker:
             try:
                 ok = await boss.release(lease)
             except RedisUnavailable:
-                self.log.event("unavailable", op="release")
+                self.log.event("unavailable", op="release", id=lease.id)
             else:
                 self.log.event("rel", r0=r0, id=lease.id, ok=ok, lost=was_lost)
 

@@ -215,7 +215,7 @@ local function grant_waiting(s, now)
   -- serving the queue to its end one read more than a count would, which it saves: never more in all).
   local empty = false
   while true do
-    local at = skip == 0 and '0' or skip
+    local at = pos_arg(skip)
     local head = redis.call('ZRANGE', K_QUEUE, at, at)[1]
     if not head then
       empty = skip == 0

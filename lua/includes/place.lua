@@ -87,8 +87,8 @@ local function free_batch(s, need, offset)
   if offset == 0 and first and first.need == need then
     return first.out, first.full
   end
-  local from = offset == 0 and '0' or offset
-  local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', from, PLACE_BATCH_ARG)
+  local flat = redis.call('ZRANGEBYSCORE', K_FREE, need, '+inf', 'WITHSCORES', 'LIMIT', pos_arg(offset),
+    PLACE_BATCH_ARG)
   local out = {}
   for i = 1, #flat, 2 do
     local gpu, free = flat[i], tonumber(flat[i + 1])
@@ -113,8 +113,7 @@ end
 local function host_batches(host, need)
   local from, to = host_range(host, need)
   return function(offset)
-    local members = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', offset == 0 and '0' or offset,
-      PLACE_BATCH_ARG)
+    local members = redis.call('ZRANGEBYLEX', K_FREE_HOST, from, to, 'LIMIT', pos_arg(offset), PLACE_BATCH_ARG)
     local out = {}
     for _, member in ipairs(members) do
       local mib, gpu = string.match(member, ' (%d+) (.*)$', #host + 1)

@@ -68,6 +68,15 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
+-- A rank or an offset for redis.call: 0, by far the most common, as the constant string (see above); any other
+-- as it is (exact, and no dearer than int()).
+local function pos_arg(n)
+  if n == 0 then
+    return '0'
+  end
+  return n
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -479,7 +488,8 @@ local function full_check(s, now)
     rebuild_index(s)
   elseif redis.call('ZCARD', K_OBSERVED_EXP) > 0 then
     -- Readings gone stale since the last call: their GPUs are indexed without them now.
-    for _, gpu in ipairs(redis.call('ZRANGEBYSCORE', K_OBSERVED_EXP, '-inf', '(' .. int(now), 'LIMIT', '0', COLLECT_LIMIT_ARG)) do
+    local stale = redis.call('ZRANGEBYSCORE', K_OBSERVED_EXP, '-inf', '(' .. int(now), 'LIMIT', '0', COLLECT_LIMIT_ARG)
+    for _, gpu in ipairs(stale) do
       redis.call('ZREM', K_OBSERVED_EXP, gpu)
       index_gpu(s, gpu)
     end
