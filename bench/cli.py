@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from bench import eviction, floor, peers, scaling, scriptcalls, uncontended, weighted
+from bench import eviction, floor, peers, pyside, scaling, scriptcalls, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
-from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
+from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention, worker_env
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
 from bench.stats import Summary, summarize
 from bench.targets import Results, build_targets
@@ -74,6 +74,8 @@ class Plan:
     memory_count: int = 1000
     #: eviction: measured rounds per mode (pub/sub, heartbeat only)
     eviction_rounds: int = 50
+    #: the Python side under py-spy: seconds of cycles per front end (alone, then sampled)
+    pyside_s: float = 3.0
 
 
 FULL = Plan(iterations=3000, rounds=5, procs=(2, 8, 32), max_s=20.0)
@@ -93,6 +95,7 @@ SMOKE = Plan(
     scale_rounds=2,
     memory_count=200,
     eviction_rounds=5,
+    pyside_s=0.5,
 )
 PARTS = ("single", "handoff", "weighted", "scaling", "eviction")
 #: The whole run is stopped (workers killed, redis-server stopped, exit status 1) after this long.
@@ -291,6 +294,9 @@ class Bench:
         self.results.floor_a, self.results.floor_a_async = self.floor_a, fas
         self.results.sync_cycle, self.results.async_cycle = sync_total, async_total
         self.notes.append(script_note(spent))
+        for name in ("sync", "async"):
+            if spent[name].cycles and spent[name].calls:
+                self.results.cycle_redis_us[name] = spent[name].usec / spent[name].cycles
         return floors, rows
 
     def single_sections(self) -> list[Section]:
@@ -299,6 +305,17 @@ class Bench:
             Section("Floor A: one script round trip, one process", floors),
             Section("Uncontended acquire and release, one process", rows),
         ]
+
+    def python_side(self) -> list[Section]:
+        """The uncontended cycle's Python side under py-spy (bench/pyside.py); a note instead where py-spy is
+        missing or may not sample another process."""
+        try:
+            results = pyside.profile(self.url, self.plan.pyside_s, self.server.workdir, worker_env())
+        except RuntimeError as err:
+            self.skipped["py-spy"] = f"The Python side was not profiled: {err}."
+            return []
+        title = "Where one uncontended acquire() + release() spends its time, Python side (py-spy)"
+        return [Section(title, table=pyside.table(results))]
 
     # -- N processes: floor B, gpuboss, peers
 
@@ -659,6 +676,7 @@ def run(args: argparse.Namespace) -> Report:
         sections: list[Section] = []
         if "single" in parts:
             sections += bench.step("one process: floor A, uncontended leases", bench.single_sections)
+            sections += bench.step("one process: the Python side under py-spy", bench.python_side)
         if "handoff" in parts:
             for n in plan.procs:
                 rows = bench.step(f"exclusive handoff, N={n}", lambda n=n: bench.handoffs(n))  # type: ignore[misc]
@@ -752,6 +770,19 @@ NOTES = [
     "and a wake-up costs tens of microseconds (~0.1 ms at p50 then, ~0.02 ms on a busy one), so it is sampled "
     "next to what it is compared with: interleaved with the one-process rows, and again inside the scaling "
     "rounds, which those rows are compared with.",
+    "The Python side (py-spy): a worker process runs the uncontended GPUBoss or AsyncGPUBoss cycle of the section "
+    "above for a few seconds alone, then again while py-spy samples it without stopping it (bench/pyside.py), and "
+    "reports its cycles, wall time and the CPU time of the thread that runs them. The time off the CPU (wall - "
+    "CPU, of the run alone) is the wait for Redis: the scripts run and the request and reply travel; no client "
+    "can save it (the SLOWLOG section has the scripts' Redis time; Redis works on the other CPU while the worker "
+    "is still in the kernel sending or receiving, so the two overlap a little). The CPU time is split by py-spy's "
+    "samples of that thread that were not waiting (not in redis-py's socket read, nor in the event loop's "
+    "select), each filed by its innermost Python frame: gpuboss's own Python, redis-py and hiredis, json (the "
+    "lease record), the asyncio event loop and the rest (the worker's loop, the standard library); a C function, "
+    "a system call included, counts for the Python line that called it (the socket write is redis-py's or "
+    "asyncio's). 'sampled waiting' is the share of all samples that were waiting, a cross-check of wall - CPU "
+    "(py-spy itself takes CPU time on the same two CPUs, which the 'under py-spy' wall time shows; an in-process "
+    "profiler would slow these short cycles far more).",
     "Floor B is the push-based exclusive floor: a token taken by BLPOP and given back by RPUSH by N "
     "processes (sent the same direct way as floor A). 'from RPUSH returned' is the handoff as issue 9 defines "
     "it: from the RPUSH returning in the giver to the BLPOP returning in the next taker. Redis answers the giver and wakes the taker in the same "

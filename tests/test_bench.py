@@ -46,6 +46,62 @@ def test_bench_smoke_runs_and_reports(tmp_path: Path) -> None:
     text = out.read_text()
     assert "GPUBoss" in text
     assert "## Targets (issue 9)" in text
+    check_python_side(text)
+
+
+def check_python_side(text: str) -> None:
+    """The py-spy section: a row per front end whose wall time is its CPU time plus its time off the CPU, and
+    whose CPU split covers all of its CPU time; or, where py-spy may not sample, the note that says why."""
+    title = "## Where one uncontended acquire() + release() spends its time, Python side (py-spy)"
+    if title not in text:
+        assert "The Python side was not profiled: " in text, text[-2000:]
+        return
+    lines = text.split(title, 1)[1].split("\n## ", 1)[0].splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line.startswith("| ")}
+    assert set(rows) >= {"GPUBoss", "AsyncGPUBoss"}, rows
+    for cells in (rows["GPUBoss"], rows["AsyncGPUBoss"]):
+        cycles, wall, cpu, off = (float(c) for c in cells[:4])
+        split = [c.strip() for c in cells[4:9]]
+        sampled_wall, samples = float(cells[9]), float(cells[10])
+        assert cycles > 0 and samples > 0 and sampled_wall > 0 and cpu > 0, cells
+        assert off > 0, cells  # every cycle waits for Redis
+        assert abs(wall - cpu - off) <= 0.15, cells
+        us = sum(float(c.split(" (")[0]) for c in split)
+        shares = sum(int(c.split("(")[1].rstrip("%)")) for c in split)
+        assert abs(us - cpu) <= 0.1 * len(split), (us, cpu, cells)
+        assert 97 <= shares <= 103, cells  # (each share rounded to a whole percent)
+        assert 0 < int(cells[11].strip().rstrip("%")) <= 100, cells
+
+
+def test_python_side_files_each_sample_by_its_innermost_frame() -> None:
+    """The py-spy split: a sample counts for its thread only, by its innermost frame: redis-py's socket read
+    and the event loop's select are waiting for Redis, other frames go by the file they are in."""
+    from bench.pyside import GPUBOSS, JSON, LOOP, OTHER, REDIS_PY, WAIT, categorize, split
+
+    assert categorize("_HiredisParser.read_from_socket (redis/_parsers/hiredis.py:192)") == WAIT
+    assert categorize("EpollSelector.select (selectors.py:468)") == WAIT
+    assert categorize("EpollSelector.select (/usr/lib/python3.11/selectors.py:468)") == WAIT
+    assert categorize("_HiredisParser.read_response (redis/_parsers/hiredis.py:238)") == REDIS_PY
+    assert categorize("direct_command (gpuboss/redis_io.py:464)") == GPUBOSS
+    assert categorize("JSONDecoder.raw_decode (json/decoder.py:353)") == JSON
+    assert categorize("Handle._run (asyncio/events.py:80)") == LOOP
+    assert categorize("BaseSelector.select (gpuboss/selectors.py:1)") == GPUBOSS  # not the event loop's
+    assert categorize("timed_sync (bench/pyside.py:120)") == OTHER
+    assert categorize("<module> (<frozen importlib._bootstrap>:241)") == OTHER
+    raw = "\n".join(
+        [
+            "thread (7): bench-timed;timed_sync (bench/pyside.py:120);_HiredisParser.read_from_socket "
+            "(redis/_parsers/hiredis.py:192) 30",
+            "thread (7): bench-timed;timed_sync (bench/pyside.py:120);direct_command (gpuboss/redis_io.py:464) 5",
+            "thread (7): bench-timed;Lease.from_record (gpuboss/lease.py:326) 4",  # a stack read only in part
+            "thread (9): gpuboss-heartbeat;Condition.wait (threading.py:331) 500",
+            "thread (1): MainThread;Thread.join (threading.py:1119) 70",
+            "not a sample line",
+            "thread (7): bench-timed 3",  # no frame at all
+        ]
+    )
+    assert split(raw, "bench-timed") == {WAIT: 30, GPUBOSS: 9}
+    assert split(raw, "gpuboss-heartbeat") == {OTHER: 500}
 
 
 @pytest.mark.slow
@@ -72,3 +128,28 @@ def test_bench_smoke_eviction_section_alone(tmp_path: Path) -> None:
             assert rows[0].split("|")[2].strip() == "5", rows[0]  # n: the smoke run's rounds, all measured
     assert "| keys of no gpuboss namespace (peers, barriers) | none |" in text
     assert "|   any other key of theirs | none |" in text
+
+
+def test_uncontended_target_says_what_a_client_costing_nothing_would_reach() -> None:
+    """The targets table gives, next to the uncontended p50, the ratio that two floor-A round trips plus the
+    scripts' Redis time (INFO commandstats) reach: the part of the miss no client could save. Without that
+    time, or against a floor too small to divide by, it says nothing more."""
+    from bench.stats import Summary
+    from bench.targets import Results, build_targets, no_client_beats
+
+    floor = Summary(n=100, p50=0.020, p99=0.030, mean=0.021, max=0.05)
+    cycle = Summary(n=100, p50=0.140, p99=0.200, mean=0.145, max=0.3)
+    rows = {
+        row[0]: row
+        for row in build_targets(Results(floor_a=floor, sync_cycle=cycle, cycle_redis_us={"sync": 60.0})).rows
+    }
+    p50 = rows["Uncontended GPUBoss acquire()+release() p50"]
+    # (0.040 + 0.060) / 0.040 = 2.5x; measured 0.140 / 0.040 = 3.5x
+    assert p50[1] == (
+        "0.140 ms vs 2 x 0.020 ms = 3.50x; the scripts' Redis time (mean) 0.060 ms: "
+        "a client costing nothing would be at 2.5x"
+    ), p50
+    assert p50[3] == "missed by 40%"
+    assert "costing nothing" not in rows["Uncontended GPUBoss acquire()+release() p99"][1]
+    assert "costing nothing" not in build_targets(Results(floor_a=floor, sync_cycle=cycle)).rows[0][1]
+    assert no_client_beats(0.005, 60.0, "x") == ""  # a floor below 0.01 ms gives no ratio
