@@ -783,6 +783,12 @@ NOTES = [
     "asyncio's). 'sampled waiting' is the share of all samples that were waiting, a cross-check of wall - CPU "
     "(py-spy itself takes CPU time on the same two CPUs, which the 'under py-spy' wall time shows; an in-process "
     "profiler would slow these short cycles far more).",
+    "'A client costing nothing would be at' (targets): the floor plus the scripts' Redis time, over the floor: "
+    "for the uncontended cycle, two floor-A round trips plus the mean Redis time of its two script calls (INFO "
+    "commandstats); for a handoff from release() called, floor B from RPUSH called plus the p50 Redis time of a "
+    "release that grants the queue's head (SLOWLOG, the scaling level with the fewest waiting requests). It is "
+    "the ratio if everything outside Redis cost what the floor's own client costs; the rest of the measured "
+    "ratio is the client library and, under contention, the processes' share of the two CPUs.",
     "Floor B is the push-based exclusive floor: a token taken by BLPOP and given back by RPUSH by N "
     "processes (sent the same direct way as floor A). 'from RPUSH returned' is the handoff as issue 9 defines "
     "it: from the RPUSH returning in the giver to the BLPOP returning in the next taker. Redis answers the giver and wakes the taker in the same "

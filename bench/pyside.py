@@ -150,14 +150,22 @@ def timed_async(url: str, seconds: float) -> dict[str, float]:
 def run_worker(kind: str, url: str, seconds: float, out: Path) -> None:
     """Acquire and release the whole GPU for ``seconds`` after a warm-up, in the thread TIMED_THREAD; write its
     cycles, wall seconds and CPU seconds (that thread's)."""
-    result: list[dict[str, float]] = []
+    outcome: list[dict[str, float] | BaseException] = []
     timed = timed_sync if kind == "sync" else timed_async
-    thread = threading.Thread(target=lambda: result.append(timed(url, seconds)), name=TIMED_THREAD)
+
+    def run() -> None:
+        try:
+            outcome.append(timed(url, seconds))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, name=TIMED_THREAD)
     thread.start()
     thread.join()
-    if not result:
-        raise RuntimeError(f"the {kind} cycles failed (see above)")
-    out.write_text(json.dumps(result[0]))
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    out.write_text(json.dumps(result))
 
 
 # -- the bench side
@@ -188,9 +196,19 @@ def worker_command(kind: str, url: str, seconds: float, out: Path) -> list[str]:
     return [sys.executable, "-m", "bench.pyside", "worker", kind, url, f"{seconds:g}", str(out)]
 
 
+class WorkerFailed(Exception):
+    """The worker itself failed (not py-spy): an error of the run, not a reason to leave the section out."""
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    return " | ".join(text.strip().splitlines()[-n:]) or "no output"
+
+
 def run_alone(kind: str, url: str, seconds: float, folder: Path, env: dict[str, str]) -> dict[str, float]:
     out = folder / f"pyside-{kind}-alone.json"
-    subprocess.run(worker_command(kind, url, seconds, out), check=True, env=env, capture_output=True, timeout=120)
+    done = subprocess.run(worker_command(kind, url, seconds, out), env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or not out.exists():
+        raise WorkerFailed(f"the {kind} worker exited {done.returncode}: {last_lines(done.stderr)}")
     result: dict[str, float] = json.loads(out.read_text())
     return result
 
@@ -198,21 +216,25 @@ def run_alone(kind: str, url: str, seconds: float, folder: Path, env: dict[str, 
 def run_sampled(
     py_spy: str, kind: str, url: str, seconds: float, folder: Path, env: dict[str, str]
 ) -> tuple[dict[str, float], str]:
+    """The worker under py-spy. RuntimeError when py-spy recorded nothing (it may not read the worker here);
+    WorkerFailed when it did but the worker failed."""
     out, raw = folder / f"pyside-{kind}-sampled.json", folder / f"pyside-{kind}.txt"
     command = [
         py_spy, "record", "--rate", str(RATE), "--idle", "--threads", "--nonblocking", "--format", "raw",
         "--output", str(raw), "--", *worker_command(kind, url, seconds, out),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0 or not raw.exists() or not out.exists():
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"py-spy could not sample the worker (exit {done.returncode}): {last[0]}")
+    if not raw.exists():
+        raise RuntimeError(f"py-spy could not sample the worker (exit {done.returncode}): {last_lines(done.stderr, 1)}")
+    if not out.exists():
+        raise WorkerFailed(f"the {kind} worker under py-spy wrote no result: {last_lines(done.stderr)}")
     result: dict[str, float] = json.loads(out.read_text())
     return result, raw.read_text()
 
 
 def profile(url: str, seconds: float, folder: Path, env: dict[str, str] | None = None) -> list[Profiled]:
-    """Both front ends, alone and under py-spy. Raises RuntimeError when py-spy is missing or cannot sample."""
+    """Both front ends, alone and under py-spy. Raises RuntimeError when py-spy is missing or cannot sample,
+    WorkerFailed when a worker fails."""
     py_spy = find_py_spy()
     if py_spy is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
