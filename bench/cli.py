@@ -44,7 +44,7 @@ from typing import Protocol, TypeVar
 
 from bench import eviction, floor, peers, pyside, scaling, scriptcalls, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
-from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention, worker_env
+from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
 from bench.stats import Summary, summarize
 from bench.targets import Results, build_targets
@@ -310,7 +310,7 @@ class Bench:
         """The uncontended cycle's Python side under py-spy (bench/pyside.py); a note instead where py-spy is
         missing or may not sample another process."""
         try:
-            results = pyside.profile(self.url, self.plan.pyside_s, self.server.workdir, worker_env())
+            results = pyside.profile(self.url, self.plan.pyside_s, self.server.workdir)
         except RuntimeError as err:
             self.skipped["py-spy"] = f"The Python side was not profiled: {err}."
             return []

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.handoff import EXCLUSIVE_GB
+from bench.handoff import EXCLUSIVE_GB, worker_env
 from bench.report import Table
 from bench.uncontended import TIMEOUT_S, AsyncLeases, SyncLeases
 
@@ -196,56 +195,55 @@ def worker_command(kind: str, url: str, seconds: float, out: Path) -> list[str]:
     return [sys.executable, "-m", "bench.pyside", "worker", kind, url, f"{seconds:g}", str(out)]
 
 
-class WorkerFailed(Exception):
-    """The worker itself failed (not py-spy): an error of the run, not a reason to leave the section out."""
+class ProfileFailed(Exception):
+    """The worker failed, or py-spy's record of it has no sample of the thread that runs the cycles: an error of
+    the run, never a reason to leave the section out (only py-spy being unable to sample is: RuntimeError)."""
 
 
 def last_lines(text: str, n: int = 3) -> str:
     return " | ".join(text.strip().splitlines()[-n:]) or "no output"
 
 
-def run_alone(kind: str, url: str, seconds: float, folder: Path, env: dict[str, str]) -> dict[str, float]:
+def run_alone(kind: str, url: str, seconds: float, folder: Path) -> dict[str, float]:
     out = folder / f"pyside-{kind}-alone.json"
-    done = subprocess.run(worker_command(kind, url, seconds, out), env=env, capture_output=True, text=True, timeout=120)
+    command = worker_command(kind, url, seconds, out)
+    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=120)
     if done.returncode != 0 or not out.exists():
-        raise WorkerFailed(f"the {kind} worker exited {done.returncode}: {last_lines(done.stderr)}")
+        raise ProfileFailed(f"the {kind} worker exited {done.returncode}: {last_lines(done.stderr)}")
     result: dict[str, float] = json.loads(out.read_text())
     return result
 
 
-def run_sampled(
-    py_spy: str, kind: str, url: str, seconds: float, folder: Path, env: dict[str, str]
-) -> tuple[dict[str, float], str]:
+def run_sampled(py_spy: str, kind: str, url: str, seconds: float, folder: Path) -> tuple[dict[str, float], str]:
     """The worker under py-spy. RuntimeError when py-spy recorded nothing (it may not read the worker here);
-    WorkerFailed when it did but the worker failed."""
+    ProfileFailed when it did but the worker failed."""
     out, raw = folder / f"pyside-{kind}-sampled.json", folder / f"pyside-{kind}.txt"
     command = [
         py_spy, "record", "--rate", str(RATE), "--idle", "--threads", "--nonblocking", "--format", "raw",
         "--output", str(raw), "--", *worker_command(kind, url, seconds, out),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=120)
     if not raw.exists():
         raise RuntimeError(f"py-spy could not sample the worker (exit {done.returncode}): {last_lines(done.stderr, 1)}")
     if not out.exists():
-        raise WorkerFailed(f"the {kind} worker under py-spy wrote no result: {last_lines(done.stderr)}")
+        raise ProfileFailed(f"the {kind} worker under py-spy wrote no result: {last_lines(done.stderr)}")
     result: dict[str, float] = json.loads(out.read_text())
     return result, raw.read_text()
 
 
-def profile(url: str, seconds: float, folder: Path, env: dict[str, str] | None = None) -> list[Profiled]:
+def profile(url: str, seconds: float, folder: Path) -> list[Profiled]:
     """Both front ends, alone and under py-spy. Raises RuntimeError when py-spy is missing or cannot sample,
-    WorkerFailed when a worker fails."""
+    ProfileFailed when a worker fails or its thread was never sampled."""
     py_spy = find_py_spy()
     if py_spy is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
-    env = env or dict(os.environ)
     out = []
     for kind, label in FRONT_ENDS.items():
-        alone = run_alone(kind, url, seconds, folder, env)
-        sampled, raw = run_sampled(py_spy, kind, url, seconds, folder, env)
+        alone = run_alone(kind, url, seconds, folder)
+        sampled, raw = run_sampled(py_spy, kind, url, seconds, folder)
         samples = split(raw, TIMED_THREAD)
         if not samples:
-            raise RuntimeError(f"py-spy recorded no sample of the {label} worker's thread {TIMED_THREAD!r}")
+            raise ProfileFailed(f"py-spy recorded no sample of the {label} worker's thread {TIMED_THREAD!r}")
         out.append(Profiled(label, alone, sampled, samples))
     return out
 

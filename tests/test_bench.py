@@ -158,9 +158,8 @@ def test_uncontended_target_says_what_a_client_costing_nothing_would_reach() -> 
 def test_a_failing_profile_worker_is_an_error_not_a_skipped_section(tmp_path: Path) -> None:
     """Only py-spy being unable to sample leaves the Python-side section out with a note (RuntimeError); a worker
     that fails is an error of the run, with the worker's own last words."""
-    from bench.handoff import worker_env
-    from bench.pyside import WorkerFailed, run_alone
+    from bench.pyside import ProfileFailed, run_alone
 
-    assert not issubclass(WorkerFailed, RuntimeError)
-    with pytest.raises(WorkerFailed, match="unreachable"):
-        run_alone("sync", f"unix://{tmp_path}/no-redis.sock", 0.1, tmp_path, worker_env())
+    assert not issubclass(ProfileFailed, RuntimeError)
+    with pytest.raises(ProfileFailed, match="unreachable"):
+        run_alone("sync", f"unix://{tmp_path}/no-redis.sock", 0.1, tmp_path)
