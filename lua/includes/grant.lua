@@ -29,12 +29,13 @@ local AGING_PEEK = 16
 local BACKFILL_LIMIT = 64
 
 local function grant(s, id, req, where, now)
-  -- max(counter + 1, Redis time (ms x 10) + 1), see the header: one SET ... GET, and a second SET only when
-  -- the counter is ahead of the clock.
-  local token = now * 10 + 1
-  local last = tonumber(redis.call('SET', K_TOKEN, int(token), 'GET'))
-  if last and last >= token then
-    token = last + 1
+  -- max(counter + 1, Redis time (ms x 10) + 1), see the header: one INCR, and a SET only when the counter is
+  -- behind the clock (the first grant of a Redis ms: under load, when grants come several per ms, one call).
+  -- A counter that INCR cannot take (not an integer: written by hand) is started again from the clock.
+  local token = redis.pcall('INCR', K_TOKEN)
+  local floor = now * 10 + 1
+  if type(token) ~= 'number' or token < floor then
+    token = floor
     redis.call('SET', K_TOKEN, int(token))
   end
   local gpus = where
