@@ -10,6 +10,7 @@ from gpuboss.config import BossConfig, GPUConfig, load_config
 from gpuboss.core import GpuInfo
 from gpuboss.errors import (
     ConfigError,
+    EventLoopError,
     GPUBossError,
     InsufficientCapacity,
     InvalidRequest,
@@ -35,6 +36,7 @@ __all__ = [
     "Device",
     "DeviceOrdinalWarning",
     "Event",
+    "EventLoopError",
     "GPUBoss",
     "GPUBossError",
     "GPUConfig",

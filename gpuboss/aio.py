@@ -2,6 +2,12 @@
 
 Its heartbeat is the same thread as the blocking boss uses (see ``heartbeat.py`` for why not a task);
 ``on_lost`` callbacks, coroutine functions included, run on the event loop the boss was used from.
+
+A boss serves one event loop at a time, one after another: each ``asyncio.run`` (or each test of pytest-asyncio)
+may use the same boss. Its Redis connections belong to the loop that opened them (asyncio cannot close them
+from another), so each loop gets its own, closed as that loop shuts down (:func:`_closing_with_loop`); leases,
+the heartbeat and the notice listener carry over. Two loops running at once (in two threads) with one boss
+get :class:`~gpuboss.errors.EventLoopError`.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from gpuboss import warm
 from gpuboss.base import BossBase
@@ -32,13 +40,26 @@ from gpuboss.core import (
     YieldReply,
     new_request_id,
 )
-from gpuboss.errors import LeaseCancelled, RedisUnavailable
+from gpuboss.errors import EventLoopError, LeaseCancelled, RedisUnavailable
 from gpuboss.fallback import ROUTE, AsyncLink, Route
 from gpuboss.lease import Device, Lease, LeaseState, call_on_evict
 from gpuboss.redis_io import connect_async, run_flow_async
 from gpuboss.registry import AsyncInventoryMethods
 
 log = logging.getLogger("gpuboss")
+
+
+async def _closing_with_loop(link: AsyncLink) -> AsyncGenerator[None, None]:
+    """Started in an event loop and left suspended there: as that loop shuts down (``asyncio.run`` closes every
+    async generator of the loop before it closes the loop), it closes the link's connections, which only that
+    loop can close. A loop closed without that step leaves them to the garbage collector."""
+    try:
+        yield
+    finally:
+        try:
+            await link.close_clients()
+        except (RedisError, OSError) as err:
+            log.warning("gpuboss: could not close the connections of a finished event loop: %s", err)
 
 
 class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
@@ -54,12 +75,39 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         self._redis = connect_async(self.url, self._core.config.connect_timeout)
         self._link = AsyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop served (see the module's docstring)
+        self._loop_guard: AsyncGenerator[None, None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- I/O
 
+    async def _bind_loop(self) -> None:
+        """Serve the running event loop: the first one, or one that came after the last one stopped. A new loop
+        gets a new Redis client (and local-store link) and lock; the old loop's connections were closed as it
+        shut down."""
+        loop = asyncio.get_running_loop()
+        old = self._loop
+        if old is loop:
+            return
+        if old is not None:
+            if old.is_running():
+                raise EventLoopError(
+                    "this AsyncGPUBoss is in use by an event loop that is still running in another thread: a boss "
+                    "serves one event loop at a time; create one AsyncGPUBoss per event loop"
+                )
+            self._redis = connect_async(self.url, self._core.config.connect_timeout)
+            self._link = self._link.for_loop(self._redis)
+            self._ready_lock = asyncio.Lock()
+            self._background = set()
+            for lease in list(self._leases.values()):  # (no task of the stopped loop holds one now)
+                lease._handling = asyncio.Lock()
+        guard = _closing_with_loop(self._link)
+        await anext(guard)  # (runs to its `yield` at once; the loop now tracks it)
+        self._loop_guard, self._loop = guard, loop
+
     async def _eval(self, call: Call) -> Any:
+        if asyncio.get_running_loop() is not self._loop:
+            await self._bind_loop()
         return await self._link.perform(call)
 
     async def _perform(self, op: Op) -> Any:
@@ -72,6 +120,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
 
     async def _run(self, flow: Flow | Any, route: Route | None = None) -> Any:
         """Drive ``flow``; with a ``route`` (a request's), its operations go where the route says."""
+        if asyncio.get_running_loop() is not self._loop:
+            await self._bind_loop()
         if route is None:
             return await run_flow_async(flow, self._perform)
         token = ROUTE.set(route)
@@ -108,7 +158,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         req = self._core.make_request(
             vram_gb, priority, timeout, ttl, device, on_lost, preemptible, on_evict, resume, node, gpus
         )
-        self._loop = asyncio.get_running_loop()
+        if asyncio.get_running_loop() is not self._loop:
+            await self._bind_loop()
         request_id = new_request_id()
         route = await self._link.route(req, request_id)  # Redis, or the local store (on_redis_down: local)
         async with self._ready_lock:
@@ -296,6 +347,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
 
     async def close(self) -> None:
         """Release every lease this boss holds and stop its heartbeat. Safe to call twice."""
+        if asyncio.get_running_loop() is not self._loop:
+            await self._bind_loop()
         for lease_id in list(self._leases):
             await self.release(lease_id)
         if self._background:

@@ -62,3 +62,8 @@ class RedisUnavailable(GPUBossError, ConnectionError):
 
 class LeaseEvicted(GPUBossError):
     """The lease was handed back after an eviction request (``resume=False``); raised at the next safe point."""
+
+
+class EventLoopError(GPUBossError, RuntimeError):
+    """An :class:`~gpuboss.AsyncGPUBoss` was used from one event loop while another loop, running in another thread,
+    still used it. A boss serves one event loop at a time (one after another is fine): create one per loop."""

@@ -539,6 +539,19 @@ class AsyncLink:
             return None if popped is None else popped[1]
         return await client.hgetall(op.key)
 
+    def for_loop(self, real: redis.asyncio.Redis) -> AsyncLink:
+        """This link for another event loop: the same fallback and heartbeat, with ``real`` (a client made for that
+        loop) and no local-store client yet (the one here belongs to the loop that opened it)."""
+        return AsyncLink(self.fallback, real, self._heartbeat)
+
+    async def close_clients(self) -> None:
+        """Close this link's clients (Redis and the local store), in the event loop that opened them; the fallback
+        stays (it is the boss's)."""
+        if self._local is not None:
+            await self._local.aclose()
+            self._local = None
+        await self.real.aclose()
+
     async def close(self) -> None:
         for sid in self.fallback.pop_shadows():
             await call_script_async(self._local_connection(), self.fallback.core.release_call(sid, "close"))

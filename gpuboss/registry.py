@@ -379,8 +379,11 @@ class AsyncInventoryMethods:
 
         async def _run(self, flow: Any) -> Any: ...
 
+        async def _bind_loop(self) -> None: ...
+
     async def register_gpus(self) -> list[GpuInfo]:
         """See :meth:`InventoryMethods.register_gpus`."""
+        await self._bind_loop()  # (before the lock: a new event loop gets its own)
         async with self._ready_lock:
             return cast(list[GpuInfo], await self._run(self._inventory.register_flow()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 from gpuboss import (
     AsyncGPUBoss,
     Device,
+    EventLoopError,
     GPUBoss,
     InsufficientCapacity,
     InvalidRequest,
@@ -19,10 +21,11 @@ from gpuboss import (
     Lease,
     LeaseLost,
     LeaseTimeout,
+    redis_io,
 )
 from gpuboss.lease import LeaseState
 
-from tests.conftest import GPUS, namespace_keys, raw_client
+from tests.conftest import GPUS, namespace_keys, raw_client, snapshot
 
 # The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
 pytestmark = pytest.mark.valkey
@@ -341,6 +344,32 @@ def test_fencing_tokens_strictly_increase(boss: GPUBoss) -> None:
     assert tokens == sorted(tokens) and len(set(tokens)) == 5
 
 
+def test_fencing_token_is_the_counter_plus_one_or_redis_time(boss: GPUBoss, backend_url: str, namespace: str) -> None:
+    """A token is max(counter + 1, Redis ms x 10 + 1): the counter when it is ahead of the clock (several grants
+    in one ms), the clock when it is behind, missing, or not a number (written by hand: started again)."""
+    client, keys = raw_client(backend_url), Keys(namespace)
+
+    def clock_token() -> int:
+        seconds, micros = client.time()
+        return (int(seconds) * 1000 + int(micros) // 1000) * 10  # Redis ms x 10
+
+    ahead = clock_token() + 10**9
+    client.set(keys.token, ahead)
+    lease = boss.acquire(1)
+    assert lease.token == ahead + 1 and int(client.get(keys.token)) == ahead + 1
+    boss.release(lease)
+    for stored in (None, "1", "not-a-number"):
+        if stored is None:
+            client.delete(keys.token)
+        else:
+            client.set(keys.token, stored)
+        before = clock_token()
+        lease = boss.acquire(1)
+        assert before < lease.token <= clock_token() + 1
+        assert int(client.get(keys.token)) == lease.token
+        boss.release(lease)
+
+
 def test_times_come_from_redis(boss: GPUBoss, backend_url: str) -> None:
     seconds, micros = raw_client(backend_url).time()
     lease = boss.acquire(1, ttl=7)
@@ -519,6 +548,69 @@ async def test_cancelled_release_still_lands(
         await asyncio.sleep(0.01)
     assert sum(used(backend_url, namespace).values()) == 0
     assert raw_client(backend_url).hlen(Keys(namespace).leases) == 0
+
+
+def test_async_boss_serves_one_event_loop_after_another(real_url: str, namespace: str) -> None:
+    """One AsyncGPUBoss used by one asyncio.run after another (as pytest-asyncio's loop per test does): each
+    loop gets its own connections, closed as that loop shuts down (never left to the garbage collector, whose
+    ResourceWarning is an error here); a lease taken in one loop is released in the next."""
+    control = raw_client(real_url)
+    boss = AsyncGPUBoss(real_url, namespace=namespace, gpus=GPUS, service="loops")
+
+    def live_ids() -> set[int]:
+        return {int(c["id"]) for c in control.client_list()}
+
+    async def connection_ids() -> set[int]:
+        kept = await redis_io.direct_command_async(boss._redis, ("CLIENT", "ID"))  # the kept connection
+        ids = {int(kept), int(await boss._redis.client_id())}  # and one from the pool
+        assert len(ids) == 2 and ids <= live_ids()
+        return ids
+
+    async def first() -> tuple[Lease, set[int]]:
+        async with boss.lease(vram_gb=8, device="gpu0") as device:
+            assert device == "cuda:0"
+        return await boss.acquire(4, device="gpu0"), await connection_ids()
+
+    held, first_ids = asyncio.run(first())
+    assert not first_ids & live_ids(), "the first loop's connections outlived it"
+
+    async def second() -> tuple[bool, set[int]]:
+        released = await boss.release(held)
+        async with boss.lease(vram_gb=24, device="gpu0", timeout=0) as device:  # all of it: the first loop's is gone
+            assert device == "cuda:0"
+        return released, await connection_ids()
+
+    released, second_ids = asyncio.run(second())
+    assert released is True and not second_ids & first_ids
+    assert not second_ids & live_ids()
+    asyncio.run(boss.close())
+    gc.collect()  # (an abandoned connection would warn now)
+    assert control.hlen(Keys(namespace).leases) == 0 and set(used(real_url, namespace).values()) == {0}
+
+
+def test_async_boss_refuses_a_second_loop_running_at_once(real_url: str, namespace: str) -> None:
+    """Two event loops running at once (two threads) cannot share a boss: the second gets EventLoopError, before
+    anything is sent to Redis; the first goes on."""
+    control = raw_client(real_url)
+    boss = AsyncGPUBoss(real_url, namespace=namespace, gpus=GPUS, service="two-loops")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="other-loop", daemon=True)
+    thread.start()
+    try:
+        lease = asyncio.run_coroutine_threadsafe(boss.acquire(4), loop).result(10)
+        before = snapshot(control, namespace)
+        for call in (lambda: boss.acquire(4), lambda: boss.release(lease), boss.gpus, boss.register_gpus):
+            with pytest.raises(EventLoopError, match="create one AsyncGPUBoss per event loop"):
+                asyncio.run(call())
+        assert snapshot(control, namespace) == before
+        assert asyncio.run_coroutine_threadsafe(boss.release(lease), loop).result(10) is True
+        asyncio.run_coroutine_threadsafe(boss.close(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    assert set(used(real_url, namespace).values()) == {0}
 
 
 @pytest.mark.parametrize("front", ["sync", "async"])
