@@ -76,6 +76,9 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         self._link = AsyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop served (see the module's docstring)
+        # (_closing_with_loop of that loop, kept here: the loop holds its async generators only weakly, and one that
+        # nothing holds is finalized early, not by the loop's shutdown; tests/test_api.py shows its connections
+        # then outlive the loop)
         self._loop_guard: AsyncGenerator[None, None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
