@@ -359,8 +359,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         await asyncio.to_thread(self._notices.close)
         await asyncio.to_thread(self._heartbeat.close, True)
         await asyncio.to_thread(self._inventory.close)
-        await self._link.close()
-        await self._redis.aclose()
+        await self._link.close()  # (its Redis client too)
 
     async def __aenter__(self) -> AsyncGPUBoss:
         return self

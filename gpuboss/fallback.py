@@ -553,9 +553,9 @@ class AsyncLink:
         await self.real.aclose()
 
     async def close(self) -> None:
+        """Release what the local store still holds for this boss, then close this link's clients (Redis too:
+        :meth:`close_clients`) and the fallback's."""
         for sid in self.fallback.pop_shadows():
             await call_script_async(self._local_connection(), self.fallback.core.release_call(sid, "close"))
-        if self._local is not None:
-            await self._local.aclose()
-            self._local = None
+        await self.close_clients()
         await asyncio.to_thread(self.fallback.close)
