@@ -6,7 +6,8 @@ One run measures, against a private redis-server on a unix socket:
 2. floor B: an exclusive token handed between N processes by BLPOP/RPUSH (the push-based floor);
 3. uncontended acquire and release with ``GPUBoss``, ``AsyncGPUBoss`` and the bare scripts (sent as gpuboss
    sends them: FCALL of its function library on Redis 7 or later, else EVALSHA; the header's "scripts" line
-   says which);
+   says which), and for reference a minimal Lua lease (``minimal.py``: not gpuboss, the least a correct lease
+   script does, sent as floor A is);
 4. handoff of an exclusive lease between N processes (2, 8, 32), with fairness (consecutive grants to one
    process, and grants retaken by the releaser ahead of a waiter), against the exclusive-lock peers on the
    same Redis: redis-py's ``Lock`` (its default sleep, 0.1 s, and 0.001 s), python-redis-lock, pottery's
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from bench import eviction, floor, peers, pyside, scaling, scriptcalls, uncontended, weighted
+from bench import eviction, floor, minimal, peers, pyside, scaling, scriptcalls, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
 from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
@@ -255,6 +256,7 @@ class Bench:
                 if self.server.tcp_url is not None:
                     fa_tcp = samplers["floor tcp"] = floor.SyncFloor(self.server.tcp_url)
                 bare = samplers["bare"] = uncontended.BareScripts(self.url)
+                least = samplers["minimal"] = minimal.MinimalLease(self.url)
                 sync = samplers["sync"] = uncontended.SyncLeases(self.url)
                 aio = samplers["async"] = uncontended.AsyncLeases(self.url, runner)
                 spent = {name: ScriptTime() for name in samplers}
@@ -284,6 +286,7 @@ class Bench:
             Row(f"bare scripts: acquire {bare.command}", summarize(bare.cycles.acquire)),
             Row(f"bare scripts: release {bare.command}", summarize(bare.cycles.release)),
             Row("bare scripts: acquire + release", summarize(bare.cycles.total), "2A", doubled(self.floor_a)),
+            Row(minimal.ROW, summarize(least.cycles.total), "2A", doubled(self.floor_a)),
             Row("GPUBoss acquire()", summarize(sync.cycles.acquire)),
             Row("GPUBoss release()", summarize(sync.cycles.release)),
             Row("GPUBoss acquire() + release()", sync_total, "2A", doubled(self.floor_a)),
@@ -293,6 +296,7 @@ class Bench:
         ]
         self.results.floor_a, self.results.floor_a_async = self.floor_a, fas
         self.results.sync_cycle, self.results.async_cycle = sync_total, async_total
+        self.results.minimal_cycle = summarize(least.cycles.total)
         self.notes.append(script_note(spent))
         for name in ("sync", "async"):
             if spent[name].cycles and spent[name].calls:
@@ -651,6 +655,7 @@ def script_note(spent: dict[str, ScriptTime]) -> str:
             [
                 per("floor", "`return 1`"),
                 per("bare", "bare scripts"),
+                per("minimal", "minimal Lua lease"),
                 per("sync", "GPUBoss"),
                 per("async", "AsyncGPUBoss"),
             ]
@@ -765,7 +770,10 @@ NOTES = [
     "('x A'; the asyncio rows too, against the sync floor A); 'vs' names a second reference where one applies. "
     "Without a waiter, acquire() and release() are one script call each, so acquire() + release() is compared "
     "with two round trips ('2A'); the 'bare scripts' rows are those same calls sent from a plain client, which "
-    "splits the time between the scripts in Redis and the Python library around them. Floor A depends on the "
+    "splits the time between the scripts in Redis and the Python library around them; the 'minimal Lua lease' "
+    "row is a reference for the target, not gpuboss: the least a correct Lua lease does (one GPU, TTL reclaim, "
+    "fencing token, refused while anybody waits; no queue, events, policy or placement: bench/minimal.py), sent "
+    "as floor A is. Floor A depends on the "
     "state of the machine more than anything measured here: on an idle VM its vCPUs sleep between round trips "
     "and a wake-up costs tens of microseconds (~0.1 ms at p50 then, ~0.02 ms on a busy one), so it is sampled "
     "next to what it is compared with: interleaved with the one-process rows, and again inside the scaling "

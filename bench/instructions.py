@@ -8,7 +8,11 @@ machine is doing), and prints them per cycle of the scaling bench's samples (:mo
 * ``fit``: an acquire that is granted at once, then its release (nobody to grant), with W requests waiting
   behind a full GPU (the head of the queue does not fit);
 * ``handoff``: a holder's acquire, a waiter's acquire (queued at the head), the holder's release granting
-  the waiter, the waiter's BLPOP of its grant and its release.
+  the waiter, the waiter's BLPOP of its grant and its release;
+
+and, for scale, two references that are not gpuboss: ``minimal``, the acquire and release of
+:mod:`bench.minimal` (the least a correct Lua lease does), and ``floor``, two ``EVALSHA`` of ``return 1``
+(floor A's call).
 
 Each figure includes the server's own work for the calls (reading the command, the reply), not only the
 scripts. Run it in two worktrees (or before and after a change) to compare; the figures of one tree differ
@@ -41,6 +45,8 @@ from pathlib import Path
 from gpuboss.core import Reply
 from gpuboss.server import find_redis_server
 
+from bench.floor import SyncFloor
+from bench.minimal import MinimalLease
 from bench.scaling import GPU_GB, PARK_TTL_S, Level, gpu, new_id
 
 TOTALS_RE = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
@@ -133,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             handoff = server.measure(lambda: level.sample_handoff(args.cycles), "handoff")
         finally:
             level.close()
+        least, trivial = MinimalLease(server.url), SyncFloor(server.url)
+        try:
+            least_ir = server.measure(lambda: least.sample(args.cycles), "minimal")
+            floor_ir = server.measure(lambda: trivial.sample(2 * args.cycles), "floor")
+        finally:
+            least.close()
+            trivial.close()
     finally:
         server.stop()
     leases = f", {args.leases:,} leases on gpu2" if args.leases else ""
@@ -145,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         f"  handoff  {handoff / args.cycles / 1000:9.1f} k   holder's acquire, waiter's (queued), release granting it,"
     )
     print("                        the waiter's BLPOP of its grant and its release")
+    print(
+        f"  minimal  {least_ir / args.cycles / 1000:9.1f} k   reference, not gpuboss: bench/minimal.py's acquire + release"
+    )
+    print(f"  floor    {floor_ir / args.cycles / 1000:9.1f} k   reference: two EVALSHA of `return 1` (floor A's call)")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         for name in ("fit", "handoff"):

@@ -28,6 +28,8 @@ class Results:
     floor_a_async: Summary | None = None
     sync_cycle: Summary | None = None
     async_cycle: Summary | None = None
+    #: the minimal Lua lease's acquire + release (bench/minimal.py), sent as floor A is
+    minimal_cycle: Summary | None = None
     floor_b: dict[int, Contention] = field(default_factory=dict)
     gpuboss: dict[int, Contention] = field(default_factory=dict)
     peers: dict[int, list[Contention]] = field(default_factory=dict)
@@ -146,6 +148,9 @@ def build_targets(r: Results) -> Table:
             bound = ""
             if stat == "p50":
                 bound = no_client_beats(two, r.cycle_redis_us.get(kind), "the scripts' Redis time (mean)")
+            if kind == "sync" and r.minimal_cycle is not None:
+                least = getattr(r.minimal_cycle, stat)
+                bound += f"; a minimal Lua lease (bench/minimal.py), sent as floor A: {least / two:.2f}x"
             add(
                 [
                     f"Uncontended {label} acquire()+release() {stat}",

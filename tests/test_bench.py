@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ def test_bench_smoke_runs_and_reports(tmp_path: Path) -> None:
     for row in (
         "EVALSHA `return 1`",
         "GPUBoss acquire() + release()",
+        "reference, not gpuboss: minimal Lua lease, acquire + release",
         "GPUBoss, from release() returned",
         "Exclusive handoff between N=8 processes",
         "Weighted throughput",
@@ -43,6 +46,8 @@ def test_bench_smoke_runs_and_reports(tmp_path: Path) -> None:
     assert header.split(None, 1)[1].startswith(command), header
     assert f"bare scripts: acquire {command}" in result.stdout
     assert f"2.0 {command} and " in result.stdout  # the commandstats note counts gpuboss's own calls
+    assert "minimal Lua lease: 2.0 EVALSHA and " in result.stdout
+    assert "a minimal Lua lease (bench/minimal.py), sent as floor A: " in result.stdout  # in the targets
     text = out.read_text()
     assert "GPUBoss" in text
     assert "## Targets (issue 9)" in text
@@ -163,3 +168,51 @@ def test_a_failing_profile_worker_is_an_error_not_a_skipped_section(tmp_path: Pa
     assert not issubclass(ProfileFailed, RuntimeError)
     with pytest.raises(ProfileFailed, match="unreachable"):
         run_alone("sync", f"unix://{tmp_path}/no-redis.sock", 0.1, tmp_path)
+
+
+def test_minimal_lease_reference_is_a_correct_lease(real_url: str) -> None:
+    """bench/minimal.py, the reference the uncontended target is set against, must be a real lease: it grants
+    what fits, refuses what does not or while anybody waits, gives the MiB back on release, reclaims a lease
+    whose TTL ran out at the next acquire, and leaves no keys behind."""
+    from bench.minimal import MinimalLease
+
+    from tests.conftest import raw_client
+
+    least = MinimalLease(real_url)
+    client = raw_client(real_url)
+    keys = least.keys
+    gpu_key, queue_key = keys[0], keys[3]
+    acquire, release = least.acquire_sha, least.release_sha
+
+    def take(rid: str, mib: int, ttl_ms: int = 30_000) -> list[object]:
+        return list(client.evalsha(acquire, len(keys), *keys, rid, mib, ttl_ms, "test", 1))
+
+    try:
+        assert len(least.cycles.total) == 0  # (the warm-up is not sampled)
+        least.sample(3)
+        assert len(least.cycles.total) == 3
+        assert client.hget(gpu_key, "used") == "0"
+        granted = take("a", 16 * 1024)
+        assert granted[0] == 1
+        record = json.loads(str(granted[1]))
+        assert record["vram_mib"] == 16 * 1024 and record["id"] == "a"
+        assert take("b", 9 * 1024) == [0]  # 16 + 9 GB > 24 GB
+        assert take("c", 8 * 1024)[0] == 1
+        assert client.hget(gpu_key, "used") == str(24 * 1024)
+        assert client.evalsha(release, len(keys), *keys, "a") == 1
+        assert client.evalsha(release, len(keys), *keys, "a") == 0  # twice: no such lease
+        client.zadd(queue_key, {"someone": 1})
+        assert take("d", 1024) == [0]  # it fits, but somebody waits
+        client.delete(queue_key)
+        short = take("e", 16 * 1024, ttl_ms=50)
+        assert short[0] == 1 and json.loads(str(short[1]))["token"] > record["token"]
+        time.sleep(0.2)
+        assert take("f", 16 * 1024)[0] == 1  # e's TTL ran out: reclaimed by this acquire
+        assert client.hexists(keys[1], "e") == 0
+        assert client.hget(gpu_key, "used") == str(24 * 1024)
+        for rid in ("c", "f"):
+            assert client.evalsha(release, len(keys), *keys, rid) == 1
+    finally:
+        least.close()
+    assert client.exists(*keys) == 0
+    client.close()
