@@ -103,14 +103,17 @@ def test_a_preemptible_multi_gpu_lease_is_evicted_and_resumes_on_two_gpus(pair: 
     assert used(tp) == {"g0": 0, "g1": 0}
 
 
-def test_a_multi_gpu_lease_stays_on_one_host(backend_url: str, namespace: str) -> None:
-    a = make_boss(backend_url, namespace, fk.mixed_host(), host="hostA")  # 3 GPUs of different sizes
-    b = make_boss(backend_url, namespace, fk.uniform_host(), host="hostB")  # 4 x 24 GB
+# Plain host names are read from the declarations' JSON text; others (here a space and a '+') are decoded
+# (state.lua host_of): both must keep a lease on one host.
+@pytest.mark.parametrize("host_a, host_b", [("hostA", "hostB"), ("rack 7+a", "rack 7+b")])
+def test_a_multi_gpu_lease_stays_on_one_host(backend_url: str, namespace: str, host_a: str, host_b: str) -> None:
+    a = make_boss(backend_url, namespace, fk.mixed_host(), host=host_a)  # 3 GPUs of different sizes
+    b = make_boss(backend_url, namespace, fk.uniform_host(), host=host_b)  # 4 x 24 GB
     try:
         a.register_gpus()
         hosts = {g.id: g.host for g in b.register_gpus()}
         lease = b.acquire(40, gpus=4, node="any", timeout=0)
-        assert len(set(lease.gpus)) == 4 and {hosts[g] for g in lease.gpus} == {"hostB"}
+        assert len(set(lease.gpus)) == 4 and {hosts[g] for g in lease.gpus} == {host_b}
         assert len(lease.uuids) == 4 and lease.child_env()["CUDA_VISIBLE_DEVICES"].count("GPU-") == 4
         b.release(lease)
     finally:

@@ -445,3 +445,34 @@ def test_warm_reply_codes_against_the_server(binary: str, core: Core, tmp_path: 
         assert seen == {"activity": {int(c) for c in ActivityReply}, "unload": {int(c) for c in UnloadReply}}
     finally:
         server.stop()
+
+
+def test_device_index_read_from_the_declaration_text_agrees_with_decoding(backend_url: str, namespace: str) -> None:
+    """A grant reads its GPU's device index from the declaration's JSON text where it is a plain integer under
+    the one "index" key (state.lua index_of), and decodes the declaration otherwise: both must give the
+    top-level index. The declarations below are written by hand; a JSON encoder could write any of them."""
+    from gpuboss import Keys
+
+    boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="decl")
+    client = raw_client(backend_url)
+    keys = Keys(namespace)
+    try:
+        boss.release(boss.acquire(1, device="gpu0", timeout=0))  # (registered; now edit its declaration)
+        decl = {k: v for k, v in json.loads(client.hget(keys.gpus, "gpu0")).items() if k != "index"}
+        variants = {
+            json.dumps({**decl, "index": 5}): "cuda:5",  # read from the text
+            json.dumps({**decl, "index": 6}, separators=(",", ":")): "cuda:6",  # the same, no spaces
+            json.dumps({"index": 4, **decl}).replace('"index": 4', '"index" : 4'): "cuda:4",  # space before ':'
+            json.dumps({"extra": {"index": 9}, **decl, "index": 7}): "cuda:7",  # nested one first: decoded
+            json.dumps({**decl, "index": 3, "extra": {"index": 9}}): "cuda:3",  # nested one after
+            json.dumps({**decl, "index": 2.0}): "cuda:2",  # not an integer's text: decoded
+        }
+        for text, device in variants.items():
+            client.hset(keys.gpus, "gpu0", text)
+            lease = boss.acquire(1, device="gpu0", timeout=0)
+            record = json.loads(client.hget(keys.leases, lease.id))
+            boss.release(lease)
+            assert record["device"] == device, text
+    finally:
+        boss.close()
+        client.close()

@@ -196,12 +196,17 @@ local function decl_of(s, gpu)
 end
 
 -- A GPU's device index (from its declaration): read from the JSON text when it is a plain integer (every grant
--- asks), else decoded; 0 when it has none.
+-- asks), else decoded; 0 when it has none. The key is found by a plain search, and the pattern is tried only
+-- there (anchored): an unanchored pattern is tried at every position of the text, which cost more than the rest
+-- of the lookup.
 local function index_of(s, gpu)
   local raw = raw_decl(s, gpu)
-  local index = string.match(raw, '"index":%s*(%d+)%s*[,}]')
-  if index and not string.find(raw, '"index"', string.find(raw, '"index"', 1, true) + 1, true) then
-    return tonumber(index)
+  local at = string.find(raw, '"index"', 1, true)
+  if at and not string.find(raw, '"index"', at + 1, true) then
+    local index = string.match(raw, '^"index":%s*(%d+)%s*[,}]', at)
+    if index then
+      return tonumber(index)
+    end
   end
   return decl_of(s, gpu).index or 0
 end
@@ -212,9 +217,12 @@ local function host_of(s, gpu)
   local host = s.host_of[gpu]
   if host == nil then
     local raw = raw_decl(s, gpu)
-    host = string.match(raw, '"host":%s*"([%w%.%-_]+)"')
-    if host == nil and string.find(raw, '"host":%s*"') then
-      host = decl_of(s, gpu).host
+    local at = string.find(raw, '"host":', 1, true) -- (plain, then anchored there: see index_of)
+    if at then
+      host = string.match(raw, '^"host":%s*"([%w%.%-_]+)"', at)
+      if host == nil then
+        host = decl_of(s, gpu).host
+      end
     end
     if type(host) ~= 'string' then
       host = false
