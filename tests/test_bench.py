@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import raw_client
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -175,8 +177,6 @@ def test_minimal_lease_reference_is_a_correct_lease(real_url: str) -> None:
     what fits, refuses what does not or while anybody waits, gives the MiB back on release, reclaims a lease
     whose TTL ran out at the next acquire, and leaves no keys behind."""
     from bench.minimal import MinimalLease
-
-    from tests.conftest import raw_client
 
     least = MinimalLease(real_url)
     client = raw_client(real_url)
