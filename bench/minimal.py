@@ -17,11 +17,15 @@ from __future__ import annotations
 import time
 import uuid
 
+from gpuboss.config import gb_to_mib
 from gpuboss.redis_io import direct_command
 
 from bench.env import connect
 from bench.handoff import EXCLUSIVE_GB
 from bench.uncontended import WARMUP, Cycles
+
+#: The lease each cycle takes: the whole GPU, as the other uncontended rows do.
+MIB = gb_to_mib(EXCLUSIVE_GB)
 
 #: Its row in the uncontended section (and how the targets name it).
 ROW = "reference, not gpuboss: minimal Lua lease, acquire + release"
@@ -82,7 +86,7 @@ class MinimalLease:
         self.client = connect(url)
         prefix = f"benchmin{uuid.uuid4().hex[:10]}"
         self.keys = [f"{prefix}:{name}" for name in ("gpu", "leases", "lease_exp", "queue", "token")]
-        self.client.hset(self.keys[0], mapping={"cap": int(EXCLUSIVE_GB * 1024), "used": 0})
+        self.client.hset(self.keys[0], mapping={"cap": MIB, "used": 0})
         self.acquire_sha: str = self.client.script_load(ACQUIRE)
         self.release_sha: str = self.client.script_load(RELEASE)
         self.cycles = Cycles()
@@ -90,10 +94,9 @@ class MinimalLease:
 
     def _loop(self, n: int, cycles: Cycles) -> None:
         client, keys, mono = self.client, self.keys, time.monotonic
-        mib = int(EXCLUSIVE_GB * 1024)
         calls = [
             (
-                ("EVALSHA", self.acquire_sha, len(keys), *keys, rid, mib, 30_000, "bench-minimal", 1),
+                ("EVALSHA", self.acquire_sha, len(keys), *keys, rid, MIB, 30_000, "bench-minimal", 1),
                 ("EVALSHA", self.release_sha, len(keys), *keys, rid),
             )
             for rid in (uuid.uuid4().hex for _ in range(n))
