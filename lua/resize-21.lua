@@ -5,10 +5,14 @@
   a higher priority waits (VRAM held for the eviction of a lower priority's request counts as free for it,
   as for a newcomer in acquire); otherwise a request for the extra (id `<lease id>:grow`, pinned to the lease's
   GPU) waits in the queue like a new request of the lease's priority while the current part stays held,
-  and its grant adds to the lease. Calling again with the same size reports where that stands.
+  and its grant adds to the lease. Calling again with the same size reports where that stands. The policy
+  holds a growth back like a request (pause, window, the service's MiB cap), except for the caps on the
+  number of leases (`max_leases` of its class or service): a growth adds no lease. A lease over several
+  GPUs cannot be resized (INSUFFICIENT with max_mib 0, nothing written).
 
-  Events: `resized` (with from_mib and to_mib, or added_mib when a queued growth is granted), `queued`,
-  `granted` for waiters served, `evict_cancelled` when a shrink satisfied an eviction.
+  Events: `resized` (with from_mib and to_mib, or added_mib when a queued growth is granted), `queued` (with
+  grow_of, ahead, ttl_ms, and held_back when the policy holds it back), `granted` for waiters served,
+  `evict_cancelled` when a shrink satisfied an eviction.
 
   Input:
     KEYS[1..19] the state layout (includes/state.lua)
@@ -24,7 +28,8 @@
     {0}                         GONE: no lease under that id (or not the caller's: wrong secret)
     {1, lease}                  DONE: the lease has the new size now (record, JSON)
     {2, position, next_ms}      QUEUED: the growth waits at this 0-based queue position
-    {-1, max_mib}               INSUFFICIENT: the lease's GPU can never hold that much; nothing written
+    {-1, max_mib}               INSUFFICIENT: the lease's GPU can never hold that much; nothing written.
+                                Also for a lease over several GPUs, which cannot be resized: {-1, 0}
 ]]
 --- @include "state"
 --- @include "emit"
@@ -50,6 +55,9 @@ if diff == 0 then
     grant_waiting(s, now)
   end
   return {1, raw}
+end
+if rec.gpus and #rec.gpus > 1 then
+  return {-1, 0} -- a lease over several GPUs cannot be resized (the client refuses it before asking)
 end
 if want > (s.cap[rec.gpu] or 0) then
   return {-1, s.cap[rec.gpu] or 0}
@@ -108,8 +116,8 @@ if redis.call('HEXISTS', K_TICKETS, grow_id) == 1 then
 end
 local first = first_waiting_rank(s)
 s.newcomer = {id = id, rank = rec.rank} -- a hold for a request of a lower rank does not block the growth
-if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff
-    and held_back(s, rec.priority, rec.service, diff) == '' then
+local why = held_back(s, rec.priority, rec.service, diff, true) -- (a growth adds no lease)
+if (first == nil or first < rec.rank) and free_for(s, rec.gpu, id) >= diff and why == '' then
   apply(diff)
   raw = cjson.encode(rec)
   redis.call('HSET', K_LEASES, id, raw)
@@ -127,6 +135,10 @@ add_expiry(s, K_QUEUE_EXP, now + rec.ttl_ms, grow_id)
 local position = redis.call('ZRANK', K_QUEUE, grow_id)
 local ev = request_fields(req)
 ev.ahead = position
+ev.ttl_ms = req.ttl_ms
 ev.grow_of = id
+if why ~= '' then
+  ev.held_back = why
+end
 emit('queued', now, ev)
 return {2, position, next_expiry(now)}

@@ -162,6 +162,37 @@ def test_without_aging_the_stream_wins(bosses: Bosses, backend_url: str, namespa
     assert order == ["normal", "low"]
 
 
+def test_aging_looks_past_requests_aged_into_a_class(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    """A low request aged into normal sits at the front of the normal band (it keeps its older arrival number)
+    and earns no more (max_boost 1): the normal request behind it, which waited as long, still ages to high
+    and is served before a high request that came later."""
+    aging = {"every_s": 0.3, "max_boost": 1}
+    holder = bosses(service="holder", aging=aging)
+    low_boss, normal_boss, high_boss = (bosses(service=name, aging=aging) for name in ("batch", "api", "ops"))
+    held = holder.acquire(16, priority="high")
+    order: list[str] = []
+
+    def wait(boss: GPUBoss, priority: str) -> Any:
+        lease = boss.acquire(16, priority=priority, timeout=WAIT_S)
+        order.append(priority)
+        return lease
+
+    low_t, low_out = in_thread(lambda: wait(low_boss, "low"))
+    queued(backend_url, namespace, 1)
+    normal_t, normal_out = in_thread(lambda: wait(normal_boss, "normal"))
+    queued(backend_url, namespace, 2)
+    time.sleep(0.45)  # both have waited longer than every_s
+    high_t, high_out = in_thread(lambda: wait(high_boss, "high"))  # its acquire ages the queue first
+    queued(backend_url, namespace, 3)
+    holder.release(held)
+    normal_boss.release(result(normal_t, normal_out))
+    high_boss.release(result(high_t, high_out))
+    low_boss.release(result(low_t, low_out))
+    assert order == ["normal", "high", "low"]
+    aged = [(e.data["priority"], e.data["rank"]) for e in replay(backend_url, namespace) if e.type == "aged"]
+    assert ("normal", 2) in aged and ("low", 1) in aged
+
+
 # ---------------------------------------------------------------- backfill
 
 
@@ -310,6 +341,50 @@ def test_service_vram_cap_and_class_cap(bosses: Bosses) -> None:
         web.acquire(1, priority="high", timeout=0.3)
     for lease, boss in ((a, ai), (b, ai), (h, web)):
         boss.release(lease)
+
+
+def test_a_lease_at_its_lease_cap_can_grow(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    """max_leases counts leases: a growth adds none, at once or after waiting in the queue."""
+    caps = {"services": {"ai": {"max_leases": 1}}, "classes": {"normal": {"max_leases": 2}}}
+    ai, web = bosses(service="ai", caps=caps), bosses(service="web", caps=caps)
+    lease = ai.acquire(4)
+    lease.resize(6, timeout=0.5)  # VRAM is free: at once
+    assert lease.vram_mib == 6144
+    other = web.acquire(10)  # the GPU is full now, and the class at its cap
+    grow_t, grow_out = in_thread(lambda: lease.resize(12, timeout=WAIT_S))
+    queued(backend_url, namespace, 1)
+    web.release(other)  # the queued growth is granted though both caps are reached
+    result(grow_t, grow_out)
+    assert lease.vram_mib == 12288
+    waited = [e for e in replay(backend_url, namespace) if e.type == "queued" and e.data.get("grow_of") == lease.id]
+    assert waited and waited[0].data["ttl_ms"] == round(lease.ttl * 1000) and "held_back" not in waited[0].data
+    ai.release(lease)
+
+
+def test_a_growth_over_the_service_vram_cap_waits(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    caps = {"services": {"ai": {"max_leases": 1, "max_vram_gb": 6}}}
+    ai = bosses(service="ai", caps=caps)
+    lease = ai.acquire(4)
+    with pytest.raises(LeaseTimeout):
+        lease.resize(8, timeout=0.3)  # 8 GB > 6 GB for this service, though the GPU has room
+    assert lease.vram_mib == 4096
+    lease.resize(6, timeout=0.5)  # at the cap: allowed
+    assert lease.vram_mib == 6144
+    waited = [e.data for e in replay(backend_url, namespace) if e.type == "queued" and e.data.get("grow_of")]
+    assert [(e["held_back"], e["ttl_ms"]) for e in waited] == [("service_cap", round(lease.ttl * 1000))]
+    ai.release(lease)
+
+
+def test_the_resize_script_refuses_a_lease_over_several_gpus(bosses: Bosses, backend_url: str, namespace: str) -> None:
+    boss = bosses(TWO)
+    lease = boss.acquire(8, gpus=2)  # 4 GB on each
+    client = raw_client(backend_url)
+    used = client.hgetall(Keys(namespace).used)
+    reply = call_script_sync(client, boss._core.resize_call(lease.id, 6144))  # the client refuses before this
+    assert [int(reply[0]), int(reply[1])] == [-1, 0]
+    assert client.hgetall(Keys(namespace).used) == used
+    boss.release(lease)
+    assert {int(v) for v in client.hgetall(Keys(namespace).used).values()} == {0}
 
 
 # ---------------------------------------------------------------- max_hold

@@ -23,7 +23,8 @@
 
   Needs the emit, drop and evict includes above it.
 ]]
--- Queued requests of a band examined for aging per call (the oldest ones; the band is in arrival order).
+-- Queued requests of a band examined for aging per call (the oldest ones; the band is in arrival order). The
+-- requests already aged into the band are skipped but count against it, so the work per call stays bounded.
 local AGING_PEEK = 16
 -- Blocked requests a backfill pass looks past before it stops.
 local BACKFILL_LIMIT = 64
@@ -102,7 +103,12 @@ local function grant(s, id, req, where, now)
   return raw
 end
 
--- Aging: move the oldest waiting requests of each class up as many classes as their wait earns.
+-- Aging: move the oldest waiting requests of each class up as many classes as their wait earns. A band (the
+-- requests waiting at one rank) holds the class's own requests and those aged into it, in arrival order. The
+-- first of the class's own requests that has not waited long enough ends the look at its band (the own ones
+-- after it waited less); a request aged into the band that earns no more (at its max_boost, or not yet
+-- waited long enough for the next class), or one of a rank that is not a configured class, is passed over.
+-- At most AGING_PEEK requests of a band are looked at per call, the passed-over ones included.
 local function age_queue(s, now)
   local aging, classes = s.policy.aging, s.policy.classes
   if not aging or not classes then
@@ -125,19 +131,20 @@ local function age_queue(s, now)
       if raw then
         local req = cjson.decode(raw)
         local base = index[req.rank]
-        if base == nil then
-          break -- a rank that is not a configured class: left alone
+        -- (nil: a rank that is not a configured class, left alone and passed over)
+        if base ~= nil then
+          local boost = math.min(aging.max_boost, math.floor((now - req.requested_at) / aging.every_ms))
+          local rank = ranks[math.min(#ranks, base + boost)]
+          if rank > ranks[i] then
+            redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + req.seq), id)
+            local ev = request_fields(req)
+            ev.rank = rank
+            ev.waited_ms = now - req.requested_at
+            emit('aged', now, ev)
+          elseif base == i then
+            break -- one of the class's own, in arrival order: its own ones after it waited less
+          end -- (else aged into this band already and earns no more now: passed over)
         end
-        local boost = math.min(aging.max_boost, math.floor((now - req.requested_at) / aging.every_ms))
-        local rank = ranks[math.min(#ranks, base + boost)]
-        if rank <= ranks[i] then
-          break -- the band is in arrival order: the ones after it waited less
-        end
-        redis.call('ZADD', K_QUEUE, int((RANK_BASE - rank) * SEQ_SPAN + req.seq), id)
-        local ev = request_fields(req)
-        ev.rank = rank
-        ev.waited_ms = now - req.requested_at
-        emit('aged', now, ev)
       end
     end
   end
@@ -162,7 +169,7 @@ local function first_waiting_rank(s)
       return rank_of_score(head[2])
     end
     local req = cjson.decode(raw)
-    if held_back(s, req.priority, req.service, req.vram_mib) == '' then
+    if held_back(s, req.priority, req.service, req.vram_mib, req.grow_of ~= nil) == '' then
       return rank_of_score(head[2])
     end
     i = i + 1
@@ -230,7 +237,7 @@ local function grant_waiting(s, now)
       drop_request(head) -- a queue entry without its record: repair, never block on it
     else
       local req = cjson.decode(raw)
-      if held_back(s, req.priority, req.service, req.vram_mib) ~= '' then
+      if held_back(s, req.priority, req.service, req.vram_mib, req.grow_of ~= nil) ~= '' then
         skip = skip + 1
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone

@@ -690,8 +690,10 @@ local function active_of(s, class)
 end
 
 -- Why a request of this class and service may not be granted now ('' when it may): a pause rule, a runtime
--- pause, a time window, or a cap. `need` is the MiB it would add.
-local function held_back(s, class, service, need)
+-- pause, a time window, or a cap. `need` is the MiB it would add. `grow`: the request grows a lease (resize)
+-- and adds no lease, so the caps on the number of leases (class and service max_leases) do not hold it back;
+-- the service's MiB cap still does.
+local function held_back(s, class, service, need, grow)
   local p = s.policy
   if not p.holds_back then
     return ''
@@ -715,12 +717,12 @@ local function held_back(s, class, service, need)
   end
   if p.caps then
     local cap = p.caps.classes and p.caps.classes[class]
-    if cap and cap.leases and active_of(s, class) >= cap.leases then
+    if cap and cap.leases and not grow and active_of(s, class) >= cap.leases then
       return 'class_cap'
     end
     cap = p.caps.services and p.caps.services[service]
     if cap then
-      if cap.leases and usage_of(s, 'svc:' .. service) >= cap.leases then
+      if cap.leases and not grow and usage_of(s, 'svc:' .. service) >= cap.leases then
         return 'service_cap'
       end
       if cap.mib and usage_of(s, 'svcmib:' .. service) + need > cap.mib then
