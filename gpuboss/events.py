@@ -305,7 +305,7 @@ class Subscription:
 
     def _open(self, first: bool) -> None:
         self._client = connect_sync(self.url, self._within, socket_timeout=self._within)
-        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         self._pubsub.subscribe(self.keys.events)
         deadline = time.monotonic() + self._within
         while True:  # wait for the confirmation: from here on, nothing published is missed

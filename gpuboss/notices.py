@@ -72,7 +72,7 @@ class NoticeListener:
 
     def _listen(self) -> None:
         client = connect_sync(self._url, self._timeout)
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         try:
             pubsub.subscribe(self._channel)
             while not self._stopped.is_set():

@@ -105,13 +105,13 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
     if target.kind == "sentinel":
         from redis.sentinel import Sentinel
 
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(target.endpoints),
             sentinel_kwargs={**_sentinel_kwargs(target, connect_timeout), "retry": Retry(NoBackoff(), 0)},
             retry=Retry(NoBackoff(), 0),
             **_node_kwargs(target, connect_timeout),
         )
-        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             target.service, redis_class=SentinelPrimary, socket_timeout=socket_timeout, db=target.db
         )
         return primary
@@ -120,7 +120,7 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
 
         def make() -> Any:
             return RedisCluster(
-                startup_nodes=[ClusterNode(host, port) for host, port in target.endpoints],  # type: ignore[no-untyped-call]
+                startup_nodes=[ClusterNode(host, port) for host, port in target.endpoints],  # type: ignore[no-untyped-call, unused-ignore]
                 socket_timeout=socket_timeout,
                 **_node_kwargs(target, connect_timeout),
             )
@@ -195,7 +195,7 @@ def connect_async(url: str, connect_timeout: float, socket_timeout: float | None
     if target.kind == "sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(target.endpoints),
             sentinel_kwargs={**_sentinel_kwargs(target, connect_timeout), "retry": AsyncRetry(NoBackoff(), 0)},
             retry=AsyncRetry(NoBackoff(), 0),
