@@ -9,6 +9,7 @@ from gpuboss.client import GPUBoss
 from gpuboss.config import BossConfig, GPUConfig, load_config
 from gpuboss.core import GpuInfo
 from gpuboss.errors import (
+    BossClosed,
     ConfigError,
     EventLoopError,
     GPUBossError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncGPUBoss",
+    "BossClosed",
     "BossConfig",
     "ConfigError",
     "Device",

@@ -40,7 +40,7 @@ from gpuboss.core import (
     YieldReply,
     new_request_id,
 )
-from gpuboss.errors import EventLoopError, LeaseCancelled, RedisUnavailable
+from gpuboss.errors import EventLoopError, GPUBossError, LeaseCancelled, RedisUnavailable
 from gpuboss.fallback import ROUTE, AsyncLink, Route
 from gpuboss.lease import Device, Lease, LeaseState, call_on_evict
 from gpuboss.redis_io import connect_async, run_flow_async
@@ -154,6 +154,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     ) -> Lease:
         """Wait for a lease of ``vram_gb`` GB (or of what ``model`` needs); see the README, docs/eviction.md and
         docs/inventory.md for every argument."""
+        self._check_open()
         choice = None
         if self._wants_model(vram_gb, model, quantizations):
             choice = await self.choose_model(str(model), quantizations, node)
@@ -182,10 +183,15 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
             self._heartbeat.forget(request_id)
             await self._release_id(request_id, req.ttl_ms, "cancel")
             raise
-        lease._handling = asyncio.Lock()
-        if choice is not None:
-            lease.model, lease.quantization = choice.model, choice.quantization
-        return self._granted(lease)
+        try:
+            lease._handling = asyncio.Lock()
+            if choice is not None:
+                lease.model, lease.quantization = choice.model, choice.quantization
+            return self._granted(lease)
+        except BaseException:  # granted, but never handed to the caller: release it
+            self._abandon(lease, request_id)
+            await self._release_id(request_id, req.ttl_ms, "cancel")
+            raise
 
     # -- eviction
 
@@ -246,11 +252,17 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         return True
 
     async def _resize(self, lease: Lease, vram_gb: float, timeout: float | None) -> Lease:
-        record = await self._run(self._core.resize_flow(lease, vram_gb, timeout))
-        lease.apply_record(record)
-        if record.get("state") == "active":
-            lease._move_if("continue")
-        return lease
+        self._check_open()
+        try:
+            record = await self._run(self._core.resize_flow(lease, vram_gb, timeout))
+        except BaseException as err:
+            grow_id = self._grow_withdrawn(lease, err)
+            if grow_id is not None:
+                await self._release_id(grow_id, int(lease.ttl * 1000), "cancel")
+            raise
+        finally:
+            self._heartbeat.forget(self._grow_id(lease))  # (watched while it waited: renewed no more)
+        return self._resized(lease, record)
 
     async def _activity(self, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:
         return await warm.activity_async(self, lease, op, idle_timeout_ms)
@@ -259,6 +271,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         """``async with boss.keep_warm(model="gemma3:12b", vram_gb=9, idle_timeout_s=300, on_unload=...) as warm:``
         keeps a model loaded between requests, under a lease that yields to real work; serve each request in
         ``async with warm.busy() as device:``. See :class:`~gpuboss.WarmModel` and docs/warm.md."""
+        self._check_open()
         return warm.WarmModel(self, model, vram_gb, **options)
 
     async def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
@@ -275,8 +288,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
 
     async def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
-        lease_id, ttl_ms = self._begin_release(lease)
-        return self._core.released(await self._release_id(lease_id, ttl_ms), lease_id)
+        lease_id, ttl_ms, pending = self._begin_release(lease)
+        return self._end_release(await self._release_id(lease_id, ttl_ms), lease_id, pending)
 
     @contextlib.asynccontextmanager
     async def lease(
@@ -349,17 +362,27 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         return self._core.collected(await self._eval(self._core.collect_call()))
 
     async def close(self) -> None:
-        """Release every lease this boss holds and stop its heartbeat. Safe to call twice."""
+        """Release every lease this boss holds (each is marked released) and stop its heartbeat; the boss grants
+        nothing after (:class:`~gpuboss.errors.BossClosed`). Safe to call twice. Best effort: a release that
+        fails (Redis down) is left to the heartbeat's last try as it stops, and to the lease's TTL."""
         if asyncio.get_running_loop() is not self._loop:
             await self._bind_loop()
-        for lease_id in list(self._leases):
-            await self.release(lease_id)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.to_thread(self._notices.close)
-        await asyncio.to_thread(self._heartbeat.close, True)
-        await asyncio.to_thread(self._inventory.close)
-        await self._link.close()  # (its Redis client too)
+        try:
+            for lease in self._close_leases():
+                self._heartbeat.forget(lease.id)
+                try:
+                    await self._release_id(lease.id, int(lease.ttl * 1000))
+                except (GPUBossError, RedisError, OSError) as err:  # (_release_id handed it to the heartbeat)
+                    log.warning(
+                        "gpuboss: could not release %s on close (%s); retried as the heartbeat stops", lease.id, err
+                    )
+            if self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
+        finally:
+            await asyncio.to_thread(self._notices.close)
+            await asyncio.to_thread(self._heartbeat.close, True)
+            await asyncio.to_thread(self._inventory.close)
+            await self._link.close()  # (its Redis client too)
 
     async def __aenter__(self) -> AsyncGPUBoss:
         return self

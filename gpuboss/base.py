@@ -8,8 +8,8 @@ import os
 from typing import Any, Self
 
 from gpuboss.config import BossConfig, config_from_arguments, load_config
-from gpuboss.core import Core, LeaseRequest, YieldOutcome, YieldReply
-from gpuboss.errors import InvalidRequest, LeaseEvicted, LeaseLost
+from gpuboss.core import CLEAN_ERRORS, Core, LeaseRequest, YieldOutcome, YieldReply
+from gpuboss.errors import BossClosed, InvalidRequest, LeaseEvicted, LeaseLost, RedisUnavailable
 from gpuboss.fallback import Fallback
 from gpuboss.heartbeat import Heartbeat
 from gpuboss.lease import EvictNotice, Lease, LeaseState
@@ -35,6 +35,7 @@ class BossBase:
             self.url, self._core.notify_channel, self._on_notice, self._core.config.connect_timeout
         )
         self._leases: dict[str, Lease] = {}
+        self._closed = False  # set by close(): nothing more is granted (the heartbeat is stopped)
         self._inventory = Inventory(self._core, self.url, self.held)  # GPU discovery, sampler (registry.py)
         log.info("gpuboss: namespace %r on Redis %s", self._core.config.namespace, self._shown_url)
 
@@ -50,6 +51,11 @@ class BossBase:
     @property
     def namespace(self) -> str:
         return self._core.config.namespace
+
+    def _check_open(self) -> None:
+        """:class:`BossClosed` once ``close()`` ran: a lease granted now would never be renewed."""
+        if self._closed:
+            raise BossClosed(f"this {type(self).__name__} is closed: create a new one to get leases")
 
     def held(self) -> list[Lease]:
         """The leases this boss holds now."""
@@ -147,16 +153,73 @@ class BossBase:
         """For a resume: True once the lease was released meanwhile (its block ended)."""
         return lease.state is LeaseState.RELEASED
 
-    def _begin_release(self, lease: Lease | str) -> tuple[str, int]:
-        """Mark a lease released and stop renewing it; its id and TTL (ms) for the release call."""
+    def _begin_release(self, lease: Lease | str) -> tuple[str, int, Lease | None]:
+        """Stop renewing a lease and, if this boss holds it, mark it released; its id, its TTL (ms) for the
+        release call, and the Lease object to mark released once Redis accepted the release (one this boss
+        does not hold: it may be another holder's, which Redis refuses; see :meth:`_end_release`)."""
         if not isinstance(lease, str | Lease):
             raise InvalidRequest("lease", lease, "must be a Lease or a lease id (str)")
         lease_id = lease if isinstance(lease, str) else lease.id
-        obj = self._leases.pop(lease_id, None) or (lease if isinstance(lease, Lease) else None)
-        if obj is not None:
-            obj._move("released")
+        # Forget it first: interrupted after this line, the lease is at worst left to its TTL, never renewed.
         self._heartbeat.forget(lease_id)
-        return lease_id, int(obj.ttl * 1000) if obj is not None else UNKNOWN_TTL_MS
+        obj = self._leases.pop(lease_id, None) or (lease if isinstance(lease, Lease) else None)
+        if obj is None:
+            return lease_id, UNKNOWN_TTL_MS, None
+        if obj._driver is not self:  # another boss's: Redis may refuse (NOT_HOLDER), which must leave it alone
+            return lease_id, int(obj.ttl * 1000), obj
+        obj._move("released")  # ours, at once: a resume waiting for it stops (_stop_waiting)
+        return lease_id, int(obj.ttl * 1000), None
+
+    def _end_release(self, reply: list[Any], lease_id: str, pending: Lease | None) -> bool:
+        """What a release call answered (:class:`InvalidRequest` for another holder's lease, which is then left
+        as it was); ``pending`` is marked released only after Redis accepted the release."""
+        released = self._core.released(reply, lease_id)
+        if pending is not None:
+            pending._move("released")
+        return released
+
+    def _abandon(self, lease: Lease, request_id: str) -> None:
+        """A lease granted but never handed to the caller (interrupted in between): forget it, before the
+        caller releases ``request_id``."""
+        self._heartbeat.forget(request_id)
+        self._heartbeat.forget(lease.id)
+        self._leases.pop(lease.id, None)
+        lease._move_if("released")
+
+    def _close_leases(self) -> list[Lease]:
+        """For close(): no more grants; the leases held, each dropped and marked released (the caller releases
+        them, or the heartbeat does as it stops)."""
+        self._closed = True
+        leases = list(self._leases.values())
+        self._leases.clear()
+        for lease in leases:
+            lease._move("released")
+        return leases
+
+    @staticmethod
+    def _grow_id(lease: Lease) -> str:
+        """The request a growing resize queues (and watches) while it waits (core.resize_flow)."""
+        return f"{lease.id}:grow"
+
+    @staticmethod
+    def _resized(lease: Lease, record: dict[str, Any]) -> Lease:
+        lease.apply_record(record)
+        if record.get("state") == "active":
+            lease._move_if("continue")
+        return lease
+
+    def _grow_withdrawn(self, lease: Lease, error: BaseException) -> str | None:
+        """A resize failed with ``error``: the ``<id>:grow`` request to release (reason ``cancel``) when ``error``
+        interrupted it midway (Ctrl-C, a cancelled task). None after a clean refusal, whose flow withdrew the
+        request itself, and with Redis down, where the heartbeat withdraws it once Redis is back."""
+        grow_id = self._grow_id(lease)
+        self._heartbeat.forget(grow_id)
+        if isinstance(error, RedisUnavailable):
+            self._heartbeat.release_later(grow_id, int(lease.ttl * 1000))
+            return None
+        if isinstance(error, (*CLEAN_ERRORS, LeaseLost)):
+            return None
+        return grow_id
 
     @staticmethod
     def _check_block_end(lease: Lease, on_lost: object) -> None:

@@ -96,6 +96,7 @@ class GPUBoss(InventoryMethods, BossBase):
     ) -> Lease:
         """Wait for a lease of ``vram_gb`` GB (or of what ``model`` needs); see the README, docs/eviction.md and
         docs/inventory.md for every argument."""
+        self._check_open()
         choice = None
         if self._wants_model(vram_gb, model, quantizations):
             choice = self.choose_model(str(model), quantizations, node)
@@ -122,10 +123,15 @@ class GPUBoss(InventoryMethods, BossBase):
             self._heartbeat.forget(request_id)
             self._release_id(request_id, req.ttl_ms, "cancel")
             raise
-        lease._handling = threading.Lock()
-        if choice is not None:
-            lease.model, lease.quantization = choice.model, choice.quantization
-        return self._granted(lease)
+        try:
+            lease._handling = threading.Lock()
+            if choice is not None:
+                lease.model, lease.quantization = choice.model, choice.quantization
+            return self._granted(lease)
+        except BaseException:  # (Ctrl-C) granted, but never handed to the caller: release it
+            self._abandon(lease, request_id)
+            self._release_id(request_id, req.ttl_ms, "cancel")
+            raise
 
     # -- eviction
 
@@ -176,11 +182,17 @@ class GPUBoss(InventoryMethods, BossBase):
         return True
 
     def _resize(self, lease: Lease, vram_gb: float, timeout: float | None) -> Lease:
-        record = self._run(self._core.resize_flow(lease, vram_gb, timeout))
-        lease.apply_record(record)
-        if record.get("state") == "active":
-            lease._move_if("continue")
-        return lease
+        self._check_open()
+        try:
+            record = self._run(self._core.resize_flow(lease, vram_gb, timeout))
+        except BaseException as err:
+            grow_id = self._grow_withdrawn(lease, err)
+            if grow_id is not None:
+                self._release_id(grow_id, int(lease.ttl * 1000), "cancel")
+            raise
+        finally:
+            self._heartbeat.forget(self._grow_id(lease))  # (watched while it waited: renewed no more)
+        return self._resized(lease, record)
 
     def _activity(self, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:
         return warm.activity_sync(self, lease, op, idle_timeout_ms)
@@ -189,6 +201,7 @@ class GPUBoss(InventoryMethods, BossBase):
         """``with boss.keep_warm(model="gemma3:12b", vram_gb=9, idle_timeout_s=300, on_unload=..., on_load=...)
         as warm:`` keeps a model loaded between requests, under a lease that yields to real work; serve each
         request in ``with warm.busy() as device:``. See :class:`~gpuboss.WarmModel` and docs/warm.md."""
+        self._check_open()
         return warm.WarmModel(self, model, vram_gb, **options)
 
     def _release_id(self, item_id: str, ttl_ms: int, reason: ReleaseReason = "release") -> Any:
@@ -200,8 +213,8 @@ class GPUBoss(InventoryMethods, BossBase):
 
     def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
-        lease_id, ttl_ms = self._begin_release(lease)
-        return self._core.released(self._release_id(lease_id, ttl_ms), lease_id)
+        lease_id, ttl_ms, pending = self._begin_release(lease)
+        return self._end_release(self._release_id(lease_id, ttl_ms), lease_id, pending)
 
     @contextmanager
     def lease(
@@ -274,8 +287,9 @@ class GPUBoss(InventoryMethods, BossBase):
         return self._core.collected(self._eval(self._core.collect_call()))
 
     def close(self) -> None:
-        """Release every lease this boss holds and stop its heartbeat. Safe to call twice."""
-        self._leases.clear()
+        """Release every lease this boss holds (each is marked released) and stop its heartbeat; the boss grants
+        nothing after (:class:`~gpuboss.errors.BossClosed`). Safe to call twice."""
+        self._close_leases()  # (the heartbeat releases them: it holds every lease and queued request)
         self._notices.close()
         self._heartbeat.close(release=True)
         self._inventory.close()

@@ -640,6 +640,10 @@ class Core:
 
     def revoke_call(self, lease_id: str, by: str, reason: str = "") -> Call:
         """Force-release someone else's lease (an operator's ``gpuboss release``)."""
+        if not isinstance(lease_id, str) or not lease_id:
+            raise InvalidRequest("lease_id", lease_id, "must be a lease id (a non-empty str)")
+        if not isinstance(reason, str):
+            raise InvalidRequest("reason", reason, "must be a str")
         return Call(
             "revoke",
             self.lease_keys(),

@@ -67,3 +67,8 @@ class LeaseEvicted(GPUBossError):
 class EventLoopError(GPUBossError, RuntimeError):
     """An :class:`~gpuboss.AsyncGPUBoss` was used from one event loop while another loop, running in another thread,
     still used it. A boss serves one event loop at a time (one after another is fine): create one per loop."""
+
+
+class BossClosed(GPUBossError, RuntimeError):
+    """The boss was closed: it grants nothing more (its heartbeat is stopped, so a lease would not be renewed).
+    Create a new one."""

@@ -311,8 +311,7 @@ class Heartbeat:
                         called_off.append({"type": "continue", "lease": item_id, "reason": "heartbeat"})
         for lease in lost:
             log.warning("gpuboss: lease %s on %s was lost (expired or revoked)", lease.id, lease.gpu)
-            if lease.on_lost is not None:
-                self._dispatch_lost(lease)
+            self._dispatch_lost(lease)  # always: the boss drops it from held(), then calls on_lost if any
         if self._dispatch_notice is not None:
             for notice in [*notices, *called_off]:
                 self._dispatch_notice(notice)
