@@ -38,10 +38,10 @@ from gpuboss import embedded
 from gpuboss.config import (
     ENV_CONFIG,
     ENV_REDIS_URL,
-    PRIORITIES,
     BossConfig,
     build_config,
     config_from_arguments,
+    gb_to_mib,
     load_config,
     read_config_file,
 )
@@ -49,7 +49,15 @@ from gpuboss.errors import ConfigError, GPUBossError, RedisUnavailable
 from gpuboss.events import EVENT_TYPES, Event, decode_entries
 from gpuboss.fmt import Block, Column, Line, Table, bar, gb, plain, seconds, table
 from gpuboss.keys import Keys
-from gpuboss.snapshot import as_int, explain_queue, health_report, read_namespace
+from gpuboss.snapshot import (
+    as_int,
+    as_json_object,
+    explain_queue,
+    health_report,
+    lease_gpus,
+    priority_classes,
+    read_namespace,
+)
 from gpuboss.topology import redact_url
 
 log = logging.getLogger("gpuboss")
@@ -249,7 +257,7 @@ def lease_table(leases: list[dict[str, Any]], title: str = "") -> Table:
             str(r.get("id", ""))[:8],
             r.get("service", "-"),
             r.get("priority", "-"),
-            r.get("gpu", "-"),
+            "+".join(lease_gpus(r)) or "-",
             gb(as_int(r.get("vram_mib", 0))),
             _lease_state(r),
             seconds(float(r["age_s"])),
@@ -374,6 +382,15 @@ def status_view(snap: dict[str, Any], target: Target, gauge: bool = False) -> li
 # ---------------------------------------------------------------- the click group
 
 
+#: click >= 8.2 raises NoArgsIsHelpError (a UsageError, exit code 2) for a group called without a command;
+#: click 8.1 prints the help and exits 0 itself. A bare group's help goes to stdout, whole, in both.
+class _NeverRaised(click.UsageError):
+    """Stands for NoArgsIsHelpError under click 8.1, which does not have it."""
+
+
+_NO_ARGS_IS_HELP: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", _NeverRaised)
+
+
 class GpuBossGroup(click.Group):
     """Turns every error into one line on stderr and the documented exit code."""
 
@@ -395,6 +412,9 @@ class GpuBossGroup(click.Group):
             code = result if isinstance(result, int) else EXIT_OK
         except click.exceptions.Exit as done:  # --help, --version
             code = done.exit_code
+        except _NO_ARGS_IS_HELP as err:  # a bare group (`gpuboss`, `gpuboss server`): its help, as click does
+            click.echo(err.ctx.get_help() if err.ctx is not None else err.format_message(), color=None)
+            code = err.exit_code  # click's code for it (2), as without this group
         except click.UsageError as err:
             hint = ""
             if err.ctx is not None:
@@ -729,11 +749,25 @@ def _select(
         if priorities and rec.get("priority") not in priorities:
             continue
         if gpus is not None:
-            where = rec.get(gpu_field) or ""
-            if where and where not in gpus:  # an unpinned request may land on any GPU
+            # a lease over several GPUs matches any of them; an unpinned request may land on any GPU
+            where = lease_gpus(rec) if gpu_field == "gpu" else [str(rec.get(gpu_field) or "")]
+            where = [w for w in where if w]
+            if where and not gpus.intersection(where):
                 continue
         out.append(rec)
     return out
+
+
+def _check_priorities(cfg: BossConfig, snap: dict[str, Any], wanted: Sequence[str]) -> None:
+    """``--priority`` values must name a known class: a default one, the config's, the namespace's, or one
+    a lease or queued request carries."""
+    known = priority_classes(snap, cfg.priorities)
+    for value in wanted:
+        if value not in known:
+            names = ", ".join(known)
+            raise CliError(
+                f"--priority {value!r}: no such priority class in namespace {snap['namespace']!r} (known: {names})"
+            )
 
 
 def filter_options(fn: Any) -> Any:
@@ -741,8 +775,8 @@ def filter_options(fn: Any) -> Any:
         "--priority",
         "priorities",
         multiple=True,
-        type=click.Choice(list(PRIORITIES)),
-        help="Only this priority (repeat for several).",
+        metavar="CLASS",
+        help="Only this priority class: low, normal, high or one the config or namespace defines (repeatable).",
     )(fn)
     fn = click.option(
         "--gpu", "gpus", multiple=True, metavar="ID", help="Only this GPU: an id or cuda:N (repeat for several)."
@@ -766,7 +800,8 @@ def leases(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], pr
     Lease ids are shortened to 8 characters (``--json`` has them whole); ``gpuboss release`` takes a unique
     prefix.
     """
-    _, _, snap = _snapshot(state)
+    cfg, _, snap = _snapshot(state)
+    _check_priorities(cfg, snap, priorities)
     chosen = _select(snap["leases"], services, _gpu_ids(snap, gpus) if gpus else None, priorities, "gpu")
     if state.json:
         _echo_json(chosen)
@@ -784,7 +819,8 @@ def queue(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], pri
     The queue is strict: everyone waits behind the head until it fits. ``--gpu`` shows the requests
     pinned to that GPU and those pinned to none.
     """
-    _, _, snap = _snapshot(state)
+    cfg, _, snap = _snapshot(state)
+    _check_priorities(cfg, snap, priorities)
     chosen = _select(snap["queue"], services, _gpu_ids(snap, gpus) if gpus else None, priorities, "pin")
     if state.json:
         _echo_json(chosen)
@@ -1073,8 +1109,18 @@ def config_check(state: CliState, path: str | None) -> None:
         ]
         click.echo(f"GPUs ({len(cfg.gpus)})")
         click.echo(table(["GPU", "DEVICE", "NAME", "CAPACITY", "RESERVE", "LEASABLE"], rows, right={3, 4, 5}))
+    elif cfg.gpu_discovery == "auto":
+        click.echo(
+            "GPUs: auto (this host's GPUs, discovered through NVML at first use, "
+            f"reserve {gb(gb_to_mib(cfg.auto_reserve_gb))} each; `gpuboss gpus discover` lists them)"
+        )
+    elif cfg.gpu_discovery == "off":
+        click.echo("GPUs: none declared, discovery off (this service uses the GPUs others registered)")
     else:
-        click.echo("GPUs: none declared (this service uses the GPUs others registered)")
+        click.echo(
+            "GPUs: none declared (this host's GPUs are discovered through NVML at first use where NVML works; "
+            "else this service uses the GPUs others registered)"
+        )
     for note in notes:
         click.echo(f"note: {note}")
 
@@ -1157,7 +1203,8 @@ def gc(state: CliState) -> None:
         click.echo("nothing had expired")
     for rec in dead_leases:
         click.echo(
-            f"expired lease {str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} on {rec.get('gpu', '?')}, "
+            f"expired lease {str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} "
+            f"on {'+'.join(lease_gpus(rec)) or '?'}, "
             f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, held by {_holder(rec)}"
         )
     for rec in dead_requests:
@@ -1265,6 +1312,10 @@ def release(
             call = core.revoke_call(str(rec["id"]), by, reason)
             reply = retry_sync(lambda call=call: call_script_sync(client, call), target.shown, cfg.connect_timeout)  # type: ignore[misc]
             code, granted, record = core.revoked(reply)
+            if code is RevokeReply.NOT_FOUND and float(rec.get("expires_in_s", 1)) <= 0:
+                # past its expiry in the snapshot: an earlier call of this loop (whose script collects every
+                # expired lease as it goes) or another process collected it
+                code = RevokeReply.EXPIRED
             results.append({"id": rec["id"], "result": code.name.lower(), "granted": granted, "lease": record or rec})
     finally:
         client.close()
@@ -1274,7 +1325,7 @@ def release(
     for res in results:
         lease = res["lease"]
         what = (
-            f"{str(res['id'])[:8]} ({lease.get('service', '?')} on {lease.get('gpu', '?')}, "
+            f"{str(res['id'])[:8]} ({lease.get('service', '?')} on {'+'.join(lease_gpus(lease)) or '?'}, "
             f"{gb(as_int(lease.get('vram_mib', 0)))}, held by {_holder(lease)})"
         )
         if res["result"] == RevokeReply.REVOKED.name.lower():
@@ -1312,6 +1363,10 @@ class SinceType(click.ParamType):  # type: ignore[type-arg]
         return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
 
 
+#: Event types about no GPU at all (a priority class, the policy, a lease found gone): no "on GPU" part.
+NO_GPU_EVENTS = frozenset({"paused", "unpaused", "lost", "policy_changed"})
+
+
 def format_event(event: Event) -> str:
     """One line for a person: local time, type, lease, service, priority, size, GPU, and the type's details."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{event.time_ms % 1000:03d}"
@@ -1325,8 +1380,11 @@ def format_event(event: Event) -> str:
         event.service or "-",
         event.priority or "-",
         gb(event.vram_mib) if event.vram_mib is not None else "-",
-        f"on {event.gpu}" if event.gpu else "on any GPU",
     ]
+    if event.gpu:
+        parts.append(f"on {event.gpu}")
+    elif event.type not in NO_GPU_EVENTS:  # a request pinned to no GPU
+        parts.append("on any GPU")
     detail = []
     if "waited_ms" in event.data and event.get("waited_ms") is not None:
         detail.append(f"waited {seconds(as_int(event.get('waited_ms')) / 1000)}")
@@ -1338,10 +1396,12 @@ def format_event(event: Event) -> str:
         detail.append(f"token {event.get('token', '?')}")
     if event.type == "expired":
         detail.append(f"({event.get('entry', 'lease')})")
-    if event.type == "revoked":
-        detail.append(f"by {event.get('by', '?')}")
     if event.type in ("evict_requested", "evicted", "evict_cancelled", "evict_overdue") and event.get("by"):
-        detail.append(f"for {str(event.get('by'))[:8]}")
+        detail.append(f"for {str(event.get('by'))[:8]}")  # the request it makes room for
+    elif event.get("by"):  # revoked, paused, unpaused: who did it
+        detail.append(f"by {event.get('by')}")
+    elif event.type == "revoked":
+        detail.append("by ?")
     if event.type == "evict_requested" and event.get("need_mib") is not None:
         detail.append(f"needs {gb(as_int(event.get('need_mib')))} back")
     if event.type == "evicted" and event.get("checkpoint_ms") is not None:
@@ -1361,12 +1421,50 @@ def format_event(event: Event) -> str:
     return " ".join([*head, *parts]) + ("  " + ", ".join(detail) if detail else "")
 
 
-def _event_matches(event: Event, types: Sequence[str], services: Sequence[str], gpus: Sequence[str]) -> bool:
+def event_gpus(event: Event, lease_gpus_of: dict[str, list[str]] | None = None) -> list[str]:
+    """The GPUs an event is about: its ``gpu``, its ``gpus`` when it lists several, and (``lease_gpus_of``:
+    lease id -> GPUs, for the events of a lease over several GPUs, which name only the first) its lease's."""
+    out = [event.gpu] if event.gpu else []
+    listed = event.get("gpus")
+    if isinstance(listed, list):
+        out += [str(g) for g in listed]
+    if lease_gpus_of and event.lease in lease_gpus_of:
+        out += lease_gpus_of[event.lease]
+    return list(dict.fromkeys(out))
+
+
+def _event_matches(
+    event: Event,
+    types: Sequence[str],
+    services: Sequence[str],
+    gpus: Sequence[str],
+    lease_gpus_of: dict[str, list[str]] | None = None,
+) -> bool:
     return (
         (not types or event.type in types)
         and (not services or event.service in services)
-        and (not gpus or event.gpu in gpus)
+        and (not gpus or any(g in gpus for g in event_gpus(event, lease_gpus_of)))
     )
+
+
+class _LeaseGpus(dict[str, list[str]]):
+    """Lease id -> its GPUs, for ``watch --gpu``: an event of a lease over several GPUs names only the first,
+    so the lease's record says the rest (read once per lease, while the lease exists)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__()
+        self._client = client
+        self._keys = keys
+
+    def learn(self, event: Event) -> None:
+        if event.lease is None or event.gpu is None or event.lease in self:
+            return
+        try:
+            raw = self._client.hget(self._keys.leases, event.lease)
+        except RedisError:
+            return
+        if isinstance(raw, str | bytes):
+            self[event.lease] = lease_gpus(as_json_object(raw.decode() if isinstance(raw, bytes) else raw))
 
 
 @cli.command(short_help="Live events (--since replays the log first).")
@@ -1402,14 +1500,23 @@ def watch(
     target = find_target(cfg, start=False)
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = 0
-    sub = Subscription(target.url, Keys(cfg.namespace), since, cfg.connect_timeout)
+    keys = Keys(cfg.namespace)
+    sub = Subscription(target.url, keys, since, cfg.connect_timeout)
+    client = connect(target, cfg) if gpus else None
+    lease_gpus_of = _LeaseGpus(client, keys) if client is not None else None
     try:
         while count is None or shown < count:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
             event = sub.get(timeout=left)
-            if event is None or not _event_matches(event, types, services, gpus):
+            if event is None:
+                continue
+            matches = _event_matches(event, types, services, gpus)
+            if not matches and lease_gpus_of is not None and _event_matches(event, types, services, ()):
+                lease_gpus_of.learn(event)  # a lease over several GPUs, on one of the others?
+                matches = _event_matches(event, types, services, gpus, lease_gpus_of)
+            if not matches:
                 continue
             click.echo(json.dumps(event.to_dict(), sort_keys=True) if state.json else format_event(event))
             shown += 1
@@ -1417,6 +1524,8 @@ def watch(
         pass
     finally:
         sub.close()
+        if client is not None:
+            client.close()
 
 
 def recent_events(client: redis.Redis, keys: Keys, count: int) -> list[Event]:
@@ -1529,7 +1638,7 @@ def serve(state: CliState, host: str, port: int, min_free_gb: float | None) -> N
     cfg = state.config()
     target = find_target(cfg, start=False)
     min_free = None if min_free_gb is None else math.ceil(min_free_gb * 1024)
-    exporter = Exporter(target.url, cfg.namespace, cfg.connect_timeout, min_free)
+    exporter = Exporter(target.url, cfg.namespace, cfg.connect_timeout, min_free, classes=cfg.priorities)
     try:
         server = make_server(exporter, host, port)
     except OSError as err:

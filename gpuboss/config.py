@@ -194,7 +194,10 @@ class BossConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _gpus_auto(cls, data: Any) -> Any:
-        """``gpus: auto`` is ``gpus: []`` with ``gpu_discovery: auto``."""
+        """``gpus: auto`` is ``gpus: []`` with ``gpu_discovery: auto``; ``gpu_discovery: off`` unquoted (YAML
+        reads it as false) is ``'off'``, and true is ``'auto'``."""
+        if isinstance(data, dict) and isinstance(data.get("gpu_discovery"), bool):
+            data = {**data, "gpu_discovery": "auto" if data["gpu_discovery"] else "off"}
         if isinstance(data, dict) and isinstance(data.get("gpus"), str):
             if data["gpus"] != "auto":
                 raise ValueError(f"gpus must be a list of GPUs or 'auto', not {data['gpus']!r}")
@@ -296,11 +299,22 @@ class BossConfig(BaseModel):
         return self
 
 
+#: What pydantic puts before the message of a ValueError (AssertionError) a validator raised.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
+    """``source: field.path: message; ...``, without pydantic's ``Value error, `` before a validator's own
+    message."""
     lines = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"{where}: {item['msg']}")
+        msg = str(item["msg"])
+        for prefix in _PYDANTIC_PREFIXES:
+            if msg.startswith(prefix):
+                msg = msg[len(prefix) :]
+                break
+        lines.append(f"{where}: {msg}")
     return f"{source}: " + "; ".join(lines)
 
 

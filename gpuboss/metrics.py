@@ -33,12 +33,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpuboss.config import PRIORITIES
 from gpuboss.errors import GPUBossError
 from gpuboss.events import Event, decode_entries
 from gpuboss.keys import Keys
 from gpuboss.redis_io import TRANSIENT, connect_sync
-from gpuboss.snapshot import health_report, read_namespace
+from gpuboss.snapshot import health_report, priority_classes, read_namespace
 from gpuboss.topology import redact_url
 
 log = logging.getLogger("gpuboss")
@@ -60,9 +59,10 @@ class StateCollector(Collector):
     """Gauges from one read of the namespace per scrape; ``gpuboss_up`` 0 (and nothing else) when Redis
     does not answer."""
 
-    def __init__(self, namespace: str, read: Callable[[], Snapshot]) -> None:
+    def __init__(self, namespace: str, read: Callable[[], Snapshot], classes: Iterable[str] = ()) -> None:
         self.namespace = namespace
         self._read = read
+        self.classes = list(classes)
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -78,7 +78,7 @@ class StateCollector(Collector):
         up.add_metric([self.namespace], 1)
         yield up
         yield from gpu_metrics(snap)
-        yield from queue_metrics(snap)
+        yield from queue_metrics(snap, self.classes)
 
 
 def gpu_metrics(snap: Snapshot) -> Iterable[Metric]:
@@ -120,7 +120,9 @@ def gpu_metrics(snap: Snapshot) -> Iterable[Metric]:
     yield leases
 
 
-def queue_metrics(snap: Snapshot) -> Iterable[Metric]:
+def queue_metrics(snap: Snapshot, classes: Iterable[str] = ()) -> Iterable[Metric]:
+    """Queue length and oldest wait of each priority class: the default classes, ``classes`` (the
+    configuration's), the namespace's, and any class a queued request or a lease carries."""
     ns = snap["namespace"]
     length = GaugeMetricFamily(
         "gpuboss_queue_length", "Requests waiting, by priority.", labels=["namespace", "priority"]
@@ -130,7 +132,7 @@ def queue_metrics(snap: Snapshot) -> Iterable[Metric]:
         "How long the longest-waiting request of each priority has waited (0: none waits).",
         labels=["namespace", "priority"],
     )
-    for priority in PRIORITIES:
+    for priority in priority_classes(snap, classes):
         waiting = [e for e in snap["queue"] if e.get("priority") == priority]
         length.add_metric([ns, priority], len(waiting))
         oldest.add_metric([ns, priority], max((float(e["waiting_s"]) for e in waiting), default=0.0))
@@ -248,7 +250,16 @@ class EventTail:
 class Exporter:
     """The registry (state collector, event metrics), the event tail, and the health report of a namespace."""
 
-    def __init__(self, url: str, namespace: str, connect_timeout: float = 5.0, min_free_mib: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        connect_timeout: float = 5.0,
+        min_free_mib: int | None = None,
+        classes: Iterable[str] = (),
+    ) -> None:
+        """``classes``: priority classes (the configuration's ``priorities``) that get queue metrics even
+        while none of their requests waits, besides the default ones and the namespace's."""
         self.url = url
         self.shown_url = redact_url(url)
         self.keys = Keys(namespace)
@@ -256,7 +267,7 @@ class Exporter:
         self.min_free_mib = min_free_mib
         self._client = connect_sync(url, connect_timeout, socket_timeout=connect_timeout)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StateCollector(namespace, self.snapshot))
+        self.registry.register(StateCollector(namespace, self.snapshot, classes))
         self.event_metrics = EventMetrics(namespace, self.registry)
         self.tail = EventTail(url, self.keys, self.event_metrics.observe, connect_timeout)
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 
+from gpuboss.config import PRIORITIES
 from gpuboss.fmt import gb
 from gpuboss.keys import Keys
 
@@ -55,6 +57,15 @@ def parse_observed(raw: str, now_ms: int) -> dict[str, Any] | None:
         "max_age_s": round(max_age / 1000, 3),
         "fresh": age <= max_age,
     }
+
+
+def lease_gpus(rec: dict[str, Any]) -> list[str]:
+    """The GPUs a lease holds: its ``gpus`` list (a lease over several GPUs), else its one ``gpu``."""
+    many = rec.get("gpus")
+    if isinstance(many, list) and many:
+        return [str(g) for g in many]
+    one = rec.get("gpu")
+    return [str(one)] if one else []
 
 
 def _hold(raw: str, now_ms: int) -> dict[str, Any]:
@@ -98,10 +109,11 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         pipe.hgetall(keys.observed)
         pipe.hgetall(keys.offline)
         pipe.hgetall(keys.holds)
+        pipe.hget(keys.policy, "classes")
         return [now, *pipe.execute()]
 
     reply = retry_sync(fetch, shown_url, within)
-    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds = reply
+    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds, classes = reply
     entry_expiry = {str(k): int(v) for k, v in queue_exp}
     now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
 
@@ -150,8 +162,9 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         rec["expires_in_s"] = round((expires - now_ms) / 1000, 3)
         _lease_state(rec, now_ms)
         leases.append(rec)
-        if rec.get("gpu") in by_id:
-            by_id[rec["gpu"]]["leases"] += 1
+        for gpu_id in dict.fromkeys(lease_gpus(rec)):  # a lease over several GPUs counts on each of them
+            if gpu_id in by_id:
+                by_id[gpu_id]["leases"] += 1
     leases.sort(key=lambda r: (str(r.get("gpu", "")), as_int(r.get("token", 0))))
 
     waiting = []
@@ -175,7 +188,30 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         "gpus": gpus,
         "leases": leases,
         "queue": waiting,
+        "classes": _classes(classes),
     }
+
+
+def _classes(raw: object) -> dict[str, int]:
+    """The namespace's priority classes as its policy stores them (``{class: rank}``, written by a boss with
+    ``aging``); empty when it stores none."""
+    if not isinstance(raw, str | bytes) or not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): as_int(v) for k, v in value.items()}
+
+
+def priority_classes(snap: dict[str, Any], configured: Iterable[str] = ()) -> list[str]:
+    """The priority classes known for a snapshot: the default ones, the ``configured`` ones, the namespace's
+    (its policy), and any a lease or a queued request carries; in that order, without repeats."""
+    names = [*PRIORITIES, *configured, *snap.get("classes", {})]
+    names += [str(r["priority"]) for r in [*snap["leases"], *snap["queue"]] if r.get("priority")]
+    return list(dict.fromkeys(names))
 
 
 def explain_queue(snap: dict[str, Any]) -> None:

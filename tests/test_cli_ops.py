@@ -749,3 +749,158 @@ def test_profile(tmp_path: Path) -> None:
     for args in (["profile"], ["profile", "RTX 4090", "--list"]):
         bad = CliRunner().invoke(cli, args)
         assert bad.exit_code == 1 and "NAME" in bad.stderr
+
+
+# ---------------------------------------------------------------- a lease over several GPUs; operator output
+
+
+def test_a_lease_over_two_gpus_counts_on_each_gpu(real_url: str, namespace: str) -> None:
+    from gpuboss.metrics import gpu_metrics
+    from gpuboss.snapshot import read_namespace
+
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS2, service="tp")
+    lease = boss.acquire(vram_gb=4, gpus=2, ttl=60)
+    try:
+        data = {g["id"]: g for g in json.loads(gpuboss(real_url, namespace, "--json", "gpus").stdout)}
+        assert (data["gpu0"]["leases"], data["gpu1"]["leases"]) == (1, 1)
+        assert (data["gpu0"]["used_mib"], data["gpu1"]["used_mib"]) == (2048, 2048)  # the total, split
+        text = gpuboss(real_url, namespace, "gpus").stdout
+        for gpu in ("gpu0", "gpu1"):
+            row = next(x for x in text.splitlines() if x.strip().startswith(gpu))
+            assert row.split()[-1] == "1", row
+        for gpu in ("gpu0", "gpu1", "cuda:1"):
+            found = json.loads(gpuboss(real_url, namespace, "--json", "leases", "--gpu", gpu).stdout)
+            assert [r["id"] for r in found] == [lease.id], gpu
+        row = next(x for x in gpuboss(real_url, namespace, "leases").stdout.splitlines() if lease.id[:8] in x)
+        shown = "+".join(lease.gpus)  # its GPUs in the lease's order (the first is its `gpu`)
+        assert sorted(lease.gpus) == ["gpu0", "gpu1"] and row.split()[1:4] == ["tp", "normal", shown]
+        status = gpuboss(real_url, namespace, "status").stdout
+        assert shown in status
+        client = raw_client(real_url)
+        snap = read_namespace(client, Keys(namespace), real_url, 5.0)
+        client.close()
+        counts = {
+            s.labels["gpu"]: s.value
+            for family in gpu_metrics(snap)
+            for s in family.samples
+            if s.name == "gpuboss_gpu_leases"
+        }
+        assert counts == {"gpu0": 1, "gpu1": 1}
+        # watch --gpu: the lease's events name its first GPU only; the lease's record names the rest
+        watched = gpuboss(real_url, namespace, "--json", "watch", "--since", "10m", "--gpu", "gpu1", "--timeout", "0.5")
+        seen = [json.loads(x) for x in watched.stdout.splitlines()]
+        assert [e["type"] for e in seen if e.get("lease") == lease.id] == ["granted"]
+    finally:
+        boss.release(lease)
+        boss.close()
+
+
+def _expired_leases(real_url: str, namespace: str, ids: list[str]) -> Any:
+    """Leases past their expiry whose holder is gone (a script call with no boss to renew them)."""
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS2))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    call_script_sync(client, register)
+    for n, lease_id in enumerate(ids):
+        call_script_sync(client, core.acquire_call(lease_id, core.make_request(1 + n, ttl=0.1), "gpu0", f"ghost{n}"))
+    time.sleep(0.2)
+    return client
+
+
+def test_release_expired_reports_every_lease_it_collected(real_url: str, namespace: str) -> None:
+    ids = ["stale0001", "stale0002", "stale0003"]
+    client = _expired_leases(real_url, namespace, ids)
+    result = gpuboss(real_url, namespace, "release", "--expired", "--yes")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all("had expired: collected" in x for x in lines), lines
+    assert "already gone" not in result.stdout
+    assert client.hlen(f"{namespace}:leases") == 0
+
+    ids2 = ["stale0004", "stale0005"]
+    _expired_leases(real_url, namespace, ids2).close()
+    data = json.loads(gpuboss(real_url, namespace, "--json", "release", *ids2).stdout)
+    assert [(r["id"], r["result"]) for r in data] == [(i, "expired") for i in ids2]
+    client.close()
+
+
+@pytest.mark.parametrize("args", [[], ["server"], ["config"]])
+def test_a_bare_group_prints_its_help(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, args, prog_name="gpuboss")
+    assert result.exit_code == (2 if hasattr(click.exceptions, "NoArgsIsHelpError") else 0)
+    assert result.stdout.startswith(" ".join(["Usage: gpuboss", *args, "[OPTIONS] COMMAND"]))
+    assert "\n\nCommands:\n" in result.stdout  # whole, on its lines
+    assert "error" not in result.stderr
+    if not args:
+        done = subprocess.run([str(GPUBOSS)], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == result.exit_code and done.stdout.startswith("Usage: gpuboss [OPTIONS]")
+        assert done.stderr == ""
+
+
+def test_config_check_of_discovered_gpus(tmp_path: Path) -> None:
+    auto = tmp_path / "auto.yaml"
+    auto.write_text("gpus: auto\nauto_reserve_gb: 1\n")
+    result = CliRunner().invoke(cli, ["config", "check", str(auto)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("GPUs:"))
+    assert "discovered through NVML at first use" in line and "reserve 1.0 GB" in line
+    assert "others registered" not in line
+    off = tmp_path / "off.yaml"
+    off.write_text("gpu_discovery: off\n")  # unquoted: YAML's false
+    result = CliRunner().invoke(cli, ["config", "check", str(off)])
+    assert result.exit_code == 0, result.output
+    assert "GPUs: none declared, discovery off" in result.stdout
+    default = CliRunner().invoke(cli, ["config", "check", str(tmp_path / "none.yaml")], catch_exceptions=False)
+    assert default.exit_code == 1
+    (tmp_path / "none.yaml").write_text("namespace: x\n")
+    default = CliRunner().invoke(cli, ["config", "check", str(tmp_path / "none.yaml")])
+    assert "discovered through NVML at first use where NVML works" in default.stdout
+
+
+def test_event_lines_say_who_and_leave_out_a_gpu_they_have_none_of() -> None:
+    from gpuboss.cli import format_event
+    from gpuboss.events import Event
+
+    def line(**fields: Any) -> str:
+        base = {"time": 1_700_000_000_000, "lease": None, "gpu": None, "service": None, "priority": None}
+        return format_event(Event.from_json(json.dumps({**base, **fields})))
+
+    paused = line(type="paused", priority="low", by="alice@box")
+    assert paused.endswith("low -  by alice@box") and "GPU" not in paused
+    assert line(type="unpaused", priority="low", by="bob@box").endswith("by bob@box")
+    lost = line(type="lost", lease="abcdef0123")
+    assert "GPU" not in lost and lost.split()[2] == "abcdef01"
+    assert "GPU" not in line(type="policy_changed")
+    queued = line(type="queued", lease="abcdef0123", service="api", priority="normal", vram_mib=1024, ahead=0)
+    assert "on any GPU" in queued  # a request pinned to no GPU
+    revoked = line(type="revoked", lease="abcdef0123", gpu="gpu0", by="carol@box", reason="stuck")
+    assert "on gpu0" in revoked and revoked.endswith("by carol@box, reason: stuck")
+    evict = line(type="evict_requested", lease="abcdef0123", gpu="gpu0", by="feedbeef99")
+    assert "for feedbeef" in evict and "by feedbeef" not in evict
+
+
+def test_priority_filters_take_custom_classes(real_url: str, namespace: str, tmp_path: Path) -> None:
+    classes = {"batch": 0, "normal": 1, "interactive": 2}
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS2, service="chat", priorities=classes, preemptible=["batch"])
+    lease = boss.acquire(2, priority="interactive", ttl=60)
+    try:
+        found = json.loads(gpuboss(real_url, namespace, "--json", "leases", "--priority", "interactive").stdout)
+        assert [r["id"] for r in found] == [lease.id]  # known from the lease itself
+        unknown = gpuboss(real_url, namespace, "leases", "--priority", "batch")  # no config says so here
+        assert unknown.exit_code == 1 and "--priority 'batch': no such priority class" in unknown.stderr
+        assert "interactive" in unknown.stderr
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"namespace: {namespace}\npriorities: {{batch: 0, normal: 1, interactive: 2}}\npreemptible: [batch]\n"
+        )
+        for command in ("leases", "queue"):
+            args = ["--redis-url", real_url, "--config", str(config), "--json", command, "--priority", "batch"]
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+            assert json.loads(result.stdout) == []
+        wrong = gpuboss(real_url, namespace, "queue", "--priority", "urgent")
+        assert wrong.exit_code == 1 and "urgent" in wrong.stderr
+    finally:
+        boss.release(lease)
+        boss.close()

@@ -325,3 +325,34 @@ def test_serve_refuses_a_busy_port(real_url: str, namespace: str) -> None:
             cli, ["--redis-url", real_url, "--namespace", namespace, "serve", "--port", str(port)]
         )
     assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_queue_metrics_of_custom_priority_classes(real_url: str, namespace: str) -> None:
+    """Classes the configuration defines get queue metrics even with nothing waiting; a class a queued request
+    carries gets them without any configuration."""
+    classes = {"batch": 0, "normal": 1, "interactive": 2}
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS, priorities=classes, preemptible=["batch"]))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    call_script_sync(client, register)
+    held = core.make_request(20, priority="interactive", ttl=600)
+    call_script_sync(client, core.acquire_call("custom0001", held, "gpu0", "chat"))
+    waiting = core.make_request(10, priority="batch", ttl=600)
+    call_script_sync(client, core.acquire_call("custom0002", waiting, "gpu0", "etl"))
+    assert client.zcard(f"{namespace}:queue") == 1
+    for configured in ([], [*classes, "spare"]):
+        exp = Exporter(real_url, namespace, connect_timeout=2.0, classes=configured)
+        try:
+            data = samples(exp)
+        finally:
+            exp.close()
+        assert value(data, "gpuboss_queue_length", namespace=namespace, priority="batch") == 1
+        assert value(data, "gpuboss_queue_oldest_wait_seconds", namespace=namespace, priority="batch") >= 0
+        for other in ("low", "normal", "high"):
+            assert value(data, "gpuboss_queue_length", namespace=namespace, priority=other) == 0
+        got = {labels for name, labels in data if name == "gpuboss_queue_length"}
+        has = {dict(labels)["priority"] for labels in got}
+        assert ("spare" in has) == bool(configured) and ("interactive" in has)  # a lease carries "interactive"
+    call_script_sync(client, core.release_call("custom0001"))
+    client.close()

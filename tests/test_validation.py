@@ -156,3 +156,44 @@ def test_lease_evicted_is_a_gpuboss_error() -> None:
 
     assert issubclass(gpuboss.LeaseEvicted, gpuboss.GPUBossError)
     assert "LeaseEvicted" in gpuboss.__all__
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gpu_discovery: off\n", "off"),  # unquoted: YAML reads false
+        ("gpu_discovery: no\n", "off"),
+        ("gpu_discovery: on\n", "auto"),
+        ("gpu_discovery: 'off'\n", "off"),
+        ("gpu_discovery: auto\n", "auto"),
+    ],
+)
+def test_gpu_discovery_off_unquoted(tmp_path: Path, text: str, expected: str) -> None:
+    from gpuboss.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(path).gpu_discovery == expected
+
+
+def test_gpus_auto_contradicts_unquoted_discovery_off(tmp_path: Path) -> None:
+    from gpuboss.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("gpus: auto\ngpu_discovery: off\n")
+    with pytest.raises(ConfigError, match="contradicts gpu_discovery"):
+        load_config(path)
+
+
+def test_validation_messages_carry_no_pydantic_prefix(tmp_path: Path) -> None:
+    from gpuboss.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("gpus: [{id: gpu0, vram_gb: 24, reserve_gb: 30}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: gpus.0: reserve_gb (30.0) must be less than vram_gb (24.0)"
+    path.write_text("priorities: {low: 0, high: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "Value error" not in str(err.value) and "(top level): priorities: two classes share a rank" in str(err.value)
