@@ -8,7 +8,7 @@ import os
 from typing import Any, Self
 
 from gpuboss.config import BossConfig, config_from_arguments, load_config
-from gpuboss.core import CLEAN_ERRORS, Core, LeaseRequest, YieldOutcome, YieldReply
+from gpuboss.core import CLEAN_ERRORS, Core, LeaseRequest, YieldOutcome, YieldReply, grow_request_id
 from gpuboss.errors import BossClosed, InvalidRequest, LeaseEvicted, LeaseLost, RedisUnavailable
 from gpuboss.fallback import Fallback
 from gpuboss.heartbeat import Heartbeat
@@ -197,11 +197,6 @@ class BossBase:
         return leases
 
     @staticmethod
-    def _grow_id(lease: Lease) -> str:
-        """The request a growing resize queues (and watches) while it waits (core.resize_flow)."""
-        return f"{lease.id}:grow"
-
-    @staticmethod
     def _resized(lease: Lease, record: dict[str, Any]) -> Lease:
         lease.apply_record(record)
         if record.get("state") == "active":
@@ -212,7 +207,7 @@ class BossBase:
         """A resize failed with ``error``: the ``<id>:grow`` request to release (reason ``cancel``) when ``error``
         interrupted it midway (Ctrl-C, a cancelled task). None after a clean refusal, whose flow withdrew the
         request itself, and with Redis down, where the heartbeat withdraws it once Redis is back."""
-        grow_id = self._grow_id(lease)
+        grow_id = grow_request_id(lease.id)
         self._heartbeat.forget(grow_id)
         if isinstance(error, RedisUnavailable):
             self._heartbeat.release_later(grow_id, int(lease.ttl * 1000))

@@ -27,6 +27,7 @@ from gpuboss.core import (
     Watch,
     YieldOutcome,
     YieldReply,
+    grow_request_id,
     new_request_id,
 )
 from gpuboss.errors import LeaseCancelled, RedisUnavailable
@@ -191,7 +192,7 @@ class GPUBoss(InventoryMethods, BossBase):
                 self._release_id(grow_id, int(lease.ttl * 1000), "cancel")
             raise
         finally:
-            self._heartbeat.forget(self._grow_id(lease))  # (watched while it waited: renewed no more)
+            self._heartbeat.forget(grow_request_id(lease.id))  # (watched while it waited: renewed no more)
         return self._resized(lease, record)
 
     def _activity(self, lease: Lease, op: str, idle_timeout_ms: int | None = None) -> Lease:

@@ -854,7 +854,7 @@ class Core:
                 "lease", lease.id, "a lease over several GPUs cannot be resized; release it and ask again"
             )
         deadline = None if wait is None else clock() + wait
-        grow_id = f"{lease.id}:grow"
+        grow_id = grow_request_id(lease.id)
         watching = False
         while True:
             reply = yield self.resize_call(lease.id, vram_mib)
@@ -880,6 +880,11 @@ class Core:
     @staticmethod
     def _timeout_message(req: LeaseRequest) -> str:
         return f"no lease of {req.vram_mib} MiB ({req.priority}) was granted within {req.timeout:g} s"
+
+
+def grow_request_id(lease_id: str) -> str:
+    """The id of the request a growing resize queues (and watches) while it waits: ``<lease id>:grow``."""
+    return f"{lease_id}:grow"
 
 
 def new_request_id() -> str:

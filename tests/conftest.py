@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from gpuboss import AsyncGPUBoss, GPUBoss, redis_io
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, redis_io
 from gpuboss.errors import ConfigError
 from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 
@@ -115,6 +115,11 @@ async def aboss(backend_url: str, namespace: str) -> AsyncIterator[AsyncGPUBoss]
     b = AsyncGPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="atest")
     yield b
     await b.close()
+
+
+def queue_ids(url: str, namespace: str) -> list[str]:
+    """The namespace's queued request ids, head first."""
+    return [str(x) for x in raw_client(url).zrange(Keys(namespace).queue, 0, -1)]
 
 
 def namespace_keys(client: redis.Redis, namespace: str) -> set[str]:

@@ -25,7 +25,7 @@ from gpuboss import (
 )
 from gpuboss.lease import LeaseState
 
-from tests.conftest import GPUS, namespace_keys, raw_client, snapshot
+from tests.conftest import GPUS, namespace_keys, queue_ids, raw_client, snapshot
 
 # The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
 pytestmark = pytest.mark.valkey
@@ -35,10 +35,6 @@ GB = 1024
 
 def used(url: str, ns: str) -> dict[str, int]:
     return {k: int(v) for k, v in raw_client(url).hgetall(Keys(ns).used).items()}
-
-
-def queue_ids(url: str, ns: str) -> list[str]:
-    return [str(x) for x in raw_client(url).zrange(Keys(ns).queue, 0, -1)]
 
 
 def wait_until(predicate: Any, timeout: float = 5.0) -> None:

@@ -16,7 +16,8 @@ from gpuboss.core import Call, Op, Pop
 from gpuboss.errors import BossClosed, RedisUnavailable
 from gpuboss.lease import LeaseState
 
-from tests.conftest import raw_client
+from tests.conftest import queue_ids, raw_client
+from tests.threads import until
 
 ONE_GPU: list[dict[str, Any]] = [{"id": "gpu0", "vram_gb": 24}]
 
@@ -25,20 +26,8 @@ def leases_in_redis(url: str, ns: str) -> set[str]:
     return {str(k) for k in raw_client(url).hgetall(Keys(ns).leases)}
 
 
-def queue_ids(url: str, ns: str) -> list[str]:
-    return [str(x) for x in raw_client(url).zrange(Keys(ns).queue, 0, -1)]
-
-
 def lease_mib(url: str, ns: str, lease_id: str) -> int:
     return int(json.loads(str(raw_client(url).hget(Keys(ns).leases, lease_id)))["vram_mib"])
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -271,5 +260,5 @@ def test_lost_lease_leaves_held_without_on_lost(pair: tuple[GPUBoss, GPUBoss]) -
     lease = boss.acquire(vram_gb=2, ttl=0.6)
     assert admin.revoke(lease.id, "test")
     boss._heartbeat.tick()  # (the round the thread runs every ttl/3)
-    wait_until(lambda: lease.state is LeaseState.LOST)
+    until(lambda: lease.state is LeaseState.LOST, "the lease is seen lost")
     assert boss.held() == []
