@@ -816,8 +816,10 @@ def leases(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], pr
 def queue(state: CliState, services: tuple[str, ...], gpus: tuple[str, ...], priorities: tuple[str, ...]) -> None:
     """The waiting requests in the order they will be served, how long each has waited, and why.
 
-    The queue is strict: everyone waits behind the head until it fits. ``--gpu`` shows the requests
-    pinned to that GPU and those pinned to none.
+    The queue is strict: everyone waits behind the first request that the policy does not hold back until
+    it fits. A request held back (its class paused, by ``gpuboss pause``, a pause rule or a time window; a
+    class or service cap reached) waits without blocking the others, and WHY names the rule and its
+    figures. ``--gpu`` shows the requests pinned to that GPU and those pinned to none.
     """
     cfg, _, snap = _snapshot(state)
     _check_priorities(cfg, snap, priorities)

@@ -19,7 +19,10 @@ key                 type   contents
 ``ns:offline``      hash   gpu id -> JSON {host, since, reason}: GPUs that get no new grants
 ``ns:holds``        hash   gpu id -> JSON reservation: VRAM being freed by eviction for one request
 ``ns:policy``       hash   rule name -> JSON: scheduling rules every process obeys (pause rules, ...)
-``ns:usage``        hash   ``class:<name>`` -> active leases of that priority class
+``ns:usage``        hash   counters the rules read: ``class:<name>`` and ``svc:<service>`` -> active leases of
+                           that priority class or service, ``svcmib:<service>`` -> MiB of its leases (all their
+                           GPUs), ``pre:<rank>:<gpu>`` -> preemptible MiB of that rank on that GPU,
+                           ``idle:<lease id>`` -> ``"<MiB> <gpu>[,<gpu>...]"``: an idle warm model's lease
 ``ns:free``         zset   gpu id, scored by the MiB placement sees free (capacity - max(leased, observed))
 ``ns:free_host``    zset   ``"<host> <free MiB, 12 digits> <gpu id>"``, all scored 0: the same by host
 ``ns:observed_exp`` zset   gpu id, scored by when its last NVML reading goes stale (ms, Redis time)

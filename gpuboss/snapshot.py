@@ -6,6 +6,11 @@ Each GPU's ``free_mib`` is its *effective* free VRAM, as the scripts place reque
 leasable (capacity - reserve) - max(leased, observed used) - the VRAM held for a queued request by an
 eviction, where "observed used" is the NVML sampler's last reading while it is fresh (Redis now - sampled_at
 <= max_age); an offline GPU (no new grants) has 0 free.
+
+The snapshot also carries the namespace's scheduling rules (``policy``: the policy hash, decoded as
+``load_policy`` in lua/includes/state.lua reads it) and the usage counters the rules are checked against
+(``usage``), so that :func:`explain_queue` tells why a request waits as ``held_back`` and ``grant_waiting``
+(lua/includes/grant.lua) decide it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import redis
 
 from gpuboss.config import PRIORITIES
-from gpuboss.fmt import gb
+from gpuboss.fmt import gb, seconds
 from gpuboss.keys import Keys
 
 #: The queue's score layout (see lua/includes/state.lua): (RANK_BASE - rank) * SEQ_SPAN + seq.
@@ -109,11 +114,13 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         pipe.hgetall(keys.observed)
         pipe.hgetall(keys.offline)
         pipe.hgetall(keys.holds)
-        pipe.hget(keys.policy, "classes")
+        pipe.hgetall(keys.policy)
+        pipe.hgetall(keys.usage)
         return [now, *pipe.execute()]
 
     reply = retry_sync(fetch, shown_url, within)
-    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds, classes = reply
+    now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds = reply[:11]
+    policy_raw, usage_raw = reply[11:]
     entry_expiry = {str(k): int(v) for k, v in queue_exp}
     now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
 
@@ -188,8 +195,34 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         "gpus": gpus,
         "leases": leases,
         "queue": waiting,
-        "classes": _classes(classes),
+        "classes": _classes(policy_raw.get("classes")),
+        "policy": _policy(policy_raw),
+        "usage": _usage(usage_raw),
     }
+
+
+def _policy(raw: dict[str, str]) -> dict[str, Any]:
+    """The policy hash as the scripts read it (``load_policy``): ``queueing`` as it is, every other rule
+    decoded from its JSON (one that is not JSON is left out: the scripts would fail on it)."""
+    out: dict[str, Any] = {}
+    for name, value in sorted(raw.items()):
+        if name == "queueing":
+            out[name] = value
+            continue
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            continue
+    return out
+
+
+#: The usage hash counters that the policy's rules read (lua/includes/drop.lua): active leases per class and
+#: per service, and the MiB of each service's leases.
+USAGE_COUNTERS = ("class:", "svc:", "svcmib:")
+
+
+def _usage(raw: dict[str, str]) -> dict[str, int]:
+    return {k: as_int(v) for k, v in sorted(raw.items()) if k.startswith(USAGE_COUNTERS)}
 
 
 def _classes(raw: object) -> dict[str, int]:
@@ -214,15 +247,113 @@ def priority_classes(snap: dict[str, Any], configured: Iterable[str] = ()) -> li
     return list(dict.fromkeys(names))
 
 
+def _leases(n: int) -> str:
+    return f"{n} lease{'' if n == 1 else 's'}"
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _window_end(windows: list[Any], cls: str, now_ms: int) -> int | None:
+    """The end (ms) of the time window that pauses ``cls`` at ``now_ms``, followed through the windows of that
+    class that begin before it ends (adjacent days); None when none pauses it now."""
+    spans = [
+        (as_int(w.get("from")), as_int(w.get("to")))
+        for w in windows
+        if isinstance(w, dict) and w.get("class") == cls and "from" in w and "to" in w
+    ]
+    end = None
+    for begin, to in spans:
+        if begin <= now_ms < to:
+            end = to if end is None else max(end, to)
+    while end is not None:
+        later = max((to for begin, to in spans if begin <= end < to), default=None)
+        if later is None:
+            break
+        end = later
+    return end
+
+
+def _at_cap(who: str, limit: int, active: int) -> str:
+    if active == limit:
+        return f"{who} at its cap of {_leases(limit)}"
+    return f"{who} over its cap of {_leases(limit)} ({active} active)"
+
+
+def held_back(snap: dict[str, Any], entry: dict[str, Any]) -> str:
+    """Why the policy keeps a queued request waiting, with the rule's names and figures (``""`` when it does
+    not): the checks of ``held_back`` in lua/includes/state.lua, in its order, on the snapshot's policy and
+    usage counters. A runtime pause of the class, a pause rule (a class paused while another has active
+    leases), a time window, the class's lease cap, the service's lease cap, then its VRAM cap. A growth of a
+    lease (``grow_of``) adds no lease, so the lease caps do not hold it back."""
+    policy: dict[str, Any] = snap.get("policy") or {}
+    usage: dict[str, int] = snap.get("usage") or {}
+    cls = str(entry.get("priority", ""))
+    service = entry.get("service")
+    need = as_int(entry.get("vram_mib", 0)) * max(1, as_int(entry.get("count", 1)))  # (request_mib: all its GPUs)
+    grow = entry.get("grow_of") is not None
+    now_ms = round(float(snap["time"]) * 1000)
+
+    paused = _dict(policy.get("paused"))
+    if cls in paused and paused[cls] is not False:  # (any value but false pauses it in Lua, {} and null too)
+        who = _dict(paused[cls])
+        text = f"class {cls} paused"
+        if who.get("by"):
+            text += f" by {who['by']}"
+        if "at" in who:
+            text += f" {seconds((now_ms - as_int(who['at'], now_ms)) / 1000)} ago"
+        return text
+    for rule in _list(policy.get("pause")):
+        if isinstance(rule, dict) and rule.get("class") == cls:
+            for other in _list(rule.get("while")):
+                active = usage.get(f"class:{other}", 0)
+                if active > 0:
+                    return f"class {cls} paused while class {other} has {_leases(active)} (pause rule)"
+    end = _window_end(_list(policy.get("windows")), cls, now_ms)
+    if end is not None:
+        return f"class {cls} paused by a time window, for {seconds((end - now_ms) / 1000)} more"
+    caps = _dict(policy.get("caps"))
+    if caps:
+        cap = _dict(_dict(caps.get("classes")).get(cls))
+        if cap.get("leases") is not None and not grow:
+            limit, active = as_int(cap["leases"]), usage.get(f"class:{cls}", 0)
+            if active >= limit:
+                return _at_cap(f"class {cls}", limit, active)
+        cap = _dict(_dict(caps.get("services")).get(str(service))) if service is not None else {}
+        if cap.get("leases") is not None and not grow:
+            limit, active = as_int(cap["leases"]), usage.get(f"svc:{service}", 0)
+            if active >= limit:
+                return _at_cap(f"service {service}", limit, active)
+        if cap.get("mib") is not None:
+            limit, held = as_int(cap["mib"]), usage.get(f"svcmib:{service}", 0)
+            if held + need > limit:
+                return f"service {service} would exceed its {gb(limit)} cap ({gb(held)} held + {gb(need)})"
+    return ""
+
+
 def explain_queue(snap: dict[str, Any]) -> None:
-    """Add ``why`` to each queue entry of a snapshot: what the head waits for; the rest wait behind it."""
+    """Add ``why`` to each queue entry of a snapshot, as the scripts serve the queue (``grant_waiting``,
+    lua/includes/grant.lua): a request the policy holds back (:func:`held_back`) waits without blocking
+    anyone and says which rule holds it; the first request that is not held back is the one the queue waits
+    for (what it waits for: VRAM, a GPU, an eviction); the requests after it wait behind it (strict order)."""
     gpus = {g["id"]: g for g in snap["gpus"]}
+    head: int | None = None
     for entry in snap["queue"]:
         need = as_int(entry.get("vram_mib", 0))
         pin = str(entry.get("pin") or "")
-        if entry["position"] > 1:
-            entry["why"] = "behind #1 (strict order)"
+        reason = held_back(snap, entry)
+        if reason:
+            entry["why"] = reason
             continue
+        if head is not None:
+            entry["why"] = f"behind #{head} (strict order)"
+            continue
+        head = entry["position"]
         held = [g for g in gpus.values() if g["hold"] and g["hold"].get("id") == entry.get("id")]
         if held:
             hold = held[0]["hold"]

@@ -119,7 +119,7 @@ local req = {
 }
 s.newcomer = {id = id, rank = rank}
 local first = first_waiting_rank(s)
-local why = held_back(s, req.priority, req.service, need)
+local why = held_back(s, req.priority, req.service, request_mib(req))
 if (first == nil or first < rank) and why == '' then
   local gpu = place_req(s, req, id, nil)
   if gpu then

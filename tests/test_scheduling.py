@@ -343,6 +343,19 @@ def test_service_vram_cap_and_class_cap(bosses: Bosses) -> None:
         boss.release(lease)
 
 
+def test_the_service_vram_cap_counts_every_gpu_of_a_lease(bosses: Bosses) -> None:
+    """A lease over several GPUs holds its size on each: the cap counts all of it (it counted one GPU's)."""
+    caps = {"services": {"ai": {"max_vram_gb": 6}}}
+    ai = bosses(TWO, service="ai", caps=caps)
+    with pytest.raises(LeaseTimeout):
+        ai.acquire(8, gpus=2, timeout=0.3)  # 4 GB on each, 8 GB in all > 6 GB
+    lease = ai.acquire(6, gpus=2, timeout=0)  # 3 GB on each: at the cap, allowed
+    queued_t, queued_out = in_thread(lambda: ai.acquire(2, gpus=2, timeout=WAIT_S))  # 2 GB more: waits
+    queued(ai.url, ai.namespace, 1)
+    ai.release(lease)  # granted from the queue once the cap has room, by the same count
+    ai.release(result(queued_t, queued_out))
+
+
 def test_a_lease_at_its_lease_cap_can_grow(bosses: Bosses, backend_url: str, namespace: str) -> None:
     """max_leases counts leases: a growth adds none, at once or after waiting in the queue."""
     caps = {"services": {"ai": {"max_leases": 1}}, "classes": {"normal": {"max_leases": 2}}}

@@ -169,7 +169,7 @@ local function first_waiting_rank(s)
       return rank_of_score(head[2])
     end
     local req = cjson.decode(raw)
-    if held_back(s, req.priority, req.service, req.vram_mib, req.grow_of ~= nil) == '' then
+    if held_back(s, req.priority, req.service, request_mib(req), req.grow_of ~= nil) == '' then
       return rank_of_score(head[2])
     end
     i = i + 1
@@ -237,7 +237,7 @@ local function grant_waiting(s, now)
       drop_request(head) -- a queue entry without its record: repair, never block on it
     else
       local req = cjson.decode(raw)
-      if held_back(s, req.priority, req.service, req.vram_mib, req.grow_of ~= nil) ~= '' then
+      if held_back(s, req.priority, req.service, request_mib(req), req.grow_of ~= nil) ~= '' then
         skip = skip + 1
       elseif req.grow_of and redis.call('HEXISTS', K_LEASES, req.grow_of) == 0 then
         drop_request(head, s, now, 'lease_gone') -- the lease it would grow is gone

@@ -689,8 +689,14 @@ local function active_of(s, class)
   return usage_of(s, 'class:' .. class)
 end
 
+-- The MiB a request adds to its service's leases: its size on each GPU times its GPUs (a lease over several
+-- GPUs holds the same MiB on each, and its record counts them all).
+local function request_mib(req)
+  return req.vram_mib * (tonumber(req.count) or 1)
+end
+
 -- Why a request of this class and service may not be granted now ('' when it may): a pause rule, a runtime
--- pause, a time window, or a cap. `need` is the MiB it would add. `grow`: the request grows a lease (resize)
+-- pause, a time window, or a cap. `need` is the MiB it would add (request_mib: on all its GPUs). `grow`: the request grows a lease (resize)
 -- and adds no lease, so the caps on the number of leases (class and service max_leases) do not hold it back;
 -- the service's MiB cap still does.
 local function held_back(s, class, service, need, grow)
