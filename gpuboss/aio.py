@@ -73,7 +73,7 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
 
     def __init__(self, redis_url: str | None = None, *, config: BossConfig | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config, settings)
-        self._redis = connect_async(self.url, self._core.config.connect_timeout)
+        self._redis = connect_async(self.url, self._core.config.connect_timeout)  # (replies: see reply_within)
         self._link = AsyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop served (see the module's docstring)

@@ -49,7 +49,8 @@ class GPUBoss(InventoryMethods, BossBase):
 
     def __init__(self, redis_url: str | None = None, *, config: BossConfig | None = None, **settings: Any) -> None:
         super().__init__(redis_url, config, settings)
-        self._redis = connect_sync(self.url, self._core.config.connect_timeout)
+        timeout = self._core.config.connect_timeout  # (also for each reply: a hung Redis raises; see pop_sync)
+        self._redis = connect_sync(self.url, timeout, socket_timeout=timeout)
         self._link = SyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = threading.Lock()
 

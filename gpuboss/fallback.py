@@ -48,8 +48,9 @@ from gpuboss.redis_io import (
     call_script_sync,
     connect_async,
     connect_sync,
-    direct_command,
-    direct_command_async,
+    pop_async,
+    pop_sync,
+    reply_within,
     retry_async,
     retry_sync,
 )
@@ -389,14 +390,10 @@ class SyncLink:
     def _real_op(self, op: Call | Pop | ReadHash, route: Route | None) -> Any:
         client = self.real
         if isinstance(op, Pop):
-            timeout = max(op.timeout, MIN_POP_S)
             try:
-                popped = direct_command(client, ("BLPOP", op.key, timeout))
-                if popped is NotImplemented:
-                    popped = client.blpop([op.key], timeout=timeout)
+                return pop_sync(client, op.key, op.timeout, self.fallback.core.config.connect_timeout)
             except TRANSIENT:
                 return None  # the flow looks again through a retried call
-            return None if popped is None else popped[1]
         fallback = self.fallback
         within, cap = fallback.within(route)
         wait = fallback.mode == "wait"
@@ -488,21 +485,18 @@ class AsyncLink:
     async def _real_op(self, op: Call | Pop | ReadHash, route: Route | None) -> Any:
         client = self.real
         if isinstance(op, Pop):
-            timeout = max(op.timeout, MIN_POP_S)
             try:
-                popped = await direct_command_async(client, ("BLPOP", op.key, timeout))
-                if popped is NotImplemented:
-                    popped = await client.blpop([op.key], timeout=timeout)
+                return await pop_async(client, op.key, op.timeout, self.fallback.core.config.connect_timeout)
             except TRANSIENT:
                 return None
-            return None if popped is None else popped[1]
         fallback = self.fallback
         within, cap = fallback.within(route)
         wait = fallback.mode == "wait"
+        grace = fallback.core.config.connect_timeout  # (the longest wait for one reply: see reply_within)
         try:
             if isinstance(op, Call):
                 result = await retry_async(
-                    lambda: call_script_async(client, op),
+                    lambda: reply_within(call_script_async(client, op), grace),
                     fallback.shown,
                     within,
                     cap=cap,
@@ -511,7 +505,12 @@ class AsyncLink:
                 )
             else:
                 result = await retry_async(
-                    lambda: client.hgetall(op.key), fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed
+                    lambda: reply_within(client.hgetall(op.key), grace),
+                    fallback.shown,
+                    within,
+                    cap=cap,
+                    chain=wait,
+                    failed=fallback.failed,
                 )
         except RedisUnavailable as err:
             if wait and route is not None:

@@ -196,6 +196,8 @@ class Heartbeat:
             if self._entries:
                 shortest = min(e.ttl_ms for e in self._entries.values())
                 self._sleep_for = max(MIN_INTERVAL_S, shortest / 3000)
+                if self._pending or self._withdraw:  # (a release that did not land goes at the retry pace)
+                    self._sleep_for = min(self._sleep_for, RETRY_INTERVAL_S)
             elif self._pending or self._withdraw:
                 self._sleep_for = RETRY_INTERVAL_S
             else:

@@ -3,6 +3,8 @@ the two drivers that run a core flow (:func:`run_flow_sync`, :func:`run_flow_asy
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import threading
@@ -60,6 +62,11 @@ DENIED = (AuthenticationError, NoPermissionError, MovedError, AskError)
 #: does not allow.
 SCRIPT_DENIED = ("the user executing the script can't", "acl failure in script")
 MIN_POP_S = 0.01
+#: Whether redis-py's blocking connections take a timeout for one reply (redis-py 8 does). Without it a BLPOP is
+#: read with the socket's own timeout, so it blocks for shorter spells (:func:`pop_sync`).
+_READ_TIMEOUT_ARG = "timeout" in inspect.signature(redis.connection.Connection.read_response).parameters
+#: Where a BLPOP must block within the socket timeout (old redis-py, Sentinel, Cluster): this share of it.
+_POP_SHARE = 0.8
 
 
 FAKE_SCHEME = "fakeredis://"
@@ -185,7 +192,8 @@ def _with_hiredis_packing(client: redis.asyncio.Redis) -> redis.asyncio.Redis:
 def connect_async(url: str, connect_timeout: float, socket_timeout: float | None = None) -> redis.asyncio.Redis:
     """The asyncio twin of :func:`connect_sync`: no socket timeout unless one is given (a BLPOP may block for
     long). It is always passed: redis-py 8's asyncio connections default to 5 s, which cut every longer BLPOP
-    short (and dropped its connection), and wrap every send in a task to time it."""
+    short (and dropped its connection), and wrap every send in a task to time it (on Python 3.11 such a task can
+    swallow a cancel). The link bounds each reply itself instead (:func:`reply_within`)."""
     if url.startswith(FAKE_SCHEME):
         import fakeredis
 
@@ -435,7 +443,7 @@ def _kept_of(client: Any) -> _Kept:
     return kept
 
 
-def direct_command(client: redis.Redis, command: tuple[Any, ...]) -> Any:
+def direct_command(client: redis.Redis, command: tuple[Any, ...], read_timeout: float | None = None) -> Any:
     """``command`` (a script call, a BLPOP) packed by hiredis in one step and answered by the connection itself:
     what ``client.execute_command`` does without redis-py's per-command layers (argument filtering, event
     dispatch, observability hooks, the retry wrapper) and without taking a connection from the pool and giving
@@ -444,10 +452,13 @@ def direct_command(client: redis.Redis, command: tuple[Any, ...]) -> Any:
     stands); a thread that finds it in use by another takes one from the pool as before.
 
     Only for a plain :class:`redis.Redis` with its own pool and hiredis; anything else returns
-    :data:`NotImplemented` and takes the usual path. A connection error or timeout drops the connection and
-    returns :data:`NotImplemented` too: the usual path then sends the command again, with redis-py's reconnect
-    and retry, as its own retry would have (the scripts are safe to run twice: a request id is never granted
-    twice). The server's own errors are raised as redis-py raises them.
+    :data:`NotImplemented` and takes the usual path, as does a ``read_timeout`` (the longest wait for this
+    reply, else the socket timeout's) where redis-py cannot apply one. A connection error drops the connection
+    and returns :data:`NotImplemented` too: the usual path then sends the command again, with redis-py's
+    reconnect and retry, as its own retry would have (the scripts are safe to run twice: a request id is never
+    granted twice). A timeout drops the connection and raises :class:`redis.exceptions.TimeoutError`: a server
+    that does not answer would not answer the same command sent again either (the caller's retry decides). The
+    server's own errors are raised as redis-py raises them.
 
     The kept connection goes back with the pool's: ``client.close()`` disconnects it (the pool counts it in
     use), and a forked child takes a new one (the pool's are reset there; the parent's socket is left alone)."""
@@ -456,28 +467,47 @@ def direct_command(client: redis.Redis, command: tuple[Any, ...]) -> Any:
     pool = client.connection_pool
     if type(pool) not in _DIRECT_POOLS or client.connection is not None or not _hiredis_packs(command):
         return NotImplemented
+    if read_timeout is not None and not _READ_TIMEOUT_ARG:
+        return NotImplemented
     kept = _kept_of(client)
     if kept.lock.acquire(blocking=False):
         try:
             if kept.conn is None or kept.pid != os.getpid():
                 kept.conn, kept.pid = pool.get_connection(), os.getpid()
-            return _send(kept.conn, command)
+            return _send(kept.conn, command, read_timeout)
         finally:
             kept.lock.release()
     conn = pool.get_connection()
     try:
-        return _send(conn, command)
+        return _send(conn, command, read_timeout)
     finally:
         pool.release(conn)
 
 
-def _send(conn: Any, command: tuple[Any, ...]) -> Any:
+def _send(conn: Any, command: tuple[Any, ...], read_timeout: float | None) -> Any:
     try:
         conn.send_packed_command([hiredis.pack_command(command)])
-        return conn.read_response()
-    except (RedisConnectionError, RedisTimeoutError, OSError):
+        if read_timeout is None:
+            return conn.read_response()
+        return conn.read_response(timeout=read_timeout)
+    except (RedisTimeoutError, TimeoutError) as err:
+        conn.disconnect()
+        raise RedisTimeoutError(f"no reply from Redis to {command[0]}: {err}") from err
+    except (RedisConnectionError, OSError):
         conn.disconnect()
         return NotImplemented
+
+
+def pop_sync(client: redis.Redis, key: str, timeout: float, grace: float) -> str | None:
+    """BLPOP ``key`` for ``timeout`` seconds (at least :data:`MIN_POP_S`): the popped value, or None. Its reply
+    may come ``grace`` seconds late (the client's socket timeout) before Redis counts as hung
+    (:class:`redis.exceptions.TimeoutError`). Where the reply cannot be given its own timeout, it blocks for at
+    most :data:`_POP_SHARE` of ``grace`` (the caller then looks again), so the socket timeout never cuts it."""
+    timeout = max(timeout, MIN_POP_S)
+    popped = direct_command(client, ("BLPOP", key, timeout), read_timeout=timeout + grace)
+    if popped is NotImplemented:
+        popped = client.blpop([key], timeout=max(MIN_POP_S, min(timeout, grace * _POP_SHARE)))
+    return None if popped is None else cast(str, popped[1])
 
 
 #: The asyncio pool classes whose connections :func:`direct_command_async` may take.
@@ -517,6 +547,37 @@ async def _send_async(conn: Any, command: tuple[Any, ...]) -> Any:
     except (RedisConnectionError, RedisTimeoutError, OSError):
         await conn.disconnect()
         return NotImplemented
+
+
+async def reply_within(reply: Awaitable[T], seconds: float) -> T:
+    """``await reply``, for at most ``seconds``: an asyncio client has no socket timeout (see
+    :func:`connect_async`), so a Redis that stopped answering (a frozen process, a dead host without a reset)
+    would be awaited forever. Past ``seconds`` the wait is cancelled (redis-py drops the connection it was
+    reading) and :class:`redis.exceptions.TimeoutError` is raised; the caller's retry decides what next. A
+    cancel from outside stays a cancel (``asyncio.timeout`` starts no task, unlike ``asyncio.wait_for`` on
+    Python 3.11, which could swallow it)."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            return await reply
+    except TimeoutError as err:
+        if not deadline.expired():
+            raise
+        raise RedisTimeoutError(f"no reply from Redis within {seconds:g} s") from err
+
+
+async def pop_async(client: redis.asyncio.Redis, key: str, timeout: float, grace: float) -> str | None:
+    """The asyncio twin of :func:`pop_sync`: its reply may come ``grace`` seconds late (:func:`reply_within`)."""
+    timeout = max(timeout, MIN_POP_S)
+    popped = await reply_within(_blpop_async(client, key, timeout), timeout + grace)
+    return None if popped is None else cast(str, popped[1])
+
+
+async def _blpop_async(client: redis.asyncio.Redis, key: str, timeout: float) -> Any:
+    popped = await direct_command_async(client, ("BLPOP", key, timeout))
+    if popped is NotImplemented:
+        popped = await client.blpop([key], timeout=timeout)
+    return popped
 
 
 def call_script_sync(client: redis.Redis, call: Call) -> Any:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, RedisUnavailable
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, RedisUnavailable, redis_io
 from gpuboss.fallback import PROBE_EVERY_S
 from gpuboss.redis_io import TRANSIENT
 from gpuboss.server import RedisProcess, start_redis
@@ -246,3 +249,105 @@ async def test_local_async(server: RedisProcess, namespace: str, caplog: pytest.
         assert not first.lost and first in boss.held()
         assert await boss.release(first)
         assert await boss.release(back)
+
+
+# ---------------------------------------------------------------- a Redis that stops answering
+# A stopped (SIGSTOP) or partitioned server keeps its socket open and never replies. Every reply is awaited for
+# at most connect_timeout (a BLPOP for its own timeout more), so a request raises instead of hanging forever.
+
+FROZEN_TIMEOUT = 0.5
+#: Far above what a request takes against a frozen server (about 2 x connect_timeout, plus a BLPOP's timeout):
+#: only tells "raised" from "hung", as before the fix, when it never returned.
+HANG_S = 30.0
+
+
+@contextmanager
+def frozen(server: RedisProcess) -> Iterator[None]:
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def test_a_frozen_redis_raises_instead_of_hanging(server: RedisProcess, namespace: str) -> None:
+    with GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, connect_timeout=FROZEN_TIMEOUT) as boss:
+        held = boss.acquire(24, timeout=0)
+        waited: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                boss.acquire(16, timeout=1)
+            except (RedisUnavailable, LeaseTimeout) as err:
+                waited.append(err)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        with frozen(server):
+            started = time.monotonic()
+            with pytest.raises(RedisUnavailable, match="is unreachable"):
+                boss.acquire(4, timeout=1)
+            assert time.monotonic() - started < HANG_S
+        waiter.start()
+        time.sleep(0.5)  # queued behind `held`, blocked in its BLPOP
+        with frozen(server):
+            waiter.join(HANG_S)
+            assert not waiter.is_alive(), "a waiter blocked on a frozen Redis must give up, not hang"
+        assert waited
+        assert boss.release(held)  # the server answers again: so does the boss
+        assert boss.release(boss.acquire(24, timeout=5))
+
+
+async def test_a_frozen_redis_raises_instead_of_hanging_async(server: RedisProcess, namespace: str) -> None:
+    async with AsyncGPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, connect_timeout=FROZEN_TIMEOUT) as boss:
+        held = await boss.acquire(24, timeout=0)
+        with frozen(server), pytest.raises(RedisUnavailable, match="is unreachable"):
+            await asyncio.wait_for(boss.acquire(4, timeout=1), HANG_S)
+        waiter = asyncio.ensure_future(boss.acquire(16, timeout=1))
+        await asyncio.sleep(0.5)  # queued behind `held`, blocked in its BLPOP
+        with frozen(server):
+            done, _ = await asyncio.wait([waiter], timeout=HANG_S)
+            assert done, "a waiter blocked on a frozen Redis must give up, not hang"
+        assert isinstance(waiter.exception(), (RedisUnavailable, LeaseTimeout))
+        assert await boss.release(held)
+        assert await boss.release(await boss.acquire(24, timeout=5))
+
+
+def test_a_blpop_blocks_within_the_socket_timeout_where_its_reply_has_none(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where redis-py cannot give one reply its own timeout (before redis-py 8; Sentinel and Cluster clients), a
+    BLPOP blocks for part of the socket timeout and comes back empty: the socket timeout never cuts it."""
+    monkeypatch.setattr(redis_io, "_READ_TIMEOUT_ARG", False)
+    client = redis_io.connect_sync(server.url, FROZEN_TIMEOUT, socket_timeout=FROZEN_TIMEOUT)
+    try:
+        assert redis_io.pop_sync(client, "nothing-here", 30.0, FROZEN_TIMEOUT) is None
+        client.rpush("something-here", "grant")
+        assert redis_io.pop_sync(client, "something-here", 30.0, FROZEN_TIMEOUT) == "grant"
+    finally:
+        client.delete("something-here")
+        client.close()
+
+
+async def test_reply_within_times_out_a_silent_reply_and_keeps_a_cancel_a_cancel() -> None:
+    """The asyncio deadline on a reply: past it, redis-py's TimeoutError (a transient error, retried); a cancel
+    from outside stays a CancelledError (test_api's test_cancelled_release_still_lands shows it end to end); a
+    TimeoutError that is not the deadline's passes through unchanged."""
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(redis_io.RedisTimeoutError, match=r"no reply from Redis within 0\.05 s"):
+        await redis_io.reply_within(never, 0.05)
+
+    async def answers_at_once() -> str:
+        await asyncio.sleep(0)
+        return "reply"
+
+    task = asyncio.ensure_future(redis_io.reply_within(answers_at_once(), 5.0))
+    await asyncio.sleep(0)  # the reply is on its way...
+    task.cancel()  # ...when its caller is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def own_timeout() -> None:
+        raise TimeoutError("the callee's own")
+
+    with pytest.raises(TimeoutError, match="the callee's own"):
+        await redis_io.reply_within(own_timeout(), 5.0)
