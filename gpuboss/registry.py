@@ -229,15 +229,24 @@ class Inventory:
         clocks far apart a reading may count a little longer or shorter here than there."""
         where = validate_node(node)
         keys = self.core.keys
-        self.core.update_registry((yield ReadHash(keys.gpus)))
+        flat = yield ReadHash(keys.gpus)
         capacity = yield ReadHash(keys.capacity)
         used = yield ReadHash(keys.used)
         seen = observed((yield ReadHash(keys.observed)), int(time.time() * 1000))
         offline = yield ReadHash(keys.offline)
         holds = yield ReadHash(keys.holds)
-        eligible = {g: info for g, info in self.core.registry.items() if on_node(info, where, self.core.host)}
-        if not eligible and self.core.registry:
-            hosts = sorted({i.host for i in self.core.registry.values() if i.host})
+        if self.core.needs_register(flat):
+            # This boss's GPUs are not (all) registered yet: count them as the register script will (leasable
+            # MiB), but write nothing and leave the registry unloaded, so the next request registers them.
+            gpus = {**{k: GpuInfo.from_json(v) for k, v in flat.items()}, **self.core.declared}
+            pending = {g: str(info.leasable_mib) for g, info in self.core.declared.items() if g not in flat}
+            capacity = {**capacity, **pending}
+        else:
+            self.core.update_registry(flat)
+            gpus = self.core.registry
+        eligible = {g: info for g, info in gpus.items() if on_node(info, where, self.core.host)}
+        if not eligible and gpus:
+            hosts = sorted({i.host for i in gpus.values() if i.host})
             raise InvalidRequest(
                 "node",
                 node,
@@ -250,14 +259,23 @@ class Inventory:
         self, model: str, quantizations: Sequence[str] | None = None, node: object = None
     ) -> Generator[Op, Any, ModelChoice]:
         """The quantization of ``model`` to lease: the first preference that fits now on a GPU the request may
-        use, else the smallest (the one to wait for). Unknown models raise ``UnknownModel`` (InvalidRequest)."""
-        registry = self.models or default_models()
-        registry.get(model)  # unknown names fail before any I/O
+        use, else the smallest (the one to wait for). Unknown models raise ``UnknownModel`` (InvalidRequest).
+
+        It only reads: ``acquire(model=...)`` runs it before the request's other arguments are checked, so it
+        must write nothing (the GPUs of this boss not registered yet count as they will be once registered;
+        :meth:`prepare_flow` registers them after the request is checked)."""
+        where = validate_node(node)
+        registry = self.check_model(model, quantizations)  # before any I/O
         self.discover_once()
-        if self.core.declared and not self.core.registry_loaded:
-            yield from self.register_flow()  # this boss's GPUs count too, before its first lease
-        free = yield from self.free_flow(node)
+        free = yield from self.free_flow(where)
         return resolve_model(model, quantizations, free, registry=registry)
+
+    def check_model(self, model: str, quantizations: Sequence[str] | None = None) -> ModelRegistry:
+        """Raise ``UnknownModel`` (InvalidRequest) for a name the model registry lacks, and InvalidRequest for
+        ``quantizations`` it cannot resolve; no I/O. The registry read."""
+        registry = self.models or default_models()
+        resolve_model(model, quantizations, registry=registry)
+        return registry
 
     # -- leases
 

@@ -34,9 +34,6 @@ from gpuboss.core import (
     Timeout,
     YieldOutcome,
     YieldReply,
-    validate_timeout,
-    validate_ttl,
-    validate_vram,
 )
 from gpuboss.errors import InvalidRequest, LeaseCancelled, LeaseLost, RedisUnavailable
 from gpuboss.lease import KEEP, Device, EvictNotice, Lease, LeaseState, call_on_evict
@@ -381,13 +378,13 @@ class WarmModel:
     ) -> None:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model", model, "must be the model's name or a label, e.g. 'gemma3:12b'")
-        if vram_gb is not None:
-            validate_vram(vram_gb)
-        if timeout is not DEFAULT:
-            validate_timeout(timeout)
-        if ttl is not None:
-            validate_ttl(ttl)
-        boss._core.make_request(1, priority)  # the priority, checked now
+        # Every argument of the leases it will take, checked now (the core's checks, as for acquire()): a bad
+        # one raises here, before anything is read or written, not at the first load.
+        boss._core.make_request(
+            1 if vram_gb is None else vram_gb, priority, timeout, ttl, device, preemptible=preemptible, node=node
+        )
+        if vram_gb is None:
+            boss._inventory.check_model(model)  # the size will come from the model registry
         self._boss = boss
         self._async = _is_async(boss)
         #: The model's name (or label); the ``model`` field of its lease record and events.
@@ -563,7 +560,7 @@ class WarmModel:
             self._phase = "loading"
         try:
             if self.vram_gb is None:
-                self.vram_gb = boss.choose_model(self.model).vram_mib / 1024
+                self.vram_gb = boss.choose_model(self.model, node=self.node).vram_mib / 1024
             lease, reply = self._load_sync(busy=False)
             self._settle_sync(lease, "idle", reply)
         except BaseException:
@@ -785,7 +782,7 @@ class WarmModel:
             self._phase = "loading"
         try:
             if self.vram_gb is None:
-                self.vram_gb = (await boss.choose_model(self.model)).vram_mib / 1024
+                self.vram_gb = (await boss.choose_model(self.model, node=self.node)).vram_mib / 1024
             lease, reply = await self._load_async(busy=False)
             await self._settle_async(lease, "idle", reply)
         except BaseException:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuboss import AsyncGPUBoss, ConfigError, GPUBoss, InvalidRequest
+from gpuboss import AsyncGPUBoss, ConfigError, GPUBoss, InvalidRequest, Keys
 
 from tests.conftest import GPUS, raw_client, snapshot
 
@@ -65,6 +65,80 @@ async def test_bad_request_async(
         await boss.acquire(**kwargs)
     assert snapshot(raw_client(backend_url), namespace) == before
     await boss.close()
+
+
+#: A request by model name (``model=``, sized from the model registry) with one bad argument: the model is
+#: resolved first, so this checks that resolving it writes nothing (this boss's GPUs are not registered yet).
+BAD_MODEL_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
+    ({"priority": "bogus"}, "priority", "'low', 'normal', 'high'"),
+    ({"timeout": -1}, "timeout", "seconds > 0"),
+    ({"ttl": 0}, "ttl", "greater than 0"),
+    ({"device": -1}, "device", "a GPU id, 'cuda:N'"),
+    ({"device": "gpu9"}, "device", "gpu0 (cuda:0), gpu1 (cuda:1)"),
+    ({"node": " padded"}, "node", "'any' (every host)"),
+    ({"preemptible": "yes"}, "preemptible", "True or False"),
+    ({"resume": "yes"}, "resume", "True or False"),
+    ({"on_lost": 5}, "on_lost", "callable"),
+    ({"on_evict": 5}, "on_evict", "callable"),
+    ({"gpus": 0}, "gpus", "from 1 to 64"),
+    ({"quantizations": []}, "quantizations", "non-empty list"),
+    ({"quantizations": ["zz9"]}, "quantizations", "q4_K_M"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field", "allowed"), BAD_MODEL_REQUESTS)
+def test_bad_request_by_model_is_typed_and_writes_nothing(
+    backend_url: str, namespace: str, kwargs: dict[str, Any], field: str, allowed: str
+) -> None:
+    boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS)
+    client = raw_client(backend_url)
+    before = snapshot(client, namespace)
+    try:
+        with pytest.raises(InvalidRequest) as err:
+            boss.acquire(model="gemma3:4b", **{"timeout": 0, **kwargs})
+        assert err.value.field == field
+        assert field in str(err.value) and allowed in str(err.value)
+        assert snapshot(client, namespace) == before
+        with pytest.raises(InvalidRequest), boss.lease(model="gemma3:4b", **{"timeout": 0, **kwargs}):
+            pass
+        assert snapshot(client, namespace) == before
+    finally:
+        boss.close()
+
+
+@pytest.mark.parametrize(("kwargs", "field", "allowed"), BAD_MODEL_REQUESTS)
+async def test_bad_request_by_model_async(
+    backend_url: str, namespace: str, kwargs: dict[str, Any], field: str, allowed: str
+) -> None:
+    boss = AsyncGPUBoss(backend_url, namespace=namespace, gpus=GPUS)
+    client = raw_client(backend_url)
+    before = snapshot(client, namespace)
+    try:
+        with pytest.raises(InvalidRequest) as err:
+            await boss.acquire(model="gemma3:4b", **{"timeout": 0, **kwargs})
+        assert err.value.field == field
+        assert field in str(err.value) and allowed in str(err.value)
+        assert snapshot(client, namespace) == before
+    finally:
+        await boss.close()
+
+
+def test_choose_model_reads_only_and_a_lease_by_model_registers_afterwards(backend_url: str, namespace: str) -> None:
+    """``choose_model`` counts this boss's unregistered GPUs as they will be, writes nothing, and leaves the
+    registration to the first request that passes its checks."""
+    boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS)
+    client = raw_client(backend_url)
+    try:
+        choice = boss.choose_model("gemma3:12b")
+        # As if registered: q8_0 (15360 MiB) fills gpu1's 15 GB exactly (fp16 fits neither).
+        assert (choice.quantization, choice.gpu, choice.fits) == ("q8_0", "gpu1", True)
+        assert snapshot(client, namespace) == {}
+        lease = boss.acquire(model="gemma3:12b", timeout=0)
+        assert (lease.quantization, lease.vram_mib) == ("q8_0", 15360)
+        assert set(client.hkeys(Keys(namespace).gpus)) == {"gpu0", "gpu1"}
+        boss.release(lease)
+    finally:
+        boss.close()
 
 
 def test_unknown_device_after_registration_writes_nothing(boss: GPUBoss, backend_url: str, namespace: str) -> None:

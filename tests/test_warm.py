@@ -28,7 +28,7 @@ from gpuboss.keys import Keys
 from gpuboss.redis_io import call_script_sync, connect_sync
 from gpuboss.warm import ActivityReply, UnloadReply, activity_call
 
-from tests.conftest import raw_client
+from tests.conftest import raw_client, snapshot
 from tests.threads import in_thread, result, until
 
 # The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
@@ -778,6 +778,79 @@ def test_bad_arguments_name_the_field(boss: GPUBoss) -> None:
         boss._activity(lease, "sleep")
     assert err.value.field == "op"
     boss.release(lease)
+
+
+#: keep_warm arguments checked when it is called (the core's checks of a lease request), before any I/O.
+BAD_WARM: list[tuple[str, dict[str, Any], str]] = [
+    ("node", {"node": " padded"}, "'any' (every host)"),
+    ("node", {"node": 5}, "'any' (every host)"),
+    ("device", {"device": -1}, "a GPU id, 'cuda:N'"),
+    ("device", {"device": ""}, "a GPU id, 'cuda:N'"),
+    ("preemptible", {"preemptible": "yes"}, "True or False"),
+    ("model", {"model": "gemma3:13b"}, "gemma3:12b"),  # sized from the model registry: an unknown name
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs", "allowed"), BAD_WARM)
+@pytest.mark.parametrize("vram_gb", [None, 4])
+def test_keep_warm_checks_every_argument_when_called_and_writes_nothing(
+    backend_url: str, namespace: str, field: str, kwargs: dict[str, Any], allowed: str, vram_gb: float | None
+) -> None:
+    if field == "model" and vram_gb is not None:
+        pytest.skip("with vram_gb the model is only a label")
+    boss = make(backend_url, namespace)
+    before = snapshot(raw_client(backend_url), namespace)
+    try:
+        with pytest.raises(InvalidRequest) as err:
+            boss.keep_warm(**{"model": "gemma3:4b", "vram_gb": vram_gb, **kwargs})
+        assert err.value.field == field and allowed in str(err.value)
+        assert snapshot(raw_client(backend_url), namespace) == before
+    finally:
+        boss.close()
+
+
+@pytest.mark.parametrize(("field", "kwargs", "allowed"), BAD_WARM)
+async def test_async_keep_warm_checks_every_argument_when_called(
+    backend_url: str, namespace: str, field: str, kwargs: dict[str, Any], allowed: str
+) -> None:
+    boss = AsyncGPUBoss(backend_url, namespace=namespace, gpus=ONE, service="svc")
+    before = snapshot(raw_client(backend_url), namespace)
+    try:
+        with pytest.raises(InvalidRequest) as err:
+            boss.keep_warm(**{"model": "gemma3:4b", **kwargs})
+        assert err.value.field == field and allowed in str(err.value)
+        assert snapshot(raw_client(backend_url), namespace) == before
+    finally:
+        await boss.close()
+
+
+def test_keep_warm_sized_by_the_registry_with_an_unknown_gpu_writes_nothing(backend_url: str, namespace: str) -> None:
+    """A pin only the registry can judge fails at entry, after the model is sized, and still writes nothing."""
+    boss = make(backend_url, namespace)
+    before = snapshot(raw_client(backend_url), namespace)
+    loads: list[object] = []
+    try:
+        with pytest.raises(InvalidRequest) as err, boss.keep_warm("gemma3:4b", device="g9", on_load=loads.append):
+            pytest.fail("the block must not start")
+        assert err.value.field == "device" and "g0 (cuda:0)" in str(err.value)
+        assert snapshot(raw_client(backend_url), namespace) == before and loads == []
+    finally:
+        boss.close()
+
+
+async def test_async_keep_warm_sized_by_the_registry_with_an_unknown_gpu_writes_nothing(
+    backend_url: str, namespace: str
+) -> None:
+    boss = AsyncGPUBoss(backend_url, namespace=namespace, gpus=ONE, service="svc")
+    before = snapshot(raw_client(backend_url), namespace)
+    try:
+        with pytest.raises(InvalidRequest) as err:
+            async with boss.keep_warm("gemma3:4b", device="g9"):
+                pytest.fail("the block must not start")
+        assert err.value.field == "device" and "g0 (cuda:0)" in str(err.value)
+        assert snapshot(raw_client(backend_url), namespace) == before
+    finally:
+        await boss.close()
 
 
 def test_status_and_leases_show_busy_and_idle(real_url: str, namespace: str) -> None:
