@@ -136,8 +136,20 @@ class BossBase:
             self._inventory.localize(lease)  # this process's cuda:N for the (possibly other) GPU
             if lease._move_if("granted") or lease._move_if("continue"):
                 self._heartbeat.hold(lease)
-                if outcome.code is YieldReply.GRANTED:
+                if lease.state is LeaseState.RELEASED:
+                    # Released between the move and hold(): its release forgot it before hold() (it forgets
+                    # again after the move, so one of the two forgets comes after hold()).
+                    self._heartbeat.forget(lease.id)
+                elif outcome.code is YieldReply.GRANTED:
                     log.info("gpuboss: lease %s resumed on %s (eviction %d)", lease.id, lease.gpu, lease.evictions)
+            elif lease.state is LeaseState.RELEASED:
+                # The block ended while the lease resumed. Its release forgot the id, but the resume may have
+                # asked again after that release landed: Redis then took it for a new request (queued, and
+                # watched, or granted at once), and the grant here belongs to nobody. Release it from the
+                # heartbeat (it stops any watch of the id too); a second release of an id is harmless.
+                if self._leases.get(lease.id) is lease:
+                    del self._leases[lease.id]
+                self._heartbeat.release_later(lease.id, int(lease.ttl * 1000))
         elif outcome.code is YieldReply.ENDED and outcome.parked:
             lease._parked = True  # suspended with no queue entry until its next busy() (docs/warm.md)
             self._leases.pop(lease.id, None)
@@ -146,12 +158,21 @@ class BossBase:
             self._leases.pop(lease.id, None)
         elif outcome.code is YieldReply.GONE:
             self._leases.pop(lease.id, None)
+            # Gone, or the resume gave up (Redis could not be reached): a request it had queued (and the
+            # heartbeat watches) must not stay, to be granted to nobody. The heartbeat withdraws it once Redis
+            # answers (an id with nothing left under it: a harmless NOT_FOUND).
+            self._heartbeat.release_later(lease.id, int(lease.ttl * 1000))
             if lease._move_if("lost") and lease.on_lost is not None:
                 self._dispatch_on_lost(lease)
 
     def _stop_waiting(self, lease: Lease) -> bool:
-        """For a resume: True once the lease was released meanwhile (its block ended)."""
-        return lease.state is LeaseState.RELEASED
+        """For a resume: True once the lease was released meanwhile (its block ended); the resume then withdraws
+        its request. The id is forgotten here too: the release forgot it, but the resume's wait may have
+        started watching it after that."""
+        if lease.state is not LeaseState.RELEASED:
+            return False
+        self._heartbeat.forget(lease.id)
+        return True
 
     def _begin_release(self, lease: Lease | str) -> tuple[str, int, Lease | None]:
         """Stop renewing a lease and, if this boss holds it, mark it released; its id, its TTL (ms) for the
@@ -168,6 +189,9 @@ class BossBase:
         if obj._driver is not self:  # another boss's: Redis may refuse (NOT_HOLDER), which must leave it alone
             return lease_id, int(obj.ttl * 1000), obj
         obj._move("released")  # ours, at once: a resume waiting for it stops (_stop_waiting)
+        # And forget it again: a resume granted meanwhile may have handed it to the heartbeat after the first
+        # forget (_after_yield looks at the state after it did; see there).
+        self._heartbeat.forget(lease_id)
         return lease_id, int(obj.ttl * 1000), None
 
     def _end_release(self, reply: list[Any], lease_id: str, pending: Lease | None) -> bool:

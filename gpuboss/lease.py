@@ -10,7 +10,8 @@ A request and the lease it becomes move through these states; every change goes 
                                     evicting   |   ^  continue (called off, or shrunk enough)
                                                v   |
                                              evicting --suspended--> suspended --granted--> granted
-                                                 '------evicted----> evicted   (handed back, no resume)
+                                                 '------evicted----> evicted    |  (handed back, no resume)
+                                                                                '--lost--> lost (its resume failed)
 
 ``renewing`` is not a state of its own: a lease is renewed by the heartbeat while it is ``granted`` or
 ``evicting``. A ``suspended`` lease has handed its VRAM back after a checkpoint and waits in the queue, at
@@ -69,6 +70,7 @@ TRANSITIONS: dict[tuple[LeaseState, str], LeaseState] = {
     (S.SUSPENDED, "granted"): S.GRANTED,
     (S.SUSPENDED, "evicted"): S.EVICTED,
     (S.SUSPENDED, "released"): S.RELEASED,
+    (S.SUSPENDED, "lost"): S.LOST,  # the resume gave up (Redis could not be reached while it waited)
     # A release after the lease was found lost or handed back, or a second release, changes nothing.
     (S.LOST, "released"): S.LOST,
     (S.EVICTED, "released"): S.EVICTED,
