@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,15 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
 ]
 
 
+@contextmanager
+def names_field(field: str, allowed: str) -> Iterator[None]:
+    """Expect the block to raise :class:`InvalidRequest` for ``field``, naming it and the ``allowed`` values."""
+    with pytest.raises(InvalidRequest) as err:
+        yield
+    assert err.value.field == field
+    assert field in str(err.value) and allowed in str(err.value)
+
+
 @pytest.mark.parametrize(("kwargs", "field", "allowed"), BAD_REQUESTS)
 def test_bad_request_is_typed_and_writes_nothing(
     backend_url: str, namespace: str, kwargs: dict[str, Any], field: str, allowed: str
@@ -45,10 +56,8 @@ def test_bad_request_is_typed_and_writes_nothing(
     boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS)
     client = raw_client(backend_url)
     before = snapshot(client, namespace)
-    with pytest.raises(InvalidRequest) as err:
+    with names_field(field, allowed):
         boss.acquire(**kwargs)
-    assert err.value.field == field
-    assert field in str(err.value) and allowed in str(err.value)
     with pytest.raises(InvalidRequest), boss.lease(**kwargs):
         pass
     assert snapshot(client, namespace) == before
@@ -94,10 +103,8 @@ def test_bad_request_by_model_is_typed_and_writes_nothing(
     client = raw_client(backend_url)
     before = snapshot(client, namespace)
     try:
-        with pytest.raises(InvalidRequest) as err:
+        with names_field(field, allowed):
             boss.acquire(model="gemma3:4b", **{"timeout": 0, **kwargs})
-        assert err.value.field == field
-        assert field in str(err.value) and allowed in str(err.value)
         assert snapshot(client, namespace) == before
         with pytest.raises(InvalidRequest), boss.lease(model="gemma3:4b", **{"timeout": 0, **kwargs}):
             pass
@@ -114,10 +121,8 @@ async def test_bad_request_by_model_async(
     client = raw_client(backend_url)
     before = snapshot(client, namespace)
     try:
-        with pytest.raises(InvalidRequest) as err:
+        with names_field(field, allowed):
             await boss.acquire(model="gemma3:4b", **{"timeout": 0, **kwargs})
-        assert err.value.field == field
-        assert field in str(err.value) and allowed in str(err.value)
         assert snapshot(client, namespace) == before
     finally:
         await boss.close()
