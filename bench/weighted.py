@@ -59,6 +59,15 @@ class Phase:
     failures: int = 0  # a peer's acquire calls that raised (and were retried)
     failure: str = ""  # the first of them
 
+    @property
+    def asked_utilisation(self) -> float | None:
+        """The utilisation had every grant been held for exactly the hold time asked: grants/s x mean GB x hold /
+        capacity. Unlike :attr:`utilisation` it does not grow when the holders wake late from their sleep (as
+        they do while a busy-retry loop keeps the CPUs busy): it counts only the work the grants allowed."""
+        if self.rate is None or self.size_mean_gb is None or not self.hold_ms:
+            return None
+        return self.rate * self.size_mean_gb * (self.hold_ms / 1000) / CAPACITY_GB
+
 
 @dataclass
 class Weighted:

@@ -162,6 +162,31 @@ def test_uncontended_target_says_what_a_client_costing_nothing_would_reach() -> 
     assert no_client_beats(0.005, 60.0, "x") == ""  # a floor below 0.01 ms gives no ratio
 
 
+def test_weighted_utilisation_target_gives_the_utilisation_at_the_hold_asked() -> None:
+    """Next to the time-averaged utilisation (its verdict), the targets table gives grants/s x mean GB x hold /
+    capacity: what the grants allowed, which holders waking late from their sleep (a busy-retry loop keeps
+    the CPUs busy) cannot raise."""
+    from bench.stats import Summary
+    from bench.targets import Results, build_targets
+    from bench.weighted import Phase, Weighted
+
+    def weighted(kind: str, rate: float, held_ms: float, utilisation: float) -> Weighted:
+        phase = Phase(1.0, rate=rate, size_mean_gb=4.8, held_mean_ms=held_ms, utilisation=utilisation)
+        return Weighted(kind=kind, label=kind, procs=16, phases=[phase])
+
+    floor = Summary(n=100, p50=0.020, p99=0.030, mean=0.021, max=0.05)
+    mine, counter = weighted("gpuboss", 3000, 1.1, 0.66), weighted("counter", 2500, 1.4, 0.70)
+    rows = {row[0]: row for row in build_targets(Results(floor_a=floor, weighted=[mine, counter])).rows}
+    row = rows["Weighted, 1 ms hold: utilisation"]
+    # 3000 x 4.8 x 0.001 / 24 = 60.0%; 2500 x 4.8 x 0.001 / 24 = 50.0%
+    assert row[1].endswith(
+        "66.0% vs EVALSHA counter 70.0%; at the hold asked (grants/s x mean GB x 1 ms / "
+        "capacity: a late wake-up of a holder does not count) 60.0% vs 50.0%"
+    ), row
+    assert row[3] == "missed by 6%"  # the verdict stays on the utilisation the issue asks for
+    assert Phase(0.0, rate=3000, size_mean_gb=4.8).asked_utilisation is None  # no hold: nothing asked
+
+
 def test_a_failing_profile_worker_is_an_error_not_a_skipped_section(tmp_path: Path) -> None:
     """Only py-spy being unable to sample leaves the Python-side section out with a note (RuntimeError); a worker
     that fails is an error of the run, with the worker's own last words."""
