@@ -30,7 +30,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -397,20 +397,12 @@ class SyncLink:
         fallback = self.fallback
         within, cap = fallback.within(route)
         wait = fallback.mode == "wait"
+
+        def send() -> Any:
+            return call_script_sync(client, op) if isinstance(op, Call) else client.hgetall(op.key)
+
         try:
-            if isinstance(op, Call):
-                result = retry_sync(
-                    lambda: call_script_sync(client, op),
-                    fallback.shown,
-                    within,
-                    cap=cap,
-                    chain=wait,
-                    failed=fallback.failed,
-                )
-            else:
-                result = retry_sync(
-                    lambda: client.hgetall(op.key), fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed
-                )
+            result = retry_sync(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)
         except RedisUnavailable as err:
             if wait and route is not None:
                 raise fallback.timed_out(route, err) from err.__cause__
@@ -493,25 +485,13 @@ class AsyncLink:
         within, cap = fallback.within(route)
         wait = fallback.mode == "wait"
         grace = fallback.core.config.connect_timeout  # (the longest wait for one reply: see reply_within)
+
+        def send() -> Awaitable[Any]:
+            reply = call_script_async(client, op) if isinstance(op, Call) else client.hgetall(op.key)
+            return reply_within(reply, grace)
+
         try:
-            if isinstance(op, Call):
-                result = await retry_async(
-                    lambda: reply_within(call_script_async(client, op), grace),
-                    fallback.shown,
-                    within,
-                    cap=cap,
-                    chain=wait,
-                    failed=fallback.failed,
-                )
-            else:
-                result = await retry_async(
-                    lambda: reply_within(client.hgetall(op.key), grace),
-                    fallback.shown,
-                    within,
-                    cap=cap,
-                    chain=wait,
-                    failed=fallback.failed,
-                )
+            result = await retry_async(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)
         except RedisUnavailable as err:
             if wait and route is not None:
                 raise fallback.timed_out(route, err) from err.__cause__

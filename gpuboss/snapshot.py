@@ -122,6 +122,7 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
     now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds = reply[:11]
     policy_raw, usage_raw = reply[11:]
     entry_expiry = {str(k): int(v) for k, v in queue_exp}
+    policy = _policy(policy_raw)
     now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
 
     gpus = []
@@ -195,8 +196,8 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         "gpus": gpus,
         "leases": leases,
         "queue": waiting,
-        "classes": _classes(policy_raw.get("classes")),
-        "policy": _policy(policy_raw),
+        "classes": _classes(policy.get("classes")),
+        "policy": policy,
         "usage": _usage(usage_raw),
     }
 
@@ -225,18 +226,10 @@ def _usage(raw: dict[str, str]) -> dict[str, int]:
     return {k: as_int(v) for k, v in sorted(raw.items()) if k.startswith(USAGE_COUNTERS)}
 
 
-def _classes(raw: object) -> dict[str, int]:
+def _classes(value: object) -> dict[str, int]:
     """The namespace's priority classes as its policy stores them (``{class: rank}``, written by a boss with
-    ``aging``); empty when it stores none."""
-    if not isinstance(raw, str | bytes) or not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): as_int(v) for k, v in value.items()}
+    ``aging``; decoded by :func:`_policy`); empty when it stores none."""
+    return {str(k): as_int(v) for k, v in _dict(value).items()}
 
 
 def priority_classes(snap: dict[str, Any], configured: Iterable[str] = ()) -> list[str]:
