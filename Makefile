@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format mypy unit bench bench-smoke bench-ir chaos clean
+.PHONY: install demo test lint format mypy unit gpu-check bench bench-smoke bench-ir chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint unit
+
+# On a machine with an NVIDIA GPU (and torch with CUDA for the allocations): the inventory against the real
+# card. Elsewhere the tests skip and the example says "no NVML".
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -s -rs tests/test_real_gpu.py
+	$(BIN)/python examples/gpu_check.py --strict --alloc-gb 4
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

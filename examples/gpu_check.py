@@ -110,7 +110,8 @@ def print_discovery(nvml: Any) -> bool:
     print(f"driver {found.driver_version}, {len(found.gpus)} GPU(s)")
     for g in found.gpus:
         cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
-        print(f"  [{g.index}] {g.uuid}  {g.name}  {g.memory_total_mib} MiB  pci {g.pci_bus_id}  cc {cc}")
+        reserved = f" ({g.memory_reserved_mib} reserved by the driver)" if g.memory_reserved_mib else ""
+        print(f"  [{g.index}] {g.uuid}  {g.name}  {g.memory_total_mib} MiB{reserved}  pci {g.pci_bus_id}  cc {cc}")
         if g.mig_enabled:
             print(f"      MIG enabled, {len(g.mig)} instance(s)")
             for m in g.mig:
@@ -235,6 +236,12 @@ def run(args: argparse.Namespace, nvml: Any = None) -> int:
             for g in registry:
                 print(f"  {g.id}  {g.name}  {g.capacity_mib} MiB  host {g.host}  pci {g.pci_bus_id}  index {g.index}")
             report.check("every GPU registered by UUID", all(g.id.startswith(("GPU-", "MIG-")) for g in registry))
+            usable = {u.uuid: u.memory_usable_mib for u in discover(nvml).units()}
+            report.check(
+                "each registered with what CUDA can allocate (total less the driver's reservation)",
+                all(g.capacity_mib == usable.get(g.id) for g in registry),
+                ", ".join(f"{g.id[:12]}: {g.capacity_mib} MiB" for g in registry),
+            )
             report.check("host beat", client.hget(keys.hosts, boss._core.host) is not None, f"host {boss._core.host}")
 
             section("lease")
@@ -250,7 +257,7 @@ def run(args: argparse.Namespace, nvml: Any = None) -> int:
             for s in boss.vram_status():
                 procs = ", ".join(f"pid {p.pid}: {p.used_mib} MiB" for p in s.processes) or "none listed"
                 print(
-                    f"  {s.id}: total {s.total_mib}, used {s.used_mib}, free {s.free_mib}, "
+                    f"  {s.id}: total {s.total_mib}, reserved {s.reserved_mib}, used {s.used_mib}, free {s.free_mib}, "
                     f"available {s.available_mib} MiB, util {s.gpu_util_pct}%, {s.temperature_c} C; processes: {procs}"
                 )
             print(f"  this process: pid {os.getpid()}")

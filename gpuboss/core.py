@@ -549,10 +549,17 @@ class Core:
         if int(reply[0]) < 0:
             gpu, registered = str(reply[1]), GpuInfo.from_json(str(reply[2]))
             mine = self.declared[gpu]
+            fix = "use another id or namespace, or fix the declaration"
+            if mine.uuid is not None:  # discovered: the sizes come from the card and auto_reserve_gb
+                fix = (
+                    "every process must use the same auto_reserve_gb; a gpuboss that registered NVML's whole "
+                    "total (before the memory the driver reserves was left out) needs a fresh namespace "
+                    "(docs/inventory.md)"
+                )
             raise ConfigError(
                 f"gpus: {gpu!r} is declared with {mine.capacity_mib} MiB (reserve {mine.reserve_mib} MiB) but "
                 f"namespace {self.config.namespace!r} already registers it with {registered.capacity_mib} MiB "
-                f"(reserve {registered.reserve_mib} MiB); use another id or namespace, or fix the declaration"
+                f"(reserve {registered.reserve_mib} MiB); {fix}"
             )
 
     def update_registry(self, flat: Mapping[str, str]) -> None:

@@ -45,6 +45,8 @@ class DiscoveredGpu(BaseModel):
     #: The physical GPU's UUID, for a MIG instance.
     parent_uuid: str | None = None
     compute_capability: tuple[int, int] | None = None
+    #: What the driver reserves on the card (NVML v2): left out of ``vram_gb``, which is what CUDA can allocate.
+    driver_reserved_mib: int = Field(default=0, ge=0)
 
     @property
     def uuid(self) -> str:
@@ -77,7 +79,7 @@ class DiscoveredGpu(BaseModel):
         )
 
     def to_gpu_config(self) -> GPUConfig:
-        """The declaration the core registers (id = UUID; capacity exactly the MiB NVML reported)."""
+        """The declaration the core registers (id = UUID; capacity exactly the usable MiB NVML reported)."""
         try:
             return GPUConfig(
                 id=self.id, name=self.name, vram_gb=self.vram_gb, index=self.index, reserve_gb=self.reserve_gb
@@ -94,22 +96,23 @@ def declarations(discovery: Discovery, *, host: str | None = None, reserve_gb: f
         units: Sequence[Any] = gpu.mig if gpu.mig_enabled else (gpu,)
         for unit in units:
             mig = isinstance(unit, MigInstance)
-            total = unit.memory_total_mib
-            if gb_to_mib(reserve_gb) >= total:
+            usable = unit.memory_usable_mib
+            if gb_to_mib(reserve_gb) >= usable:
                 raise ConfigError(
-                    f"reserve_gb={reserve_gb} is not less than the {total} MiB of {unit.uuid} ({unit.name or gpu.name})"
+                    f"reserve_gb={reserve_gb} is not less than the {usable} MiB of {unit.uuid} ({unit.name or gpu.name})"
                 )
             out.append(
                 DiscoveredGpu(
                     id=unit.uuid,
                     name=unit.name or gpu.name,
-                    vram_gb=total / 1024,  # exact in binary: capacity_mib == total
+                    vram_gb=usable / 1024,  # exact in binary: capacity_mib == usable (total - driver reserved)
                     index=gpu.index,
                     reserve_gb=reserve_gb,
                     host=host,
                     pci_bus_id=gpu.pci_bus_id,
                     parent_uuid=gpu.uuid if mig else None,
                     compute_capability=gpu.compute_capability,
+                    driver_reserved_mib=unit.memory_reserved_mib,
                 )
             )
     return out
@@ -164,6 +167,8 @@ class VRAMStatus:
     #: Unix seconds (this machine's clock) of the reading.
     sampled_at: float
     parent_uuid: str | None = None
+    #: Reserved by the driver (never allocatable): total = reserved + used + free.
+    reserved_mib: int = 0
 
     @property
     def used_fraction(self) -> float:
@@ -191,6 +196,7 @@ def statuses(sampling: Sampling, *, margin_mib: int = DEFAULT_MARGIN_MIB, host: 
             processes=s.processes,
             sampled_at=sampling.sampled_at,
             parent_uuid=s.parent_uuid,
+            reserved_mib=s.reserved_mib,
         )
         for s in sampling.samples
     ]

@@ -2,8 +2,9 @@
 
 It reads what the host's GPUs are (:func:`discover`) and what they hold right now (:func:`sample`):
 
-- a physical GPU: its UUID (``GPU-...``), name, total memory, PCI bus id, NVML index, compute capability,
-  and, when MIG is enabled, its MIG instances, each a GPU of its own (``MIG-...`` UUID, its own memory);
+- a physical GPU: its UUID (``GPU-...``), name, total memory and the part of it the driver reserves, PCI bus
+  id, NVML index, compute capability, and, when MIG is enabled, its MIG instances, each a GPU of its own
+  (``MIG-...`` UUID, its own memory);
 - per GPU (or MIG instance): used and free memory, utilisation, temperature, and the compute processes
   with the memory each one uses.
 
@@ -16,8 +17,12 @@ a reading a GPU does not support (utilisation of a MIG instance, temperature in 
 Every function takes the NVML module as ``nvml`` (default: the real ``pynvml``, imported when first
 needed), so tests inject a fake module that emulates the functions used here.
 
-Memory is in MiB, the unit gpuboss accounts in: totals and free memory are rounded down, used memory up,
-so a reading never makes a GPU look emptier than it is.
+Memory is in MiB, the unit gpuboss accounts in: totals and free memory are rounded down, used and reserved
+memory up, so a reading never makes a GPU look emptier than it is. Memory is read with
+``nvmlDeviceGetMemoryInfo_v2`` where the driver has it: the memory the driver and firmware reserve (616 MiB
+of an H200's 143771 with driver 580) is then ``reserved``, never usable by CUDA, and left out of ``used``, as
+``nvidia-smi`` shows it. Older drivers answer the v1 call only, which counts that memory as used and
+reports no reservation; the books stay right either way (usable = total - reserved; used excludes it).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
 NVML_DEVICE_MIG_ENABLE = 1
 NVML_TEMPERATURE_GPU = 0
 #: A process's gpuInstanceId/computeInstanceId when it does not run on a MIG instance.
@@ -117,6 +123,13 @@ class MigInstance:
     parent_uuid: str
     gpu_instance_id: int | None = None
     compute_instance_id: int | None = None
+    #: Memory the driver reserves on it: part of the total that CUDA can never allocate.
+    memory_reserved_mib: int = 0
+
+    @property
+    def memory_usable_mib(self) -> int:
+        """What processes can ever allocate: the total less the driver's reservation (its leasable capacity)."""
+        return self.memory_total_mib - self.memory_reserved_mib
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,14 @@ class PhysicalGpu:
     compute_capability: tuple[int, int] | None = None
     mig_enabled: bool = False
     mig: tuple[MigInstance, ...] = ()
+    #: Memory the driver and firmware reserve: part of the total (as ``nvidia-smi`` gives it) that CUDA can
+    #: never allocate. 0 where the driver answers only the v1 memory call.
+    memory_reserved_mib: int = 0
+
+    @property
+    def memory_usable_mib(self) -> int:
+        """What processes can ever allocate: the total less the driver's reservation (its leasable capacity)."""
+        return self.memory_total_mib - self.memory_reserved_mib
 
 
 @dataclass(frozen=True)
@@ -182,6 +203,7 @@ class GpuSample:
     uuid: str
     name: str
     total_mib: int
+    #: Allocated by processes (CUDA contexts included); the driver's reservation is not in it.
     used_mib: int
     free_mib: int
     #: Percent of time a kernel ran over the last sample period; None where unsupported (MIG instances).
@@ -192,6 +214,19 @@ class GpuSample:
     processes: tuple[GpuProcess, ...] = ()
     #: The physical GPU of a MIG instance; None for a physical GPU.
     parent_uuid: str | None = None
+    #: Reserved by the driver: total = reserved + used + free.
+    reserved_mib: int = 0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One memory reading of a GPU or MIG instance, in MiB: ``total = reserved + used + free``, give or take
+    the rounding (towards a fuller GPU)."""
+
+    total_mib: int
+    reserved_mib: int
+    used_mib: int
+    free_mib: int
 
 
 @dataclass(frozen=True)
@@ -260,6 +295,8 @@ class NvmlSession:
     def __init__(self, module: Any) -> None:
         self.nvml = module
         self._closed = False
+        #: The v2 memory call's version word, until the driver turns the call down (then None: v1 only).
+        self._memory_v2: int | None = getattr(module, "nvmlMemory_v2", None)
 
     @classmethod
     def open(cls, nvml: Any = None) -> NvmlSession:
@@ -306,6 +343,28 @@ class NvmlSession:
         except self._error_type:
             return None
 
+    def memory(self, handle: Any) -> Memory:
+        """The memory of a GPU or MIG instance: the v2 call where the driver has it, else v1."""
+        version = self._memory_v2
+        if version is not None:
+            try:
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+            except self._error_type as err:
+                code = _code(err)
+                if code in (NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_ARGUMENT_VERSION_MISMATCH):
+                    self._memory_v2 = None  # a driver without the v2 call: v1 from now on
+                elif code != NVML_ERROR_NOT_SUPPORTED:  # not for this device (some MIG instances): v1 for it
+                    raise
+            else:
+                total = _floor_mib(mem.total)
+                reserved = min(total, _ceil_mib(mem.reserved))
+                used = min(total - reserved, _ceil_mib(mem.used))
+                return Memory(total, reserved, used, min(_floor_mib(mem.free), total - reserved - used))
+        mem = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+        total = _floor_mib(mem.total)
+        used = min(total, _ceil_mib(mem.used))
+        return Memory(total, 0, used, min(_floor_mib(mem.free), total - used))
+
     # -- discovery
 
     def driver_version(self) -> str | None:
@@ -339,7 +398,7 @@ class NvmlSession:
         nvml = self.nvml
         uuid = _text(nvml.nvmlDeviceGetUUID(handle))
         name = _text(nvml.nvmlDeviceGetName(handle))
-        total = _floor_mib(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+        mem = self.memory(handle)
         pci = self._optional(nvml.nvmlDeviceGetPciInfo, handle)
         bus_id = _text(pci.busId) if pci is not None else ""
         cc = self._optional(nvml.nvmlDeviceGetCudaComputeCapability, handle)
@@ -350,11 +409,12 @@ class NvmlSession:
             index=index,
             uuid=uuid,
             name=name,
-            memory_total_mib=total,
+            memory_total_mib=mem.total_mib,
             pci_bus_id=bus_id,
             compute_capability=capability,
             mig_enabled=mig_enabled,
             mig=instances,
+            memory_reserved_mib=mem.reserved_mib,
         )
 
     def _mig_enabled(self, handle: Any) -> bool:
@@ -378,15 +438,17 @@ class NvmlSession:
         for i, mig in self._mig_handles(handle):
             gi_fn = getattr(nvml, "nvmlDeviceGetGpuInstanceId", None)
             ci_fn = getattr(nvml, "nvmlDeviceGetComputeInstanceId", None)
+            mem = self.memory(mig)
             out.append(
                 MigInstance(
                     uuid=_text(nvml.nvmlDeviceGetUUID(mig)),
                     name=_text(self._optional(nvml.nvmlDeviceGetName, mig) or ""),
                     mig_index=i,
-                    memory_total_mib=_floor_mib(nvml.nvmlDeviceGetMemoryInfo(mig).total),
+                    memory_total_mib=mem.total_mib,
                     parent_uuid=parent_uuid,
                     gpu_instance_id=self._optional(gi_fn, mig) if gi_fn is not None else None,
                     compute_instance_id=self._optional(ci_fn, mig) if ci_fn is not None else None,
+                    memory_reserved_mib=mem.reserved_mib,
                 )
             )
         return tuple(out)
@@ -434,21 +496,20 @@ class NvmlSession:
         temperature: int | None,
         processes: tuple[GpuProcess, ...],
     ) -> GpuSample:
-        mem = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+        mem = self.memory(handle)
         util = self._optional(self.nvml.nvmlDeviceGetUtilizationRates, handle)
-        total = _floor_mib(mem.total)
-        used = min(total, _ceil_mib(mem.used))
         return GpuSample(
             uuid=uuid,
             name=name,
-            total_mib=total,
-            used_mib=used,
-            free_mib=min(_floor_mib(mem.free), total - used),
+            total_mib=mem.total_mib,
+            used_mib=mem.used_mib,
+            free_mib=mem.free_mib,
             gpu_util_pct=None if util is None else int(util.gpu),
             memory_util_pct=None if util is None else int(util.memory),
             temperature_c=temperature,
             processes=processes,
             parent_uuid=parent,
+            reserved_mib=mem.reserved_mib,
         )
 
     def sample(self) -> Sampling:

@@ -6,7 +6,8 @@ GPU and MIG objects themselves. Strings come back as pynvml gives them (``str``)
 is ``bytes`` in the ctypes structure the real ``nvmlDeviceGetPciInfo`` returns.
 
 Ready-made hosts: :func:`mixed_host` (three models, no MIG), :func:`uniform_host` (four of one model) and
-:func:`mig_host` (an RTX 4090 and an A100 with MIG enabled and two instances, with processes over budget).
+:func:`mig_host` (an RTX 4090 and an A100 with MIG enabled and two instances, with processes over budget) and
+:func:`h200_host` (one card whose driver reserves memory).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class FakeMig:
     gpu_instance_id: int = 1
     compute_instance_id: int = 0
     processes: list[FakeProcess] = field(default_factory=list)
+    reserved_mib: int = 0
+    #: False: the v2 memory call answers NOT_SUPPORTED for this instance (v1 still works).
+    memory_v2: bool = True
 
 
 @dataclass
@@ -74,6 +78,9 @@ class FakeGpu:
     lost: bool = False
     #: Processes on MIG instances are listed only on this parent (the MIG handles answer NOT_SUPPORTED).
     mig_processes_on_parent: bool = False
+    #: Reserved by the driver and firmware: in the total, never allocatable. The v1 memory call counts it
+    #: as used; the v2 call gives it apart (an H200 with driver 580: 616 MiB).
+    reserved_mib: int = 0
 
 
 def error(code: int) -> Exception:
@@ -86,6 +93,7 @@ class FakeNvml:
     NVMLError = pynvml.NVMLError
     NVML_TEMPERATURE_GPU = 0
     NVML_DEVICE_MIG_ENABLE = 1
+    nvmlMemory_v2 = pynvml.nvmlMemory_v2
 
     def __init__(
         self,
@@ -94,13 +102,18 @@ class FakeNvml:
         init_error: int | None = None,
         driver: str = "550.54.15",
         unopenable: frozenset[int] = frozenset(),
+        memory_v2: bool = True,
     ) -> None:
         self.gpus = gpus
         self.init_error = init_error
         self.driver = driver
         self.unopenable = unopenable
+        #: False: a driver without ``nvmlDeviceGetMemoryInfo_v2`` (the call raises FUNCTION_NOT_FOUND).
+        self.memory_v2 = memory_v2
         self.inits = 0
         self.shutdowns = 0
+        #: The memory calls made, by version: 1 or 2.
+        self.memory_calls: list[int] = []
 
     # -- library
 
@@ -148,11 +161,20 @@ class FakeNvml:
         self._check(handle)
         return handle.name
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeGpu | FakeMig) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeGpu | FakeMig, version: int | None = None) -> SimpleNamespace:
         self._check(handle)
-        total = handle.total_mib * MIB
+        total, reserved = handle.total_mib * MIB, handle.reserved_mib * MIB
         used = handle.used_mib * MIB + (handle.used_extra_bytes if isinstance(handle, FakeGpu) else 0)
-        return SimpleNamespace(total=total, used=used, free=total - used)
+        if not version:
+            self.memory_calls.append(1)
+            return SimpleNamespace(total=total, used=reserved + used, free=total - reserved - used)
+        if not self.memory_v2:
+            raise error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        assert version == pynvml.nvmlMemory_v2
+        if isinstance(handle, FakeMig) and not handle.memory_v2:
+            raise error(NOT_SUPPORTED)
+        self.memory_calls.append(2)
+        return SimpleNamespace(version=version, total=total, reserved=reserved, used=used, free=total - reserved - used)
 
     def nvmlDeviceGetPciInfo(self, handle: FakeGpu) -> SimpleNamespace:
         self._check(handle)
@@ -251,6 +273,17 @@ def mixed_host() -> FakeNvml:
             FakeGpu(RTX4090, "NVIDIA GeForce RTX 4090", 24564, "00000000:41:00.0", (8, 9)),
         ]
     )
+
+
+H200 = uuid_of(0x200)
+H200_RESERVED_MIB = 616
+
+
+def h200_host(*, memory_v2: bool = True) -> FakeNvml:
+    """One H200 as a real one read with driver 580 (tests/test_real_gpu.py): 143771 MiB in all, of which the
+    driver reserves 616. ``memory_v2=False``: a driver that answers only the v1 memory call."""
+    card = FakeGpu(H200, "NVIDIA H200", 143771, "00000000:00:06.0", (9, 0), reserved_mib=H200_RESERVED_MIB)
+    return FakeNvml([card], driver="580.159.04", memory_v2=memory_v2)
 
 
 def uniform_host() -> FakeNvml:

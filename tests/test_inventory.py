@@ -165,3 +165,21 @@ def test_the_core_leases_discovered_gpus_by_uuid() -> None:
             assert lease.vram_mib == 30 * 1024
         finally:
             boss.release(lease)
+
+
+def test_a_discovered_gpu_is_declared_with_what_cuda_can_allocate() -> None:
+    (h200,) = discover_gpus(fk.h200_host(), reserve_gb=1)
+    assert (h200.capacity_mib, h200.driver_reserved_mib, h200.reserve_mib) == (143771 - 616, 616, 1024)
+    assert h200.to_gpu_config().capacity_mib == 143771 - 616
+    (old_driver,) = discover_gpus(fk.h200_host(memory_v2=False))
+    assert (old_driver.capacity_mib, old_driver.driver_reserved_mib) == (143771, 0)
+    with pytest.raises(ConfigError, match="is not less than the 143155 MiB"):
+        discover_gpus(fk.h200_host(), reserve_gb=143155 / 1024)
+
+
+def test_vram_status_gives_the_reservation_apart() -> None:
+    nvml = fk.h200_host()
+    nvml.gpus[0].used_mib = 1000
+    (s,) = vram_status(nvml, margin_mib=512)
+    assert (s.total_mib, s.reserved_mib, s.used_mib, s.free_mib) == (143771, 616, 1000, 143771 - 616 - 1000)
+    assert s.available_mib == s.free_mib - 512

@@ -41,3 +41,14 @@ def test_with_gpus_every_check_holds(real_url: str, namespace: str, capsys: pyte
     assert f"child_env: {{'CUDA_VISIBLE_DEVICES': '{fk.uuid_of(0x1000)}'}}" in out
     assert "--no-torch: allocation skipped" in out and "MISMATCH" not in out and "checks held" in out
     assert f"this process: pid {os.getpid()}" in out
+
+
+def test_a_card_whose_driver_reserves_memory_is_registered_with_the_rest(
+    real_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--redis-url", real_url, "--namespace", namespace, "--interval", "0.1", "--strict", "--no-torch"]
+    assert load().main(argv, nvml=fk.h200_host()) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200  143771 MiB (616 reserved by the driver)" in out
+    assert "[ok] each registered with what CUDA can allocate (total less the driver's reservation): " in out
+    assert f"{fk.H200[:12]}: 143155 MiB" in out and "reserved 616, used 0, free 143155" in out

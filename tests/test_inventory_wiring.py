@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuboss import ConfigError, GPUBoss, InvalidRequest, Keys, LeaseTimeout, events
+from gpuboss import ConfigError, GPUBoss, InsufficientCapacity, InvalidRequest, Keys, LeaseTimeout, events
 from gpuboss.aio import AsyncGPUBoss
 from gpuboss.config import build_config, load_config
 from gpuboss.core import GpuInfo
@@ -450,6 +450,44 @@ def test_observed_usage_blocks_grants_and_a_lower_reading_wakes_the_waiter(
     assert sampler_of(boss).tick().granted == 1
     waiter.join(timeout=60)
     assert got and got[0].gpu == gpu and got[0].vram_mib == 8 * GB
+
+
+def test_the_memory_a_driver_reserves_is_never_leased(backend_url: str, namespace: str, bosses: list[GPUBoss]) -> None:
+    """An H200 whose driver reserves 616 of its 143771 MiB. Read with the v2 memory call, the books hold the
+    143155 MiB CUDA can allocate: a request for the whole total fails at once, and leases never add up to
+    more. (Before, the total was registered: leases could add up to 616 MiB more than the card gives, and a
+    request for the total waited for ever.) A driver with only the v1 call does not tell the reservation
+    apart: the total is registered and an idle card reads 616 MiB used, which still holds the first
+    grants to what the card gives."""
+    usable = 143771 - fk.H200_RESERVED_MIB
+    for memory_v2 in (True, False):
+        nvml = fk.h200_host(memory_v2=memory_v2)
+        boss = make_boss(backend_url, f"{namespace}-{memory_v2}", nvml)
+        bosses.append(boss)
+        (info,) = boss.register_gpus()
+        assert info.capacity_mib == (usable if memory_v2 else 143771)
+        sampler_of(boss).tick()  # an idle card: v2 reads 0 MiB used, v1 616
+        with pytest.raises(InsufficientCapacity if memory_v2 else LeaseTimeout):
+            boss.acquire(vram_gb=143771 / 1024, device=fk.H200, timeout=0)
+        first = boss.acquire(vram_gb=(usable - 1024) / 1024, device=fk.H200, timeout=0)
+        with pytest.raises(LeaseTimeout):
+            boss.acquire(vram_gb=2, device=fk.H200, timeout=0)  # 1024 MiB is all that is left
+        last = boss.acquire(vram_gb=1, device=fk.H200, timeout=0)
+        assert first.vram_mib + last.vram_mib == usable
+
+
+def test_a_card_registered_with_its_whole_total_is_a_conflict_that_says_what_to_do(
+    backend_url: str, namespace: str, bosses: list[GPUBoss]
+) -> None:
+    old = make_boss(backend_url, namespace, fk.h200_host(memory_v2=False))  # as an earlier gpuboss registered it
+    new = make_boss(backend_url, namespace, fk.h200_host())
+    bosses += [old, new]
+    old.register_gpus()
+    with pytest.raises(
+        ConfigError, match=r"declared with 143155 MiB .* registers it with 143771 MiB .* fresh namespace"
+    ):
+        new.acquire(vram_gb=1, timeout=0)
+    assert [g.capacity_mib for g in old.gpus()] == [143771], "nothing written"
 
 
 def test_a_stale_reading_is_ignored(backend_url: str, namespace: str, bosses: list[GPUBoss]) -> None:

@@ -210,3 +210,41 @@ def test_errors_use_pynvml_classes() -> None:
     # The fake raises what the real bindings raise; the wrapper reads the code, not the class.
     err = fk.error(fk.NOT_SUPPORTED)
     assert isinstance(err, pynvml.NVMLError_NotSupported)
+
+
+# ---------------------------------------------------------------- memory the driver reserves
+
+
+def test_the_v2_memory_call_gives_the_drivers_reservation_apart_from_used() -> None:
+    nvml = fk.h200_host()
+    (gpu,) = discover(nvml).gpus
+    assert (gpu.memory_total_mib, gpu.memory_reserved_mib, gpu.memory_usable_mib) == (143771, 616, 143771 - 616)
+    nvml.gpus[0].used_mib = 4096
+    (s,) = sample(nvml).samples
+    # As nvidia-smi shows it: used is what processes allocated; total = reserved + used + free.
+    assert (s.total_mib, s.reserved_mib, s.used_mib, s.free_mib) == (143771, 616, 4096, 143771 - 616 - 4096)
+    assert set(nvml.memory_calls) == {2}
+
+
+def test_a_driver_without_the_v2_call_is_read_with_v1_which_counts_the_reservation_as_used() -> None:
+    nvml = fk.h200_host(memory_v2=False)
+    with NvmlSession.open(nvml) as session:
+        (gpu,) = session.discover().gpus
+        (s,) = session.sample().samples
+    assert (gpu.memory_total_mib, gpu.memory_reserved_mib, gpu.memory_usable_mib) == (143771, 0, 143771)
+    assert (s.reserved_mib, s.used_mib, s.free_mib) == (0, 616, 143771 - 616), "free is the same either way"
+    assert nvml.memory_calls == [1, 1], "v2 is asked once per session, then v1 only"
+
+
+def test_a_mig_instance_without_the_v2_call_is_read_with_v1_and_its_card_with_v2() -> None:
+    nvml = fk.mig_host()
+    a100 = nvml.gpus[1]
+    a100.reserved_mib = 512
+    a100.migs[0].memory_v2 = False
+    a100.migs[2].reserved_mib = 64
+    found = {u.uuid: u for u in discover(nvml).units()}
+    assert (found[fk.MIG_A].memory_reserved_mib, found[fk.MIG_B].memory_reserved_mib) == (0, 64)
+    (card,) = [g for g in discover(nvml).gpus if g.uuid == fk.A100]
+    assert card.memory_reserved_mib == 512, "the card itself is still read with v2"
+    by = sample(nvml).by_uuid()
+    assert (by[fk.MIG_A].used_mib, by[fk.MIG_B].reserved_mib, by[fk.MIG_B].used_mib) == (30500, 64, 0)
