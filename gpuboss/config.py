@@ -189,7 +189,8 @@ class BossConfig(BaseModel):
     #: A host silent for this long has its GPUs marked offline (no new grants there).
     host_timeout_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
     #: A holder using more than its leases plus this (GB: its CUDA context, say) gets a ``vram_alert``.
-    alert_margin_gb: float = Field(default=0.5, ge=0, le=2**20, allow_inf_nan=False)
+    #: 1 GB: a torch process holds 684 MiB beyond its tensors on an H200 (CUDA 13), cuBLAS and attention loaded.
+    alert_margin_gb: float = Field(default=1.0, ge=0, le=2**20, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,7 @@ imports (its CUDA context would count in the readings, and torch's warnings woul
     python -m tests.real_gpu_worker cuda                     # what CUDA shows this process: one UUID a line
     python -m tests.real_gpu_worker hog DEVICE MIB           # hold MIB on DEVICE until a line on stdin
     python -m tests.real_gpu_worker holder URL NS GB MIB     # lease GB, use MIB on the lease's device; stdin ends it
+    python -m tests.real_gpu_worker worker URL NS GB MIB     # the same, and run a cuBLAS matmul and attention
 
 Each prints ``ready ...`` once its memory is held, and ``freed`` once it has given it back.
 """
@@ -54,7 +55,19 @@ def hog(device: str, mib: int) -> None:
     free(torch, device)
 
 
-def holder(url: str, namespace: str, vram_gb: float, mib: int) -> None:
+def work(torch: Any, device: str) -> None:
+    """What a model does besides holding its weights: a bf16 matmul (cuBLAS and its workspace) and attention
+    (the flash kernels), whose modules and handles load into the process's memory beyond its tensors."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    (a @ a).sum().item()
+    q = torch.randn(4, 16, 2048, 128, device=device, dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().item()
+    torch.cuda.synchronize(device)
+
+
+def holder(url: str, namespace: str, vram_gb: float, mib: int, *, busy: bool = False) -> None:
+    """Lease ``vram_gb`` (with the library's default alert margin), hold ``mib`` on its device, and with
+    ``busy`` also :func:`work`; prints ``ready <lease id> <device> <MiB torch holds>``."""
     from gpuboss import GPUBoss
 
     torch = torch_module()
@@ -64,7 +77,10 @@ def holder(url: str, namespace: str, vram_gb: float, mib: int) -> None:
     try:
         lease = boss.acquire(vram_gb=vram_gb, device="cuda:0", timeout=30)  # the card CUDA shows it
         block = hold(torch, str(lease.device), mib)
-        print(f"ready {lease.id} {lease.device}", flush=True)
+        if busy:
+            work(torch, str(lease.device))
+        held = torch.cuda.memory_reserved(str(lease.device)) // MIB
+        print(f"ready {lease.id} {lease.device} {held}", flush=True)
         sys.stdin.readline()
         del block
         free(torch, str(lease.device))
@@ -79,8 +95,8 @@ def main(argv: list[str]) -> None:
             cuda()
         case ["hog", device, mib]:
             hog(device, int(mib))
-        case ["holder", url, namespace, vram_gb, mib]:
-            holder(url, namespace, float(vram_gb), int(mib))
+        case ["holder" | "worker" as mode, url, namespace, vram_gb, mib]:
+            holder(url, namespace, float(vram_gb), int(mib), busy=mode == "worker")
         case _:
             sys.exit(__doc__)
 
