@@ -35,7 +35,7 @@ import redis.asyncio
 from gpuboss.config import config_from_arguments
 from gpuboss.errors import InvalidRequest, RedisUnavailable
 from gpuboss.keys import Keys
-from gpuboss.redis_io import DENIED, TRANSIENT, connect_async, connect_sync, denied, pubsub_async
+from gpuboss.redis_io import DENIED, TRANSIENT, connect_async, connect_sync, denied, pubsub_async, reply_within
 from gpuboss.topology import redact_url
 from gpuboss.urls import resolve_redis_url
 
@@ -424,9 +424,12 @@ class AsyncSubscription:
                 await asyncio.sleep(0.1)
 
     async def _open(self, first: bool) -> None:
-        self._client = connect_async(self.url, self._within, socket_timeout=self._within)
-        self._pubsub = await pubsub_async(self._client)
-        await self._pubsub.subscribe(self.keys.events)
+        # No socket timeout (redis-py would time each send in a task, which can swallow a cancel on Python
+        # 3.11): each reply is bounded by reply_within instead, as the link does (redis_io.connect_async).
+        self._client = client = connect_async(self.url, self._within)
+        within = self._within
+        self._pubsub = await reply_within(pubsub_async(client), within)
+        await reply_within(self._pubsub.subscribe(self.keys.events), within)
         deadline = time.monotonic() + self._within
         while True:
             message = await self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
@@ -435,14 +438,14 @@ class AsyncSubscription:
             if message is None and time.monotonic() >= deadline:
                 raise TimeoutError("no confirmation of SUBSCRIBE")
         if first and self._since is not None:
-            seconds, micros = await self._client.time()
+            seconds, micros = await reply_within(client.time(), within)
             start = start_id(self._since, int(seconds) * 1000 + int(micros) // 1000)
         elif not first and self._seen.last_id is not None:
             start = after(self._seen.last_id)
         else:
             return
         while True:
-            entries = await self._client.xrange(self.keys.event_log, min=start, max="+", count=PAGE)
+            entries = await reply_within(client.xrange(self.keys.event_log, min=start, max="+", count=PAGE), within)
             if not entries:
                 break
             for event in decode_entries(entries):

@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, RedisUnavailable, redis_io
+import redis.asyncio
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, RedisUnavailable, events, redis_io
 from gpuboss.fallback import PROBE_EVERY_S
 from gpuboss.redis_io import TRANSIENT
 from gpuboss.server import RedisProcess, start_redis
@@ -360,3 +362,50 @@ async def test_reply_within_times_out_a_silent_reply_and_keeps_a_cancel_a_cancel
 
     with pytest.raises(TimeoutError, match="the callee's own"):
         await redis_io.reply_within(own_timeout(), 5.0)
+
+
+async def test_an_async_subscription_to_a_frozen_redis_raises_waits_and_keeps_a_cancel(
+    server: RedisProcess, namespace: str
+) -> None:
+    """The asyncio subscription bounds each reply as the link does (no socket timeout, whose send tasks could
+    swallow a cancel on Python 3.11): subscribing to a frozen server raises RedisUnavailable, a live one that
+    freezes gives no event instead of hanging and delivers again when the server answers, and a cancel of a
+    subscribe in progress is a cancel."""
+    with frozen(server):
+        sub = events.asubscribe(server.url, namespace, since=timedelta(minutes=1), connect_timeout=FROZEN_TIMEOUT)
+        with pytest.raises(RedisUnavailable, match="is unreachable"):
+            await asyncio.wait_for(sub.start(), HANG_S)
+        await sub.aclose()
+        sub = events.asubscribe(server.url, namespace, connect_timeout=HANG_S)
+        task = asyncio.ensure_future(sub.start())
+        await asyncio.sleep(0.2)  # waiting for the SUBSCRIBE to be confirmed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, HANG_S)
+        await sub.aclose()
+    async with events.asubscribe(server.url, namespace, connect_timeout=FROZEN_TIMEOUT) as live:
+        with frozen(server):
+            assert await asyncio.wait_for(live.get(timeout=0.5), HANG_S) is None
+        async with AsyncGPUBoss(server.url, namespace=namespace, gpus=ONE_GPU) as boss:
+            lease = await boss.acquire(4, timeout=0)
+            first = await asyncio.wait_for(live.get(timeout=HANG_S), HANG_S)
+            second = await asyncio.wait_for(live.get(timeout=HANG_S), HANG_S)
+            assert first is not None and second is not None
+            assert (first.type, second.type, second.lease) == ("gpu_registered", "granted", lease.id)
+            await boss.release(lease)
+
+
+async def test_an_async_subscription_bounds_each_reply_it_awaits(
+    server: RedisProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that never comes (here TIME's, asked for ``since``) is given up after ``connect_timeout``, and
+    the subscription raises RedisUnavailable: its client has no socket timeout to cut the wait."""
+
+    async def never(self: redis.asyncio.Redis) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(redis.asyncio.Redis, "time", never)
+    sub = events.asubscribe(server.url, namespace, since=timedelta(minutes=1), connect_timeout=FROZEN_TIMEOUT)
+    with pytest.raises(RedisUnavailable, match=r"no reply from Redis within 0\.5 s"):
+        await asyncio.wait_for(sub.start(), HANG_S)
+    await sub.aclose()
