@@ -5,7 +5,12 @@ Works everywhere: with torch and a GPU the model goes to the leased "cuda:N"; wi
 fewer GPUs than declared) it falls back to the CPU; without torch it uses a tiny stand-in model. The lease
 is taken either way, so the example shows the pattern, not the hardware.
 
-    python examples/torch_load.py                      # embedded Redis
+By default the lease is on a declared 24 GB demo GPU; ``--gpus auto`` leases this machine's real GPUs,
+discovered through NVML (``gpus: auto``): the device is then the CUDA ordinal of the leased card in this
+process, whatever CUDA_VISIBLE_DEVICES says.
+
+    python examples/torch_load.py                      # embedded Redis, the demo GPU
+    python examples/torch_load.py --gpus auto          # this machine's GPUs
     python examples/torch_load.py --quick --redis-url redis://localhost:6379/0
 """
 
@@ -17,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from gpuboss import GPUBoss
+from gpuboss import ConfigError, GPUBoss
 
 try:  # torch is optional here: pip install torch
     import torch
@@ -46,7 +51,8 @@ def pick_device(leased: str) -> tuple[str, str]:
     """The device to really use for the leased one, and why.
 
     The lease says "cuda:N" (the GPU's ``index`` in the config). If this process sees a different set of
-    GPUs (CUDA_VISIBLE_DEVICES), map the index accordingly; here we only check that it exists.
+    GPUs (CUDA_VISIBLE_DEVICES), map the index accordingly; here we only check that it exists. With
+    ``gpus: auto`` gpuboss has already mapped it: the lease's device is this process's ordinal of the card.
     """
     if torch is None:
         return "cpu", "torch is not installed: a stand-in model on the CPU"
@@ -80,15 +86,29 @@ def main() -> int:
     parser.add_argument("--namespace", default="gpuboss")
     parser.add_argument("--vram-gb", type=float, default=4.0, help="what the model needs on the GPU")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
+    parser.add_argument(
+        "--gpus", choices=["demo", "auto"], default="demo", help="demo: a declared 24 GB GPU; auto: this machine's"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     width, steps = (256, 2) if args.quick else (2048, 5)
 
-    with GPUBoss(args.redis_url, namespace=args.namespace, service="torch-example", gpus=GPUS) as boss:
+    gpus = "auto" if args.gpus == "auto" else GPUS
+    try:
+        return lease_and_run(args, gpus, width, steps)
+    except ConfigError as err:  # --gpus auto without NVML or a GPU: it says why and what to do
+        print(f"gpuboss: {err}", file=sys.stderr)
+        return 1
+
+
+def lease_and_run(args: argparse.Namespace, gpus: Any, width: int, steps: int) -> int:
+    with GPUBoss(args.redis_url, namespace=args.namespace, service="torch-example", gpus=gpus) as boss:
         # Hold the memory for as long as the model lives on the GPU; the block releases it, even on errors.
         with boss.lease(vram_gb=args.vram_gb, priority="normal", timeout=60) as leased:
             lease = leased.lease
             print(f"leased {lease.vram_gb:g} GB on {lease.gpu} ({leased}), fencing token {lease.token}")
+            if lease.uuid is not None:
+                print(f"a child process would get {lease.child_env()}")
             device, why = pick_device(leased)
             print(why)
             started = time.monotonic()

@@ -72,6 +72,19 @@ def test_torch_load(real_url: str, namespace: str, tmp_path: Path) -> None:
     assert_nothing_held(real_url, namespace)
 
 
+def test_torch_load_on_this_machines_gpus_says_why_it_cannot_without_nvml(
+    real_url: str, namespace: str, tmp_path: Path
+) -> None:
+    from gpuboss.nvml import discover
+
+    if discover().gpus:
+        pytest.skip("this machine has a GPU: tests/test_real_gpu.py runs the example on it")
+    done = run_example("torch_load.py", real_url, namespace, tmp_path, "--gpus", "auto")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "gpuboss: gpus: auto cannot discover GPUs" in done.stderr and "Traceback" not in done.stderr
+    assert_nothing_held(real_url, namespace)
+
+
 def test_one_model_at_a_time(real_url: str, namespace: str, tmp_path: Path) -> None:
     done = run_example("one_model_at_a_time.py", real_url, namespace, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -401,3 +401,18 @@ def test_a_holder_within_its_lease_gets_no_alert_for_its_cuda_context(
     assert alerts == [], f"a holder within its lease was told it is over budget: {alerts}"
     worker.tell()
     assert worker.line() == "freed"
+
+
+def test_the_torch_example_runs_on_the_card_it_leases(real_url: str, namespace: str, torch_cuda: list[str]) -> None:
+    """examples/torch_load.py with ``--gpus auto``: the lease names a real card by UUID and the model runs on
+    the CUDA device gpuboss gives for it."""
+    gpu = card()
+    example = ROOT / "examples" / "torch_load.py"
+    argv = [sys.executable, str(example), "--redis-url", real_url, "--namespace", namespace, "--gpus", "auto"]
+    done = subprocess.run(
+        argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu.uuid}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"leased 4 GB on {gpu.uuid} (cuda:0)" in done.stdout
+    assert "model loaded on cuda:0" in done.stdout and "step 5/5: output shape (8, 10)" in done.stdout
+    assert done.stdout.rstrip().endswith("lease released")
