@@ -389,9 +389,22 @@ def _library_loaded(err: ResponseError) -> bool:
     return "already exists" in str(err).lower()  # another process loaded the same library first
 
 
+#: The servers this process has said it runs scripts by EVALSHA on: said once each, not once per client.
+_told_evalsha: set[str] = set()
+
+
+def _server_of(client: Any) -> str:
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
+    return str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
+
+
 def _no_functions(client: Any, err: BaseException) -> bool:
     _functions[client] = False
-    log.info("gpuboss: scripts run by EVALSHA on this server (no function library: %s)", err)
+    server = _server_of(client)
+    if server not in _told_evalsha:
+        _told_evalsha.add(server)
+        why = str(err).split(", with args", 1)[0]  # not the arguments of the refused call
+        log.info("gpuboss: scripts run by EVALSHA on this server (no function library: %s)", why)
     return False
 
 

