@@ -128,6 +128,7 @@ class BossBase:
         self._heartbeat.forget(lease.id)
         if lease.resume:
             lease._move_if("suspended")
+        self._inventory.released(lease)  # its GPUs are read now: the memory the checkpoint freed is seen at once
 
     def _after_yield(self, lease: Lease, outcome: YieldOutcome) -> None:
         """Apply what the hand-back (and the wait to resume) did to ``lease``."""
@@ -189,6 +190,7 @@ class BossBase:
         if obj._driver is not self:  # another boss's: Redis may refuse (NOT_HOLDER), which must leave it alone
             return lease_id, int(obj.ttl * 1000), obj
         obj._move("released")  # ours, at once: a resume waiting for it stops (_stop_waiting)
+        self._inventory.released(obj)  # its GPUs are read now: memory given back is seen at once
         # And forget it again: a resume granted meanwhile may have handed it to the heartbeat after the first
         # forget (_after_yield looks at the state after it did; see there).
         self._heartbeat.forget(lease_id)

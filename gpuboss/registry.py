@@ -355,6 +355,13 @@ class Inventory:
         """This host's GPUs now, through NVML (empty without NVML)."""
         return vram_status(self.nvml, host=self.core.host)
 
+    def released(self, lease: Lease) -> None:
+        """This process is giving ``lease`` back: the sampler reads its GPUs now (out of turn), so that the
+        memory its holder freed is seen by the queue at once (sampler.py)."""
+        sampler = self.sampler
+        if sampler is not None:
+            sampler.poke(lease.gpus)
+
     def close(self) -> None:
         with self._lock:
             sampler, self.sampler = self.sampler, None

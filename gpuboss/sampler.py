@@ -14,6 +14,11 @@ Every ``sample_interval_s`` it
    :class:`VramOverBudgetWarning` naming the lease and the amounts, once until it is back under budget or
    grows by another GiB.
 
+Between rounds, a release of a lease on a local GPU wakes the thread (:meth:`Sampler.poke`): it reads that
+GPU at once and stores the reading out of turn, whoever holds the right to sample. Without it, the memory
+the holder gave back would count as used until the next round, up to an interval later, and a waiter for it
+would wait that long; with it, the waiter is served within an NVML read and a round trip of the release.
+
 Why a thread and not a task: the same reason as the heartbeat (``heartbeat.py``): it must run while the
 caller blocks its event loop with GPU work.
 """
@@ -24,6 +29,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 import warnings
 import weakref
@@ -59,6 +65,7 @@ class SampleReply:
     UNKNOWN_GPU = -1
     OTHER = 0
     SAMPLING = 1
+    OUT_OF_TURN = 2
 
 
 def warn(message: str, category: type[Warning], stacklevel: int = 2) -> None:
@@ -93,8 +100,11 @@ def sample_call(
     max_age: int,
     lease_ms: int,
     alerts: Sequence[VramAlert] = (),
+    *,
+    out_of_turn: bool = False,
 ) -> Call:
-    """Store a reading of ``gpu`` (if ``sampler_id`` may sample it) and announce ``alerts`` (``lua/sample-22.lua``)."""
+    """Store a reading of ``gpu`` (if ``sampler_id`` may sample it, or ``out_of_turn``: whoever may) and
+    announce ``alerts`` (``lua/sample-22.lua``)."""
     keys = core.keys
     payload = (
         json.dumps(
@@ -123,7 +133,8 @@ def sample_call(
             max_age,
             lease_ms,
             payload,
-            core.config.events_maxlen,
+            "1" if out_of_turn else "",
+            core.config.events_maxlen,  # (the last: lua/includes/emit.lua)
         ],
     )
 
@@ -176,6 +187,10 @@ class Sampler:
         self._client: redis.Redis | None = None
         self._session: NvmlSession | None = None
         self._stop = threading.Event()
+        #: Set by poke() and close(): the thread looks at _poked (and _stop) before its next round is due.
+        self._wake = threading.Event()
+        self._poked: set[str] = set()
+        self._poke_lock = threading.Lock()  # (not _lock, held through NVML reads: a release never waits on one)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._alerted: dict[tuple[str, ...], int] = {}
@@ -195,6 +210,7 @@ class Sampler:
     def close(self) -> None:
         """Stop the thread (the right to sample lapses by itself; the host's beat stops with the last process)."""
         self._stop.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
@@ -207,21 +223,42 @@ class Sampler:
                 self._client = None
         _LIVE.discard(self)
 
+    def poke(self, gpus: Sequence[str]) -> None:
+        """A lease on ``gpus`` was released in this process: read the local ones among them out of turn, now
+        (in the thread; this returns at once)."""
+        local = [g for g in gpus if g in self.gpus]
+        if not local:
+            return
+        with self._poke_lock:
+            self._poked.update(local)
+        self._wake.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.tick()
-            except TRANSIENT as err:
-                if not self._failing:
-                    log.warning("gpuboss: sampler cannot reach Redis (%s); retrying", err)
-                self._failing = True
-            except RedisError:
-                log.exception("gpuboss: sampler round failed; retrying")
-            else:
-                if self._failing:
-                    log.warning("gpuboss: sampler reaches Redis again")
-                self._failing = False
-            self._stop.wait(self.interval_s)
+            self._guarded(self.tick)
+            due = time.monotonic() + self.interval_s
+            while not self._stop.is_set() and (left := due - time.monotonic()) > 0:
+                if self._wake.wait(left):
+                    self._wake.clear()
+                    if not self._stop.is_set():
+                        self._guarded(self.out_of_turn)
+        if self._poked:  # a release just before close(): its reading still goes out
+            self._guarded(self.out_of_turn)
+
+    def _guarded(self, work: Callable[[], object]) -> None:
+        """One round of the thread: a Redis outage is logged once (and again when it ends), then retried."""
+        try:
+            work()
+        except TRANSIENT as err:
+            if not self._failing:
+                log.warning("gpuboss: sampler cannot reach Redis (%s); retrying", err)
+            self._failing = True
+        except RedisError:
+            log.exception("gpuboss: sampler round failed; retrying")
+        else:
+            if self._failing:
+                log.warning("gpuboss: sampler reaches Redis again")
+            self._failing = False
 
     # -- one round
 
@@ -282,6 +319,28 @@ class Sampler:
                 result.granted += int(reply[1])
         for alert in result.alerts:
             warn(f"gpuboss: {alert.message}", VramOverBudgetWarning)
+        return result
+
+    def out_of_turn(self) -> TickResult:
+        """Read the GPUs poked since the last call and store their readings out of turn (no beat, no alerts):
+        a lower reading serves the queue at once."""
+        with self._poke_lock:
+            poked, self._poked = self._poked, set()
+        result = TickResult()
+        if not poked:
+            return result
+        found, result.problem = self._read()
+        client = self._connection()
+        for status in found:
+            if status.id not in poked:
+                continue
+            result.used_mib[status.id] = status.used_mib
+            call = sample_call(
+                self.core, status.id, self.id, status.used_mib, self.max_age_ms, self.lease_ms, out_of_turn=True
+            )
+            reply = call_script_sync(client, call)
+            if int(reply[0]) == SampleReply.OUT_OF_TURN:
+                result.granted += int(reply[1])
         return result
 
     # -- over budget

@@ -10,6 +10,11 @@
   A reading lower than the one it replaces, or replacing one that had gone stale, may have freed capacity:
   then expired entries are collected and the queue is served, like collect.
 
+  A reading out of turn (ARGV[8] = '1') is stored whoever holds the right, which it neither takes nor
+  renews: a process of the GPU's host sends one right after it released a lease there, so that memory its
+  holder gave back is seen at once instead of at the holder's next round (up to a sample interval later),
+  and the queue is served.
+
   Every caller (holder or not) may pass alerts about its own process: each becomes a `vram_alert` event,
   provided one of its leases still exists. A caller with no reading (used = '') only passes alerts.
 
@@ -27,10 +32,12 @@
     ARGV[5]      max age (ms) of the reading: after it, placement ignores it
     ARGV[6]      how long (ms) the right to sample lasts without a new reading
     ARGV[7]      alerts: JSON list of {leases: [ids], pid, host, leased_mib, used_mib}, or ''
-    ARGV[8]      event log cap (0: no log)
+    ARGV[8]      '1': a reading out of turn (stored whoever samples the GPU); else ''
+    ARGV[9]      event log cap (0: no log; the last ARGV, as includes/emit.lua reads it)
 
   Output:
     {1, granted, holder, now}   the caller samples this GPU: its reading (if any) was stored
+    {2, granted, holder, now}   OUT_OF_TURN: the reading was stored; `holder` (maybe another) still samples it
     {0, 0, holder, now}         another process samples it (`holder` is its id): the reading was dropped
     {-1, 0, '', now}            UNKNOWN_GPU: the GPU is not registered; nothing was written
 ]]
@@ -44,6 +51,7 @@
 local K_SAMPLER = KEYS[20]
 local GPU, ME, USED = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local MAX_AGE, LEASE_MS = tonumber(ARGV[5]), tonumber(ARGV[6])
+local OUT_OF_TURN = ARGV[8] == '1'
 local MAX_ALERTS = 16
 
 local now = now_ms()
@@ -51,18 +59,22 @@ if redis.call('HEXISTS', K_CAPACITY, GPU) == 0 then
   return {-1, 0, '', now}
 end
 
-local mine = redis.call('SET', K_SAMPLER, ME, 'NX', 'PX', int(LEASE_MS))
-local holder = ME
-if not mine then
+local mine, holder = false, ME
+if OUT_OF_TURN then
   holder = redis.call('GET', K_SAMPLER) or ''
-  if holder == ME then
-    redis.call('PEXPIRE', K_SAMPLER, int(LEASE_MS))
-    mine = true
+else
+  mine = redis.call('SET', K_SAMPLER, ME, 'NX', 'PX', int(LEASE_MS))
+  if not mine then
+    holder = redis.call('GET', K_SAMPLER) or ''
+    if holder == ME then
+      redis.call('PEXPIRE', K_SAMPLER, int(LEASE_MS))
+      mine = true
+    end
   end
 end
 
 local granted = 0
-if mine and USED then
+if (mine or OUT_OF_TURN) and USED then
   local s = load_gpus(now)
   local old = redis.call('HGET', K_OBSERVED, GPU)
   redis.call('HSET', K_OBSERVED, GPU, int(USED) .. ',' .. int(now) .. ',' .. int(MAX_AGE))
@@ -113,6 +125,9 @@ if ARGV[7] ~= '' then
   end
 end
 
+if OUT_OF_TURN then
+  return {2, granted, holder, now}
+end
 if mine then
   return {1, granted, holder, now}
 end

@@ -4,6 +4,7 @@ imports (its CUDA context would count in the readings, and torch's warnings woul
     python -m tests.real_gpu_worker cuda                     # what CUDA shows this process: one UUID a line
     python -m tests.real_gpu_worker hog DEVICE MIB           # hold MIB on DEVICE until a line on stdin
     python -m tests.real_gpu_worker holder URL NS GB MIB     # lease GB, use MIB on the lease's device; stdin ends it
+                                                             # (REAL_GPU_SAMPLE_S: its sample interval, 0.2 s)
     python -m tests.real_gpu_worker worker URL NS GB MIB     # the same, and run a cuBLAS matmul and attention
 
 Each prints ``ready ...`` once its memory is held, and ``freed`` once it has given it back.
@@ -11,6 +12,7 @@ Each prints ``ready ...`` once its memory is held, and ``freed`` once it has giv
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -71,8 +73,9 @@ def holder(url: str, namespace: str, vram_gb: float, mib: int, *, busy: bool = F
     from gpuboss import GPUBoss
 
     torch = torch_module()
+    interval = float(os.environ.get("REAL_GPU_SAMPLE_S", "0.2"))
     boss = GPUBoss(
-        url, namespace=namespace, service="real-gpu-holder", gpus="auto", sample_interval_s=0.2, host_timeout_s=30
+        url, namespace=namespace, service="real-gpu-holder", gpus="auto", sample_interval_s=interval, host_timeout_s=600
     )
     try:
         lease = boss.acquire(vram_gb=vram_gb, device="cuda:0", timeout=30)  # the card CUDA shows it

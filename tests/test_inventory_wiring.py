@@ -22,6 +22,7 @@ from gpuboss import ConfigError, GPUBoss, InsufficientCapacity, InvalidRequest, 
 from gpuboss.aio import AsyncGPUBoss
 from gpuboss.config import build_config, load_config
 from gpuboss.core import GpuInfo
+from gpuboss.lease import LeaseState
 from gpuboss.registry import DeviceOrdinalWarning, effective_free, on_node, validate_node
 from gpuboss.sampler import Sampler, VramOverBudgetWarning, observed
 
@@ -490,6 +491,79 @@ def test_a_card_registered_with_its_whole_total_is_a_conflict_that_says_what_to_
     assert [g.capacity_mib for g in old.gpus()] == [143771], "nothing written"
 
 
+def test_a_release_is_read_at_once_so_the_memory_it_gave_back_serves_the_queue(
+    backend_url: str, namespace: str, bosses: list[GPUBoss]
+) -> None:
+    """Readings every 60 s, yet the waiter for the memory a holder freed and released is served at once: the
+    release wakes the sampler thread, which reads the GPU and stores the reading out of turn. (Before, the
+    GPU looked full until the next round, up to a sample interval after the release.)"""
+    nvml = fk.uniform_host()
+    gpu = fk.uuid_of(0x1000)
+    holder = make_boss(backend_url, namespace, nvml)
+    holder._inventory.autostart = True  # its thread: a round at start, the next one 60 s later
+    bosses.append(holder)
+    held = holder.acquire(vram_gb=16, device=gpu, timeout=0)
+    nvml.gpus[0].used_mib = 16_500  # what the holder uses, as the first round read it
+    client, keys = raw_client(backend_url), Keys(namespace)
+    sampler = sampler_of(holder)
+    sampler.tick()
+    waiter = make_boss(backend_url, namespace, nvml, host="hostA")
+    bosses.append(waiter)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(vram_gb=16, device=gpu, timeout=60)))
+    thread.start()
+    wait_until(lambda: client.zcard(keys.queue) == 1, "the request queued")
+    nvml.gpus[0].used_mib = 300  # the holder frees its memory, then releases
+    assert holder.release(held)
+    thread.join(timeout=30)
+    assert got and got[0].gpu == gpu, "served by the reading taken out of turn, not 60 s later"
+    assert str(client.hget(keys.observed, gpu)).startswith("300,")
+
+
+def test_an_eviction_is_read_at_once_so_the_memory_the_checkpoint_freed_serves_the_requester(
+    backend_url: str, namespace: str, bosses: list[GPUBoss]
+) -> None:
+    nvml = fk.uniform_host()
+    gpu = fk.uuid_of(0x1000)
+    victim = make_boss(backend_url, namespace, nvml)
+    victim._inventory.autostart = True  # readings every 60 s
+    bosses.append(victim)
+
+    def checkpoint(notice: Any) -> None:
+        nvml.gpus[0].used_mib = 300  # the checkpoint frees the victim's memory before it hands the lease back
+
+    low = victim.acquire(vram_gb=16, device=gpu, priority="low", on_evict=checkpoint, resume=False)
+    nvml.gpus[0].used_mib = 16_500
+    sampler_of(victim).tick()
+    requester = make_boss(backend_url, namespace, nvml)
+    bosses.append(requester)
+    high = requester.acquire(vram_gb=16, device=gpu, priority="high", timeout=30)
+    assert high.gpu == gpu, "granted by the reading taken at the hand-back, not 60 s later"
+    wait_until(lambda: low.state is LeaseState.EVICTED, "the victim's lease ended (it does not resume)")
+
+
+def test_a_reading_out_of_turn_is_stored_whoever_samples_and_leaves_the_right_alone(
+    backend_url: str, namespace: str, bosses: list[GPUBoss]
+) -> None:
+    from gpuboss.core import Core
+    from gpuboss.redis_io import call_script_sync
+    from gpuboss.sampler import SampleReply, sample_call
+
+    boss = make_boss(backend_url, namespace, fk.uniform_host())
+    bosses.append(boss)
+    boss.register_gpus()
+    gpu = fk.uuid_of(0x1000)
+    core: Core = boss._core
+    client, keys = raw_client(backend_url), Keys(namespace)
+    assert call_script_sync(client, sample_call(core, gpu, "one", 9000, 60_000, 60_000))[0] == SampleReply.SAMPLING
+    dropped = call_script_sync(client, sample_call(core, gpu, "two", 100, 60_000, 60_000))
+    assert (dropped[0], dropped[2]) == (SampleReply.OTHER, "one")
+    assert str(client.hget(keys.observed, gpu)).startswith("9000,")
+    stored = call_script_sync(client, sample_call(core, gpu, "two", 100, 60_000, 60_000, out_of_turn=True))
+    assert (stored[0], stored[2]) == (SampleReply.OUT_OF_TURN, "one")
+    assert str(client.hget(keys.observed, gpu)).startswith("100,") and client.get(keys.sampler(gpu)) == "one"
+
+
 def test_a_stale_reading_is_ignored(backend_url: str, namespace: str, bosses: list[GPUBoss]) -> None:
     boss = make_boss(backend_url, namespace, fk.uniform_host())
     bosses.append(boss)
@@ -632,3 +706,22 @@ async def test_async_boss_registers_reads_status_and_resolves_models(backend_url
         assert (lease.gpu, lease.device, lease.uuid) == (fk.uuid_of(0x1002), "cuda:3", fk.uuid_of(0x1002))
     finally:
         await boss.close()
+
+
+def test_a_release_just_before_close_is_still_read(backend_url: str, namespace: str, bosses: list[GPUBoss]) -> None:
+    """The thread stops at close(); a reading a release asked for just before still goes out. (Here the thread's
+    loop runs in this thread, already told to stop: the case of a close() that came before the thread woke.)"""
+    nvml = fk.uniform_host()
+    gpu = fk.uuid_of(0x1000)
+    holder = make_boss(backend_url, namespace, nvml)
+    bosses.append(holder)
+    held = holder.acquire(vram_gb=16, device=gpu, timeout=0)
+    nvml.gpus[0].used_mib = 16_500
+    sampler = sampler_of(holder)
+    sampler.tick()
+    nvml.gpus[0].used_mib = 300
+    holder.release(held)  # pokes the sampler
+    sampler._stop.set()
+    sampler._run()
+    client, keys = raw_client(backend_url), Keys(namespace)
+    assert str(client.hget(keys.observed, gpu)).startswith("300,")

@@ -416,3 +416,53 @@ def test_the_torch_example_runs_on_the_card_it_leases(real_url: str, namespace: 
     assert f"leased 4 GB on {gpu.uuid} (cuda:0)" in done.stdout
     assert "model loaded on cuda:0" in done.stdout and "step 5/5: output shape (8, 10)" in done.stdout
     assert done.stdout.rstrip().endswith("lease released")
+
+
+def test_memory_a_holder_frees_and_releases_is_seen_at_once(
+    real_url: str, namespace: str, torch_cuda: list[str], children: list[Child]
+) -> None:
+    """Both processes sample every 60 s, yet the waiter is served right after the holder frees its memory and
+    releases: the release reads the card out of turn (sampler.py). Before, the card looked full until the
+    next round, up to 60 s later."""
+    gpu = card()
+    slow = {"CUDA_VISIBLE_DEVICES": gpu.uuid, "REAL_GPU_SAMPLE_S": "60"}
+    lease_mib = gpu.memory_usable_mib * 6 // 10
+    holder = Child("holder", real_url, namespace, str(lease_mib / GB), str(lease_mib - GB), env=slow)
+    children.append(holder)
+    assert holder.line().startswith("ready ")
+    boss = GPUBoss(
+        real_url, namespace=namespace, service="waiter", gpus="auto", sample_interval_s=60, host_timeout_s=600
+    )
+    client, keys = connect_sync(real_url, 5.0), Keys(namespace)
+    try:
+        boss.register_gpus()
+        # A reading that shows the holder's memory (its own first round may have come before it allocated, and
+        # the next is a minute away): taken out of turn, as a release does.
+        sampler = boss._inventory.sampler
+        assert sampler is not None
+        sampler.poke([gpu.uuid])
+        wait_until(
+            lambda: (r := reading(client, keys, gpu.uuid)) and r[0] >= lease_mib - GB, "the holder's memory read"
+        )
+        want_gb = gpu.memory_usable_mib // 2 // GB
+        got: list[tuple[Any, float]] = []
+        waiter = threading.Thread(
+            target=lambda: got.append((boss.acquire(vram_gb=want_gb, device=gpu.uuid, timeout=60), time.monotonic())),
+            daemon=True,
+        )
+        waiter.start()
+        wait_until(lambda: client.zcard(keys.queue) == 1, "the request queued")
+        holder.tell()
+        assert holder.line() == "freed"  # then it releases
+        freed_at = time.monotonic()
+        waiter.join(30)
+        assert got, "served by the reading the release took, not by a round 60 s later"
+        lease, granted_at = got[0]
+        print(
+            f"\ngranted {(granted_at - freed_at) * 1000:.0f} ms after the holder freed its memory (rounds every 60 s)"
+        )
+        boss.release(lease)
+        assert holder.proc.wait(60) == 0
+    finally:
+        client.close()
+        boss.close()

@@ -44,6 +44,24 @@ def test_header_documents_keys_argv_and_reply(name: str) -> None:
     assert "ARGV[" in text
 
 
+def emitting() -> list[str]:
+    """The scripts that include emit.lua (which announce events)."""
+    return sorted(
+        n for n in scripts.all_scripts() if '@include "emit"' in next((ROOT / "lua").glob(f"{n}-*.lua")).read_text()
+    )
+
+
+@pytest.mark.parametrize("name", emitting())
+def test_a_script_that_emits_takes_the_event_log_cap_as_its_last_argv(name: str) -> None:
+    """includes/emit.lua reads the cap from ARGV[#ARGV]: an argument documented after it would be taken for it
+    (and a cap of '' keeps no log: the events would be published but never replayable)."""
+    lines = {int(n): rest for n, rest in re.findall(r"ARGV\[(\d+)\]\s+(.*)", header(name))}
+    last = lines[max(lines)] if lines else ""
+    if re.search(r"ARGV\[#ARGV\]\s+event log cap", header(name)):
+        return
+    assert "event log cap" in last, f"{name}: the last ARGV documented is {last!r}, not the event log cap"
+
+
 def test_includes_resolve_once_and_reject_missing_and_circular(tmp_path: Path) -> None:
     inc = tmp_path / "includes"
     inc.mkdir()
