@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from gpuboss.core import Core, RenewStatus
 from gpuboss.lease import Lease, LeaseState
-from gpuboss.redis_io import TRANSIENT, call_script_sync, connect_sync
+from gpuboss.redis_io import Rounds, call_script_sync, connect_sync
 
 if TYPE_CHECKING:
     from gpuboss.fallback import Fallback
@@ -73,7 +73,7 @@ class Heartbeat:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
-        self._failing = False
+        self._rounds = Rounds("heartbeat")
         self._sleep_for: float | None = None
         #: The shortest TTL (ms) of what was added since the thread last planned its sleep (see :meth:`_interval`).
         self._added_ms: int | None = None
@@ -231,18 +231,7 @@ class Heartbeat:
             last = time.monotonic()
             if not work and not self._has_work():
                 continue  # a round kept only for what may be added (see _interval): nothing came
-            try:
-                self.tick()
-            except TRANSIENT as err:
-                if not self._failing:
-                    log.warning("gpuboss: heartbeat cannot reach Redis (%s); retrying", err)
-                self._failing = True
-            except RedisError:
-                log.exception("gpuboss: heartbeat failed; retrying")
-            else:
-                if self._failing:
-                    log.warning("gpuboss: heartbeat reaches Redis again")
-                self._failing = False
+            self._rounds.run(self.tick)
 
     def tick(self) -> None:
         """One renewal round (the thread calls it; tests may too)."""

@@ -562,6 +562,30 @@ async def _send_async(conn: Any, command: tuple[Any, ...]) -> Any:
         return NotImplemented
 
 
+class Rounds:
+    """The rounds of a background thread that works against Redis (the heartbeat, the sampler): a round that
+    cannot reach Redis is logged once until one reaches it again (said too), and any other Redis error with
+    its trace; the thread goes on either way."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+
+    def run(self, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except TRANSIENT as err:
+            if not self.failing:
+                log.warning("gpuboss: %s cannot reach Redis (%s); retrying", self.what, err)
+            self.failing = True
+        except RedisError:
+            log.exception("gpuboss: %s round failed; retrying", self.what)
+        else:
+            if self.failing:
+                log.warning("gpuboss: %s reaches Redis again", self.what)
+            self.failing = False
+
+
 async def reply_within(reply: Awaitable[T], seconds: float) -> T:
     """``await reply``, for at most ``seconds``: an asyncio client has no socket timeout (see
     :func:`connect_async`), so a Redis that stopped answering (a frozen process, a dead host without a reset)

@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError
 
 from gpuboss.config import gb_to_mib
 from gpuboss.core import Call, Core
 from gpuboss.inventory import VramAlert, VRAMStatus, statuses, vram_alerts
 from gpuboss.lease import Lease
 from gpuboss.nvml import NvmlSession, NvmlUnavailable
-from gpuboss.redis_io import TRANSIENT, call_script_sync, connect_sync
+from gpuboss.redis_io import Rounds, call_script_sync, connect_sync
 
 log = logging.getLogger("gpuboss")
 
@@ -194,7 +193,7 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._alerted: dict[tuple[str, ...], int] = {}
-        self._failing = False
+        self._rounds = Rounds("sampler")
         self._nvml_problem = ""
         _LIVE.add(self)
 
@@ -235,30 +234,15 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._guarded(self.tick)
+            self._rounds.run(self.tick)
             due = time.monotonic() + self.interval_s
             while not self._stop.is_set() and (left := due - time.monotonic()) > 0:
                 if self._wake.wait(left):
                     self._wake.clear()
                     if not self._stop.is_set():
-                        self._guarded(self.out_of_turn)
+                        self._rounds.run(self.out_of_turn)
         if self._poked:  # a release just before close(): its reading still goes out
-            self._guarded(self.out_of_turn)
-
-    def _guarded(self, work: Callable[[], object]) -> None:
-        """One round of the thread: a Redis outage is logged once (and again when it ends), then retried."""
-        try:
-            work()
-        except TRANSIENT as err:
-            if not self._failing:
-                log.warning("gpuboss: sampler cannot reach Redis (%s); retrying", err)
-            self._failing = True
-        except RedisError:
-            log.exception("gpuboss: sampler round failed; retrying")
-        else:
-            if self._failing:
-                log.warning("gpuboss: sampler reaches Redis again")
-            self._failing = False
+            self._rounds.run(self.out_of_turn)
 
     # -- one round
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuboss import GPUBoss, InsufficientCapacity, Keys, LeaseTimeout, events
+from gpuboss import GPUBoss, InsufficientCapacity, Keys, Lease, LeaseTimeout, events
 from gpuboss.devices import visible_devices
 from gpuboss.nvml import NvmlSession, PhysicalGpu, discover
 from gpuboss.profiles import get_gpu_profile
@@ -89,6 +89,27 @@ class Child:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+class Waiter:
+    """A request for ``vram_gb`` on ``gpu`` waiting in a thread of its own (queued when this returns)."""
+
+    def __init__(self, boss: GPUBoss, gpu: str, vram_gb: int, client: Any, keys: Keys) -> None:
+        self.got: list[tuple[Lease, float]] = []
+
+        def wait() -> None:
+            self.got.append((boss.acquire(vram_gb=vram_gb, device=gpu, timeout=60), time.monotonic()))
+
+        self.thread = threading.Thread(target=wait, daemon=True)
+        self.thread.start()
+        wait_until(lambda: client.zcard(keys.queue) == 1, "the request queued")
+
+    def granted(self, since: float, limit_s: float, why: str) -> tuple[Lease, float]:
+        """Its lease, and the ms from ``since`` (monotonic) to its grant; ``why`` when none came in ``limit_s``."""
+        self.thread.join(limit_s)
+        assert self.got, why
+        lease, at = self.got[0]
+        return lease, (at - since) * 1000
 
 
 @pytest.fixture(scope="module")
@@ -304,24 +325,14 @@ def test_memory_held_outside_gpuboss_holds_back_a_grant_until_it_is_freed(
 
         with pytest.raises(LeaseTimeout):
             boss.acquire(vram_gb=want_gb, device=gpu.uuid, timeout=0)
-        got: list[tuple[Any, float]] = []
-        waiter = threading.Thread(
-            target=lambda: got.append((boss.acquire(vram_gb=want_gb, device=gpu.uuid, timeout=60), time.monotonic())),
-            daemon=True,
-        )
-        waiter.start()
-        wait_until(lambda: client.zcard(keys.queue) == 1, "the request queued")
+        waiter = Waiter(boss, gpu.uuid, want_gb, client, keys)
         time.sleep(10 * SAMPLE_S)
-        assert not got, "no grant while the stray memory is held"
+        assert not waiter.got, "no grant while the stray memory is held"
 
         hog.tell()
         assert hog.line() == "freed"
-        freed_at = time.monotonic()
-        waiter.join(60)
-        assert got, "granted once the memory was freed"
-        lease, granted_at = got[0]
+        lease, took_ms = waiter.granted(time.monotonic(), 60, "granted once the memory was freed")
         assert (lease.gpu, lease.vram_mib) == (gpu.uuid, want_gb * GB)
-        took_ms = (granted_at - freed_at) * 1000
         print(f"\ngranted {took_ms:.0f} ms after the stray memory was freed (sampling every {SAMPLE_S} s)")
         boss.release(lease)
     finally:
@@ -445,22 +456,12 @@ def test_memory_a_holder_frees_and_releases_is_seen_at_once(
             lambda: (r := reading(client, keys, gpu.uuid)) and r[0] >= lease_mib - GB, "the holder's memory read"
         )
         want_gb = gpu.memory_usable_mib // 2 // GB
-        got: list[tuple[Any, float]] = []
-        waiter = threading.Thread(
-            target=lambda: got.append((boss.acquire(vram_gb=want_gb, device=gpu.uuid, timeout=60), time.monotonic())),
-            daemon=True,
-        )
-        waiter.start()
-        wait_until(lambda: client.zcard(keys.queue) == 1, "the request queued")
+        waiter = Waiter(boss, gpu.uuid, want_gb, client, keys)
         holder.tell()
         assert holder.line() == "freed"  # then it releases
-        freed_at = time.monotonic()
-        waiter.join(30)
-        assert got, "served by the reading the release took, not by a round 60 s later"
-        lease, granted_at = got[0]
-        print(
-            f"\ngranted {(granted_at - freed_at) * 1000:.0f} ms after the holder freed its memory (rounds every 60 s)"
-        )
+        why = "served by the reading the release took, not by a round 60 s later"
+        lease, took_ms = waiter.granted(time.monotonic(), 30, why)
+        print(f"\ngranted {took_ms:.0f} ms after the holder freed its memory (rounds every 60 s)")
         boss.release(lease)
         assert holder.proc.wait(60) == 0
     finally:
