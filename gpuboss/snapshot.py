@@ -329,50 +329,89 @@ def held_back(snap: dict[str, Any], entry: dict[str, Any]) -> str:
     return ""
 
 
+#: Blocked requests a backfill pass looks past before it stops (BACKFILL_LIMIT, lua/includes/grant.lua).
+BACKFILL_LIMIT = 64
+
+
 def explain_queue(snap: dict[str, Any]) -> None:
     """Add ``why`` to each queue entry of a snapshot, as the scripts serve the queue (``grant_waiting``,
     lua/includes/grant.lua): a request the policy holds back (:func:`held_back`) waits without blocking
     anyone and says which rule holds it; the first request that is not held back is the one the queue waits
-    for (what it waits for: VRAM, a GPU, an eviction); the requests after it wait behind it (strict order)."""
+    for (what it waits for: VRAM, a GPU, an eviction). With strict queueing the requests after it wait behind
+    it; with backfill each one may take a GPU that no blocked request ahead of it waits for (the GPU with the
+    most free VRAM that is large enough, or its pinned one, is kept for each), and says which GPUs are kept
+    for whom; past 64 blocked requests the pass looks no further."""
     gpus = {g["id"]: g for g in snap["gpus"]}
+    backfill = (snap.get("policy") or {}).get("queueing") == "backfill"
     head: int | None = None
+    kept: dict[str, int] = {}  # GPU -> the position of the blocked request it is kept for (backfill)
+    blocked = 0
     for entry in snap["queue"]:
-        need = as_int(entry.get("vram_mib", 0))
-        pin = str(entry.get("pin") or "")
         reason = held_back(snap, entry)
         if reason:
             entry["why"] = reason
             continue
-        if head is not None:
+        if head is not None and not backfill:
             entry["why"] = f"behind #{head} (strict order)"
             continue
-        head = entry["position"]
-        held = [g for g in gpus.values() if g["hold"] and g["hold"].get("id") == entry.get("id")]
-        if held:
-            hold = held[0]["hold"]
-            victims = len(hold["victims"])
-            entry["why"] = (
-                f"{held[0]['id']} is being freed for it: {gb(hold['vram_mib'])} held, "
-                f"evicting {victims} lease{'' if victims == 1 else 's'}"
-            )
+        if blocked >= BACKFILL_LIMIT:
+            entry["why"] = f"behind {BACKFILL_LIMIT} blocked requests: backfill looks no further"
             continue
-        eligible = [gpus[pin]] if pin in gpus else ([] if pin else list(gpus.values()))
-        if not eligible:
-            entry["why"] = f"GPU {pin!r} is not registered" if pin else "no GPU registered"
-            continue
-        online = [g for g in eligible if g["offline"] is None]
-        if not online:
-            entry["why"] = f"{pin} is offline" if pin else "every GPU is offline"
-            continue
-        best = max(online, key=lambda g: (g["free_mib"], g["id"]))
-        if best["free_mib"] >= need:
-            entry["why"] = f"fits on {best['id']} now: granted by the next call"
-        else:
-            free = gb(max(0, best["free_mib"]))
-            if pin:
-                entry["why"] = f"needs {gb(need)}, {pin} has {free} free"
-            else:
-                entry["why"] = f"needs {gb(need)}, at most {free} free (on {best['id']})"
+        if head is None:
+            head = entry["position"]
+        if _explain_one(entry, gpus, kept if backfill else None):
+            blocked += 1
+
+
+def _explain_one(entry: dict[str, Any], gpus: dict[str, dict[str, Any]], kept: dict[str, int] | None) -> bool:
+    """Set ``entry["why"]`` for a request the queue tries to place now; True when it stays blocked (then, with
+    backfill, the GPU it waits for is kept for it in ``kept``)."""
+    if kept is None:  # strict: nothing is kept (only the head gets here)
+        kept = {}
+    need = as_int(entry.get("vram_mib", 0))
+    pin = str(entry.get("pin") or "")
+    held = [g for g in gpus.values() if g["hold"] and g["hold"].get("id") == entry.get("id")]
+    if held:
+        hold = held[0]["hold"]
+        victims = len(hold["victims"])
+        entry["why"] = (
+            f"{held[0]['id']} is being freed for it: {gb(hold['vram_mib'])} held, "
+            f"evicting {victims} lease{'' if victims == 1 else 's'}"
+        )
+        kept.setdefault(held[0]["id"], entry["position"])
+        return True
+    eligible = [gpus[pin]] if pin in gpus else ([] if pin else list(gpus.values()))
+    if not eligible:
+        entry["why"] = f"GPU {pin!r} is not registered" if pin else "no GPU registered"
+        return True
+    online = [g for g in eligible if g["offline"] is None]
+    if not online:
+        entry["why"] = f"{pin} is offline" if pin else "every GPU is offline"
+        return True
+    usable = [g for g in online if g["id"] not in kept]
+    best = max(usable or online, key=lambda g: (g["free_mib"], g["id"]))
+    if usable and best["free_mib"] >= need:
+        entry["why"] = f"fits on {best['id']} now: granted by the next call"
+        return False
+    free = gb(max(0, best["free_mib"]))
+    if not usable:
+        entry["why"] = f"needs {gb(need)}; " + ", ".join(
+            f"{g['id']} ({gb(max(0, g['free_mib']))} free) is kept for #{kept[g['id']]}"
+            for g in sorted(online, key=lambda g: g["id"])
+        )
+    elif pin:
+        entry["why"] = f"needs {gb(need)}, {pin} has {free} free"
+    else:
+        entry["why"] = f"needs {gb(need)}, at most {free} free (on {best['id']})"
+        roomy = sorted(g["id"] for g in online if g["id"] in kept and g["free_mib"] >= need)
+        if roomy:
+            entry["why"] += "; " + ", ".join(f"{g} is kept for #{kept[g]}" for g in roomy)
+    if max(1, as_int(entry.get("count", 1))) == 1:  # (a request over several GPUs keeps none: target() is nil)
+        large = [g for g in online if g["leasable_mib"] >= need]
+        if large:
+            wanted = pin or min(large, key=lambda g: (-g["free_mib"], g["id"]))["id"]  # (lua: target())
+            kept.setdefault(wanted, entry["position"])
+    return True
 
 
 def health_report(snap: dict[str, Any], min_free_mib: int | None = None) -> dict[str, Any]:

@@ -214,6 +214,28 @@ def test_why_of_a_growth_names_the_vram_cap_not_the_lease_cap(scene: Scene) -> N
         until(lambda: lease.vram_mib == 8192, "the growth was granted")
 
 
+def test_why_under_backfill_names_the_gpus_kept_for_the_blocked_requests_ahead(scene: Scene) -> None:
+    """With ``queueing: backfill`` a request may pass the blocked ones ahead on a GPU none of them waits for
+    (lua/includes/grant.lua): each blocked request keeps the GPU it waits for, and WHY names what is kept for
+    whom, instead of "behind #1 (strict order)"."""
+    big, mid, small, owner = (scene.boss(s, queueing="backfill") for s in ("big", "mid", "small", "owner"))
+    on_gpu0 = scene.hold(owner, 20, device="gpu0")  # gpu0: 3 GB free of 23
+    on_gpu1 = scene.hold(owner, 10, device="gpu1")  # gpu1: 6 GB free of 16
+    scene.wait(big, lambda: big.acquire(20, timeout=WAITER_TIMEOUT))  # only gpu0 is that large: kept for #1
+    scene.wait(mid, lambda: mid.acquire(8, timeout=WAITER_TIMEOUT))  # gpu1 has the most free: kept for #2
+    scene.wait(small, lambda: small.acquire(2, timeout=WAITER_TIMEOUT))  # either would do: both are kept
+    data = scene.queue()
+    assert data["big"]["why"] == "needs 20.0 GB, at most 6.0 GB free (on gpu1)"
+    assert data["mid"]["why"] == "needs 8.0 GB, at most 6.0 GB free (on gpu1)"
+    assert data["small"]["why"] == (
+        "needs 2.0 GB; gpu0 (3.0 GB free) is kept for #1, gpu1 (6.0 GB free) is kept for #2"
+    )
+    scene.release(on_gpu1)  # gpu1: 16 GB free: #2 and then #3 go there, #1 still waits for gpu0
+    until(lambda: list(scene.queue()) == ["big"], "mid and small granted past big")
+    scene.release(on_gpu0)
+    until(lambda: not scene.queue(), "big granted")
+
+
 # ---------------------------------------------------------------- the rules' corners, on a snapshot
 
 
@@ -264,3 +286,24 @@ def test_held_back_follows_the_scripts_order_and_corners() -> None:
     bare = _snap({}, {}, [{"priority": "low", "service": "ai"}])
     explain_queue(bare)
     assert bare["queue"][0]["why"] == "fits on gpu0 now: granted by the next call"
+
+
+def test_backfill_looks_past_64_blocked_requests_and_one_over_several_gpus_keeps_none() -> None:
+    gpus = [
+        {"id": "gpu0", "free_mib": 1024, "leasable_mib": 8192, "offline": None, "hold": None},
+        {"id": "gpu1", "free_mib": 2048, "leasable_mib": 8192, "offline": None, "hold": None},
+    ]
+    wide = {"vram_mib": 4096, "count": 2}  # over two GPUs: waits, but keeps neither (lua target() is nil)
+    queue = [wide] + [{"vram_mib": 4096, "pin": "gpu0"}] * 64 + [{"vram_mib": 512}]
+    entries = [{"position": i, "id": f"r{i}", **e} for i, e in enumerate(queue, start=1)]
+    snap = {"time": 1_000_000.0, "gpus": gpus, "policy": {"queueing": "backfill"}, "usage": {}, "queue": entries}
+    explain_queue(snap)
+    whys = [e["why"] for e in snap["queue"]]
+    assert whys[0] == "needs 4.0 GB, at most 2.0 GB free (on gpu1)"
+    assert whys[1] == "needs 4.0 GB, gpu0 has 1.0 GB free"
+    assert whys[2] == "needs 4.0 GB; gpu0 (1.0 GB free) is kept for #2" and whys[63] == whys[2]  # 64th blocked
+    assert whys[64:] == ["behind 64 blocked requests: backfill looks no further"] * 2
+    entries[-1]["position"] = 3  # the same small request third in line: gpu1 is free for it
+    snap["queue"] = [entries[0], entries[1], entries[-1]]
+    explain_queue(snap)
+    assert snap["queue"][2]["why"] == "fits on gpu1 now: granted by the next call"
