@@ -389,6 +389,9 @@ def _explain_one(entry: dict[str, Any], gpus: dict[str, dict[str, Any]], kept: d
         entry["why"] = f"{pin} is offline" if pin else "every GPU is offline"
         return True
     usable = [g for g in online if g["id"] not in kept]
+    count = max(1, as_int(entry.get("count", 1)))
+    if count > 1:
+        return _explain_several(entry, need, count, usable)
     best = max(usable or online, key=lambda g: (g["free_mib"], g["id"]))
     if usable and best["free_mib"] >= need:
         entry["why"] = f"fits on {best['id']} now: granted by the next call"
@@ -406,11 +409,27 @@ def _explain_one(entry: dict[str, Any], gpus: dict[str, dict[str, Any]], kept: d
         roomy = sorted(g["id"] for g in online if g["id"] in kept and g["free_mib"] >= need)
         if roomy:
             entry["why"] += "; " + ", ".join(f"{g} is kept for #{kept[g]}" for g in roomy)
-    if max(1, as_int(entry.get("count", 1))) == 1:  # (a request over several GPUs keeps none: target() is nil)
-        large = [g for g in online if g["leasable_mib"] >= need]
-        if large:
-            wanted = pin or min(large, key=lambda g: (-g["free_mib"], g["id"]))["id"]  # (lua: target())
-            kept.setdefault(wanted, entry["position"])
+    large = [g for g in online if g["leasable_mib"] >= need]
+    if large:
+        wanted = pin or min(large, key=lambda g: (-g["free_mib"], g["id"]))["id"]  # (lua: target())
+        kept.setdefault(wanted, entry["position"])
+    return True
+
+
+def _explain_several(entry: dict[str, Any], need: int, count: int, usable: list[dict[str, Any]]) -> bool:
+    """A request over ``count`` GPUs of one host (lua place_multi): it fits when one host has that many GPUs
+    with ``need`` free each (not kept for a request ahead); it keeps none while it waits."""
+    roomy: dict[str, list[str]] = {}
+    for g in usable:
+        if g["free_mib"] >= need:
+            roomy.setdefault(str(g.get("host") or ""), []).append(g["id"])
+    ready = sorted(h for h, ids in roomy.items() if len(ids) >= count)
+    if ready:
+        entry["why"] = f"fits on {', '.join(sorted(roomy[ready[0]])[:count])} now: granted by the next call"
+        return False
+    most = max(roomy.items(), key=lambda item: (len(item[1]), item[0]), default=("", []))
+    where = f" (on {most[0]})" if most[0] else ""
+    entry["why"] = f"needs {count} GPUs of one host with {gb(need)} free each: at most {len(most[1])}{where}"
     return True
 
 

@@ -236,6 +236,15 @@ def test_why_under_backfill_names_the_gpus_kept_for_the_blocked_requests_ahead(s
     until(lambda: not scene.queue(), "big granted")
 
 
+def test_why_of_a_request_over_two_gpus_waits_for_both(scene: Scene) -> None:
+    wide, owner = scene.boss("wide"), scene.boss("owner")
+    held = scene.hold(owner, 10, device="gpu1")  # gpu1: 6 GB free; gpu0: 23
+    scene.wait(wide, lambda: wide.acquire(24, gpus=2, timeout=WAITER_TIMEOUT))  # 12 GB on each of two GPUs
+    assert scene.queue()["wide"]["why"] == "needs 2 GPUs of one host with 12.0 GB free each: at most 1"
+    scene.release(held)
+    until(lambda: not scene.queue(), "granted over both GPUs")
+
+
 # ---------------------------------------------------------------- the rules' corners, on a snapshot
 
 
@@ -299,7 +308,7 @@ def test_backfill_looks_past_64_blocked_requests_and_one_over_several_gpus_keeps
     snap = {"time": 1_000_000.0, "gpus": gpus, "policy": {"queueing": "backfill"}, "usage": {}, "queue": entries}
     explain_queue(snap)
     whys = [e["why"] for e in snap["queue"]]
-    assert whys[0] == "needs 4.0 GB, at most 2.0 GB free (on gpu1)"
+    assert whys[0] == "needs 2 GPUs of one host with 4.0 GB free each: at most 0"
     assert whys[1] == "needs 4.0 GB, gpu0 has 1.0 GB free"
     assert whys[2] == "needs 4.0 GB; gpu0 (1.0 GB free) is kept for #2" and whys[63] == whys[2]  # 64th blocked
     assert whys[64:] == ["behind 64 blocked requests: backfill looks no further"] * 2
@@ -307,3 +316,17 @@ def test_backfill_looks_past_64_blocked_requests_and_one_over_several_gpus_keeps
     snap["queue"] = [entries[0], entries[1], entries[-1]]
     explain_queue(snap)
     assert snap["queue"][2]["why"] == "fits on gpu1 now: granted by the next call"
+
+
+def test_why_of_a_request_over_several_gpus_counts_them_on_one_host() -> None:
+    gpus = [
+        {"id": f"gpu{i}", "host": host, "free_mib": free, "leasable_mib": 8192, "offline": None, "hold": None}
+        for i, (host, free) in enumerate([("a", 4096), ("a", 1024), ("b", 4096), ("b", 4096), ("b", 512)])
+    ]
+    queue = [{"position": 1, "id": "r1", "vram_mib": 4096, "count": 3}]
+    snap = {"time": 1_000_000.0, "gpus": gpus, "policy": {}, "usage": {}, "queue": queue}
+    explain_queue(snap)
+    assert queue[0]["why"] == "needs 3 GPUs of one host with 4.0 GB free each: at most 2 (on b)"
+    queue[0]["count"] = 2
+    explain_queue(snap)
+    assert queue[0]["why"] == "fits on gpu2, gpu3 now: granted by the next call"
