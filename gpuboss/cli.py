@@ -12,6 +12,7 @@ text (``gpuboss.fmt``); ``--json`` is for programs.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -1344,6 +1345,24 @@ def release(
 # ---------------------------------------------------------------- gpuboss watch / top
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (a supervisor stopping the command, ``kill``) ends it as Ctrl-C does, so that it cleans
+    up (gives the screen back, closes its connections) and exits 0, instead of dying with status 143 and a
+    terminal left in the alternate screen. Only in the main thread (where signal handlers can be set)."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -1507,21 +1526,22 @@ def watch(
     client = connect(target, cfg) if gpus else None
     lease_gpus_of = _LeaseGpus(client, keys) if client is not None else None
     try:
-        while count is None or shown < count:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            event = sub.get(timeout=left)
-            if event is None:
-                continue
-            matches = _event_matches(event, types, services, gpus)
-            if not matches and lease_gpus_of is not None and _event_matches(event, types, services, ()):
-                lease_gpus_of.learn(event)  # a lease over several GPUs, on one of the others?
-                matches = _event_matches(event, types, services, gpus, lease_gpus_of)
-            if not matches:
-                continue
-            click.echo(json.dumps(event.to_dict(), sort_keys=True) if state.json else format_event(event))
-            shown += 1
+        with sigterm_as_interrupt():
+            while count is None or shown < count:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                event = sub.get(timeout=left)
+                if event is None:
+                    continue
+                matches = _event_matches(event, types, services, gpus)
+                if not matches and lease_gpus_of is not None and _event_matches(event, types, services, ()):
+                    lease_gpus_of.learn(event)  # a lease over several GPUs, on one of the others?
+                    matches = _event_matches(event, types, services, gpus, lease_gpus_of)
+                if not matches:
+                    continue
+                click.echo(json.dumps(event.to_dict(), sort_keys=True) if state.json else format_event(event))
+                shown += 1
     except KeyboardInterrupt:
         pass
     finally:
@@ -1584,32 +1604,37 @@ def top(state: CliState, interval: float, n_events: int, once: bool) -> None:
 
     footer = Line(f"(every {interval:g} s; Ctrl-C to quit)", "dim")
     try:
-        if state.json:
-            while True:
-                snap, recent = read()
-                click.echo(json.dumps({**snap, "events": [e.to_dict() for e in recent]}, sort_keys=True, default=str))
-                if once:
-                    return
-                time.sleep(interval)
-        elif once:
-            snap, recent = read()
-            _show(state, top_view(snap, target, recent, gauge=state.rich()))
-        elif state.rich():
-            from rich.live import Live
-
-            from gpuboss.fmt import rich_view
-
-            with Live(console=_console(), screen=True, auto_refresh=False, redirect_stderr=False) as live:
+        with sigterm_as_interrupt():
+            if state.json:
                 while True:
                     snap, recent = read()
-                    live.update(rich_view([*top_view(snap, target, recent, gauge=True), Line(), footer]), refresh=True)
+                    click.echo(
+                        json.dumps({**snap, "events": [e.to_dict() for e in recent]}, sort_keys=True, default=str)
+                    )
+                    if once:
+                        return
                     time.sleep(interval)
-        else:
-            while True:
+            elif once:
                 snap, recent = read()
-                click.clear()
-                click.echo(plain([*top_view(snap, target, recent), Line(), footer]))
-                time.sleep(interval)
+                _show(state, top_view(snap, target, recent, gauge=state.rich()))
+            elif state.rich():
+                from rich.live import Live
+
+                from gpuboss.fmt import rich_view
+
+                with Live(console=_console(), screen=True, auto_refresh=False, redirect_stderr=False) as live:
+                    while True:
+                        snap, recent = read()
+                        live.update(
+                            rich_view([*top_view(snap, target, recent, gauge=True), Line(), footer]), refresh=True
+                        )
+                        time.sleep(interval)
+            else:
+                while True:
+                    snap, recent = read()
+                    click.clear()
+                    click.echo(plain([*top_view(snap, target, recent), Line(), footer]))
+                    time.sleep(interval)
     except KeyboardInterrupt:
         return
     finally:
@@ -1633,8 +1658,6 @@ def top(state: CliState, interval: float, n_events: int, once: bool) -> None:
 def serve(state: CliState, host: str, port: int, min_free_gb: float | None) -> None:
     """Serve /metrics (Prometheus: per-GPU VRAM, queue length, event counters, wait and hold times) and
     /health (the JSON of `gpuboss health`; 200 when a GPU is available, else 503) until Ctrl-C or SIGTERM."""
-    import signal
-
     from gpuboss.metrics import Exporter, make_server
 
     cfg = state.config()
@@ -1647,24 +1670,19 @@ def serve(state: CliState, host: str, port: int, min_free_gb: float | None) -> N
         exporter.close()
         raise CliError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     exporter.start()
     bound_host, bound_port = server.server_address[:2]
     log.info(
         "gpuboss: serving http://%s:%s/metrics and /health for namespace %r", bound_host, bound_port, cfg.namespace
     )
     try:
-        server.serve_forever(poll_interval=0.2)
+        with sigterm_as_interrupt():
+            server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         log.info("gpuboss: stopping")
     finally:
         server.server_close()
         exporter.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -419,6 +419,28 @@ def test_watch_live_with_the_executable(real_url: str, namespace: str) -> None:
     assert got[2]["service"] == "live"
 
 
+def test_watch_stops_cleanly_on_sigterm(real_url: str, namespace: str) -> None:
+    """A supervisor (systemd, a container runtime) stops a `gpuboss watch` with SIGTERM: it ends as Ctrl-C ends
+    it, with status 0 (it died with 143 before)."""
+    watcher = subprocess.Popen(
+        [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = raw_client(real_url)
+        wait_until(lambda: client.pubsub_numsub(Keys(namespace).events)[0][1] == 1, timeout=20)
+        watcher.terminate()
+        _, err = watcher.communicate(timeout=20)
+    finally:
+        if watcher.poll() is None:
+            os.kill(watcher.pid, 9)
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    assert "Traceback" not in err
+
+
 def test_eviction_and_inventory_events_read_well() -> None:
     from gpuboss.cli import format_event
     from gpuboss.events import Event

@@ -176,12 +176,21 @@ def test_the_executable_draws_rich_on_a_terminal_and_plain_into_a_pipe(
     assert row.split()[1:4] == ["chat", "high", "gpu0"]
 
 
-def test_top_is_live_on_a_terminal_and_gives_the_screen_back(real_url: str, namespace: str, held: Lease) -> None:
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(lambda pid: os.killpg(pid, signal.SIGINT), id="Ctrl-C"),  # as a terminal sends it to its group
+        pytest.param(lambda pid: os.kill(pid, signal.SIGTERM), id="SIGTERM"),  # kill, a supervisor: exited 143
+    ],
+)
+def test_top_is_live_on_a_terminal_and_gives_the_screen_back(
+    real_url: str, namespace: str, held: Lease, stop: Any
+) -> None:
     term = Terminal(["--redis-url", real_url, "--namespace", namespace, "top", "--interval", "0.2"], _env())
     try:
         term.read_until(lambda out: ENTER_SCREEN in out and out.count(b"Recent events") >= 2)  # two frames drawn
     finally:
-        os.killpg(term.proc.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it to its foreground group
+        stop(term.proc.pid)
         code = term.finish()
     assert code == 0, term.output[-2000:]
     assert LEAVE_SCREEN in term.output[term.output.rindex(ENTER_SCREEN) :]
