@@ -289,8 +289,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
 
     async def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
-        lease_id, ttl_ms, pending = self._begin_release(lease)
-        return self._end_release(await self._release_id(lease_id, ttl_ms), lease_id, pending)
+        releasing = self._begin_release(lease)
+        return self._end_release(await self._release_id(releasing.lease_id, releasing.ttl_ms), releasing)
 
     @contextlib.asynccontextmanager
     async def lease(

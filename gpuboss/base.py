@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from gpuboss.config import BossConfig, config_from_arguments, load_config
 from gpuboss.core import CLEAN_ERRORS, Core, LeaseRequest, YieldOutcome, YieldReply, grow_request_id
@@ -22,6 +22,16 @@ log = logging.getLogger("gpuboss")
 
 #: How long a release that could not be sent is retried when the lease's own TTL is unknown.
 UNKNOWN_TTL_MS = 60_000
+
+
+class Releasing(NamedTuple):
+    """A release on its way (:meth:`BossBase._begin_release`): the id and TTL (ms) to send, and the Lease: one
+    this boss does not hold, marked released once Redis accepts (``pending``), or the one it held (``own``)."""
+
+    lease_id: str
+    ttl_ms: int
+    pending: Lease | None = None
+    own: Lease | None = None
 
 
 class BossBase:
@@ -175,10 +185,11 @@ class BossBase:
         self._heartbeat.forget(lease.id)
         return True
 
-    def _begin_release(self, lease: Lease | str) -> tuple[str, int, Lease | None]:
+    def _begin_release(self, lease: Lease | str) -> Releasing:
         """Stop renewing a lease and, if this boss holds it, mark it released; its id, its TTL (ms) for the
         release call, and the Lease object to mark released once Redis accepted the release (one this boss
-        does not hold: it may be another holder's, which Redis refuses; see :meth:`_end_release`)."""
+        does not hold: it may be another holder's, which Redis refuses; see :meth:`_end_release`), or the one
+        this boss held."""
         if not isinstance(lease, str | Lease):
             raise InvalidRequest("lease", lease, "must be a Lease or a lease id (str)")
         lease_id = lease if isinstance(lease, str) else lease.id
@@ -186,22 +197,25 @@ class BossBase:
         self._heartbeat.forget(lease_id)
         obj = self._leases.pop(lease_id, None) or (lease if isinstance(lease, Lease) else None)
         if obj is None:
-            return lease_id, UNKNOWN_TTL_MS, None
+            return Releasing(lease_id, UNKNOWN_TTL_MS)
         if obj._driver is not self:  # another boss's: Redis may refuse (NOT_HOLDER), which must leave it alone
-            return lease_id, int(obj.ttl * 1000), obj
+            return Releasing(lease_id, int(obj.ttl * 1000), pending=obj)
         obj._move("released")  # ours, at once: a resume waiting for it stops (_stop_waiting)
-        self._inventory.released(obj)  # its GPUs are read now: memory given back is seen at once
         # And forget it again: a resume granted meanwhile may have handed it to the heartbeat after the first
         # forget (_after_yield looks at the state after it did; see there).
         self._heartbeat.forget(lease_id)
-        return lease_id, int(obj.ttl * 1000), None
+        return Releasing(lease_id, int(obj.ttl * 1000), own=obj)
 
-    def _end_release(self, reply: list[Any], lease_id: str, pending: Lease | None) -> bool:
+    def _end_release(self, reply: list[Any], releasing: Releasing) -> bool:
         """What a release call answered (:class:`InvalidRequest` for another holder's lease, which is then left
-        as it was); ``pending`` is marked released only after Redis accepted the release."""
-        released = self._core.released(reply, lease_id)
-        if pending is not None:
-            pending._move("released")
+        as it was); ``pending`` is marked released only after Redis accepted the release. When requests still
+        wait, the GPUs of a lease this boss held are read now (out of turn), so that the memory its holder gave
+        back is seen by the queue at once, not at the sampler's next round (sampler.py)."""
+        released = self._core.released(reply, releasing.lease_id)
+        if releasing.pending is not None:
+            releasing.pending._move("released")
+        if releasing.own is not None and self._core.still_waiting(reply):
+            self._inventory.released(releasing.own)
         return released
 
     def _abandon(self, lease: Lease, request_id: str) -> None:

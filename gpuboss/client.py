@@ -215,8 +215,8 @@ class GPUBoss(InventoryMethods, BossBase):
 
     def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
-        lease_id, ttl_ms, pending = self._begin_release(lease)
-        return self._end_release(self._release_id(lease_id, ttl_ms), lease_id, pending)
+        releasing = self._begin_release(lease)
+        return self._end_release(self._release_id(releasing.lease_id, releasing.ttl_ms), releasing)
 
     @contextmanager
     def lease(

@@ -715,6 +715,11 @@ class Core:
         return code is not ReleaseReply.NOT_FOUND
 
     @staticmethod
+    def still_waiting(reply: list[Any]) -> bool:
+        """Whether requests still wait after a release served the queue (its reply's third item)."""
+        return len(reply) > 2 and int(reply[2]) == 1
+
+    @staticmethod
     def collected(reply: list[Any]) -> dict[str, int]:
         return {"leases": int(reply[0]), "requests": int(reply[1]), "granted": int(reply[2])}
 

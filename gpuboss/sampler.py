@@ -14,8 +14,9 @@ Every ``sample_interval_s`` it
    :class:`VramOverBudgetWarning` naming the lease and the amounts, once until it is back under budget or
    grows by another GiB.
 
-Between rounds, a release of a lease on a local GPU wakes the thread (:meth:`Sampler.poke`): it reads that
-GPU at once and stores the reading out of turn, whoever holds the right to sample. Without it, the memory
+Between rounds, a release of a lease on a local GPU that leaves requests waiting (and the hand-back of an
+eviction) wakes the thread (:meth:`Sampler.poke`): it reads that GPU at once and stores the reading out of
+turn, whoever holds the right to sample. Without it, the memory
 the holder gave back would count as used until the next round, up to an interval later, and a waiter for it
 would wait that long; with it, the waiter is served within an NVML read and a round trip of the release.
 

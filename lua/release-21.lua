@@ -20,10 +20,12 @@
     ARGV[5]     event log cap (0: no log)
 
   Output:
-    {1, granted}    RELEASED: the lease was removed; `granted` queued requests were granted
-    {2, granted}    WITHDRAWN: the queued request was removed
-    {0, granted}    NOT_FOUND: the id holds nothing (released before, or expired)
-    {-1, granted}   NOT_HOLDER: the lease or request is another holder's (wrong secret); nothing changed
+    {1, granted, waiting}    RELEASED: the lease was removed; `granted` queued requests were granted
+    {2, granted, waiting}    WITHDRAWN: the queued request was removed
+    {0, granted, waiting}    NOT_FOUND: the id holds nothing (released before, or expired)
+    {-1, granted, waiting}   NOT_HOLDER: the lease or request is another holder's (wrong secret); nothing changed
+    `waiting` is 1 when requests still wait after the queue was served, else 0 (the releasing process then
+    reads its GPU at once, if it samples one: sampler.py).
 ]]
 --- @include "state"
 --- @include "emit"
@@ -45,7 +47,8 @@ local held = nil
 if lease_raw or ticket then
   held = cjson.decode(lease_raw or ticket)
   if not is_holder(held, ARGV[4]) then
-    return {-1, grant_waiting(s, now)}
+    local granted = grant_waiting(s, now)
+    return {-1, granted, s.queue_empty and 0 or 1}
   end
 end
 
@@ -80,4 +83,5 @@ if (code == 0 or ticket) and drop_request(id, s, now, reason) then
     emit('withdrawn', now, ev)
   end
 end
-return {code, grant_waiting(s, now)}
+local granted = grant_waiting(s, now)
+return {code, granted, s.queue_empty and 0 or 1}

@@ -710,18 +710,31 @@ async def test_async_boss_registers_reads_status_and_resolves_models(backend_url
 
 def test_a_release_just_before_close_is_still_read(backend_url: str, namespace: str, bosses: list[GPUBoss]) -> None:
     """The thread stops at close(); a reading a release asked for just before still goes out. (Here the thread's
-    loop runs in this thread, already told to stop: the case of a close() that came before the thread woke.)"""
+    loop runs in this thread, already told to stop: the case of a close() that came before the thread woke.)
+    And a release after which nobody waits asks for no reading: nothing could use it."""
     nvml = fk.uniform_host()
     gpu = fk.uuid_of(0x1000)
     holder = make_boss(backend_url, namespace, nvml)
     bosses.append(holder)
+    alone = holder.acquire(vram_gb=1, device=gpu, timeout=0)
+    sampler = sampler_of(holder)
+    holder.release(alone)
+    assert sampler._poked == set(), "nobody waits: no reading out of turn"
     held = holder.acquire(vram_gb=16, device=gpu, timeout=0)
     nvml.gpus[0].used_mib = 16_500
-    sampler = sampler_of(holder)
     sampler.tick()
+    waiter = make_boss(backend_url, namespace, nvml)
+    bosses.append(waiter)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(vram_gb=16, device=gpu, timeout=60)))
+    thread.start()
+    client, keys = raw_client(backend_url), Keys(namespace)
+    wait_until(lambda: client.zcard(keys.queue) == 1, "the request queued")
     nvml.gpus[0].used_mib = 300
-    holder.release(held)  # pokes the sampler
+    holder.release(held)  # the waiter still waits (the reading shows 16500 MiB): the sampler is poked
+    assert sampler._poked == {gpu}
     sampler._stop.set()
     sampler._run()
-    client, keys = raw_client(backend_url), Keys(namespace)
     assert str(client.hget(keys.observed, gpu)).startswith("300,")
+    thread.join(30)
+    assert got and got[0].gpu == gpu

@@ -273,17 +273,19 @@ def check_every_reply_code(client: redis.Redis, core: Core) -> None:
     queued = acquire("b", 1, pin="gpu0")
     assert queued[:2] == [Reply.QUEUED, 0] and int(queued[2]) > 0  # type: ignore[call-overload]
     assert acquire("b", 1, pin="gpu0")[:2] == [Reply.QUEUED, 0]  # idempotent
+    # A release says whether requests still wait once it served the queue ("b" does: gpu0 is still held).
+    assert run(client, core.release_call("nothing-here")) == [ReleaseReply.NOT_FOUND, 0, 1]
     renewed = run(client, core.renew_call({"a": 5000, "b": 5000, "zz": 5000}))
     assert renewed[2:] == [RenewStatus.LEASE, RenewStatus.QUEUED, RenewStatus.GONE]
     seen["renew"] |= {int(x) for x in renewed[2:]}  # type: ignore[call-overload]
     reply = run(client, core.release_call("a"))
-    assert reply == [ReleaseReply.RELEASED, 1]  # and the queued "b" was granted in the same call
+    assert reply == [ReleaseReply.RELEASED, 1, 0]  # and the queued "b" was granted in the same call: none waits
     assert json.loads(str(client.lpop(core.keys.wake("b"))))["id"] == "b"
     assert acquire("c", 30, pin="")[0] == Reply.INSUFFICIENT
     acquire("c", 24, pin="gpu0")
-    assert run(client, core.release_call("c")) == [ReleaseReply.WITHDRAWN, 0]
-    assert run(client, core.release_call("c")) == [ReleaseReply.NOT_FOUND, 0]
-    assert run(client, core.release_call("b")) == [ReleaseReply.RELEASED, 0]
+    assert run(client, core.release_call("c")) == [ReleaseReply.WITHDRAWN, 0, 0]
+    assert run(client, core.release_call("c")) == [ReleaseReply.NOT_FOUND, 0, 0]
+    assert run(client, core.release_call("b")) == [ReleaseReply.RELEASED, 0, 0]
     seen["release"] |= {int(ReleaseReply.RELEASED), int(ReleaseReply.WITHDRAWN), int(ReleaseReply.NOT_FOUND)}
     assert "secret" not in json.dumps(client.hgetall(core.keys.leases)) or core.secret not in json.dumps(
         client.hgetall(core.keys.leases)
@@ -410,7 +412,7 @@ def check_eviction_reply_codes(client: redis.Redis, core: Core, seen: dict[str, 
     assert json.loads(str(client.lpop(core.keys.wake("hi"))))["id"] == "hi"
     assert client.hget(core.keys.holds, "gpu1") is None
     assert yielded("lo", True) == [YieldReply.GONE]  # only queued now
-    assert run(client, core.release_call("hi")) == [ReleaseReply.RELEASED, 1]  # and "lo" resumed
+    assert run(client, core.release_call("hi")) == [ReleaseReply.RELEASED, 1, 0]  # and "lo" resumed
     resumed = json.loads(str(client.lpop(core.keys.wake("lo"))))
     assert (resumed["evictions"], resumed["vram_mib"], resumed["gpu"]) == (1, 1024, "gpu1")
     assert resized("lo", full + 1)[:2] == [ResizeReply.INSUFFICIENT, full]
@@ -418,7 +420,7 @@ def check_eviction_reply_codes(client: redis.Redis, core: Core, seen: dict[str, 
     other = core.make_request(10, priority="normal")
     assert run(client, core.acquire_call("x", other, "gpu1", "s"))[0] == Reply.GRANTED
     assert resized("lo", 6 * 1024)[:2] == [ResizeReply.QUEUED, 0]  # only 4 GiB free: the growth waits
-    assert run(client, core.release_call("x")) == [ReleaseReply.RELEASED, 1]
+    assert run(client, core.release_call("x")) == [ReleaseReply.RELEASED, 1, 0]
     assert json.loads(str(client.lpop(core.keys.wake("lo:grow"))))["vram_mib"] == 6 * 1024
     assert resized("lo", 6 * 1024)[0] == ResizeReply.DONE
     # A lease handed back for good.
@@ -437,7 +439,7 @@ def check_eviction_reply_codes(client: redis.Redis, core: Core, seen: dict[str, 
     record = json.loads(str(client.hget(core.keys.leases, "lo2")))
     assert (record["state"], record["evict"]["reason"]) == ("evicting", "pause")
     assert run(client, core.acquire_call("lo3", small_low, "", "s"))[0] == Reply.QUEUED  # fits, but paused
-    assert run(client, core.release_call("hi4")) == [ReleaseReply.RELEASED, 1]  # the pause lifts: lo3 granted
+    assert run(client, core.release_call("hi4")) == [ReleaseReply.RELEASED, 1, 0]  # the pause lifts: lo3 granted
     assert yielded("lo2", True)[0] == YieldReply.GRANTED  # resumed at once
     assert run(client, Core(BossConfig(namespace=core.config.namespace, pause=[])).policy_call()) == [1]
     for lease_id in ("lo2", "lo3"):
