@@ -922,6 +922,16 @@ def gpus_discover(state: CliState, reserve_gb: float | None) -> None:
     ]
     driver = f"driver {found.driver_version}, " if found.driver_version else ""
     view: list[Block] = [Table(f"GPUs on this host ({len(found_gpus)}; NVML: {driver}nothing written)", cols, rows)]
+    reserved = [g for g in found_gpus if g.driver_reserved_mib]
+    if reserved:
+        view.append(
+            Line(
+                "MEMORY is what CUDA can allocate: the total less what the driver reserves ("
+                + ", ".join(f"{g.driver_reserved_mib} MiB on {g.id[:12]}" for g in reserved)
+                + ")",
+                "dim",
+            )
+        )
     view += [Line(f"note: {problem}", "yellow") for problem in found.problems]
     _show(state, view)
 

@@ -696,6 +696,15 @@ def test_gpus_discover(nvml: Any) -> None:
     assert [g["id"] for g in data] == [fk.RTX4090, fk.MIG_A, fk.MIG_B]
     assert [g["parent_uuid"] for g in data] == [None, fk.A100, fk.A100]
     assert data[1]["capacity_mib"] == 40192 and {g["reserve_gb"] for g in data} == {0.5}
+    assert "reserves" not in text.stdout  # no driver reservation on this host (v1 answers, or none)
+
+    nvml(fk.h200_host())
+    text = CliRunner().invoke(cli, ["gpus", "discover"])
+    assert text.exit_code == 0, text.output
+    assert f"  {fk.H200}  NVIDIA H200  139.8 GB" in text.stdout  # 143155 MiB: what CUDA can allocate
+    assert f"the total less what the driver reserves (616 MiB on {fk.H200[:12]})" in text.stdout
+    (h200,) = json.loads(CliRunner().invoke(cli, ["--json", "gpus", "discover"]).stdout)
+    assert (h200["capacity_mib"], h200["driver_reserved_mib"]) == (143155, 616)
 
 
 @pytest.mark.parametrize("command", [["gpus", "discover"], ["gpus", "register"]])
