@@ -31,7 +31,7 @@ import contextlib
 import enum
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -512,28 +512,34 @@ class NvmlSession:
             reserved_mib=mem.reserved_mib,
         )
 
-    def sample(self) -> Sampling:
-        """Read every leasable GPU now."""
+    def sample(self, only: Collection[str] | None = None) -> Sampling:
+        """Read every leasable GPU now; with ``only``, just the GPUs (or MIG instances) of those UUIDs."""
         problems: list[str] = []
         samples: list[GpuSample] = []
         for index, handle in self._handles(problems):
             try:
-                samples.extend(self._sample_gpu(handle))
+                samples.extend(self._sample_gpu(handle, only))
             except self._error_type as err:
                 problems.append(f"GPU {index}: left out, NVML failed to read it ({_text(err)})")
         return Sampling(status=NvmlStatus.OK, samples=tuple(samples), sampled_at=time.time(), problems=tuple(problems))
 
-    def _sample_gpu(self, handle: Any) -> list[GpuSample]:
+    def _sample_gpu(self, handle: Any, only: Collection[str] | None = None) -> list[GpuSample]:
         nvml = self.nvml
         uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        mig_enabled = self._mig_enabled(handle)
+        if only is not None and not mig_enabled and uuid not in only:
+            return []
         name = _text(nvml.nvmlDeviceGetName(handle))
         temperature = self._temperature(handle)
-        if not self._mig_enabled(handle):
+        if not mig_enabled:
             return [self._reading(handle, uuid, name, None, temperature, self.processes(handle) or ())]
         parent_procs: tuple[GpuProcess, ...] | None = None
         gi_fn = getattr(nvml, "nvmlDeviceGetGpuInstanceId", None)
         out = []
         for _, mig in self._mig_handles(handle):
+            mig_uuid = _text(nvml.nvmlDeviceGetUUID(mig))
+            if only is not None and mig_uuid not in only:
+                continue
             procs = self.processes(mig)
             gi = self._optional(gi_fn, mig) if gi_fn is not None else None
             if procs is None:
@@ -542,7 +548,7 @@ class NvmlSession:
                     parent_procs = self.processes(handle) or ()
                 procs = tuple(p for p in parent_procs if gi is not None and p.gpu_instance_id == gi)
             mig_name = _text(self._optional(nvml.nvmlDeviceGetName, mig) or name)
-            out.append(self._reading(mig, _text(nvml.nvmlDeviceGetUUID(mig)), mig_name, uuid, temperature, procs))
+            out.append(self._reading(mig, mig_uuid, mig_name, uuid, temperature, procs))
         return out
 
 

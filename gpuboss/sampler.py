@@ -34,7 +34,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,14 +253,14 @@ class Sampler:
             self._client = connect_sync(self.url, timeout, socket_timeout=timeout)
         return self._client
 
-    def _read(self) -> tuple[list[VRAMStatus], str]:
+    def _read(self, only: Collection[str] | None = None) -> tuple[list[VRAMStatus], str]:
         with self._lock:
             if self._session is None:
                 try:
                     self._session = NvmlSession.open(self.nvml)
                 except NvmlUnavailable as err:
                     return [], str(err)
-            sampling = self._session.sample()
+            sampling = self._session.sample(only)
         return statuses(sampling, host=self.core.host), "; ".join(sampling.problems)
 
     def beat(self) -> list[Any]:
@@ -314,11 +314,9 @@ class Sampler:
         result = TickResult()
         if not poked:
             return result
-        found, result.problem = self._read()
+        found, result.problem = self._read(poked)  # (NVML reads only those GPUs)
         client = self._connection()
         for status in found:
-            if status.id not in poked:
-                continue
             result.used_mib[status.id] = status.used_mib
             call = sample_call(
                 self.core, status.id, self.id, status.used_mib, self.max_age_ms, self.lease_ms, out_of_turn=True

@@ -734,7 +734,9 @@ def test_a_release_just_before_close_is_still_read(backend_url: str, namespace: 
     holder.release(held)  # the waiter still waits (the reading shows 16500 MiB): the sampler is poked
     assert sampler._poked == {gpu}
     sampler._stop.set()
+    before = len(nvml.memory_calls)
     sampler._run()
     assert str(client.hget(keys.observed, gpu)).startswith("300,")
+    assert len(nvml.memory_calls) == before + 1, "only the released GPU was read, not the host's four"
     thread.join(30)
     assert got and got[0].gpu == gpu

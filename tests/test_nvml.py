@@ -248,3 +248,16 @@ def test_a_mig_instance_without_the_v2_call_is_read_with_v1_and_its_card_with_v2
     assert card.memory_reserved_mib == 512, "the card itself is still read with v2"
     by = sample(nvml).by_uuid()
     assert (by[fk.MIG_A].used_mib, by[fk.MIG_B].reserved_mib, by[fk.MIG_B].used_mib) == (30500, 64, 0)
+
+
+def test_a_sampling_of_some_gpus_reads_only_those() -> None:
+    nvml = fk.uniform_host()
+    with NvmlSession.open(nvml) as session:
+        wanted = fk.uuid_of(0x1002)
+        (only,) = session.sample({wanted}).samples
+        assert only.uuid == wanted and nvml.memory_calls == [2], "one memory read, not four"
+        assert len(session.sample().samples) == 4
+    mig = fk.mig_host()
+    with NvmlSession.open(mig) as session:
+        (instance,) = session.sample({fk.MIG_B}).samples
+    assert (instance.uuid, instance.parent_uuid) == (fk.MIG_B, fk.A100)
