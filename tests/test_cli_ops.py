@@ -395,24 +395,31 @@ def test_watch_since_replays(real_url: str, namespace: str) -> None:
     assert bad.exit_code == 1 and "not a duration" in bad.stderr
 
 
-def test_watch_live_with_the_executable(real_url: str, namespace: str) -> None:
+@contextlib.contextmanager
+def watching(url: str, namespace: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """The installed `gpuboss watch` with ``args``, once it has subscribed; killed at the end if still running."""
     watcher = subprocess.Popen(
-        [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "--json", "watch", "--count", "4"],
+        [str(GPUBOSS), "--redis-url", url, "--namespace", namespace, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        client = raw_client(real_url)
+        client = raw_client(url)
         wait_until(lambda: client.pubsub_numsub(Keys(namespace).events)[0][1] == 1, timeout=20)
-        boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS2, service="live")
-        boss.release(boss.acquire(1))
-        boss.close()
-        out, err = watcher.communicate(timeout=20)
+        yield watcher
     finally:
         if watcher.poll() is None:
             os.kill(watcher.pid, 9)
             watcher.wait()
+
+
+def test_watch_live_with_the_executable(real_url: str, namespace: str) -> None:
+    with watching(real_url, namespace, "--json", "watch", "--count", "4") as watcher:
+        boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS2, service="live")
+        boss.release(boss.acquire(1))
+        boss.close()
+        out, err = watcher.communicate(timeout=20)
     assert watcher.returncode == 0, err
     got = [json.loads(x) for x in out.splitlines()]
     assert [e["type"] for e in got] == ["gpu_registered", "gpu_registered", "granted", "released"]
@@ -422,21 +429,9 @@ def test_watch_live_with_the_executable(real_url: str, namespace: str) -> None:
 def test_watch_stops_cleanly_on_sigterm(real_url: str, namespace: str) -> None:
     """A supervisor (systemd, a container runtime) stops a `gpuboss watch` with SIGTERM: it ends as Ctrl-C ends
     it, with status 0 (it died with 143 before)."""
-    watcher = subprocess.Popen(
-        [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "watch"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        client = raw_client(real_url)
-        wait_until(lambda: client.pubsub_numsub(Keys(namespace).events)[0][1] == 1, timeout=20)
+    with watching(real_url, namespace, "watch") as watcher:
         watcher.terminate()
         _, err = watcher.communicate(timeout=20)
-    finally:
-        if watcher.poll() is None:
-            os.kill(watcher.pid, 9)
-            watcher.wait()
     assert watcher.returncode == 0, err
     assert "Traceback" not in err
 
