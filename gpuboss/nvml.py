@@ -111,8 +111,20 @@ class NvmlUnavailable(GPUBossError):
 # ---------------------------------------------------------------- results
 
 
+class _Usable:
+    """What a GPU and a MIG instance share: their usable memory, from their fields of the same names."""
+
+    memory_total_mib: int
+    memory_reserved_mib: int
+
+    @property
+    def memory_usable_mib(self) -> int:
+        """What processes can ever allocate: the total less the driver's reservation (its leasable capacity)."""
+        return self.memory_total_mib - self.memory_reserved_mib
+
+
 @dataclass(frozen=True)
-class MigInstance:
+class MigInstance(_Usable):
     """A MIG instance: a GPU of its own, with its own UUID and memory, carved out of a physical GPU."""
 
     uuid: str
@@ -126,14 +138,9 @@ class MigInstance:
     #: Memory the driver reserves on it: part of the total that CUDA can never allocate.
     memory_reserved_mib: int = 0
 
-    @property
-    def memory_usable_mib(self) -> int:
-        """What processes can ever allocate: the total less the driver's reservation (its leasable capacity)."""
-        return self.memory_total_mib - self.memory_reserved_mib
-
 
 @dataclass(frozen=True)
-class PhysicalGpu:
+class PhysicalGpu(_Usable):
     """A physical GPU as NVML reports it."""
 
     #: NVML index: the order of ``nvidia-smi`` (PCI bus order), which is not always the CUDA order.
@@ -149,11 +156,6 @@ class PhysicalGpu:
     #: Memory the driver and firmware reserve: part of the total (as ``nvidia-smi`` gives it) that CUDA can
     #: never allocate. 0 where the driver answers only the v1 memory call.
     memory_reserved_mib: int = 0
-
-    @property
-    def memory_usable_mib(self) -> int:
-        """What processes can ever allocate: the total less the driver's reservation (its leasable capacity)."""
-        return self.memory_total_mib - self.memory_reserved_mib
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,7 @@ class NvmlSession:
 
     def memory(self, handle: Any) -> Memory:
         """The memory of a GPU or MIG instance: the v2 call where the driver has it, else v1."""
-        version = self._memory_v2
+        mem, version = None, self._memory_v2
         if version is not None:
             try:
                 mem = self.nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
@@ -355,15 +357,12 @@ class NvmlSession:
                     self._memory_v2 = None  # a driver without the v2 call: v1 from now on
                 elif code != NVML_ERROR_NOT_SUPPORTED:  # not for this device (some MIG instances): v1 for it
                     raise
-            else:
-                total = _floor_mib(mem.total)
-                reserved = min(total, _ceil_mib(mem.reserved))
-                used = min(total - reserved, _ceil_mib(mem.used))
-                return Memory(total, reserved, used, min(_floor_mib(mem.free), total - reserved - used))
-        mem = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+        if mem is None:
+            mem = self.nvml.nvmlDeviceGetMemoryInfo(handle)  # v1: no reservation given (it counts as used)
         total = _floor_mib(mem.total)
-        used = min(total, _ceil_mib(mem.used))
-        return Memory(total, 0, used, min(_floor_mib(mem.free), total - used))
+        reserved = min(total, _ceil_mib(getattr(mem, "reserved", 0)))
+        used = min(total - reserved, _ceil_mib(mem.used))
+        return Memory(total, reserved, used, min(_floor_mib(mem.free), total - reserved - used))
 
     # -- discovery
 
