@@ -330,3 +330,14 @@ def test_why_of_a_request_over_several_gpus_counts_them_on_one_host() -> None:
     queue[0]["count"] = 2
     explain_queue(snap)
     assert queue[0]["why"] == "fits on gpu2, gpu3 now: granted by the next call"
+
+
+def test_the_backfill_limit_is_the_scripts_own() -> None:
+    """snapshot.BACKFILL_LIMIT mirrors lua/includes/grant.lua's: a change to one must show in the other."""
+    from pathlib import Path
+
+    from gpuboss import snapshot
+
+    lua = (Path(__file__).resolve().parent.parent / "lua" / "includes" / "grant.lua").read_text()
+    (value,) = re.findall(r"^local BACKFILL_LIMIT = (\d+)$", lua, flags=re.MULTILINE)
+    assert int(value) == snapshot.BACKFILL_LIMIT
