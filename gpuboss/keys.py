@@ -21,7 +21,8 @@ key                 type   contents
 ``ns:policy``       hash   rule name -> JSON: scheduling rules every process obeys (pause rules, ...)
 ``ns:usage``        hash   counters the rules read: ``class:<name>`` and ``svc:<service>`` -> active leases of
                            that priority class or service, ``svcmib:<service>`` -> MiB of its leases (all their
-                           GPUs), ``pre:<rank>:<gpu>`` -> preemptible MiB of that rank on that GPU,
+                           GPUs) (these three only while a pause rule or a cap reads them: ``head`` field
+                           ``counting``), ``pre:<rank>:<gpu>`` -> preemptible MiB of that rank on that GPU,
                            ``idle:<lease id>`` -> ``"<MiB> <gpu>[,<gpu>...]"``: an idle warm model's lease
 ``ns:free``         zset   gpu id, scored by the MiB placement sees free (capacity - max(leased, observed))
 ``ns:free_host``    zset   ``"<host> <free MiB, 12 digits> <gpu id>"``, all scored 0: the same by host
@@ -29,7 +30,8 @@ key                 type   contents
 ``ns:head``         hash   the scripts' summary of the rest: ``due`` (no expiry and no check is due before it,
                            ms, Redis time), flags ``holds``, ``offline``, ``observed``, ``evictable`` (0: none),
                            ``evict_rank`` (the lowest rank a preemptible lease may have; -1: an idle one),
-                           and ``blocked``/``blocked_need``: the queue's head that does not fit, and its need
+                           ``blocked``/``blocked_need``: the queue's head that does not fit, and its need,
+                           and ``counting`` (1: the rules' counters of ``usage`` are kept)
 ``ns:hosts``        hash   host -> last heartbeat (ms, Redis time) of that host's GPU inventory
 ``ns:sampler:<gpu>`` string the holder of the right to sample one GPU (expires by itself)
 ``ns:holder:<id>``  pubsub a holder's own channel: eviction notices for its leases (a channel, not a key)

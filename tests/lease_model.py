@@ -224,8 +224,8 @@ class LeaseModel:
         return {rid for rid, lease in self.leases.items() if lease.state == "evicting"}
 
     def usage(self) -> dict[str, int]:
-        """The usage hash: active leases per class and service, MiB per service, preemptible MiB per rank."""
-        return usage_of(self.leases.values())
+        """The usage hash: preemptible MiB per rank and GPU (no rule reads the other counters: none is set)."""
+        return usage_of(self.leases.values(), counting=False)
 
     def next_ms(self) -> int:
         deadlines = [x.expires_at for x in self.leases.values()] + [x.expires_at for x in self.queue.values()]
@@ -629,14 +629,17 @@ class LeaseModel:
         return taken
 
 
-def usage_of(leases: object) -> dict[str, int]:
-    """The usage hash for these leases (records or ModelLease): no field for a zero."""
+def usage_of(leases: object, *, counting: bool) -> dict[str, int]:
+    """The usage hash for these leases (records or ModelLease): no field for a zero. The rules' counters (active
+    leases per class and service, MiB per service) are there only while a rule reads them (``counting``:
+    lua/includes/state.lua sync_counters); the preemptible MiB per rank and GPU always."""
     out: Counter[str] = Counter()
     for lease in leases:  # type: ignore[attr-defined]
         get = lease.get if isinstance(lease, dict) else lambda name, lease=lease: getattr(lease, name)
-        out[f"class:{get('priority')}"] += 1
-        out[f"svc:{get('service')}"] += 1
-        out[f"svcmib:{get('service')}"] += get("vram_mib")
+        if counting:
+            out[f"class:{get('priority')}"] += 1
+            out[f"svc:{get('service')}"] += 1
+            out[f"svcmib:{get('service')}"] += get("vram_mib")
         if get("preemptible"):
             gpus = (lease.get("gpus") if isinstance(lease, dict) else None) or [get("gpu")]
             for gpu in gpus:

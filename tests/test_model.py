@@ -703,7 +703,8 @@ class LeaseMachine(RuleBasedStateMachine):
         free = {g: int(v) for g, v in c.zrange(k.free, 0, -1, withscores=True)}
         assert free == {g: cap - used[g] for g, cap in capacity.items()}, f"index {free} != capacity - used"
         assert c.zcard(k.free_host) == 0, "the model's GPUs have no host: none is in the by-host index"
-        assert usage == usage_of(leases.values()), f"usage hash {usage} != what the leases add up to"
+        assert usage == usage_of(leases.values(), counting=False), f"usage hash {usage} != what the leases add up to"
+        assert c.hget(k.head, "counting") in (None, "0"), "no rule reads the counters: they are not kept"
         assert set(lease_exp) == set(leases), "lease records and lease deadlines differ"
         assert set(queue) == set(tickets) == set(queue_exp), "queue, tickets and queue deadlines differ"
         order = [(-tickets[rid]["rank"], tickets[rid]["seq"]) for rid in queue]

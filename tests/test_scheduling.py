@@ -26,6 +26,7 @@ from gpuboss.policy import window_intervals
 from gpuboss.redis_io import call_script_sync
 
 from tests.conftest import raw_client
+from tests.lease_model import usage_of
 from tests.threads import WAIT_S, in_thread, result
 
 # The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
@@ -354,6 +355,64 @@ def test_the_service_vram_cap_counts_every_gpu_of_a_lease(bosses: Bosses) -> Non
     queued(ai.url, ai.namespace, 1)
     ai.release(lease)  # granted from the queue once the cap has room, by the same count
     ai.release(result(queued_t, queued_out))
+
+
+def _counters(url: str, ns: str) -> tuple[dict[str, int], str | None]:
+    """The rules' counters in the usage hash, and the header's ``counting`` field."""
+    client, keys = raw_client(url), Keys(ns)
+    usage = client.hgetall(keys.usage)
+    counters = {f: int(v) for f, v in usage.items() if f.split(":")[0] in ("class", "svc", "svcmib")}
+    return counters, client.hget(keys.head, "counting")
+
+
+def _leases_add_up(url: str, ns: str) -> dict[str, int]:
+    records = [json.loads(raw) for raw in raw_client(url).hgetall(Keys(ns).leases).values()]
+    return usage_of(records, counting=True)
+
+
+def test_the_rules_counters_are_kept_only_while_a_rule_reads_them(
+    bosses: Bosses, backend_url: str, namespace: str
+) -> None:
+    """Without a pause rule or a cap, grants and releases write no class/service counters; a cap set later counts
+    the leases granted before it (made from their records), and is enforced by that count."""
+    plain = bosses(service="ai")
+    first, second = plain.acquire(2), plain.acquire(3)
+    counters, counting = _counters(backend_url, namespace)
+    assert counters == {} and counting in (None, "0")
+
+    capped = bosses(service="ai", caps={"services": {"ai": {"max_leases": 3, "max_vram_gb": 8}}})
+    third = capped.acquire(1, timeout=0)  # the third lease: at the lease cap
+    counters, counting = _counters(backend_url, namespace)
+    assert counters == {"class:normal": 3, "svc:ai": 3, "svcmib:ai": 6144} == _leases_add_up(backend_url, namespace)
+    assert counting == "1"
+    with pytest.raises(LeaseTimeout):
+        capped.acquire(1, timeout=0.3)  # a fourth: over the cap counted from the two earlier leases
+    plain.release(first)
+    fourth = capped.acquire(2, timeout=0)  # 3 leases, 6 GB: within both caps again
+    assert _counters(backend_url, namespace)[0] == {"class:normal": 3, "svc:ai": 3, "svcmib:ai": 6144}
+
+    # The header lost (deleted by hand): the next call makes the counters again from the records, not on top.
+    raw_client(backend_url).delete(Keys(namespace).head)
+    with pytest.raises(LeaseTimeout):
+        capped.acquire(1, timeout=0.3)
+    assert _counters(backend_url, namespace) == ({"class:normal": 3, "svc:ai": 3, "svcmib:ai": 6144}, "1")
+
+    # The caps removed (an empty caps section): the next call deletes the counters, and later calls keep none.
+    uncapped = bosses(service="ai", caps={})
+    fifth = uncapped.acquire(1, timeout=0)
+    assert _counters(backend_url, namespace) == ({}, "0")
+    uncapped.release(fifth)
+    assert _counters(backend_url, namespace) == ({}, "0")
+
+    # And set again: counted from the records once more.
+    again = bosses(service="ai", caps={"services": {"ai": {"max_leases": 3}}})
+    with pytest.raises(LeaseTimeout):
+        again.acquire(1, timeout=0.3)
+    assert _counters(backend_url, namespace) == ({"class:normal": 3, "svc:ai": 3, "svcmib:ai": 6144}, "1")
+    plain.release(second)
+    for lease in (third, fourth):
+        capped.release(lease)
+    assert _counters(backend_url, namespace) == ({}, "1")  # (fields at 0 are deleted)
 
 
 def test_a_lease_at_its_lease_cap_can_grow(bosses: Bosses, backend_url: str, namespace: str) -> None:

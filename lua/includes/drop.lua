@@ -24,7 +24,8 @@ end
 
 --[[
   The usage hash: `class:<priority>` and `svc:<service>` count active leases, `svcmib:<service>` sums their
-  MiB, `pre:<rank>:<gpu>` sums the MiB that preemptible ones of that rank hold on that GPU. count_lease adds
+  MiB (these three only while a rule reads them: includes/state.lua sync_counters), `pre:<rank>:<gpu>` sums
+  the MiB that preemptible ones of that rank hold on that GPU. count_lease adds
   (delta 1) or removes (-1) a lease; count_mib changes a lease's size by `mib`. A call collects these
   changes in USAGE_DELTA (includes/state.lua: usage_of and active_of count them) and flush_usage writes them
   once, when the script returns: a release that grants the waiting head changes nothing there, and one that
@@ -49,8 +50,9 @@ local function flush_usage()
   end
 end
 
-local function count_mib(s, rec, mib)
-  bump('svcmib:' .. rec.service, mib)
+-- The preemptible MiB of a lease on each of its GPUs (`pre:<rank>:<gpu>`, kept always: eviction reads it) changes
+-- by `mib` in all.
+local function count_pre(s, rec, mib)
   if rec.preemptible then
     if mib > 0 then
       note_evictable(s, rec.rank)
@@ -62,10 +64,19 @@ local function count_mib(s, rec, mib)
   end
 end
 
+-- A lease's size changes by `mib` (a growth, a shrink).
+local function count_mib(s, rec, mib)
+  if COUNTING then
+    bump('svcmib:' .. rec.service, mib)
+  end
+  count_pre(s, rec, mib)
+end
+
 local function count_lease(s, rec, delta)
-  bump('class:' .. rec.priority, delta)
-  bump('svc:' .. rec.service, delta)
-  count_mib(s, rec, delta * rec.vram_mib)
+  if COUNTING then
+    each_counter(rec, delta, bump)
+  end
+  count_pre(s, rec, delta * rec.vram_mib)
 end
 
 local function save_hold(s, gpu)

@@ -17,9 +17,10 @@
     KEYS[13] holds     hash  gpu id -> JSON reservation {id, vram_mib, victims, deadline}: VRAM being freed
                              by eviction for request `id`; nobody else may take it
     KEYS[14] policy    hash  rule -> JSON: rules every process obeys (see load_policy)
-    KEYS[15] usage     hash  "class:<priority>" -> active leases of that class (and the other counters of
-                             includes/drop.lua: a call collects its changes in USAGE_DELTA and writes them
-                             when it returns; usage_of and active_of add them to what they read)
+    KEYS[15] usage     hash  "class:<priority>" -> active leases of that class, kept while a rule reads
+                             it (sync_counters below), and the other counters of includes/drop.lua: a call
+                             collects its changes in USAGE_DELTA and writes them when it returns; usage_of
+                             and active_of add them to what they read
     KEYS[16] free      zset  gpu id by the MiB placement sees free on it: capacity - max(used, fresh observed)
     KEYS[17] free_host zset  "<host> <free MiB, 12 digits> <gpu id>", all scored 0: the same for the GPUs
                              that have a host, read as a lexicographic range (best fit within one host)
@@ -40,6 +41,7 @@ local K_POLICY, K_USAGE = KEYS[14], KEYS[15]
 local K_FREE, K_FREE_HOST, K_OBSERVED_EXP, K_HEAD = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
 local WAKE_PREFIX = ARGV[1]
 local USAGE_DELTA = {} -- usage hash field -> change not written yet (includes/drop.lua flush_usage)
+local COUNTING = false -- whether this call keeps the rules' counters of the usage hash (sync_counters)
 local LOAD_NOW = 0 -- the `now` of load_gpus: s.seen's readings are fresh or stale at that moment
 local HEAD_WRITE = false -- the state whose full check writes the header when the call returns (flush_head)
 -- The header's blocked head (grant.lua head_still_blocked): the id stored there, the id this call may trust
@@ -102,7 +104,8 @@ end
               per every_ms of waiting, at most max_boost classes
     queueing  'strict' (default) or 'backfill'
     max_hold  {class -> {ms, action}}: a lease held longer is asked to checkpoint ('evict') or revoked
-  p.holds_back is true when any rule can keep a request waiting (pause, paused, windows, caps).
+  p.holds_back is true when any rule can keep a request waiting (pause, paused, windows, caps); p.counts when
+  a rule reads the usage hash's counters of active leases (a pause rule, a cap: sync_counters).
 ]]
 local function load_policy()
   local p = {pause = {}, paused = {}, windows = {}, queueing = 'strict'}
@@ -116,7 +119,71 @@ local function load_policy()
     end
   end
   p.holds_back = #p.pause > 0 or next(p.paused) ~= nil or #p.windows > 0 or p.caps ~= nil
+  local caps = p.caps or {}
+  p.counts = #p.pause > 0 or next(caps.services or {}) ~= nil or next(caps.classes or {}) ~= nil
   return p
+end
+
+--[[
+  The rules' counters: `class:<priority>` and `svc:<service>` (active leases) and `svcmib:<service>` (their MiB)
+  in the usage hash (includes/drop.lua count_lease) are kept only while a rule reads them (p.counts: a pause
+  rule or a cap). Without such a rule a grant and a release write none of them (three HINCRBY each, about a
+  tenth of their cost). The header's `counting` field says whether they are kept: the first call that finds a
+  rule reading them and the header not saying '1' sets them to what the lease records add up to (one read of
+  every lease, once per change of the rules), and the first call that finds no such rule and the header saying
+  '1' deletes them; either writes the field. A header without the field (new, deleted, lost) counts as not
+  kept, so the counters are made again from the records, never added to stale ones.
+]]
+-- add(field, n) for each counter a lease changes by `delta` (1: it comes, -1: it goes) while they are kept.
+local function each_counter(rec, delta, add)
+  add('class:' .. rec.priority, delta)
+  add('svc:' .. rec.service, delta)
+  add('svcmib:' .. rec.service, delta * rec.vram_mib)
+end
+
+local function is_counter(field)
+  local kind = string.match(field, '^(%a+):')
+  return kind == 'class' or kind == 'svc' or kind == 'svcmib'
+end
+
+-- Send `cmd key` with the arguments of `list` in batches (unpack takes a few thousand at most).
+local function batched(cmd, key, list)
+  for i = 1, #list, 512 do
+    redis.call(cmd, key, unpack(list, i, math.min(i + 511, #list)))
+  end
+end
+
+local function sync_counters(counting)
+  local stale, flat = {}, redis.call('HGETALL', K_USAGE)
+  for i = 1, #flat, 2 do
+    if is_counter(flat[i]) then
+      stale[#stale + 1] = flat[i]
+    end
+  end
+  batched('HDEL', K_USAGE, stale)
+  if counting then
+    local sums, order = {}, {}
+    local function add(field, n)
+      if sums[field] == nil then
+        order[#order + 1] = field
+        sums[field] = 0
+      end
+      sums[field] = sums[field] + n
+    end
+    flat = redis.call('HGETALL', K_LEASES)
+    for i = 2, #flat, 2 do
+      each_counter(cjson.decode(flat[i]), 1, add)
+    end
+    local pairs_ = {}
+    for _, field in ipairs(order) do
+      if sums[field] ~= 0 then
+        pairs_[#pairs_ + 1] = field
+        pairs_[#pairs_ + 1] = int(sums[field])
+      end
+    end
+    batched('HSET', K_USAGE, pairs_)
+  end
+  redis.call('HSET', K_HEAD, 'counting', counting and '1' or '0')
 end
 
 --[[
@@ -553,7 +620,7 @@ local function load_gpus(now, full, later)
   local s = {now = now, holds = {}, host_of = {}, decls = {}, raw_decls = {}, indexed = {}}
   LOAD_NOW = now
   local head = redis.call('HMGET', K_HEAD, 'due', 'holds', 'offline', 'observed', 'evictable', 'evict_rank',
-    'blocked', 'blocked_need')
+    'blocked', 'blocked_need', 'counting')
   s.due = tonumber(head[1]) or 0
   s.flags = {holds = head[2], offline = head[3], observed = head[4], evictable = head[5], evict_rank = head[6]}
   BLOCKED_STORED, BLOCKED_ID, s.blocked_need = head[7] or false, head[7] or false, head[8]
@@ -569,6 +636,12 @@ local function load_gpus(now, full, later)
     end
   end
   s.policy = load_policy()
+  COUNTING = s.policy.counts
+  -- (the rules' counters made or dropped when the rules changed: sync_counters; a namespace without GPUs keeps
+  -- no header, and has no lease to count)
+  if COUNTING ~= (head[9] == '1') and (COUNTING or head[9]) and gpu_count(s) > 0 then
+    sync_counters(COUNTING)
+  end
   if s.check and not later then
     full_check(s, now)
   end
