@@ -415,6 +415,20 @@ def test_the_rules_counters_are_kept_only_while_a_rule_reads_them(
     assert _counters(backend_url, namespace) == ({}, "1")  # (fields at 0 are deleted)
 
 
+def test_a_pause_rule_set_later_sees_the_leases_already_active(bosses: Bosses) -> None:
+    """The class counts a pause rule reads are made from the lease records when the rule comes: a high lease
+    granted before it holds low back at once, and low is granted when it goes."""
+    web = bosses(service="web")
+    high = web.acquire(2, priority="high")  # no rule yet: nothing counted
+    batch = bosses(service="batch", pause=[{"class": "low", "while": ["high"]}])
+    with pytest.raises(LeaseTimeout):
+        batch.acquire(1, priority="low", timeout=0.3)
+    waiting_t, waiting_out = in_thread(lambda: batch.acquire(1, priority="low", timeout=WAIT_S))
+    queued(batch.url, batch.namespace, 1)
+    web.release(high)
+    batch.release(result(waiting_t, waiting_out))
+
+
 def test_a_lease_at_its_lease_cap_can_grow(bosses: Bosses, backend_url: str, namespace: str) -> None:
     """max_leases counts leases: a growth adds none, at once or after waiting in the queue."""
     caps = {"services": {"ai": {"max_leases": 1}}, "classes": {"normal": {"max_leases": 2}}}
