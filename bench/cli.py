@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from bench import eviction, floor, minimal, peers, pyside, scaling, scriptcalls, uncontended, weighted
+from bench import eviction, floor, instructions, minimal, peers, pyside, scaling, scriptcalls, uncontended, weighted
 from bench.env import Server, code_version, connect, describe_machine, load_average, private_server
 from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
@@ -101,6 +101,7 @@ SMOKE = Plan(
 PARTS = ("single", "handoff", "weighted", "scaling", "eviction")
 #: The whole run is stopped (workers killed, redis-server stopped, exit status 1) after this long.
 FULL_LIMIT_S = 600
+IR_CYCLES = 100  # cycles of each kind counted under callgrind (bench/instructions.py)
 SMOKE_LIMIT_S = 120
 
 
@@ -592,6 +593,35 @@ class Bench:
             )
         ]
 
+    def instructions(self) -> list[Section]:
+        """redis-server's instructions per cycle (bench/instructions.py) with the fewest and the most requests
+        waiting of the scaling part: the scripts' cost without the machine's noise."""
+        if not instructions.have_callgrind():
+            self.notes.append("Redis instructions: valgrind (with callgrind_control) is not on PATH: not counted.")
+            return []
+        found = self.results.instructions
+        for waiting in (min(self.plan.waiting), max(self.plan.waiting)):
+            print(f"    callgrind: {waiting:,} waiting ...", file=sys.stderr, flush=True)
+            found[waiting] = instructions.count(waiting=waiting, cycles=IR_CYCLES)
+        levels = sorted(found)
+        table = Table(
+            ["cycle", *(f"{w:,} waiting, k" for w in levels), f"{levels[-1]:,} vs {levels[0]:,}", "x minimal"],
+            numeric=set(range(1, len(levels) + 3)),
+        )
+        first, last = found[levels[0]], found[levels[-1]]
+        for name, what in instructions.KINDS:
+            values = [getattr(found[w], name) for w in levels]
+            table.rows.append(
+                [
+                    f"{name}: {what}",
+                    *(f"{v / 1000:.1f}" for v in values),
+                    f"{getattr(last, name) / getattr(first, name):.2f}x",
+                    f"{getattr(first, name) / first.minimal:.2f}x",
+                ]
+            )
+        title = f"Redis instructions per cycle (callgrind, {IR_CYCLES} cycles of each)"
+        return [Section(title, table=table)]
+
     def memory_and_keys(self) -> list[Section]:
         table = Table(["measurement", "value"], numeric={1})
         mem = scaling.measure_memory(self.url, self.plan.memory_count)
@@ -691,6 +721,8 @@ def run(args: argparse.Namespace) -> Report:
             sections += bench.step("weighted throughput", bench.weighted)
         if "scaling" in parts:
             sections += bench.step("scaling and Redis cost", bench.scaling)
+            if not args.smoke:
+                sections += bench.step("Redis instructions under callgrind", bench.instructions)
         if "eviction" in parts:
             sections += bench.step("cooperative eviction", bench.eviction)
         sections += bench.step("Redis memory and keys left", bench.memory_and_keys)
@@ -854,6 +886,12 @@ NOTES = [
     "between runs on a shared VM; to compare two versions of the scripts, `make bench-ir` "
     "(bench/instructions.py) counts redis-server's instructions for the same calls under valgrind's callgrind, "
     "which repeats within 0.5%.",
+    "Redis instructions: the same calls as the scaling bench's, counted by a private redis-server of the same "
+    "binary run under valgrind's callgrind (bench/instructions.py; `make bench-ir` runs it alone): the instructions "
+    "the server executes per cycle, reading the commands and writing the replies included. Unlike the timings they "
+    "repeat within 0.5% from run to run whatever else the machine does, so they compare two versions of the "
+    "scripts and show whether a script's work grows with the queue; they do not give microseconds (those depend "
+    "on the CPU, its caches and its clock). 'x minimal' is the multiple of bench/minimal.py's acquire + release.",
     "Cooperative eviction: the victim process holds a preemptible low lease of the whole GPU; each round, after "
     "a random pause (0 to TTL/3) since the previous one, the bench process asks for the whole GPU at high "
     "priority and the acquire script asks the victim to checkpoint. 'request' is the moment just before the "

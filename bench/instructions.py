@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpuboss.core import Reply
@@ -114,6 +115,71 @@ def add_leases(level: Level, count: int) -> None:
         raise RuntimeError(f"granted {granted} of {count} leases on gpu2")
 
 
+@dataclass(frozen=True)
+class Counts:
+    """redis-server instructions per cycle of each kind (see the module's docstring)."""
+
+    waiting: int
+    leases: int
+    cycles: int
+    fit: float
+    handoff: float
+    minimal: float
+    floor: float
+
+
+def have_callgrind() -> bool:
+    return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
+
+
+def count(
+    server_binary: str | None = None, waiting: int = 10, cycles: int = 200, leases: int = 0, keep: Path | None = None
+) -> Counts:
+    """Count the instructions of each kind of cycle on a private redis-server under callgrind (its profiles
+    ``fit.callgrind`` and ``handoff.callgrind`` copied into ``keep``)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpuboss-ir-"))
+    server = Callgrind(server_binary or find_redis_server(), folder)
+    try:
+        gpus = [gpu(0), gpu(1), gpu(2)] if leases else [gpu(0), gpu(1)]
+        level = Level(f"{waiting} waiting", waiting, gpus, server.url, pin="gpu0")
+        try:
+            level.boss.close()  # (its heartbeats would run script calls in between; closing twice is safe)
+            add_leases(level, leases)
+            level.sample_fit(10)
+            level.sample_handoff(10)
+            fit = server.measure(lambda: level.sample_fit(cycles), "fit")
+            handoff = server.measure(lambda: level.sample_handoff(cycles), "handoff")
+        finally:
+            level.close()
+        least, trivial = MinimalLease(server.url), SyncFloor(server.url)
+        try:
+            least_ir = server.measure(lambda: least.sample(cycles), "minimal")
+            floor_ir = server.measure(lambda: trivial.sample(2 * cycles), "floor")
+        finally:
+            least.close()
+            trivial.close()
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for name in ("fit", "handoff"):
+                shutil.copy(folder / f"{name}.callgrind", keep / f"{name}.callgrind")
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return Counts(waiting, leases, cycles, fit / cycles, handoff / cycles, least_ir / cycles, floor_ir / cycles)
+
+
+#: What each kind of cycle is, for the printed table and docs/performance.md.
+KINDS = (
+    ("fit", "acquire granted at once, its release"),
+    (
+        "handoff",
+        "holder's acquire, waiter's (queued), release granting it, the waiter's BLPOP of its grant and its release",
+    ),
+    ("minimal", "reference, not gpuboss: bench/minimal.py's acquire + release"),
+    ("floor", "reference: two EVALSHA of `return 1` (floor A's call)"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="redis-server binary (default: the one gpuboss finds)")
@@ -122,54 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the callgrind profiles in DIR")
     parser.add_argument("--leases", type=int, default=0, metavar="L", help="live leases on a third GPU")
     args = parser.parse_args(argv)
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+    if not have_callgrind():
         print("valgrind (with callgrind_control) is not on PATH: nothing measured", file=sys.stderr)
         return 2
-    folder = Path(tempfile.mkdtemp(prefix="gpuboss-ir-"))
-    server = Callgrind(args.server or find_redis_server(), folder)
-    try:
-        gpus = [gpu(0), gpu(1), gpu(2)] if args.leases else [gpu(0), gpu(1)]
-        level = Level(f"{args.waiting} waiting", args.waiting, gpus, server.url, pin="gpu0")
-        try:
-            level.boss.close()  # (its heartbeats would run script calls in between; closing twice is safe)
-            add_leases(level, args.leases)
-            level.sample_fit(10)
-            level.sample_handoff(10)
-            fit = server.measure(lambda: level.sample_fit(args.cycles), "fit")
-            handoff = server.measure(lambda: level.sample_handoff(args.cycles), "handoff")
-        finally:
-            level.close()
-        least, trivial = MinimalLease(server.url), SyncFloor(server.url)
-        try:
-            least_ir = server.measure(lambda: least.sample(args.cycles), "minimal")
-            floor_ir = server.measure(lambda: trivial.sample(2 * args.cycles), "floor")
-        finally:
-            least.close()
-            trivial.close()
-    finally:
-        server.stop()
+    counts = count(args.server, args.waiting, args.cycles, args.leases, args.keep)
     leases = f", {args.leases:,} leases on gpu2" if args.leases else ""
     print(
         f"redis-server instructions per cycle, {args.waiting:,} waiting{leases}, {args.cycles} cycles each "
         f"({os.getcwd()}):"
     )
-    print(f"  fit      {fit / args.cycles / 1000:9.1f} k   acquire granted at once, its release")
-    print(
-        f"  handoff  {handoff / args.cycles / 1000:9.1f} k   holder's acquire, waiter's (queued), release granting it,"
-    )
-    print("                        the waiter's BLPOP of its grant and its release")
-    print(
-        f"  minimal  {least_ir / args.cycles / 1000:9.1f} k   reference, not gpuboss: bench/minimal.py's acquire + release"
-    )
-    print(f"  floor    {floor_ir / args.cycles / 1000:9.1f} k   reference: two EVALSHA of `return 1` (floor A's call)")
+    for name, what in KINDS:
+        print(f"  {name:8s} {getattr(counts, name) / 1000:9.1f} k   {what}")
     if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        for name in ("fit", "handoff"):
-            shutil.copy(folder / f"{name}.callgrind", args.keep / f"{name}.callgrind")
         print(
             f"profiles: {args.keep}/fit.callgrind, {args.keep}/handoff.callgrind (callgrind_annotate --inclusive=yes)"
         )
-    shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,36 @@ def test_weighted_utilisation_target_gives_the_utilisation_at_the_hold_asked() -
     ), row
     assert row[3] == "missed by 6%"  # the verdict stays on the utilisation the issue asks for
     assert Phase(0.0, rate=3000, size_mean_gb=4.8).asked_utilisation is None  # no hold: nothing asked
+
+
+def test_instruction_counts_give_a_scaling_verdict_without_the_noise() -> None:
+    """The callgrind counts at the fewest and the most waiting requests give a scaling row of their own."""
+    from bench.instructions import Counts
+    from bench.targets import Results, build_targets
+
+    flat = Counts(10, 0, 100, fit=850_000, handoff=1_960_000, minimal=200_000, floor=25_000)
+    grown = Counts(10_000, 0, 100, fit=1_800_000, handoff=4_100_000, minimal=200_000, floor=25_000)
+    rows = {row[0]: row for row in build_targets(Results(instructions={10: flat, 10_000: grown})).rows}
+    fit = rows[
+        "Scaling, Redis instructions (callgrind): acquire granted at once + its release, 10,000 waiting vs 10 waiting"
+    ]
+    assert fit[1:] == ["1800.0 k vs 850.0 k = 2.12x", "<= 2x", "missed by 6%"]
+    handoff = rows["Scaling, Redis instructions (callgrind): handoff cycle, 10,000 waiting vs 10 waiting"]
+    assert handoff[3] == "missed by 5%"
+    rows = {row[0]: row for row in build_targets(Results(instructions={10: flat, 10_000: flat})).rows}
+    assert rows["Scaling, Redis instructions (callgrind): handoff cycle, 10,000 waiting vs 10 waiting"][3] == "met"
+    assert not any("callgrind" in name for name in {r[0] for r in build_targets(Results()).rows})
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind is not on PATH")
+def test_instruction_counts_of_a_short_run() -> None:
+    """bench/instructions.py counts a few cycles of each kind on its own server under callgrind; gpuboss's fit
+    cycle costs more than the minimal lease, which costs more than two `return 1`."""
+    from bench.instructions import count
+
+    counts = count(waiting=3, cycles=5)
+    assert counts.fit > counts.minimal > counts.floor > 0
+    assert counts.handoff > counts.fit
 
 
 def test_a_failing_profile_worker_is_an_error_not_a_skipped_section(tmp_path: Path) -> None:
