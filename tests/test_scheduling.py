@@ -415,6 +415,25 @@ def test_the_rules_counters_are_kept_only_while_a_rule_reads_them(
     assert _counters(backend_url, namespace) == ({}, "1")  # (fields at 0 are deleted)
 
 
+def test_counting_from_the_records_passes_over_a_record_that_is_not_one(
+    bosses: Bosses, backend_url: str, namespace: str
+) -> None:
+    """A lease record written by hand that does not decode (or lacks its class, service or size) is left out of
+    the counters made when a cap comes, instead of failing every call from then on."""
+    plain = bosses(service="ai")
+    lease = plain.acquire(2)
+    client = raw_client(backend_url)
+    client.hset(Keys(namespace).leases, mapping={"bogus": "not json", "partial": json.dumps({"id": "partial"})})
+    try:
+        capped = bosses(service="ai", caps={"services": {"ai": {"max_leases": 1}}})
+        with pytest.raises(LeaseTimeout):
+            capped.acquire(1, timeout=0.3)  # the one real lease is counted: at the cap
+        assert _counters(backend_url, namespace) == ({"class:normal": 1, "svc:ai": 1, "svcmib:ai": 2048}, "1")
+    finally:
+        client.hdel(Keys(namespace).leases, "bogus", "partial")
+    plain.release(lease)
+
+
 def test_a_pause_rule_set_later_sees_the_leases_already_active(bosses: Bosses) -> None:
     """The class counts a pause rule reads are made from the lease records when the rule comes: a high lease
     granted before it holds low back at once, and low is granted when it goes."""

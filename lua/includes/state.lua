@@ -172,7 +172,12 @@ local function sync_counters(counting)
     end
     flat = redis.call('HGETALL', K_LEASES)
     for i = 2, #flat, 2 do
-      each_counter(cjson.decode(flat[i]), 1, add)
+      -- (a record that is not one, written by hand, is passed over: it must not stop every call from here on)
+      local ok, rec = pcall(cjson.decode, flat[i])
+      if ok and type(rec) == 'table' and type(rec.priority) == 'string' and type(rec.service) == 'string'
+        and type(rec.vram_mib) == 'number' then
+        each_counter(rec, 1, add)
+      end
     end
     local pairs_ = {}
     for _, field in ipairs(order) do
