@@ -101,8 +101,9 @@ SMOKE = Plan(
 PARTS = ("single", "handoff", "weighted", "scaling", "eviction")
 #: The whole run is stopped (workers killed, redis-server stopped, exit status 1) after this long.
 FULL_LIMIT_S = 600
-IR_CYCLES = 100  # cycles of each kind counted under callgrind (bench/instructions.py)
 SMOKE_LIMIT_S = 120
+#: Cycles of each kind counted under callgrind in a full run (bench/instructions.py).
+IR_CYCLES = 100
 
 
 class OutOfTime(BaseException):  # not caught by the per-measurement handler
