@@ -64,19 +64,20 @@ local function count_pre(s, rec, mib)
   end
 end
 
--- A lease's size changes by `mib` (a growth, a shrink).
-local function count_mib(s, rec, mib)
+-- A lease comes (`delta` 1) or goes (-1) with `mib` MiB, or changes size by `mib` (`delta` 0: a growth, a shrink).
+local function count_change(s, rec, delta, mib)
   if COUNTING then
-    bump('svcmib:' .. rec.service, mib)
+    each_counter(rec, delta, mib, bump)
   end
   count_pre(s, rec, mib)
 end
 
+local function count_mib(s, rec, mib)
+  count_change(s, rec, 0, mib)
+end
+
 local function count_lease(s, rec, delta)
-  if COUNTING then
-    each_counter(rec, delta, bump)
-  end
-  count_pre(s, rec, delta * rec.vram_mib)
+  count_change(s, rec, delta, delta * rec.vram_mib)
 end
 
 local function save_hold(s, gpu)

@@ -134,11 +134,12 @@ end
   '1' deletes them; either writes the field. A header without the field (new, deleted, lost) counts as not
   kept, so the counters are made again from the records, never added to stale ones.
 ]]
--- add(field, n) for each counter a lease changes by `delta` (1: it comes, -1: it goes) while they are kept.
-local function each_counter(rec, delta, add)
-  add('class:' .. rec.priority, delta)
-  add('svc:' .. rec.service, delta)
-  add('svcmib:' .. rec.service, delta * rec.vram_mib)
+-- add(field, n) for each counter of a lease's class and service while they are kept: `leases` more (1: it comes,
+-- -1: it goes, 0: it changes size) and `mib` more MiB. (A counter changed by 0 is not written: flush_usage.)
+local function each_counter(rec, leases, mib, add)
+  add('class:' .. rec.priority, leases)
+  add('svc:' .. rec.service, leases)
+  add('svcmib:' .. rec.service, mib)
 end
 
 local function is_counter(field)
@@ -176,7 +177,7 @@ local function sync_counters(counting)
       local ok, rec = pcall(cjson.decode, flat[i])
       if ok and type(rec) == 'table' and type(rec.priority) == 'string' and type(rec.service) == 'string'
         and type(rec.vram_mib) == 'number' then
-        each_counter(rec, 1, add)
+        each_counter(rec, 1, rec.vram_mib, add)
       end
     end
     local pairs_ = {}
