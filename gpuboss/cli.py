@@ -1532,11 +1532,14 @@ def watch(
     deadline = None if timeout is None else time.monotonic() + timeout
     shown = 0
     keys = Keys(cfg.namespace)
-    sub = Subscription(target.url, keys, since, cfg.connect_timeout)
-    client = connect(target, cfg) if gpus else None
-    lease_gpus_of = _LeaseGpus(client, keys) if client is not None else None
+    sub: Subscription | None = None
+    client: redis.Redis | None = None
     try:
+        # (SIGTERM is taken over before subscribing: a supervisor that sees the subscription may stop it at once)
         with sigterm_as_interrupt():
+            sub = Subscription(target.url, keys, since, cfg.connect_timeout)
+            client = connect(target, cfg) if gpus else None
+            lease_gpus_of = _LeaseGpus(client, keys) if client is not None else None
             while count is None or shown < count:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -1555,7 +1558,8 @@ def watch(
     except KeyboardInterrupt:
         pass
     finally:
-        sub.close()
+        if sub is not None:
+            sub.close()
         if client is not None:
             client.close()
 
