@@ -938,29 +938,39 @@ def gpus_discover(state: CliState, reserve_gb: float | None) -> None:
 
 @gpus.command("register", short_help="Register GPUs in the namespace now: the config's, else this host's.")
 @reserve_option
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Resize GPUs registered with another capacity or reserve to the sizes declared now (the memory gained "
+    "goes to the queue at once; a GPU shrinks only while its leases and the waiting requests still fit).",
+)
 @click.pass_obj
-def gpus_register(state: CliState, reserve_gb: float | None) -> None:
+def gpus_register(state: CliState, reserve_gb: float | None, update: bool) -> None:
     """Register GPUs in the namespace now (a script, as a boss does at its first request), then list the
     namespace's GPUs: the GPUs the config declares, else this host's GPUs discovered through NVML (as with
     `gpus: auto`). Starts the embedded Redis when none is configured. Exit 4 when NVML is needed but
-    unavailable, or finds no GPU."""
+    unavailable, or finds no GPU. A GPU registered with other sizes is a conflict (exit 1) unless --update."""
     from gpuboss.client import GPUBoss
 
     cfg = state.config()
-    update: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     ids = [g.id for g in cfg.gpus]
     if not cfg.gpus:
         if cfg.gpu_discovery == "off":
             raise CliError("the config declares no GPUs and sets gpu_discovery: off: there is nothing to register")
         _, found = _discover(reserve_gb, state)  # the clear exit 4 without NVML, before any boss is built
         ids = [g.id for g in found]
-        update = {"gpu_discovery": "auto", "auto_reserve_gb": cfg.auto_reserve_gb if reserve_gb is None else reserve_gb}
+        settings = {
+            "gpu_discovery": "auto",
+            "auto_reserve_gb": cfg.auto_reserve_gb if reserve_gb is None else reserve_gb,
+        }
     elif reserve_gb is not None:
         raise click.UsageError("--reserve-gb applies to discovered GPUs; the config declares its GPUs' reserves")
     target = find_target(cfg, start=True)
-    boss = GPUBoss(config=cfg.model_copy(update={**update, "redis_url": target.url}))
+    before = {g["id"]: g for g in _snapshot(state, target)[2]["gpus"]} if update else {}
+    boss = GPUBoss(config=cfg.model_copy(update={**settings, "redis_url": target.url}))
     try:
-        boss.register_gpus()
+        boss.register_gpus(update=update)
     finally:
         boss.close()
     _, _, snap = _snapshot(state, target)
@@ -968,7 +978,17 @@ def gpus_register(state: CliState, reserve_gb: float | None) -> None:
         _echo_json(snap["gpus"])
         return
     title = f"GPUs of namespace {snap['namespace']!r} ({len(snap['gpus'])})"
-    view: list[Block] = [Line(f"registered {_plural(len(ids), 'GPU')}: {', '.join(ids)}"), Line()]
+    view: list[Block] = [Line(f"registered {_plural(len(ids), 'GPU')}: {', '.join(ids)}")]
+    for g in snap["gpus"]:
+        old = before.get(g["id"])
+        if old is not None and (old["capacity_mib"], old["reserve_mib"]) != (g["capacity_mib"], g["reserve_mib"]):
+            view.append(
+                Line(
+                    f"resized {g['id']}: {gb(old['capacity_mib'])} (reserve {gb(old['reserve_mib'])}) -> "
+                    f"{gb(g['capacity_mib'])} (reserve {gb(g['reserve_mib'])})"
+                )
+            )
+    view.append(Line())
     view.append(gpu_table(snap["gpus"], bool(snap.get("inventory")), title, state.rich()))
     _show(state, view)
 
@@ -1402,10 +1422,14 @@ def format_event(event: Event) -> str:
     """One line for a person: local time, type, lease, service, priority, size, GPU, and the type's details."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{event.time_ms % 1000:03d}"
     head = [stamp, f"{event.type:<14}"]
-    if event.type == "gpu_registered":
+    if event.type in ("gpu_registered", "gpu_resized"):
         cap, res = as_int(event.get("capacity_mib")), as_int(event.get("reserve_mib"))
         name = event.get("name") or "-"
-        return " ".join([*head, f"{event.gpu} cuda:{event.get('index', '?')} {name}, {gb(cap)} (reserve {gb(res)})"])
+        line = f"{event.gpu} cuda:{event.get('index', '?')} {name}, {gb(cap)} (reserve {gb(res)})"
+        if event.type == "gpu_resized":
+            old_cap, old_res = as_int(event.get("old_capacity_mib")), as_int(event.get("old_reserve_mib"))
+            line += f", was {gb(old_cap)} (reserve {gb(old_res)}); {gb(as_int(event.get('leased_mib')))} leased"
+        return " ".join([*head, line])
     parts = [
         (event.lease or "-")[:8],
         event.service or "-",

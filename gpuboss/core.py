@@ -549,12 +549,13 @@ class Core:
         if int(reply[0]) < 0:
             gpu, registered = str(reply[1]), GpuInfo.from_json(str(reply[2]))
             mine = self.declared[gpu]
-            fix = "use another id or namespace, or fix the declaration"
+            update = "`gpuboss gpus register --update` (or register_gpus(update=True)) registers the sizes declared now"
+            fix = f"fix the declaration, or use another id or namespace; {update}"
             if mine.uuid is not None:  # discovered: the sizes come from the card and auto_reserve_gb
                 fix = (
-                    "every process must use the same auto_reserve_gb; a gpuboss that registered NVML's whole "
-                    "total (before the memory the driver reserves was left out) needs a fresh namespace "
-                    "(docs/inventory.md)"
+                    "every process must use the same auto_reserve_gb; after a change of it, or in a namespace where an "
+                    "older gpuboss registered NVML's whole total (docs/inventory.md), "
+                    f"{update}"
                 )
             raise ConfigError(
                 f"gpus: {gpu!r} is declared with {mine.capacity_mib} MiB (reserve {mine.reserve_mib} MiB) but "
@@ -582,8 +583,11 @@ class Core:
                 yield self.policy_call(today)
                 self.policy_day = today
         if self.registry_loaded and req.device is None:
-            self.check_request(req)
-            return
+            try:
+                self.check_request(req)
+                return
+            except (InsufficientCapacity, InvalidRequest):
+                pass  # (by the registry as read before: a GPU may have grown or been added since; read it again)
         flat = yield ReadHash(self.keys.gpus)
         self.update_registry(flat)
         self.check_request(req)
@@ -611,6 +615,31 @@ class Core:
             return None
         args: list[str | int] = [g.to_json() for g in self.declared.values()]
         return Call("register", [*self.keys.register(), *self._event_keys()], [*args, self._cap])
+
+    def reregister_call(self) -> Call | None:
+        """Register this boss's GPUs with the sizes it declares, resizing those registered with others."""
+        if not self.declared:
+            return None
+        args: list[str | int] = [g.to_json() for g in self.declared.values()]
+        return Call("reregister", self.lease_keys(), [self._wake_prefix, *args, self._cap])
+
+    def check_reregister_reply(self, reply: list[Any]) -> tuple[int, int, int]:
+        """GPUs added, GPUs resized and requests granted; :class:`ConfigError` naming what stands in the way of a
+        GPU that would shrink (nothing was written then)."""
+        code = int(reply[0])
+        if code == -1:
+            gpu, leased, leasable = str(reply[1]), int(reply[2]), int(reply[3])
+            raise ConfigError(
+                f"gpus: {gpu!r} would lease out {leasable} MiB, but {leased} MiB is leased on it now: nothing was "
+                "changed; retry once enough of its leases are released (`gpuboss leases --gpu ...`)"
+            )
+        if code == -2:
+            gpu, request, need = str(reply[1]), str(reply[2]), int(reply[3])
+            raise ConfigError(
+                f"gpus: shrinking {gpu!r} would leave waiting request {request} ({need} MiB on a GPU) with no GPU "
+                "that can ever hold it: nothing was changed; retry once it was served or withdrawn (`gpuboss queue`)"
+            )
+        return int(reply[1]), int(reply[2]), int(reply[3])
 
     def acquire_call(self, request_id: str, req: LeaseRequest, pin: str, service: str) -> Call:
         mode = "try" if req.timeout == 0 else "wait"

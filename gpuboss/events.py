@@ -63,6 +63,7 @@ EVENT_TYPES = (
     "paused",
     "unpaused",
     "gpu_registered",
+    "gpu_resized",
     "gpu_offline",
     "gpu_online",
     "vram_alert",

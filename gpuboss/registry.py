@@ -187,9 +187,10 @@ class Inventory:
             self._start(local)
         return req
 
-    def register_flow(self) -> Generator[Op, Any, list[GpuInfo]]:
+    def register_flow(self, update: bool = False) -> Generator[Op, Any, list[GpuInfo]]:
         """Register the configured or discovered GPUs (those already registered identically are left alone),
-        beat for the host, start the sampler; the namespace's registry."""
+        beat for the host, start the sampler; the namespace's registry. With ``update``, GPUs registered with
+        another capacity or reserve take the declared ones (lua/reregister-21.lua) instead of being a conflict."""
         local = self.discover_once()
         if not self.core.declared:
             reason = self._discover().reason or "NVML found no usable GPU on this host"
@@ -199,9 +200,15 @@ class Inventory:
                 "gpus: auto on a host with NVIDIA's driver and nvidia-ml-py"
             )
         flat = yield ReadHash(self.core.keys.gpus)
-        register = self.core.register_call() if self.core.needs_register(flat) else None
-        if register is not None:
-            self.core.check_register_reply((yield register))
+        if self.core.needs_register(flat):
+            if update:
+                call = self.core.reregister_call()
+                assert call is not None
+                self.core.check_reregister_reply((yield call))
+            else:
+                call = self.core.register_call()
+                assert call is not None
+                self.core.check_register_reply((yield call))
             flat = yield ReadHash(self.core.keys.gpus)
         self.core.update_registry(flat)
         if local:
@@ -378,11 +385,16 @@ class InventoryMethods:
 
         def _run(self, flow: Any) -> Any: ...
 
-    def register_gpus(self) -> list[GpuInfo]:
+    def register_gpus(self, update: bool = False) -> list[GpuInfo]:
         """Register this boss's GPUs (declared, or discovered with ``gpus: auto``) in the namespace now, instead of
-        at the first request, and start the host's heartbeat and sampler; the namespace's GPUs."""
+        at the first request, and start the host's heartbeat and sampler; the namespace's GPUs.
+
+        With ``update``, a GPU registered with another capacity or reserve takes the sizes this boss declares
+        (after a change of ``reserve_gb`` or ``auto_reserve_gb``), and the memory it gains goes to the queue at
+        once; a GPU may shrink only while it still holds what is leased on it and every waiting request can
+        still be served, else :class:`ConfigError` and nothing changes (docs/configuration.md)."""
         with self._ready_lock:
-            return cast(list[GpuInfo], self._run(self._inventory.register_flow()))
+            return cast(list[GpuInfo], self._run(self._inventory.register_flow(update)))
 
     def vram_status(self) -> list[VRAMStatus]:
         """This host's GPUs now, read through NVML: total, used, free, utilisation, temperature, processes."""
@@ -406,11 +418,11 @@ class AsyncInventoryMethods:
 
         async def _bind_loop(self) -> None: ...
 
-    async def register_gpus(self) -> list[GpuInfo]:
+    async def register_gpus(self, update: bool = False) -> list[GpuInfo]:
         """See :meth:`InventoryMethods.register_gpus`."""
         await self._bind_loop()  # (before the lock: a new event loop gets its own)
         async with self._ready_lock:
-            return cast(list[GpuInfo], await self._run(self._inventory.register_flow()))
+            return cast(list[GpuInfo], await self._run(self._inventory.register_flow(update)))
 
     async def vram_status(self) -> list[VRAMStatus]:
         """See :meth:`InventoryMethods.vram_status` (NVML is read in a worker thread)."""

@@ -67,32 +67,15 @@ if pin ~= '' then
   if need > largest then
     return {-1, largest}
   end
-elseif not free_now(s, need, node) then
+elseif count > 1 or not free_now(s, need, node) then
   if gpu_count(s) == 0 then
     return {-3}
   end
-  -- Nothing has that much free now: is there a GPU large enough at all? (every GPU's capacity is read only here)
-  for gpu, cap in pairs(hgetall(K_CAPACITY)) do
-    if on_node(s, gpu, node) then
-      largest = math.max(largest, tonumber(cap))
-    end
-  end
-  if need > largest then
-    return {-1, largest}
-  end
-end
-if count > 1 then -- enough GPUs that large on one host?
-  local per_host = {}
-  local most = 0
-  for gpu, cap in pairs(all_gpus(s)) do
-    largest = math.max(largest, on_node(s, gpu, node) and cap or 0)
-    if cap >= need and on_node(s, gpu, node) then
-      local host = host_of(s, gpu) or ''
-      per_host[host] = (per_host[host] or 0) + 1
-      most = math.max(most, per_host[host])
-    end
-  end
-  if most < count then
+  -- Nothing has that much free now (or it needs several GPUs): is there a GPU large enough at all, or enough on
+  -- one host? (every GPU's capacity is read only here)
+  local fits
+  fits, largest = could_hold(s, count > 1 and all_gpus(s) or hgetall(K_CAPACITY), need, node, count)
+  if not fits then
     return {-1, largest}
   end
 end

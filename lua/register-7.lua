@@ -27,6 +27,7 @@
 ]]
 --- @include "emit"
 --- @include "index"
+--- @include "registration"
 
 local decls = {}
 for k = 1, #ARGV - 1 do
@@ -34,7 +35,7 @@ for k = 1, #ARGV - 1 do
   local raw = redis.call('HGET', KEYS[1], gpu.id)
   if raw then
     local old = cjson.decode(raw)
-    if old.capacity_mib ~= gpu.capacity_mib or old.reserve_mib ~= gpu.reserve_mib then
+    if not same_sizes(old, gpu) then
       return {-1, gpu.id, raw}
     end
   else
@@ -48,19 +49,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, d in ipairs(decls) do
   local gpu = d[1]
-  redis.call('HSET', KEYS[1], gpu.id, d[2])
-  redis.call('HSET', KEYS[2], gpu.id, string.format('%.0f', gpu.capacity_mib - gpu.reserve_mib))
-  redis.call('HSETNX', KEYS[3], gpu.id, 0)
+  write_gpu(KEYS[1], KEYS[2], KEYS[3], gpu, d[2])
   local free = gpu.capacity_mib - gpu.reserve_mib - tonumber(redis.call('HGET', KEYS[3], gpu.id))
   redis.call('ZADD', KEYS[4], string.format('%.0f', free), gpu.id)
   if type(gpu.host) == 'string' then
     redis.call('ZADD', KEYS[5], 0, host_member(gpu.host, free, gpu.id))
   end
-  emit('gpu_registered', now, {
-    lease = cjson.null, gpu = gpu.id, service = cjson.null, priority = cjson.null, vram_mib = cjson.null,
-    name = gpu.name or '', index = gpu.index,
-    capacity_mib = gpu.capacity_mib, reserve_mib = gpu.reserve_mib,
-    host = gpu.host or cjson.null, uuid = gpu.uuid or cjson.null,
-  })
+  emit('gpu_registered', now, gpu_fields(gpu))
 end
 return {1, #decls}

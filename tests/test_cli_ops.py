@@ -729,6 +729,12 @@ def test_gpus_register_discovered_and_declared(nvml: Any, real_url: str, namespa
     assert {g["reserve_mib"] for g in data} == {1024}
     listed = gpuboss(real_url, namespace, "gpus").stdout
     assert "T4" in listed and "15.0 GB" in listed
+    conflict = gpuboss(real_url, namespace, "gpus", "register", "--reserve-gb", "2")
+    assert conflict.exit_code == 1 and "auto_reserve_gb" in conflict.stderr and "--update" in conflict.stderr
+    updated = gpuboss(real_url, namespace, "gpus", "register", "--reserve-gb", "2", "--update")
+    assert updated.exit_code == 0, updated.output
+    assert sum(line.startswith("resized ") for line in updated.stdout.splitlines()) == 3
+    assert {g["reserve_mib"] for g in json.loads(gpuboss(real_url, namespace, "--json", "gpus").stdout)} == {2048}
 
     config = tmp_path / "config.yaml"
     config.write_text(f"namespace: {namespace}-decl\ngpus: [{{id: gpu7, name: L4, vram_gb: 24, index: 0}}]\n")

@@ -485,10 +485,17 @@ def test_a_card_registered_with_its_whole_total_is_a_conflict_that_says_what_to_
     bosses += [old, new]
     old.register_gpus()
     with pytest.raises(
-        ConfigError, match=r"declared with 143155 MiB .* registers it with 143771 MiB .* fresh namespace"
+        ConfigError,
+        match=r"declared with 143155 MiB .* registers it with 143771 MiB .* whole total .*gpus register --update",
     ):
         new.acquire(vram_gb=1, timeout=0)
     assert [g.capacity_mib for g in old.gpus()] == [143771], "nothing written"
+    held = old.acquire(vram_gb=100, timeout=0)  # (held across the update: it stays)
+    assert [g.capacity_mib for g in new.register_gpus(update=True)] == [143155], "what the message says works"
+    with pytest.raises(InsufficientCapacity):
+        new.acquire(vram_gb=143771 / 1024, timeout=0)
+    assert new.acquire(vram_gb=(143155 - 100 * 1024) / 1024, timeout=0).vram_mib == 143155 - 100 * 1024
+    assert old.release(held)
 
 
 def test_a_release_is_read_at_once_so_the_memory_it_gave_back_serves_the_queue(

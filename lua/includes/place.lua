@@ -15,6 +15,11 @@
 
   target(s, need, pin, id, node) -> the GPU a request that does not fit waits for: its pin, else the eligible GPU
   closest to fitting (most free MiB; ties to the smaller id), or nil when no GPU can ever hold it.
+
+  could_hold(s, caps, need, node, count) -> whether `count` GPUs of one host that `node` may use (GPUs without a
+  host count as one host) each lease out at least `need` MiB in all, by `caps` (gpu id -> leasable MiB, a
+  number or its text), free or not; and the most any GPU `node` may use leases out. (Whether a request can
+  ever be served: acquire answers INSUFFICIENT when not, reregister keeps every waiting request servable.)
 ]]
 -- Every GPU's host (false for a GPU without one), for the paths that group GPUs by host.
 local function load_hosts(s)
@@ -32,6 +37,25 @@ local function on_node(s, gpu, node)
   end
   local host = host_of(s, gpu)
   return not host or host == node
+end
+
+local function could_hold(s, caps, need, node, count)
+  local largest, per_host, most = 0, {}, 0
+  for gpu, cap in pairs(caps) do
+    cap = tonumber(cap)
+    if on_node(s, gpu, node) then
+      largest = math.max(largest, cap)
+      if count > 1 and cap >= need then -- (hosts are read only for several GPUs: a read per GPU)
+        local host = host_of(s, gpu) or ''
+        per_host[host] = (per_host[host] or 0) + 1
+        most = math.max(most, per_host[host])
+      end
+    end
+  end
+  if count > 1 then
+    return most >= count, largest
+  end
+  return largest >= need, largest
 end
 
 -- Whether `gpu` may take a request now at all: registered, online, not kept for a request ahead, on its node.

@@ -1,0 +1,138 @@
+--[[
+  reregister: register GPUs with the sizes declared now, all or nothing (an operator's `gpuboss gpus register
+  --update`, after a change of `reserve_gb`, of `auto_reserve_gb`, or of what a card reports).
+
+  A GPU registered with another capacity or reserve takes the declared ones (and the declaration as given:
+  name, index, host, bus id); a GPU not registered yet is registered as register does; one registered with the
+  same sizes is left alone. A GPU may shrink only while it still holds what is leased on it now and every
+  waiting request that could be served before could still be served by some GPU it may use (a request no GPU
+  can ever hold would wait in vain): otherwise nothing is written and the reply says what is in the way. The
+  capacity a GPU gains goes to the queue in the same step. Expired leases and requests are collected first (and
+  their memory handed to the queue, refusal or not).
+
+  Events: `gpu_resized` for each GPU whose sizes changed, `gpu_registered` for each new one, then `expired`
+  and `granted` as the queue is served.
+
+  Input:
+    KEYS[1..19] the state layout (includes/state.lua)
+    KEYS[20]    events       pub/sub channel (includes/emit.lua)
+    KEYS[21]    event_log    stream
+    ARGV[1]     wake-list prefix
+    ARGV[k]     (2 <= k < #ARGV) one GPU as JSON, as register takes it
+    ARGV[#ARGV] event log cap (0: no log)
+
+  Output:
+    {1, added, resized, granted}           OK: GPUs new, GPUs resized, queued requests granted
+    {-1, gpu_id, leased_mib, leasable_mib}  LEASED: `gpu_id` would lease out less than is leased on it now
+    {-2, gpu_id, request_id, need_mib}      STRANDED: shrinking `gpu_id` leaves no GPU for that waiting request
+                                            (`need_mib` on each of the GPUs it asks for)
+]]
+--- @include "state"
+--- @include "emit"
+--- @include "place"
+--- @include "drop"
+--- @include "evict"
+--- @include "grant"
+--- @include "registration"
+
+local now = now_ms()
+local s = load_gpus(now, true)
+local expired_leases, expired_requests = collect_expired(s, now)
+
+-- A refusal changes no registration; the queue is served when the collection freed something (else the call
+-- writes nothing at all, not even the header its full check worked out).
+local function refuse(reply)
+  if expired_leases + expired_requests > 0 then
+    grant_waiting(s, now)
+  else
+    HEAD_WRITE, BLOCKED_NEXT = false, nil
+  end
+  return reply
+end
+local caps = all_gpus(s)
+local added, resized, after, shrunk = {}, {}, {}, nil
+for gpu, cap in pairs(caps) do
+  after[gpu] = cap
+end
+for k = 2, #ARGV - 1 do
+  local gpu = cjson.decode(ARGV[k])
+  local raw = redis.call('HGET', K_GPUS, gpu.id)
+  local old = raw and cjson.decode(raw)
+  if not old then
+    added[#added + 1] = {gpu, ARGV[k]}
+    after[gpu.id] = gpu.capacity_mib - gpu.reserve_mib
+    s.host_of[gpu.id] = type(gpu.host) == 'string' and gpu.host or false -- (not in the gpus hash yet)
+  elseif not same_sizes(old, gpu) then
+    local leasable, leased = gpu.capacity_mib - gpu.reserve_mib, s.used[gpu.id] or 0
+    if leasable < leased then
+      return refuse({-1, gpu.id, leased, leasable})
+    end
+    if leasable < (caps[gpu.id] or 0) then
+      shrunk = shrunk or {}
+      shrunk[gpu.id] = true
+    end
+    resized[#resized + 1] = {gpu, ARGV[k], old}
+    after[gpu.id] = leasable
+  end
+end
+
+-- Every waiting request that some GPU could hold before must still find one. (The whole queue is read: an
+-- operator's call, made rarely.)
+if shrunk then
+  local flat = redis.call('HGETALL', K_TICKETS)
+  for i = 1, #flat, 2 do
+    local req = cjson.decode(flat[i + 1])
+    local need, pin, count = req.vram_mib, req.pin or '', req.count or 1
+    if req.grow_of then -- (a lease growing in place: its GPU must hold the lease as it will be)
+      local rec = redis.call('HGET', K_LEASES, req.grow_of)
+      need = need + (rec and cjson.decode(rec).vram_mib or 0)
+    end
+    local before_fits, after_fits
+    if pin ~= '' then
+      before_fits, after_fits = (caps[pin] or 0) >= need, (after[pin] or 0) >= need
+    else
+      before_fits = could_hold(s, caps, need, req.node, count)
+      after_fits = could_hold(s, after, need, req.node, count)
+    end
+    if before_fits and not after_fits then
+      local gpu = pin
+      if pin == '' or not shrunk[pin] then
+        gpu = next(shrunk)
+      end
+      return refuse({-2, gpu, flat[i], need})
+    end
+  end
+end
+
+for _, r in ipairs(resized) do
+  local gpu, old = r[1], r[3]
+  write_gpu(K_GPUS, K_CAPACITY, K_USED, gpu, r[2])
+  local ev = gpu_fields(gpu)
+  ev.old_capacity_mib, ev.old_reserve_mib = old.capacity_mib, old.reserve_mib
+  ev.leased_mib = s.used[gpu.id] or 0
+  emit('gpu_resized', now, ev)
+end
+for _, a in ipairs(added) do
+  write_gpu(K_GPUS, K_CAPACITY, K_USED, a[1], a[2])
+  emit('gpu_registered', now, gpu_fields(a[1]))
+end
+if #resized + #added == 0 then
+  return {1, 0, 0, grant_waiting(s, now)}
+end
+-- The GPU tables of this call again, from what was just written; the placement index rebuilt from them.
+for gpu, cap in pairs(after) do
+  rawset(s.cap, gpu, cap)
+  if rawget(s.used, gpu) == nil then
+    rawset(s.used, gpu, 0)
+  end
+  if rawget(s.seen, gpu) == nil then
+    rawset(s.seen, gpu, false)
+  end
+  if rawget(s.off, gpu) == nil then
+    rawset(s.off, gpu, false)
+  end
+  s.raw_decls[gpu], s.decls[gpu], s.host_of[gpu] = nil, nil, nil
+end
+s.gpu_count = nil
+rebuild_index(s)
+return {1, #added, #resized, grant_waiting(s, now)}
