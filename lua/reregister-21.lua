@@ -119,20 +119,7 @@ end
 if #resized + #added == 0 then
   return {1, 0, 0, grant_waiting(s, now)}
 end
--- The GPU tables of this call again, from what was just written; the placement index rebuilt from them.
-for gpu, cap in pairs(after) do
-  rawset(s.cap, gpu, cap)
-  if rawget(s.used, gpu) == nil then
-    rawset(s.used, gpu, 0)
-  end
-  if rawget(s.seen, gpu) == nil then
-    rawset(s.seen, gpu, false)
-  end
-  if rawget(s.off, gpu) == nil then
-    rawset(s.off, gpu, false)
-  end
-  s.raw_decls[gpu], s.decls[gpu], s.host_of[gpu] = nil, nil, nil
-end
-s.gpu_count = nil
+-- The GPU tables of this call read again, and the placement index rebuilt from what was just written.
+reload_gpus(s)
 rebuild_index(s)
 return {1, #added, #resized, grant_waiting(s, now)}

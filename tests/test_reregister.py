@@ -235,3 +235,26 @@ def test_gpus_register_update_on_the_command_line(real_url: str, namespace: str,
     assert logged.exit_code == 0, logged.output
     assert logged.stdout.split()[1:4] == ["gpu_resized", "gpu0", "cuda:0"]
     assert "24.0 GB (reserve 2.0 GB), was 24.0 GB (reserve 0.0 GB); 0.0 GB leased" in logged.stdout
+
+
+def test_discovered_gpus_are_placed_by_host_at_their_new_size(
+    backend_url: str, namespace: str, made: list[GPUBoss]
+) -> None:
+    from tests import fake_nvml as fk
+    from tests.test_inventory_wiring import make_boss
+
+    nvml = fk.uniform_host()  # four RTX 4090s on hostA: the by-host placement index holds them
+    first = make_boss(backend_url, namespace, nvml)
+    made.append(first)
+    whole = {g.id: g.leasable_mib for g in first.register_gpus()}
+    later = make_boss(backend_url, namespace, nvml, auto_reserve_gb=1)
+    made.append(later)
+    assert {g.id: g.leasable_mib for g in later.register_gpus(update=True)} == {k: v - GB for k, v in whole.items()}
+    client, keys = raw_client(backend_url), Keys(namespace)
+    by_host = sorted(str(m) for m in client.zrange(keys.free_host, 0, -1))
+    assert by_host == sorted(f"hostA {whole[g] - GB:012d} {g}" for g in whole), "one entry per GPU, at the new size"
+    gpu = min(whole)
+    lease = later.acquire((whole[gpu] - GB) / GB, device=gpu, timeout=0)  # the whole new size, and no more
+    with pytest.raises(LeaseTimeout):
+        later.acquire(1, device=gpu, timeout=0)
+    later.release(lease)

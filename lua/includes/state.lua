@@ -387,6 +387,15 @@ local function all_gpus(s)
   return s.cap
 end
 
+-- Forget the GPU tables this call has read (the registry changed under it: lua/reregister-21.lua): what is asked
+-- next is read from Redis again.
+local function reload_gpus(s)
+  s.all, s.gpu_count, s.first_batch = nil, nil, nil
+  s.cap, s.used = setmetatable({}, CAP_MT), setmetatable({}, USED_MT)
+  s.seen, s.off = setmetatable({}, SEEN_MT), setmetatable({}, OFF_MT)
+  s.host_of, s.decls, s.raw_decls, s.indexed = {}, {}, {}, {}
+end
+
 local function rebuild_index(s)
   redis.call('DEL', K_FREE, K_FREE_HOST, K_OBSERVED_EXP)
   s.indexed, s.first_batch = {}, nil
