@@ -2,9 +2,9 @@
   reregister: register GPUs with the sizes declared now, all or nothing (an operator's `gpuboss gpus register
   --update`, after a change of `reserve_gb`, of `auto_reserve_gb`, or of what a card reports).
 
-  A GPU registered with another capacity or reserve takes the declared ones (and the declaration as given:
-  name, index, host, bus id); a GPU not registered yet is registered as register does; one registered with the
-  same sizes is left alone. A GPU may shrink only while it still holds what is leased on it now and every
+  A GPU registered with another capacity or reserve takes the declared ones (its first registration's name,
+  index, host and ids stay, as with register: includes/registration.lua resized); a GPU not registered yet is
+  registered as register does; one registered with the same sizes is left alone. A GPU may shrink only while it still holds what is leased on it now and every
   waiting request that could be served before could still be served by some GPU it may use (a request no GPU
   can ever hold would wait in vain): otherwise nothing is written and the reply says what is in the way. The
   capacity a GPU gains goes to the queue in the same step. Expired leases and requests are collected first (and
@@ -50,7 +50,7 @@ local function refuse(reply)
   return reply
 end
 local caps = all_gpus(s)
-local added, resized, after, shrunk = {}, {}, {}, nil
+local added, changed, after, shrunk = {}, {}, {}, nil
 for gpu, cap in pairs(caps) do
   after[gpu] = cap
 end
@@ -71,7 +71,7 @@ for k = 2, #ARGV - 1 do
       shrunk = shrunk or {}
       shrunk[gpu.id] = true
     end
-    resized[#resized + 1] = {gpu, ARGV[k], old}
+    changed[#changed + 1] = {gpu, ARGV[k], old}
     after[gpu.id] = leasable
   end
 end
@@ -104,11 +104,13 @@ if shrunk then
   end
 end
 
-for _, r in ipairs(resized) do
-  local gpu, old = r[1], r[3]
-  write_gpu(K_GPUS, K_CAPACITY, K_USED, gpu, r[2])
+for _, r in ipairs(changed) do
+  local old = r[3]
+  local old_capacity, old_reserve = old.capacity_mib, old.reserve_mib
+  local gpu, json = resized(old, r[1], r[2])
+  write_gpu(K_GPUS, K_CAPACITY, K_USED, gpu, json)
   local ev = gpu_fields(gpu)
-  ev.old_capacity_mib, ev.old_reserve_mib = old.capacity_mib, old.reserve_mib
+  ev.old_capacity_mib, ev.old_reserve_mib = old_capacity, old_reserve
   ev.leased_mib = s.used[gpu.id] or 0
   emit('gpu_resized', now, ev)
 end
@@ -116,10 +118,10 @@ for _, a in ipairs(added) do
   write_gpu(K_GPUS, K_CAPACITY, K_USED, a[1], a[2])
   emit('gpu_registered', now, gpu_fields(a[1]))
 end
-if #resized + #added == 0 then
+if #changed + #added == 0 then
   return {1, 0, 0, grant_waiting(s, now)}
 end
 -- The GPU tables of this call read again, and the placement index rebuilt from what was just written.
 reload_gpus(s)
 rebuild_index(s)
-return {1, #added, #resized, grant_waiting(s, now)}
+return {1, #added, #changed, grant_waiting(s, now)}

@@ -237,7 +237,7 @@ def test_gpus_register_update_on_the_command_line(real_url: str, namespace: str,
     assert "24.0 GB (reserve 2.0 GB), was 24.0 GB (reserve 0.0 GB); 0.0 GB leased" in logged.stdout
 
 
-def test_discovered_gpus_are_placed_by_host_at_their_new_size(
+def test_discovered_gpus_keep_their_host_and_are_placed_by_it_at_their_new_size(
     backend_url: str, namespace: str, made: list[GPUBoss]
 ) -> None:
     from tests import fake_nvml as fk
@@ -247,12 +247,15 @@ def test_discovered_gpus_are_placed_by_host_at_their_new_size(
     first = make_boss(backend_url, namespace, nvml)
     made.append(first)
     whole = {g.id: g.leasable_mib for g in first.register_gpus()}
-    later = make_boss(backend_url, namespace, nvml, auto_reserve_gb=1)
+    # A container on the same cards that names its host otherwise: the sizes change, the GPUs stay hostA's.
+    later = make_boss(backend_url, namespace, nvml, host="hostB", auto_reserve_gb=1)
     made.append(later)
     assert {g.id: g.leasable_mib for g in later.register_gpus(update=True)} == {k: v - GB for k, v in whole.items()}
     client, keys = raw_client(backend_url), Keys(namespace)
     by_host = sorted(str(m) for m in client.zrange(keys.free_host, 0, -1))
     assert by_host == sorted(f"hostA {whole[g] - GB:012d} {g}" for g in whole), "one entry per GPU, at the new size"
+    stored = {g: json.loads(str(client.hget(keys.gpus, g))) for g in whole}
+    assert {(d["host"], d["reserve_mib"]) for d in stored.values()} == {("hostA", GB)}
     gpu = min(whole)
     lease = later.acquire((whole[gpu] - GB) / GB, device=gpu, timeout=0)  # the whole new size, and no more
     with pytest.raises(LeaseTimeout):

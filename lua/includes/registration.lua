@@ -7,6 +7,10 @@
   and its leasable MiB (capacity - reserve), and starts its leased MiB at 0 when it has none. The caller
   indexes it for placement.
   gpu_fields(gpu) -> the fields of a `gpu_registered` or `gpu_resized` event about `gpu` (a declaration).
+  resized(old, gpu, json) -> the declaration (table, JSON) a GPU registered as `old` is stored with when it takes
+  the sizes of `gpu` (JSON `json`): `gpu` as given when it describes the GPU as `old` does, else `old` with the
+  new sizes: the first registration's name, index, host and ids stay (a container that names its host
+  otherwise must not move the GPU to that host: docs/inventory.md, Limits).
 ]]
 local function same_sizes(old, gpu)
   return old.capacity_mib == gpu.capacity_mib and old.reserve_mib == gpu.reserve_mib
@@ -27,4 +31,20 @@ local function gpu_fields(gpu)
     capacity_mib = gpu.capacity_mib, reserve_mib = gpu.reserve_mib,
     host = gpu.host or cjson.null, uuid = gpu.uuid or cjson.null,
   }
+end
+
+local function resized(old, gpu, json)
+  local function same_but_sizes(a, b)
+    for k, v in pairs(a) do
+      if k ~= 'capacity_mib' and k ~= 'reserve_mib' and b[k] ~= v then
+        return false
+      end
+    end
+    return true
+  end
+  if same_but_sizes(old, gpu) and same_but_sizes(gpu, old) then
+    return gpu, json
+  end
+  old.capacity_mib, old.reserve_mib = gpu.capacity_mib, gpu.reserve_mib
+  return old, cjson.encode(old)
 end
