@@ -842,6 +842,7 @@ def gpus(ctx: click.Context) -> None:
     gpuboss gpus              list them
     gpuboss gpus discover     this host's GPUs as NVML reports them (nothing is written)
     gpuboss gpus register     register this host's GPUs in the namespace
+    gpuboss gpus remove ID    take a GPU that is gone for good out of the namespace
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -990,6 +991,54 @@ def gpus_register(state: CliState, reserve_gb: float | None, update: bool) -> No
             )
     view.append(Line())
     view.append(gpu_table(snap["gpus"], bool(snap.get("inventory")), title, state.rich()))
+    _show(state, view)
+
+
+@gpus.command("remove", short_help="Take GPUs that are gone for good out of the namespace (asks first).")
+@click.argument("gpu_ids", nargs=-1, required=True, metavar="GPU_ID...")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def gpus_remove(state: CliState, gpu_ids: tuple[str, ...], yes: bool) -> None:
+    """Take GPUs out of the namespace's registry (ids, or unique prefixes of at least 4 characters): a card or a
+    host that is gone for good, whose GPUs would otherwise stay, offline, with requests pinned to them waiting.
+    One script (lua/unregister-21.lua), refused with nothing changed while a GPU has leases, holds memory for an
+    eviction, or a waiting request would have no GPU left that can hold it. A process that declares or
+    discovers the GPU registers it again: take it out of the configurations first."""
+    from gpuboss.core import Core
+    from gpuboss.redis_io import call_script_sync, retry_sync
+
+    cfg, target, snap = _snapshot(state)
+    chosen: dict[str, dict[str, Any]] = {}
+    for value in gpu_ids:
+        found = _named(snap["gpus"], value, "GPU")
+        if not found:
+            known = ", ".join(str(g["id"]) for g in snap["gpus"]) or "none"
+            raise CliError(f"no GPU {value!r} in namespace {snap['namespace']!r} (registered: {known})")
+        chosen[found[0]["id"]] = found[0]
+    if not yes:
+        title = f"About to remove {_plural(len(chosen), 'GPU')} from namespace {snap['namespace']!r}:"
+        _show(state, [Line(title), gpu_table(list(chosen.values()), False, "", state.rich())], err=state.json)
+        try:
+            confirmed = click.confirm("Remove them?", default=False, err=True)
+        except click.Abort:
+            confirmed = False
+        if not confirmed:
+            raise CliError("not confirmed: nothing removed (--yes skips the question)")
+    core = Core(cfg)
+    call = core.unregister_call(list(chosen))
+    client = connect(target, cfg)
+    try:
+        reply = retry_sync(lambda: call_script_sync(client, call), target.shown, cfg.connect_timeout)
+    finally:
+        client.close()
+    core.check_unregister_reply(reply)
+    if state.json:
+        _echo_json({"removed": list(chosen)})
+        return
+    left = _snapshot(state, target)[2]["gpus"]
+    view: list[Block] = [Line(f"removed {_plural(len(chosen), 'GPU')}: {', '.join(chosen)}")]
+    if left:
+        view += [Line(), gpu_table(left, False, f"GPUs of namespace {snap['namespace']!r} ({len(left)})", state.rich())]
     _show(state, view)
 
 
@@ -1260,14 +1309,20 @@ def _operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _named(rows: Sequence[dict[str, Any]], value: str, what: str) -> list[dict[str, Any]]:
+    """The rows whose id is ``value``, else those it is a prefix of (at least 4 characters); an error when several."""
+    exact = [r for r in rows if r["id"] == value]
+    found = exact or ([r for r in rows if str(r["id"]).startswith(value)] if len(value) >= 4 else [])
+    if len(found) > 1:
+        raise CliError(f"{what} id prefix {value!r} is ambiguous: {', '.join(sorted(str(r['id']) for r in found))}")
+    return found
+
+
 def _resolve_ids(snap: dict[str, Any], wanted: Sequence[str]) -> list[dict[str, Any]]:
     """The leases that ids (or unique prefixes of at least 4 characters) name; any other is an error."""
     chosen: dict[str, dict[str, Any]] = {}
     for value in wanted:
-        exact = [r for r in snap["leases"] if r["id"] == value]
-        found = exact or ([r for r in snap["leases"] if str(r["id"]).startswith(value)] if len(value) >= 4 else [])
-        if len(found) > 1:
-            raise CliError(f"lease id prefix {value!r} is ambiguous: {', '.join(sorted(r['id'] for r in found))}")
+        found = _named(snap["leases"], value, "lease")
         if not found:
             queued = [r for r in snap["queue"] if str(r["id"]).startswith(value)] if value else []
             if queued:
@@ -1422,7 +1477,7 @@ def format_event(event: Event) -> str:
     """One line for a person: local time, type, lease, service, priority, size, GPU, and the type's details."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{event.time_ms % 1000:03d}"
     head = [stamp, f"{event.type:<14}"]
-    if event.type in ("gpu_registered", "gpu_resized"):
+    if event.type in ("gpu_registered", "gpu_resized", "gpu_unregistered"):
         cap, res = as_int(event.get("capacity_mib")), as_int(event.get("reserve_mib"))
         name = event.get("name") or "-"
         line = f"{event.gpu} cuda:{event.get('index', '?')} {name}, {gb(cap)} (reserve {gb(res)})"

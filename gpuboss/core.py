@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -640,6 +640,40 @@ class Core:
                 "that can ever hold it: nothing was changed; retry once it was served or withdrawn (`gpuboss queue`)"
             )
         return int(reply[1]), int(reply[2]), int(reply[3])
+
+    def unregister_call(self, gpu_ids: Sequence[str]) -> Call:
+        """Take GPUs out of the namespace's registry (those gone for good)."""
+        if not gpu_ids:
+            raise InvalidRequest("gpu_ids", list(gpu_ids), "name at least one registered GPU id")
+        return Call("unregister", self.lease_keys(), [self._wake_prefix, *gpu_ids, self._cap])
+
+    def check_unregister_reply(self, reply: list[Any]) -> int:
+        """GPUs removed; :class:`InvalidRequest` naming the GPU and what keeps it (nothing was written then)."""
+        code = int(reply[0])
+        if code == 1:
+            return int(reply[1])
+        gpu = str(reply[1])
+        if code == -1:
+            known = ", ".join(sorted(self.registry)) or "none"
+            raise InvalidRequest(
+                "gpu", gpu, f"is not registered in namespace {self.config.namespace!r} (registered: {known})"
+            )
+        if code == -2:
+            raise InvalidRequest(
+                "gpu",
+                gpu,
+                f"has {int(reply[2])} MiB leased on it: its leases must end first (`gpuboss leases --gpu {gpu}`)",
+            )
+        if code == -3:
+            raise InvalidRequest(
+                "gpu", gpu, f"holds memory for request {reply[2]} (an eviction under way): retry once it was served"
+            )
+        raise InvalidRequest(
+            "gpu",
+            gpu,
+            f"waiting request {reply[2]} ({int(reply[3])} MiB on a GPU) would have no GPU left that can ever hold it: "
+            "retry once it was served or withdrawn (`gpuboss queue`)",
+        )
 
     def acquire_call(self, request_id: str, req: LeaseRequest, pin: str, service: str) -> Call:
         mode = "try" if req.timeout == 0 else "wait"

@@ -64,6 +64,7 @@ EVENT_TYPES = (
     "unpaused",
     "gpu_registered",
     "gpu_resized",
+    "gpu_unregistered",
     "gpu_offline",
     "gpu_online",
     "vram_alert",

@@ -217,6 +217,16 @@ class Inventory:
             self._start(local)
         return sorted(self.core.registry.values(), key=lambda g: g.id)
 
+    def unregister_flow(self, gpu_ids: Sequence[str]) -> Generator[Op, Any, int]:
+        """Take GPUs out of the namespace's registry (lua/unregister-21.lua); how many were removed."""
+        call = self.core.unregister_call(gpu_ids)
+        self.core.update_registry((yield ReadHash(self.core.keys.gpus)))  # (for the error that names the others)
+        removed = self.core.check_unregister_reply((yield call))
+        flat = yield ReadHash(self.core.keys.gpus)
+        self.core.registry_loaded = False  # (else an empty hash, every GPU removed, would keep what it knew)
+        self.core.update_registry(flat)
+        return removed
+
     @property
     def _timeout_ms(self) -> int:
         return max(1, round(self.core.config.host_timeout_s * 1000))
@@ -396,6 +406,15 @@ class InventoryMethods:
         with self._ready_lock:
             return cast(list[GpuInfo], self._run(self._inventory.register_flow(update)))
 
+    def unregister_gpus(self, gpu_ids: Sequence[str]) -> int:
+        """Take GPUs that are gone for good out of the namespace (a decommissioned card or host: otherwise they stay,
+        offline, and a request pinned to one waits for it); how many were removed. Refused with
+        :class:`InvalidRequest`, and nothing changed, while one has leases or memory held for an eviction, or a
+        waiting request would have no GPU left that could hold it. A process that declares or discovers such a
+        GPU registers it again at its next registration."""
+        with self._ready_lock:
+            return cast(int, self._run(self._inventory.unregister_flow(gpu_ids)))
+
     def vram_status(self) -> list[VRAMStatus]:
         """This host's GPUs now, read through NVML: total, used, free, utilisation, temperature, processes."""
         return self._inventory.vram_status()
@@ -423,6 +442,12 @@ class AsyncInventoryMethods:
         await self._bind_loop()  # (before the lock: a new event loop gets its own)
         async with self._ready_lock:
             return cast(list[GpuInfo], await self._run(self._inventory.register_flow(update)))
+
+    async def unregister_gpus(self, gpu_ids: Sequence[str]) -> int:
+        """See :meth:`InventoryMethods.unregister_gpus`."""
+        await self._bind_loop()
+        async with self._ready_lock:
+            return cast(int, await self._run(self._inventory.unregister_flow(gpu_ids)))
 
     async def vram_status(self) -> list[VRAMStatus]:
         """See :meth:`InventoryMethods.vram_status` (NVML is read in a worker thread)."""

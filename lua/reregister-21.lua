@@ -34,21 +34,12 @@
 --- @include "evict"
 --- @include "grant"
 --- @include "registration"
+--- @include "shrink"
 
 local now = now_ms()
 local s = load_gpus(now, true)
 local expired_leases, expired_requests = collect_expired(s, now)
-
--- A refusal changes no registration; the queue is served when the collection freed something (else the call
--- writes nothing at all, not even the header its full check worked out).
-local function refuse(reply)
-  if expired_leases + expired_requests > 0 then
-    grant_waiting(s, now)
-  else
-    HEAD_WRITE, BLOCKED_NEXT = false, nil
-  end
-  return reply
-end
+local refuse = refusal(s, now, expired_leases + expired_requests)
 local caps = all_gpus(s)
 local added, changed, after, shrunk = {}, {}, {}, nil
 for gpu, cap in pairs(caps) do
@@ -76,31 +67,10 @@ for k = 2, #ARGV - 1 do
   end
 end
 
--- Every waiting request that some GPU could hold before must still find one. (The whole queue is read: an
--- operator's call, made rarely.)
 if shrunk then
-  local flat = redis.call('HGETALL', K_TICKETS)
-  for i = 1, #flat, 2 do
-    local req = cjson.decode(flat[i + 1])
-    local need, pin, count = req.vram_mib, req.pin or '', req.count or 1
-    if req.grow_of then -- (a lease growing in place: its GPU must hold the lease as it will be)
-      local rec = redis.call('HGET', K_LEASES, req.grow_of)
-      need = need + (rec and cjson.decode(rec).vram_mib or 0)
-    end
-    local before_fits, after_fits
-    if pin ~= '' then
-      before_fits, after_fits = (caps[pin] or 0) >= need, (after[pin] or 0) >= need
-    else
-      before_fits = could_hold(s, caps, need, req.node, count)
-      after_fits = could_hold(s, after, need, req.node, count)
-    end
-    if before_fits and not after_fits then
-      local gpu = pin
-      if pin == '' or not shrunk[pin] then
-        gpu = next(shrunk)
-      end
-      return refuse({-2, gpu, flat[i], need})
-    end
+  local request, need, pin = first_stranded(s, caps, after)
+  if request then
+    return refuse({-2, shrunk[pin] and pin or next(shrunk), request, need})
   end
 end
 

@@ -515,7 +515,7 @@ def test_completion_of_subcommands_and_the_global_plain_option() -> None:
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
-    assert complete("gpuboss gpus ") == ["plain,discover", "plain,register"]
+    assert complete("gpuboss gpus ") == ["plain,discover", "plain,register", "plain,remove"]
     assert complete("gpuboss pro") == ["plain,profile"]
     assert complete("gpuboss --pl") == ["plain,--plain"]
 

@@ -1,7 +1,8 @@
-"""Registering GPUs again with the sizes declared now: ``register_gpus(update=True)``, ``gpuboss gpus register
---update`` and lua/reregister-21.lua, on every backend. A GPU keeps its leases, hands what it gains to the
-queue at once, and never shrinks below what is leased on it or so far that a waiting request could no longer
-be served (then nothing changes)."""
+"""Changing a namespace's registry: registering GPUs again with the sizes declared now
+(``register_gpus(update=True)``, ``gpuboss gpus register --update``, lua/reregister-21.lua) and taking GPUs that
+are gone out of it (``unregister_gpus``, ``gpuboss gpus remove``, lua/unregister-21.lua), on every backend. A GPU
+keeps its leases, hands what it gains to the queue at once, and never shrinks or goes while that would take
+memory from a lease or leave a waiting request with no GPU that could hold it (then nothing changes)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from gpuboss import ConfigError, GPUBoss, InsufficientCapacity, Keys, Lease, LeaseTimeout, events
+from gpuboss import ConfigError, GPUBoss, InsufficientCapacity, InvalidRequest, Keys, Lease, LeaseTimeout, events
 from gpuboss.aio import AsyncGPUBoss
 from gpuboss.cli import cli
 
@@ -261,3 +262,100 @@ def test_discovered_gpus_keep_their_host_and_are_placed_by_it_at_their_new_size(
     with pytest.raises(LeaseTimeout):
         later.acquire(1, device=gpu, timeout=0)
     later.release(lease)
+
+
+# ---------------------------------------------------------------- unregister_gpus, gpuboss gpus remove
+
+
+def test_a_gpu_gone_for_good_is_taken_out_with_everything_kept_about_it(
+    backend_url: str, namespace: str, made: list[GPUBoss]
+) -> None:
+    two = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1))
+    boss = boss_of(made, backend_url, namespace, *two)
+    boss.release(boss.acquire(4, device="gpu1", timeout=0))
+    client, keys = raw_client(backend_url), Keys(namespace)
+    client.hset(keys.offline, "gpu1", json.dumps({"host": "gone", "since": 1, "reason": "host_timeout"}))
+    client.hset(keys.observed, "gpu1", "300,1,1")
+    operator = GPUBoss(backend_url, namespace=namespace, service="operator", gpu_discovery="off")  # declares none
+    made.append(operator)
+    assert operator.unregister_gpus(["gpu1"]) == 1
+    assert [g.id for g in operator.gpus()] == ["gpu0"]
+    for key in (keys.gpus, keys.capacity, keys.used, keys.observed, keys.offline):
+        assert not client.hexists(key, "gpu1"), key
+    assert client.zscore(keys.free, "gpu1") is None and client.zscore(keys.free, "gpu0") == 24 * GB
+    (ev,) = [e for e in events.replay(backend_url, namespace) if e.type == "gpu_unregistered"]
+    assert (ev.gpu, ev["capacity_mib"], ev["index"]) == ("gpu1", 24 * GB, 1)
+    with pytest.raises(InvalidRequest, match=r"invalid gpu='gpu1': is not registered .*registered: gpu0"):
+        operator.unregister_gpus(["gpu1"])
+    with pytest.raises(InvalidRequest, match="name at least one"):
+        operator.unregister_gpus([])
+    lease = operator.acquire(20, timeout=0)  # placement goes on without it
+    assert lease.gpu == "gpu0"
+    operator.release(lease)
+
+
+def test_a_gpu_is_not_taken_out_while_leases_hold_memory_on_it(
+    backend_url: str, namespace: str, made: list[GPUBoss]
+) -> None:
+    two = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1))
+    holder = boss_of(made, backend_url, namespace, *two)
+    held = holder.acquire(20, device="gpu0", timeout=0)
+    client = raw_client(backend_url)
+    before = snapshot(client, namespace)
+    with pytest.raises(InvalidRequest, match=r"invalid gpu='gpu0': has 20480 MiB leased on it"):
+        holder.unregister_gpus(["gpu1", "gpu0"])
+    assert snapshot(client, namespace) == before, "all or nothing: gpu1 stays too"
+    holder.release(held)
+    assert holder.unregister_gpus(["gpu1", "gpu0"]) == 2
+    assert client.hlen(Keys(namespace).gpus) == 0
+
+
+def test_a_gpu_is_not_taken_out_when_a_waiting_request_would_have_no_gpu_left(
+    backend_url: str, namespace: str, made: list[GPUBoss]
+) -> None:
+    two = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1, vram_gb=16))
+    operator = boss_of(made, backend_url, namespace, *two)
+    operator.pause("low")  # (requests of class low wait, with nothing leased anywhere)
+    waiter = boss_of(made, backend_url, namespace, *two)
+    pinned, got_pinned = in_thread(lambda: waiter.acquire(8, "low", device="gpu1", timeout=30, ttl=LONG_TTL))
+    queued(backend_url, namespace)
+    client = raw_client(backend_url)
+    before = snapshot(client, namespace)
+    with pytest.raises(InvalidRequest, match=r"gpu='gpu1': waiting request [0-9a-f]{32} \(8192 MiB on a GPU\) would"):
+        operator.unregister_gpus(["gpu1"])  # pinned there
+    unpinned, got_big = in_thread(lambda: waiter.acquire(20, "low", timeout=30, ttl=LONG_TTL))
+    queued(backend_url, namespace, 2)
+    before = snapshot(client, namespace)
+    with pytest.raises(InvalidRequest, match=r"gpu='gpu0': waiting request [0-9a-f]{32} \(20480 MiB on a GPU\)"):
+        operator.unregister_gpus(["gpu0"])  # the only GPU that can hold 20 GB
+    assert snapshot(client, namespace) == before, "nothing written"
+    operator.resume("low")
+    pinned.join(timeout=30)
+    unpinned.join(timeout=30)
+    assert got_pinned and got_pinned[0].gpu == "gpu1" and got_big and got_big[0].gpu == "gpu0", "not stranded"
+    waiter.release(got_pinned[0])
+    waiter.release(got_big[0])
+
+
+def test_gpus_remove_on_the_command_line(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(
+        real_url, namespace=namespace, service="cli", gpus=[decl(gpu="gpu0"), decl(gpu="gpu7-gone", index=1)]
+    )
+    boss.register_gpus()
+    boss.close()
+
+    def run(*args: str, input: str | None = None) -> Any:
+        return CliRunner().invoke(cli, ["--redis-url", real_url, "--namespace", namespace, *args], input=input)
+
+    asked = run("gpus", "remove", "gpu7", input="n\n")
+    assert asked.exit_code == 1 and "About to remove 1 GPU" in asked.stdout and "nothing removed" in asked.stderr
+    unknown = run("gpus", "remove", "gpu9", "--yes")
+    assert (
+        unknown.exit_code == 1 and "no GPU 'gpu9'" in unknown.stderr and "registered: gpu0, gpu7-gone" in unknown.stderr
+    )
+    removed = run("gpus", "remove", "gpu7", "--yes")  # a unique prefix
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout.splitlines()[0] == "removed 1 GPU: gpu7-gone"
+    assert [g["id"] for g in json.loads(run("--json", "gpus").stdout)] == ["gpu0"]
+    watch = ["watch", "--since", "1h", "--type", "gpu_unregistered", "--count", "1", "--timeout", "10"]
+    assert run(*watch).stdout.split()[1:3] == ["gpu_unregistered", "gpu7-gone"]
