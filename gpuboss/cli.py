@@ -1017,13 +1017,8 @@ def gpus_remove(state: CliState, gpu_ids: tuple[str, ...], yes: bool) -> None:
         chosen[found[0]["id"]] = found[0]
     if not yes:
         title = f"About to remove {_plural(len(chosen), 'GPU')} from namespace {snap['namespace']!r}:"
-        _show(state, [Line(title), gpu_table(list(chosen.values()), False, "", state.rich())], err=state.json)
-        try:
-            confirmed = click.confirm("Remove them?", default=False, err=True)
-        except click.Abort:
-            confirmed = False
-        if not confirmed:
-            raise CliError("not confirmed: nothing removed (--yes skips the question)")
+        table = gpu_table(list(chosen.values()), False, "", state.rich())
+        _confirm(state, [Line(title), table], "Remove them?", "nothing removed")
     core = Core(cfg)
     call = core.unregister_call(list(chosen))
     client = connect(target, cfg)
@@ -1309,6 +1304,17 @@ def _operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _confirm(state: CliState, shown: list[Block], question: str, nothing: str) -> None:
+    """Show what is about to change and ask (on stderr); CliError (exit 1) unless confirmed."""
+    _show(state, shown, err=state.json)
+    try:
+        confirmed = click.confirm(question, default=False, err=True)
+    except click.Abort:
+        confirmed = False
+    if not confirmed:
+        raise CliError(f"not confirmed: {nothing} (--yes skips the question)")
+
+
 def _named(rows: Sequence[dict[str, Any]], value: str, what: str) -> list[dict[str, Any]]:
     """The rows whose id is ``value``, else those it is a prefix of (at least 4 characters); an error when several."""
     exact = [r for r in rows if r["id"] == value]
@@ -1384,13 +1390,8 @@ def release(
                 click.echo("no lease matches: nothing to release")
             return
         if not yes:
-            _show(state, [Line(f"About to force-release {len(chosen)} lease(s):"), lease_table(chosen)], err=state.json)
-            try:
-                confirmed = click.confirm("Force-release them?", default=False, err=True)
-            except click.Abort:
-                confirmed = False
-            if not confirmed:
-                raise CliError("not confirmed: nothing released (--yes skips the question)")
+            blocks: list[Block] = [Line(f"About to force-release {len(chosen)} lease(s):"), lease_table(chosen)]
+            _confirm(state, blocks, "Force-release them?", "nothing released")
     core = Core(cfg)
     by = _operator()
     client = connect(target, cfg)
