@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from click.testing import CliRunner
 from gpuboss import ConfigError, GPUBoss, InsufficientCapacity, InvalidRequest, Keys, Lease, LeaseTimeout, events
 from gpuboss.aio import AsyncGPUBoss
 from gpuboss.cli import cli
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from tests.conftest import raw_client, snapshot
 from tests.test_inventory_wiring import wait_until
@@ -359,3 +363,76 @@ def test_gpus_remove_on_the_command_line(real_url: str, namespace: str) -> None:
     assert [g["id"] for g in json.loads(run("--json", "gpus").stdout)] == ["gpu0"]
     watch = ["watch", "--since", "1h", "--type", "gpu_unregistered", "--count", "1", "--timeout", "10"]
     assert run(*watch).stdout.split()[1:3] == ["gpu_unregistered", "gpu7-gone"]
+
+
+# ---------------------------------------------------------------- a property: resizing never over-commits
+
+
+@hyp_settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("acquire"), st.integers(1, 24), st.sampled_from(["gpu0", "gpu1", None])),
+            st.tuples(st.just("release"), st.integers(0, 99), st.none()),
+            st.tuples(st.just("resize"), st.integers(0, 23), st.sampled_from(["gpu0", "gpu1"])),
+        ),
+        max_size=14,
+    )
+)
+def test_resizing_between_grants_and_releases_never_over_commits_a_gpu(steps: list[tuple[str, int, Any]]) -> None:
+    """Grants (try once), releases and resizes in any order, against a model: a resize is refused exactly when
+    the GPU would lease out less than is leased on it; a grant lands exactly where the model's best fit says;
+    and after every step the capacity, leased MiB and placement index in Redis are the model's."""
+    namespace = f"p{uuid.uuid4().hex[:10]}"
+    url = f"fakeredis://{namespace}"
+    reserve = {"gpu0": 0, "gpu1": 0}
+
+    def declared() -> list[dict[str, Any]]:
+        return [decl(gpu="gpu0", reserve_gb=reserve["gpu0"]), decl(gpu="gpu1", index=1, reserve_gb=reserve["gpu1"])]
+
+    first = GPUBoss(url, namespace=namespace, gpus=declared(), service="first")
+    first.register_gpus()
+    first.close()
+    user = GPUBoss(url, namespace=namespace, service="user", gpu_discovery="off")
+    client, keys = raw_client(url), Keys(namespace)
+    held: list[Lease] = []
+    try:
+        for kind, n, gpu in steps:
+            leasable = {g: 24 * GB - r * GB for g, r in reserve.items()}
+            used = {g: sum(x.vram_mib for x in held if x.gpu == g) for g in reserve}
+            if kind == "acquire":
+                need, places = n * GB, [gpu] if gpu else sorted(reserve)
+                fits = [g for g in places if leasable[g] - used[g] >= need]
+                try:
+                    lease = user.acquire(n, device=gpu, timeout=0)
+                except InsufficientCapacity:
+                    assert need > max(leasable[g] for g in places)
+                except LeaseTimeout:
+                    assert need <= max(leasable[g] for g in places) and not fits
+                else:
+                    best = min(fits, key=lambda g: (leasable[g] - used[g] - need, g))
+                    assert lease.gpu == best
+                    held.append(lease)
+            elif kind == "release" and held:
+                assert user.release(held.pop(n % len(held)))
+            elif kind == "resize":
+                was = reserve[gpu]
+                reserve[gpu] = n
+                boss = GPUBoss(url, namespace=namespace, gpus=declared(), service="operator")
+                try:
+                    if 24 * GB - n * GB < used[gpu]:
+                        with pytest.raises(ConfigError, match="is leased on it now"):
+                            boss.register_gpus(update=True)
+                        reserve[gpu] = was
+                    else:
+                        boss.register_gpus(update=True)
+                finally:
+                    boss.close()
+            leasable = {g: 24 * GB - r * GB for g, r in reserve.items()}
+            used = {g: sum(x.vram_mib for x in held if x.gpu == g) for g in reserve}
+            for g in reserve:
+                assert int(client.hget(keys.capacity, g)) == leasable[g]
+                assert int(client.hget(keys.used, g)) == used[g] <= leasable[g], "never over-committed"
+                assert client.zscore(keys.free, g) == leasable[g] - used[g]
+    finally:
+        user.close()
