@@ -48,7 +48,7 @@ from bench.env import Server, code_version, connect, describe_machine, load_aver
 from bench.handoff import EXCLUSIVE_GB, GPUS, ROOT, Contention, run_contention
 from bench.report import Report, Row, Section, Table, ms, render_markdown, render_text, times
 from bench.stats import Summary, summarize
-from bench.targets import Results, build_targets
+from bench.targets import Results, build_targets, machine_speed
 
 DEFAULT_OUT = ROOT / "docs" / "performance.md"
 T = TypeVar("T")
@@ -301,7 +301,7 @@ class Bench:
         self.results.sync_cycle, self.results.async_cycle = sync_total, async_total
         self.results.minimal_cycle = least_total
         self.notes.append(script_note(spent))
-        for name in ("sync", "async"):
+        for name in ("sync", "async", "minimal"):
             if spent[name].cycles and spent[name].calls:
                 self.results.cycle_redis_us[name] = spent[name].usec / spent[name].cycles
         return floors, rows
@@ -774,6 +774,9 @@ def run(args: argparse.Namespace) -> Report:
             "shows here and widens every p99)",
         ),
     ]
+    speed = machine_speed(bench.results)
+    if speed is not None:
+        parameters.append(("machine speed", speed))
     return Report(
         title="gpuboss performance",
         environment=environment,

@@ -290,3 +290,21 @@ def build_targets(r: Results) -> Table:
             ]
         )
     return t
+
+
+def machine_speed(r: Results) -> str | None:
+    """How fast this machine ran Redis in this run: the minimal Lua lease's Redis time (commandstats) against its
+    instructions (callgrind, at the fewest waiting requests). On this kind of VM the same scripts have taken up
+    to twice as long from one hour to the next: every target in microseconds moves with it, the instruction
+    counts do not. None when the run measured neither."""
+    us = r.cycle_redis_us.get("minimal")
+    if us is None or us <= 0:
+        return None
+    said = f"Redis ran bench/minimal.py's acquire + release in {us:.1f} us"
+    if not r.instructions:
+        return said + " (instructions not counted in this run: a full run with valgrind counts them)"
+    ir = r.instructions[min(r.instructions)].minimal
+    return (
+        f"{said}, {ir / 1000:.0f} k instructions (callgrind): {ir / us / 1000:.1f} k instructions per us; targets "
+        "in us move with this figure (a slower or busier machine lowers it), instruction counts do not"
+    )

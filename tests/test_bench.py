@@ -272,3 +272,21 @@ def test_minimal_lease_reference_is_a_correct_lease(real_url: str) -> None:
         least.close()
     assert client.exists(*keys) == 0
     client.close()
+
+
+def test_the_header_says_how_fast_the_machine_ran_redis() -> None:
+    """The minimal Lua lease's Redis time against its callgrind instructions: a figure to read every microsecond
+    target by (the same scripts ran twice as long on a slow hour of the same VM)."""
+    from bench.instructions import Counts
+    from bench.targets import Results, machine_speed
+
+    counts = {10: Counts(10, 0, 100, fit=850_000, handoff=1_960_000, minimal=203_000, floor=25_000)}
+    fast = machine_speed(Results(cycle_redis_us={"minimal": 14.5}, instructions=counts))
+    assert fast is not None and "in 14.5 us, 203 k instructions (callgrind): 14.0 k instructions per us" in fast
+    slow = machine_speed(Results(cycle_redis_us={"minimal": 29.0}, instructions=counts))
+    assert slow is not None and ": 7.0 k instructions per us" in slow
+    assert machine_speed(Results(cycle_redis_us={"minimal": 29.0})) == (
+        "Redis ran bench/minimal.py's acquire + release in 29.0 us (instructions not counted in this run: a full run "
+        "with valgrind counts them)"
+    )
+    assert machine_speed(Results()) is None
