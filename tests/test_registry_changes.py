@@ -327,6 +327,7 @@ def test_a_gpu_is_not_taken_out_when_a_waiting_request_would_have_no_gpu_left(
     before = snapshot(client, namespace)
     with pytest.raises(InvalidRequest, match=r"gpu='gpu1': waiting request [0-9a-f]{32} \(8192 MiB on a GPU\) would"):
         operator.unregister_gpus(["gpu1"])  # pinned there
+    assert snapshot(client, namespace) == before, "nothing written"
     unpinned, got_big = in_thread(lambda: waiter.acquire(20, "low", timeout=30, ttl=LONG_TTL))
     queued(backend_url, namespace, 2)
     before = snapshot(client, namespace)
