@@ -610,18 +610,20 @@ class Core:
     def _event_keys(self) -> list[str]:
         return self.keys.event_keys()
 
+    def _declarations(self) -> list[str | int]:
+        """This boss's GPUs as the registering scripts take them (one JSON declaration each)."""
+        return [g.to_json() for g in self.declared.values()]
+
     def register_call(self) -> Call | None:
         if not self.declared:
             return None
-        args: list[str | int] = [g.to_json() for g in self.declared.values()]
-        return Call("register", [*self.keys.register(), *self._event_keys()], [*args, self._cap])
+        return Call("register", [*self.keys.register(), *self._event_keys()], [*self._declarations(), self._cap])
 
     def reregister_call(self) -> Call | None:
         """Register this boss's GPUs with the sizes it declares, resizing those registered with others."""
         if not self.declared:
             return None
-        args: list[str | int] = [g.to_json() for g in self.declared.values()]
-        return Call("reregister", self.lease_keys(), [self._wake_prefix, *args, self._cap])
+        return Call("reregister", self.lease_keys(), [self._wake_prefix, *self._declarations(), self._cap])
 
     def check_reregister_reply(self, reply: list[Any]) -> tuple[int, int, int]:
         """GPUs added, GPUs resized and requests granted; :class:`ConfigError` naming what stands in the way of a
@@ -654,7 +656,7 @@ class Core:
             return int(reply[1])
         gpu = str(reply[1])
         if code == -1:
-            known = ", ".join(sorted(self.registry)) or "none"
+            known = ", ".join(sorted(str(g) for g in reply[2:])) or "none"
             raise InvalidRequest(
                 "gpu", gpu, f"is not registered in namespace {self.config.namespace!r} (registered: {known})"
             )

@@ -219,9 +219,7 @@ class Inventory:
 
     def unregister_flow(self, gpu_ids: Sequence[str]) -> Generator[Op, Any, int]:
         """Take GPUs out of the namespace's registry (lua/unregister-21.lua); how many were removed."""
-        call = self.core.unregister_call(gpu_ids)
-        self.core.update_registry((yield ReadHash(self.core.keys.gpus)))  # (for the error that names the others)
-        removed = self.core.check_unregister_reply((yield call))
+        removed = self.core.check_unregister_reply((yield self.core.unregister_call(gpu_ids)))
         flat = yield ReadHash(self.core.keys.gpus)
         self.core.registry_loaded = False  # (else an empty hash, every GPU removed, would keep what it knew)
         self.core.update_registry(flat)

@@ -21,7 +21,7 @@
 
   Output:
     {1, removed}                       OK: `removed` GPUs taken out
-    {-1, gpu_id}                       UNKNOWN: `gpu_id` is not registered
+    {-1, gpu_id, registered...}        UNKNOWN: `gpu_id` is not registered (the ids that are follow)
     {-2, gpu_id, leased_mib}           LEASED: leases hold MiB on `gpu_id`
     {-3, gpu_id, request_id}           HELD: memory on `gpu_id` is held for that request (an eviction)
     {-4, gpu_id, request_id, need_mib} STRANDED: that waiting request would have no GPU left to hold it
@@ -44,7 +44,11 @@ local gone, after, ids = {}, {}, {}
 for k = 2, #ARGV - 1 do
   local gpu = ARGV[k]
   if caps[gpu] == nil then
-    return refuse({-1, gpu})
+    local reply = {-1, gpu}
+    for id, _ in pairs(caps) do
+      reply[#reply + 1] = id
+    end
+    return refuse(reply)
   end
   if (s.used[gpu] or 0) > 0 then
     return refuse({-2, gpu, s.used[gpu]})

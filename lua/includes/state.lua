@@ -128,10 +128,11 @@ end
   The rules' counters: `class:<priority>` and `svc:<service>` (active leases) and `svcmib:<service>` (their MiB)
   in the usage hash (includes/drop.lua count_lease) are kept only while a rule reads them (p.counts: a pause
   rule or a cap). Without such a rule a grant and a release write none of them (three HINCRBY each, and an
-  HDEL when they come back to 0: about 7% of the Redis instructions of an acquire + release). The header's `counting` field says whether they are kept: the first call that finds a
-  rule reading them and the header not saying '1' sets them to what the lease records add up to (one read of
-  every lease, once per change of the rules), and the first call that finds no such rule and the header saying
-  '1' deletes them; either writes the field. A header without the field (new, deleted, lost) counts as not
+  HDEL when they come back to 0: about 7% of the Redis instructions of an acquire + release). The header's
+  `counting` field says whether they are kept: the first call that finds a rule reading them and the header
+  not saying '1' sets them to what the lease records add up to (one read of every lease, once per change of
+  the rules), and the first call that finds no such rule and the header saying '1' deletes them; either
+  writes the field. A header without the field (new, deleted, lost) counts as not
   kept, so the counters are made again from the records, never added to stale ones.
 ]]
 -- add(field, n) for each counter of a lease's class and service while they are kept: `leases` more (1: it comes,
