@@ -1315,10 +1315,15 @@ def _confirm(state: CliState, shown: list[Block], question: str, nothing: str) -
         raise CliError(f"not confirmed: {nothing} (--yes skips the question)")
 
 
-def _named(rows: Sequence[dict[str, Any]], value: str, what: str) -> list[dict[str, Any]]:
-    """The rows whose id is ``value``, else those it is a prefix of (at least 4 characters); an error when several."""
+def _matching(rows: Sequence[dict[str, Any]], value: str) -> list[dict[str, Any]]:
+    """The rows whose id is ``value``, else those it is a prefix of (at least 4 characters)."""
     exact = [r for r in rows if r["id"] == value]
-    found = exact or ([r for r in rows if str(r["id"]).startswith(value)] if len(value) >= 4 else [])
+    return exact or ([r for r in rows if str(r["id"]).startswith(value)] if len(value) >= 4 else [])
+
+
+def _named(rows: Sequence[dict[str, Any]], value: str, what: str) -> list[dict[str, Any]]:
+    """:func:`_matching`; an error when several match."""
+    found = _matching(rows, value)
     if len(found) > 1:
         raise CliError(f"{what} id prefix {value!r} is ambiguous: {', '.join(sorted(str(r['id']) for r in found))}")
     return found
@@ -1330,8 +1335,7 @@ def _resolve_ids(snap: dict[str, Any], wanted: Sequence[str]) -> list[dict[str, 
     for value in wanted:
         found = _named(snap["leases"], value, "lease")
         if not found:
-            queued = [r for r in snap["queue"] if str(r["id"]).startswith(value)] if value else []
-            if queued:
+            if _matching(snap["queue"], value):  # (by the same rule: a short prefix names no request either)
                 raise CliError(
                     f"{value!r} is a queued request, not a lease: a waiting request cannot be force-released "
                     "(its waiter would queue again); stop its process instead"

@@ -282,6 +282,7 @@ def test_release_refuses_bad_ids_and_writes_nothing(real_url: str, namespace: st
     for args, message in (
         (["release", busy["held"]["chat"].id, "nope-nope"], "no lease 'nope-nope'"),
         (["release", "ab"], "at least 4 characters"),
+        (["release", queued[:2]], "at least 4 characters"),  # (a short prefix of a queued request names it neither)
         (["release", queued], "is a queued request, not a lease"),
         (["release"], "name the leases to release"),
         (["release", busy["held"]["chat"].id, "--all"], "not both"),
