@@ -1770,11 +1770,15 @@ def serve(state: CliState, host: str, port: int, min_free_gb: float | None) -> N
 
     exporter.start()
     bound_host, bound_port = server.server_address[:2]
-    log.info(
-        "gpuboss: serving http://%s:%s/metrics and /health for namespace %r", bound_host, bound_port, cfg.namespace
-    )
     try:
+        # (SIGTERM is taken over before the line that says where it listens: a supervisor may stop it on that line)
         with sigterm_as_interrupt():
+            log.info(
+                "gpuboss: serving http://%s:%s/metrics and /health for namespace %r",
+                bound_host,
+                bound_port,
+                cfg.namespace,
+            )
             server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         log.info("gpuboss: stopping")

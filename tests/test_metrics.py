@@ -3,6 +3,7 @@ event log, /health and /metrics over HTTP, and `gpuboss serve` as a process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -277,9 +278,9 @@ def test_unreachable_redis_is_reported() -> None:
         exp.close()
 
 
-def test_serve_with_the_executable(real_url: str, namespace: str) -> None:
-    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
-    boss.release(boss.acquire(1))
+@contextlib.contextmanager
+def serving(real_url: str, namespace: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`gpuboss serve --port 0` as a child process, and the port it says it listens on (its stderr line)."""
     proc = subprocess.Popen(
         [str(GPUBOSS), "--redis-url", real_url, "--namespace", namespace, "serve", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -295,12 +296,7 @@ def test_serve_with_the_executable(real_url: str, namespace: str) -> None:
             match = re.search(r"serving http://127\.0\.0\.1:(\d+)/metrics", line)
             port = int(match[1]) if match else None
         assert port, "the server did not say where it listens"
-        status, _, body = get(f"http://127.0.0.1:{port}/health")
-        assert status == 200 and json.loads(body)["vram_total"] == 40 * 1024
-        status, _, body = get(f"http://127.0.0.1:{port}/metrics")
-        assert status == 200 and "gpuboss_queue_length" in body
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        yield proc, port
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -308,7 +304,30 @@ def test_serve_with_the_executable(real_url: str, namespace: str) -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_serve_with_the_executable(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS)
+    boss.release(boss.acquire(1))
+    try:
+        with serving(real_url, namespace) as (proc, port):
+            status, _, body = get(f"http://127.0.0.1:{port}/health")
+            assert status == 200 and json.loads(body)["vram_total"] == 40 * 1024
+            status, _, body = get(f"http://127.0.0.1:{port}/metrics")
+            assert status == 200 and "gpuboss_queue_length" in body
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+    finally:
         boss.close()
+
+
+def test_serve_stopped_as_soon_as_it_says_where_it_listens(real_url: str, namespace: str) -> None:
+    """A supervisor may stop `serve` on the very line that says where it listens: SIGTERM then, before any
+    request, still ends it cleanly (exit 0, not 143): the handler is in place before that line is written."""
+    GPUBoss(real_url, namespace=namespace, gpus=GPUS).close()
+    with serving(real_url, namespace) as (proc, _port):
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
 
 
 def test_serve_refuses_a_busy_port(real_url: str, namespace: str) -> None:
