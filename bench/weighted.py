@@ -37,6 +37,8 @@ ACQUIRE_TIMEOUT_S = 60.0
 MAX_COUNT = 1_000_000
 #: Kinds that are other libraries: an acquire of theirs that raises is counted and retried, not a failure.
 PEERS = ("semaphore", "reslock")
+#: The GPUBoss variant measured besides the default (strict order): a blocked request may be passed this often.
+OVERTAKE = 4
 
 
 @dataclass
@@ -95,8 +97,11 @@ def run_weighted(
     holds_ms: tuple[float, ...],
     phase_s: float,
     seed: int = 1,
+    settings: dict[str, Any] | None = None,
+    variant: str = "",
 ) -> Weighted:
-    """Run ``procs`` workers of ``kind`` through one phase per hold time, ``phase_s`` seconds each."""
+    """Run ``procs`` workers of ``kind`` through one phase per hold time, ``phase_s`` seconds each; GPUBoss
+    workers take ``settings`` (a scheduling rule), and the result's kind is ``kind`` + ``variant``."""
     run_id = uuid.uuid4().hex[:10]
     folder = workdir / f"weighted-{kind}-{run_id}"
     folder.mkdir(parents=True)
@@ -128,8 +133,9 @@ def run_weighted(
         "acquire_timeout_s": ACQUIRE_TIMEOUT_S,
         "max_count": MAX_COUNT,
         "tolerate": kind in PEERS,
+        "settings": settings or {},
     }
-    result = Weighted(kind, label, procs, namespace=base["namespace"] if kind == "gpuboss" else "")
+    result = Weighted(kind + variant, label, procs, namespace=base["namespace"] if kind == "gpuboss" else "")
     control = connect(url)
     running: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
     cpu: list[tuple[float, float, dict[str, int], dict[str, int]]] = []  # per phase: Redis CPU and commands

@@ -57,7 +57,10 @@ Give = Callable[[Any], None]
 def gpuboss_pair(spec: dict[str, Any]) -> tuple[Take, Give, Callable[[], None]]:
     from gpuboss import GPUBoss
 
-    boss = GPUBoss(spec["url"], namespace=spec["namespace"], gpus=spec["gpus"], service=f"bench-w{os.getpid()}")
+    settings = spec.get("settings") or {}  # scheduling rules of a variant (overtake)
+    boss = GPUBoss(
+        spec["url"], namespace=spec["namespace"], gpus=spec["gpus"], service=f"bench-w{os.getpid()}", **settings
+    )
     timeout = float(spec["acquire_timeout_s"])
     boss.release(boss.acquire(1, timeout=timeout))  # register, load the scripts
 

@@ -236,6 +236,9 @@ class BossConfig(BaseModel):
     #: "strict": a request that does not fit holds everyone behind it; "backfill": later requests may use
     #: GPUs the first one cannot use, while the GPU it waits for is kept for it.
     queueing: Literal["strict", "backfill"] | None = None
+    #: How many times a request that does not fit may be passed by later requests that fit (0: never, as
+    #: ``queueing`` alone says); once passed that often, ``queueing`` applies to it.
+    overtake: int | None = Field(default=None, ge=0, le=1000)
     windows: list[Window] | None = None
     caps: Caps | None = None
     max_hold: dict[str, MaxHold] | None = None

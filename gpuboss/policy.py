@@ -11,6 +11,7 @@ Fields (each written only when the configuration sets it; ``""`` removes a field
 ``classes``   {class: rank}, for aging
 ``aging``     {every_ms, max_boost}
 ``queueing``  "strict" or "backfill"
+``overtake``  how many times a request that does not fit may be passed by later ones (absent: 0)
 ``windows``   list of {class, from, to} (ms, Redis time)
 ``caps``      {services: {name: {leases, mib}}, classes: {name: {leases}}}
 ``max_hold``  {class: {ms, action}}
@@ -71,6 +72,8 @@ def policy_fields(config: BossConfig, today: date | None = None) -> list[tuple[s
         fields.append(("aging", _dump(aging)))
     if config.queueing is not None:
         fields.append(("queueing", config.queueing))
+    if config.overtake is not None:
+        fields.append(("overtake", str(config.overtake) if config.overtake > 0 else ""))
     if config.windows is not None:
         intervals = [i for w in config.windows for i in window_intervals(w, today)]
         fields.append(("windows", _dump(intervals) if intervals else ""))

@@ -340,10 +340,14 @@ def explain_queue(snap: dict[str, Any]) -> None:
     for (what it waits for: VRAM, a GPU, an eviction). With strict queueing the requests after it wait behind
     it; with backfill each one may take a GPU that no blocked request ahead of it waits for (the GPU with the
     most free VRAM that is large enough, or its pinned one, is kept for each), and says which GPUs are kept
-    for whom; past 64 blocked requests the pass looks no further."""
+    for whom; past 64 blocked requests the pass looks no further. With ``overtake``, a blocked request that
+    has been passed fewer times than that neither holds the ones behind it nor keeps a GPU, and says how
+    many more times it may be passed."""
     gpus = {g["id"]: g for g in snap["gpus"]}
-    backfill = (snap.get("policy") or {}).get("queueing") == "backfill"
-    head: int | None = None
+    policy = snap.get("policy") or {}
+    backfill = policy.get("queueing") == "backfill"
+    overtake = as_int(policy.get("overtake", 0))
+    barrier: int | None = None  # (strict) the position of the blocked request the ones after it wait behind
     kept: dict[str, int] = {}  # GPU -> the position of the blocked request it is kept for (backfill)
     blocked = 0
     for entry in snap["queue"]:
@@ -351,22 +355,31 @@ def explain_queue(snap: dict[str, Any]) -> None:
         if reason:
             entry["why"] = reason
             continue
-        if head is not None and not backfill:
-            entry["why"] = f"behind #{head} (strict order)"
+        if barrier is not None:
+            entry["why"] = f"behind #{barrier} (strict order)"
             continue
         if blocked >= BACKFILL_LIMIT:
-            entry["why"] = f"behind {BACKFILL_LIMIT} blocked requests: backfill looks no further"
+            looks = "backfill" if backfill else "the queue"
+            entry["why"] = f"behind {BACKFILL_LIMIT} blocked requests: {looks} looks no further"
             continue
-        if head is None:
-            head = entry["position"]
-        if _explain_one(entry, gpus, kept if backfill else None):
-            blocked += 1
+        left = overtake - as_int(entry.get("passed", 0))
+        if not _explain_one(entry, gpus, kept if backfill else None, keep=left <= 0):
+            if not backfill:  # (it fits: strict order looks at the next one after granting it)
+                barrier = entry["position"]
+            continue
+        blocked += 1
+        if left > 0:
+            entry["why"] += f"; later requests may pass it {left} more time{'' if left == 1 else 's'}"
+        elif not backfill:
+            barrier = entry["position"]
 
 
-def _explain_one(entry: dict[str, Any], gpus: dict[str, dict[str, Any]], kept: dict[str, int] | None) -> bool:
+def _explain_one(
+    entry: dict[str, Any], gpus: dict[str, dict[str, Any]], kept: dict[str, int] | None, keep: bool = True
+) -> bool:
     """Set ``entry["why"]`` for a request the queue tries to place now; True when it stays blocked (then, with
-    backfill, the GPU it waits for is kept for it in ``kept``)."""
-    if kept is None:  # strict: nothing is kept (only the head gets here)
+    backfill and ``keep``, the GPU it waits for is kept for it in ``kept``; a GPU being freed for it always is)."""
+    if kept is None:  # strict: nothing is kept (only the first blocked request gets here, or with overtake)
         kept = {}
     need = as_int(entry.get("vram_mib", 0))
     pin = str(entry.get("pin") or "")
@@ -410,7 +423,7 @@ def _explain_one(entry: dict[str, Any], gpus: dict[str, dict[str, Any]], kept: d
         if roomy:
             entry["why"] += "; " + ", ".join(f"{g} is kept for #{kept[g]}" for g in roomy)
     large = [g for g in online if g["leasable_mib"] >= need]
-    if large:
+    if large and keep:
         wanted = pin or min(large, key=lambda g: (-g["free_mib"], g["id"]))["id"]  # (lua: target())
         kept.setdefault(wanted, entry["position"])
     return True

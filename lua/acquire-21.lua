@@ -5,9 +5,10 @@
   First collects expired leases and requests and hands freed capacity to the queue, so the queue is
   served before the newcomer. The newcomer is granted at once only when it fits, the policy does not hold
   it back (paused class, time window, cap), and no waiting request (not held back) has the same or a
-  higher priority; otherwise (mode "wait") it is queued: with `queueing: backfill` the queue is then
-  served again and may grant it on a GPU nobody ahead waits for; else, first in line and not fitting, it
-  asks lower priorities to make room (eviction).
+  higher priority; otherwise (mode "wait") it is queued: with `queueing: backfill` or `overtake` the queue
+  is then served again and may grant it on a GPU nobody ahead waits for, or past requests ahead that do not
+  fit (includes/grant.lua); else, first in line and not fitting, it asks lower priorities to make room
+  (eviction).
   Calling again with the same id is harmless: it reports the lease or the queue entry that id already has.
 
   Events: `granted` (the newcomer, or waiters served first), `queued`, `expired` (what was collected),
@@ -130,8 +131,8 @@ if why ~= '' then
   ev.held_back = why
 end
 emit('queued', now, ev)
-if s.policy.queueing == 'backfill' then
-  -- It may fit on a GPU that nobody ahead of it waits for.
+if s.policy.queueing == 'backfill' or s.policy.overtake > 0 then
+  -- It may fit on a GPU that nobody ahead of it waits for, or pass the requests ahead that do not fit.
   local lease = granted_now(s, id, now)
   if lease then
     return {1, lease}

@@ -134,6 +134,7 @@ class ModelRequest:
     grace_ms: int | None = None
     on_grace: str | None = None
     grow_of: str | None = None  # the lease a growth (`<id>:grow`) adds to
+    passed: int = 0  # later requests granted while it did not fit (overtake)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -177,6 +178,8 @@ class LeaseModel:
     wake: dict[str, list[str]] = field(default_factory=dict)
     #: Known script divergences the model reproduces (KNOWN_DIVERGENCES); empty: the intended semantics.
     known: frozenset[str] = frozenset()
+    #: The policy's ``overtake``: how many times a request that does not fit may be passed (0: strict order).
+    overtake: int = 0
     calls: int = 0
     #: The request an acquire is placing (id, rank), for holds; None outside acquire.
     newcomer: tuple[str, int] | None = None
@@ -351,23 +354,37 @@ class LeaseModel:
         return lease_ids, request_ids
 
     def _grant_waiting(self) -> list[str]:
-        """Grant the head of the queue for as long as it fits; a head that does not fit holds everyone (and
-        may ask lower priorities to make room)."""
+        """Grant the queue in order for as long as requests fit; the first that does not fit may ask lower
+        priorities to make room, and holds everyone behind it, unless it has been passed fewer than
+        ``overtake`` times: then the ones behind it that fit are granted, each a pass against every such
+        request ahead of it."""
         granted = []
         self.unserved = None
-        while self.queue:
-            head = self.ordered_queue()[0]
-            if head.grow_of is not None and head.grow_of not in self.leases:
-                self._drop_request(head.id, release_hold=True)  # the lease it would grow is gone
+        passable: list[ModelRequest] = []
+        evicting = False
+        for req in self.ordered_queue():
+            if req.id not in self.queue:
                 continue
-            gpu = self.place(head.vram_mib, head.pin, head.id)
+            if req.grow_of is not None and req.grow_of not in self.leases:
+                self._drop_request(req.id, release_hold=True)  # the lease it would grow is gone
+                continue
+            gpu = self.place(req.vram_mib, req.pin, req.id)
             if gpu is None:
-                self._try_evict(head)
+                if not evicting:
+                    evicting = True
+                    self._try_evict(req)
+                if req.passed < self.overtake:
+                    passable.append(req)
+                    continue
                 break
-            self._drop_request(head.id, release_hold=False)
-            lease = self._grant(head, gpu)
-            self.wake.setdefault(head.id, []).append(lease.id)
-            granted.append(head.id)
+            self._drop_request(req.id, release_hold=False)
+            lease = self._grant(req, gpu)
+            self.wake.setdefault(req.id, []).append(lease.id)
+            granted.append(req.id)
+            for ahead in passable:
+                ahead.passed += 1
+            if any(ahead.passed >= self.overtake for ahead in passable):
+                break  # one ahead has been passed as often as it may: everyone after it waits
         return granted
 
     def _serve(self, divergence: str) -> None:
@@ -481,7 +498,12 @@ class LeaseModel:
         self.seq += 1
         req.seq = self.seq
         self.queue[rid] = req
-        if first is None or first < rank:
+        if self.overtake > 0:  # it may pass the requests ahead that do not fit
+            self._grant_waiting()
+            if rid in self.leases:
+                self.wake.pop(rid, None)  # answered with the lease itself, not through its wake list
+                return Reply.GRANTED, rid, None
+        elif first is None or first < rank:
             self._try_evict(req)  # first in line and it does not fit: ask lower priorities to make room
         return Reply.QUEUED, self._position(rid), self.next_ms()
 

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 from gpuboss import GPUBoss, Keys, Lease
 from gpuboss.cli import _operator, cli
+from gpuboss.events import replay
 from gpuboss.snapshot import explain_queue
 
 from tests.conftest import raw_client
@@ -236,6 +237,26 @@ def test_why_under_backfill_names_the_gpus_kept_for_the_blocked_requests_ahead(s
     until(lambda: not scene.queue(), "big granted")
 
 
+def test_why_under_overtake_counts_the_passes_left(scene: Scene) -> None:
+    """With ``overtake: 1`` a later request that fits passes the blocked one (its ticket counts the pass), and
+    `gpuboss queue` says how many passes are left: one before, none after (then it holds the rest, strict)."""
+    big, small, owner = (scene.boss(s, overtake=1) for s in ("big", "small", "owner"))
+    held = scene.hold(owner, 20, device="gpu0")  # gpu0: 3 GB free of 23
+    scene.hold(owner, 16, device="gpu1")  # gpu1: full
+    scene.wait(big, lambda: big.acquire(20, timeout=WAITER_TIMEOUT))
+    assert scene.queue()["big"]["why"] == (
+        "needs 20.0 GB, at most 3.0 GB free (on gpu0); later requests may pass it 1 more time"
+    )
+    scene.leases.append((small, small.acquire(2, timeout=WAITER_TIMEOUT)))  # passes it (a try, timeout=0, would not)
+    assert scene.queue()["big"]["why"] == "needs 20.0 GB, at most 1.0 GB free (on gpu0)"
+    scene.wait(small, lambda: small.acquire(1, timeout=WAITER_TIMEOUT))  # fits, but no pass is left
+    assert scene.queue()["small"]["why"] == "behind #1 (strict order)"
+    scene.release(held)  # gpu0: 21 GB free: big, then small, in one call
+    until(lambda: not scene.queue(), "both granted")
+    granted = [e.data["service"] for e in replay(scene.url, scene.namespace) if e.type == "granted"]
+    assert granted[-3:] == ["small", "big", "small"]
+
+
 def test_why_of_a_request_over_two_gpus_waits_for_both(scene: Scene) -> None:
     wide, owner = scene.boss("wide"), scene.boss("owner")
     held = scene.hold(owner, 10, device="gpu1")  # gpu1: 6 GB free; gpu0: 23
@@ -341,3 +362,32 @@ def test_the_backfill_limit_is_the_scripts_own() -> None:
     lua = (Path(__file__).resolve().parent.parent / "lua" / "includes" / "grant.lua").read_text()
     (value,) = re.findall(r"^local BACKFILL_LIMIT = (\d+)$", lua, flags=re.MULTILINE)
     assert int(value) == snapshot.BACKFILL_LIMIT
+
+
+def test_why_with_overtake_says_how_often_a_blocked_request_may_still_be_passed() -> None:
+    """``overtake: 2``: a blocked request passed once neither holds the ones behind it nor keeps its GPU, and
+    says so; passed twice, it holds them (strict) or keeps its GPU (backfill), as without the rule."""
+    gpus = [{"id": "gpu0", "free_mib": 2048, "leasable_mib": 16384, "offline": None, "hold": None}]
+    queue = [
+        {"position": 1, "id": "r1", "vram_mib": 8192, "passed": 1},
+        {"position": 2, "id": "r2", "vram_mib": 4096},
+        {"position": 3, "id": "r3", "vram_mib": 1024},
+        {"position": 4, "id": "r4", "vram_mib": 512},
+    ]
+    snap = {"time": 1_000_000.0, "gpus": gpus, "policy": {"overtake": 2}, "usage": {}, "queue": queue}
+    explain_queue(snap)
+    assert [e["why"] for e in queue] == [
+        "needs 8.0 GB, at most 2.0 GB free (on gpu0); later requests may pass it 1 more time",
+        "needs 4.0 GB, at most 2.0 GB free (on gpu0); later requests may pass it 2 more times",
+        "fits on gpu0 now: granted by the next call",
+        "behind #3 (strict order)",
+    ]
+    queue[0]["passed"] = 2
+    explain_queue(snap)
+    assert [e["why"] for e in queue][:2] == ["needs 8.0 GB, at most 2.0 GB free (on gpu0)", "behind #1 (strict order)"]
+    snap["policy"] = {"overtake": 2, "queueing": "backfill"}
+    explain_queue(snap)
+    assert queue[2]["why"] == "needs 1.0 GB; gpu0 (2.0 GB free) is kept for #1; later requests may pass it 2 more times"
+    queue[0]["passed"] = 1
+    explain_queue(snap)
+    assert queue[2]["why"] == "fits on gpu0 now: granted by the next call"

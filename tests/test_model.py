@@ -234,6 +234,8 @@ class Args:
 
 class LeaseMachine(RuleBasedStateMachine):
     backend: ClassVar[Backend]
+    #: The namespace's ``overtake`` rule (0: none, strict order).
+    overtake: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -311,6 +313,10 @@ class LeaseMachine(RuleBasedStateMachine):
         register = self.core.register_call()
         assert register is not None
         assert self.run(register) == [1, len(MODEL_GPUS)]
+        if self.overtake:
+            keys = self.core.keys
+            self.run(Call("policy", [keys.policy, *keys.event_keys()], ["overtake", str(self.overtake), 0]))
+            self.model.overtake = self.overtake
         for g in self.core.declared.values():
             self.model.gpus[g.id] = ModelGpu(g.id, g.index, g.leasable_mib)
 
@@ -663,8 +669,8 @@ class LeaseMachine(RuleBasedStateMachine):
         names += ["preemptible", "evictions", "grace_ms", "on_grace", "grow_of"]
         if self.exact:
             names += ["requested_at"]
-        got = {n: rec.get(n) for n in names}
-        want = {n: getattr(req, n) for n in names}
+        got = {n: rec.get(n) for n in names} | {"passed": rec.get("passed", 0)}
+        want = {n: getattr(req, n) for n in names} | {"passed": req.passed}
         assert got == want, f"request {req.id}: script {got} vs model {want}"
 
     def check_hold(self, gpu: str, rec: dict[str, Any], hold: Hold) -> None:
@@ -921,6 +927,14 @@ def test_scripts_match_the_model(backend: Backend) -> None:
     # keeps the third backend within the CI time budget.
     examples = max(1, EXAMPLES // 4) if backend.name == "valkey" else EXAMPLES
     run_state_machine_as_test(machine, settings=machine_settings(examples))
+
+
+@pytest.mark.timeout(900)
+def test_scripts_match_the_model_with_overtake(backend: Backend) -> None:
+    """The same machine in a namespace whose policy lets a request that does not fit be passed twice
+    (``overtake: 2``; docs/scheduling.md): the model serves the queue past it, counting the passes."""
+    machine = type("OvertakeLeaseMachine", (LeaseMachine,), {"backend": backend, "overtake": 2})
+    run_state_machine_as_test(machine, settings=machine_settings(max(1, EXAMPLES // 4)))
 
 
 def test_revoke_is_covered_when_the_script_exists() -> None:

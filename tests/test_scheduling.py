@@ -223,6 +223,81 @@ def test_backfill_uses_capacity_the_head_cannot_use_and_protects_its_gpu(bosses:
         boss.release(lease)
 
 
+def passed(url: str, ns: str) -> dict[str, int]:
+    """Each queued request's count of later requests granted ahead of it (its ticket's ``passed``)."""
+    tickets = raw_client(url).hgetall(Keys(ns).tickets)
+    return {str(k): int(json.loads(v).get("passed", 0)) for k, v in tickets.items()}
+
+
+def test_overtake_lets_later_requests_pass_a_blocked_one_at_most_n_times(bosses: Bosses) -> None:
+    """One 16 GB GPU, 10 GB held; the head needs 8 GB. Strict: a 2 GB request behind it waits. With
+    ``overtake: 2`` two 2 GB requests pass it; the third, which fits as well, waits behind it. The head is
+    granted first when the holder leaves, and its lease record carries no pass count."""
+    holder = bosses(service="holder")
+    held = holder.acquire(10)
+    head_boss = bosses(service="head")
+    head_t, head_out = in_thread(lambda: head_boss.acquire(8, timeout=WAIT_S))
+    queued(holder.url, holder.namespace, 1)
+    small = bosses(service="small")
+    with pytest.raises(LeaseTimeout):  # strict: it fits, but waits behind the head
+        small.acquire(2, timeout=0.3)
+    passing = bosses(service="small2", overtake=2)
+    first = passing.acquire(2, timeout=WAIT_S)
+    assert list(passed(holder.url, holder.namespace).values()) == [1]
+    second = passing.acquire(2, timeout=WAIT_S)
+    assert list(passed(holder.url, holder.namespace).values()) == [2]
+    with pytest.raises(LeaseTimeout):  # 2 GB are still free, but the head has been passed twice
+        passing.acquire(1, timeout=0.3)
+    assert head_t.is_alive()
+    holder.release(held)
+    head = result(head_t, head_out)
+    assert head.gpu == "g0" and "passed" not in head.record
+    for lease, boss in ((head, head_boss), (first, passing), (second, passing)):
+        boss.release(lease)
+    events = [e for e in replay(holder.url, holder.namespace) if e.type == "granted"]
+    assert [e.data["service"] for e in events][-3:] == ["small2", "small2", "head"]
+
+
+def test_overtake_with_backfill_keeps_the_gpu_once_the_passes_are_spent(bosses: Bosses) -> None:
+    """Backfill alone keeps g0 for a head pinned to it; with ``overtake: 1`` one later request may still use
+    g0's free VRAM, and then g0 is kept: the next one waits although it fits there."""
+    holders = bosses(TWO, service="holder")
+    on_g0, on_g1 = holders.acquire(10, device="g0"), holders.acquire(16, device="g1")
+    head_boss = bosses(TWO, service="head", queueing="backfill")
+    head_t, head_out = in_thread(lambda: head_boss.acquire(12, device="g0", timeout=WAIT_S))
+    queued(holders.url, holders.namespace, 1)
+    with pytest.raises(LeaseTimeout):  # backfill: g0 is kept for the head
+        head_boss.acquire(2, timeout=0.3)
+    passing = bosses(TWO, service="small", queueing="backfill", overtake=1)
+    small = passing.acquire(2, timeout=WAIT_S)
+    assert small.gpu == "g0"
+    with pytest.raises(LeaseTimeout):  # g0 has 4 GB free, kept for the head again
+        passing.acquire(2, timeout=0.3)
+    holders.release(on_g0)
+    head = result(head_t, head_out)
+    assert head.gpu == "g0"
+    for lease, boss in ((head, head_boss), (small, passing), (on_g1, holders)):
+        boss.release(lease)
+
+
+def test_overtake_zero_removes_the_rule_and_bad_values_are_refused(bosses: Bosses, backend_url: str) -> None:
+    from gpuboss.policy import policy_fields
+
+    boss = bosses(overtake=3)
+    boss.release(boss.acquire(1))
+    keys = Keys(boss.namespace)
+    assert raw_client(backend_url).hget(keys.policy, "overtake") == "3"
+    plain = bosses(overtake=0)
+    plain.release(plain.acquire(1))
+    assert raw_client(backend_url).hget(keys.policy, "overtake") is None
+    assert ("overtake", "") in policy_fields(plain.config)
+    before = raw_client(backend_url).hgetall(keys.policy)
+    for bad in (-1, 1001, "many"):
+        with pytest.raises(ConfigError, match="overtake"):
+            make(backend_url, boss.namespace, overtake=bad)
+    assert raw_client(backend_url).hgetall(keys.policy) == before
+
+
 # ---------------------------------------------------------------- time windows
 
 

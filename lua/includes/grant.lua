@@ -17,7 +17,10 @@
   held back by the policy (paused class, time window, cap) wait without blocking others. With `queueing:
   strict` the first request that does not fit holds everyone behind it (and eviction is tried for it);
   with `backfill` later requests may be granted on GPUs that the blocked ones ahead are not waiting for
-  (target() in includes/place.lua), so the head's wait is bounded. With `aging`, waiting requests are first
+  (target() in includes/place.lua), so the head's wait is bounded. With `overtake: N`, a request that does not
+  fit may be passed by later requests that fit, at most N times (each grant behind it counts one against it, in
+  its ticket's `passed`); once passed N times it holds everyone behind it (strict) or keeps its GPU (backfill)
+  as above. Eviction is tried for the first request that does not fit. With `aging`, waiting requests are first
   moved up a class per `every_ms` waited (age_queue, event `aged`). Each grant emits `granted` (and
   `resumed` for a request that an eviction sent back to the queue).
 
@@ -209,16 +212,44 @@ local function remember_blocked(s, id, req)
   end
 end
 
+-- A grant went ahead of the blocked requests in `passable` (overtake): count it against each (its ticket's
+-- `passed`). One passed `limit` times leaves the list: true when the queue must stop behind it (strict); with
+-- backfill, the GPU it waits for is kept for it in `avoid` from now on.
+local function count_passes(s, passable, limit, backfill, avoid)
+  local stop = false
+  for i = #passable, 1, -1 do
+    local entry = passable[i]
+    local req = entry.req
+    req.passed = (tonumber(req.passed) or 0) + 1
+    redis.call('HSET', K_TICKETS, entry.id, cjson.encode(req))
+    if req.passed >= limit then
+      table.remove(passable, i)
+      if backfill then
+        local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, entry.id, req.node)
+        if gpu_wanted then
+          avoid[gpu_wanted] = true
+        end
+      else
+        stop = true
+      end
+    end
+  end
+  return stop
+end
+
 local function grant_waiting(s, now)
   age_queue(s, now)
   local granted = 0
-  local skip = 0 -- queue entries passed over: held back by the policy, or blocked (backfill)
+  local skip = 0 -- queue entries passed over: held back by the policy, or blocked (backfill, overtake)
   local backfill = s.policy.queueing == 'backfill'
+  local overtake = s.policy.overtake
   local avoid = nil -- GPUs kept for blocked requests ahead (backfill)
+  local passable = nil -- blocked requests ahead that later ones may still pass: {id, req} (overtake)
+  local evicting = false -- eviction was tried for the first request that does not fit
   local blocked = 0
   -- The header's blocked-head note is used and written only for the head of strict queueing without policy
-  -- holds (head_still_blocked, remember_blocked).
-  local noting = not backfill and not s.policy.holds_back
+  -- holds or overtaking (head_still_blocked, remember_blocked).
+  local noting = not backfill and not s.policy.holds_back and overtake <= 0
   -- No count first: the entry at `skip` is read until there is none (a blocked head costs one read then, and
   -- serving the queue to its end one read more than a count would, which it saves: never more in all).
   local empty = false
@@ -250,20 +281,31 @@ local function grant_waiting(s, now)
           redis.call('RPUSH', wake, lease)
           redis.call('PEXPIRE', wake, int(req.ttl_ms * 2 + 10000))
           granted = granted + 1
+          if passable and #passable > 0 then
+            avoid = avoid or (backfill and {} or nil)
+            if count_passes(s, passable, overtake, backfill, avoid) then
+              break
+            end
+          end
         else
-          if avoid == nil then
+          if not evicting then
+            evicting = true
             try_evict(s, req, now) -- the first request in line that does not fit
           end
-          if not backfill then
+          if overtake > (tonumber(req.passed) or 0) then
+            passable = passable or {}
+            passable[#passable + 1] = {id = head, req = req} -- later requests that fit may still pass it
+          elseif not backfill then
             if noting and skip == 0 then
               remember_blocked(s, head, req)
             end
             break
-          end
-          avoid = avoid or {}
-          local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, head, req.node)
-          if gpu_wanted then
-            avoid[gpu_wanted] = true
+          else
+            avoid = avoid or {}
+            local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, head, req.node)
+            if gpu_wanted then
+              avoid[gpu_wanted] = true
+            end
           end
           skip = skip + 1
           blocked = blocked + 1

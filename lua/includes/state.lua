@@ -103,6 +103,7 @@ end
     aging     {every_ms, max_boost} (with `classes`, {name -> rank}): a waiting request rises one class
               per every_ms of waiting, at most max_boost classes
     queueing  'strict' (default) or 'backfill'
+    overtake  how many times a request that does not fit may be passed by later ones (includes/grant.lua)
     max_hold  {class -> {ms, action}}: a lease held longer is asked to checkpoint ('evict') or revoked
   p.holds_back is true when any rule can keep a request waiting (pause, paused, windows, caps); p.counts when
   a rule reads the usage hash's counters of active leases (a pause rule, a cap: sync_counters).
@@ -118,6 +119,7 @@ local function load_policy()
       p[name] = cjson.decode(value)
     end
   end
+  p.overtake = tonumber(p.overtake) or 0
   p.holds_back = #p.pause > 0 or next(p.paused) ~= nil or #p.windows > 0 or p.caps ~= nil
   local caps = p.caps or {}
   p.counts = #p.pause > 0 or next(caps.services or {}) ~= nil or next(caps.classes or {}) ~= nil
