@@ -362,9 +362,7 @@ class LeaseModel:
         self.unserved = None
         passable: list[ModelRequest] = []
         evicting = False
-        for req in self.ordered_queue():
-            if req.id not in self.queue:
-                continue
+        for req in self.ordered_queue():  # (only the request at hand leaves the queue in this loop)
             if req.grow_of is not None and req.grow_of not in self.leases:
                 self._drop_request(req.id, release_hold=True)  # the lease it would grow is gone
                 continue

@@ -330,6 +330,33 @@ def test_serve_stopped_as_soon_as_it_says_where_it_listens(real_url: str, namesp
         assert proc.wait(timeout=15) == 0
 
 
+def test_serve_takes_over_sigterm_before_it_says_where_it_listens(
+    real_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order itself, in process (the test above cannot lose the race it guards): when `serve` writes the
+    line a supervisor waits for, its SIGTERM handler is already in place."""
+    from click.testing import CliRunner
+    from gpuboss import cli as cli_module
+
+    GPUBoss(real_url, namespace=namespace, gpus=GPUS).close()
+    handlers: list[Any] = []
+    info = cli_module.log.info
+
+    def on_info(msg: str, *args: Any, **kwargs: Any) -> None:
+        if msg.startswith("gpuboss: serving http"):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+            raise KeyboardInterrupt  # stops it there, as SIGTERM would
+        info(msg, *args, **kwargs)
+
+    monkeypatch.setattr(cli_module.log, "info", on_info)
+    result = CliRunner().invoke(
+        cli_module.cli, ["--redis-url", real_url, "--namespace", namespace, "serve", "--port", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(handlers) == 1 and handlers[0] not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    assert signal.getsignal(signal.SIGTERM) is not handlers[0]  # given back on the way out
+
+
 def test_serve_refuses_a_busy_port(real_url: str, namespace: str) -> None:
     import socket
 

@@ -37,6 +37,10 @@ def decl(vram_gb: float = 24, reserve_gb: float = 0, gpu: str = "gpu0", index: i
     return {"id": gpu, "name": "L4", "vram_gb": vram_gb, "index": index, "reserve_gb": reserve_gb}
 
 
+#: Two 24 GB GPUs, gpu0 and gpu1.
+TWO = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1))
+
+
 @pytest.fixture
 def made(backend_url: str, namespace: str) -> Iterator[list[GPUBoss]]:
     bosses: list[GPUBoss] = []
@@ -48,6 +52,13 @@ def made(backend_url: str, namespace: str) -> Iterator[list[GPUBoss]]:
 def boss_of(made: list[GPUBoss], url: str, namespace: str, *gpus: dict[str, Any], **settings: Any) -> GPUBoss:
     settings.setdefault("service", f"svc{len(made)}")
     b = GPUBoss(url, namespace=namespace, gpus=list(gpus) or [decl()], **settings)
+    made.append(b)
+    return b
+
+
+def bare_boss(made: list[GPUBoss], url: str, namespace: str, service: str) -> GPUBoss:
+    """A boss that declares and discovers no GPU: it uses the namespace's registry as it finds it."""
+    b = GPUBoss(url, namespace=namespace, service=service, gpu_discovery="off")
     made.append(b)
     return b
 
@@ -133,13 +144,12 @@ def test_a_gpu_does_not_shrink_so_far_that_a_waiting_request_could_never_be_serv
 def test_a_shrink_is_allowed_while_another_gpu_can_still_serve_the_waiting_request(
     backend_url: str, namespace: str, made: list[GPUBoss]
 ) -> None:
-    two = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1))
-    holder = boss_of(made, backend_url, namespace, *two)
+    holder = boss_of(made, backend_url, namespace, *TWO)
     held = [holder.acquire(16, timeout=0, device=g) for g in ("gpu0", "gpu1")]
-    waiter = boss_of(made, backend_url, namespace, *two)
+    waiter = boss_of(made, backend_url, namespace, *TWO)
     thread, got = in_thread(lambda: waiter.acquire(20, timeout=30, ttl=LONG_TTL))
     queued(backend_url, namespace)
-    first = boss_of(made, backend_url, namespace, decl(gpu="gpu0", reserve_gb=5), two[1])
+    first = boss_of(made, backend_url, namespace, decl(gpu="gpu0", reserve_gb=5), TWO[1])
     assert {g.id: g.leasable_mib for g in first.register_gpus(update=True)} == {"gpu0": 19 * GB, "gpu1": 24 * GB}
     both = boss_of(
         made, backend_url, namespace, decl(gpu="gpu0", reserve_gb=5), decl(gpu="gpu1", index=1, reserve_gb=5)
@@ -189,8 +199,7 @@ def test_a_boss_that_read_the_registry_before_sees_a_gpu_grow(
     backend_url: str, namespace: str, made: list[GPUBoss]
 ) -> None:
     boss_of(made, backend_url, namespace, decl(vram_gb=16)).register_gpus()
-    reader = GPUBoss(backend_url, namespace=namespace, service="reader", gpu_discovery="off")  # declares none
-    made.append(reader)
+    reader = bare_boss(made, backend_url, namespace, "reader")
     reader.release(reader.acquire(4, timeout=0))  # it has read the registry: 16 GB
     with pytest.raises(InsufficientCapacity):
         reader.acquire(20, timeout=0)
@@ -274,14 +283,12 @@ def test_discovered_gpus_keep_their_host_and_are_placed_by_it_at_their_new_size(
 def test_a_gpu_gone_for_good_is_taken_out_with_everything_kept_about_it(
     backend_url: str, namespace: str, made: list[GPUBoss]
 ) -> None:
-    two = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1))
-    boss = boss_of(made, backend_url, namespace, *two)
+    boss = boss_of(made, backend_url, namespace, *TWO)
     boss.release(boss.acquire(4, device="gpu1", timeout=0))
     client, keys = raw_client(backend_url), Keys(namespace)
     client.hset(keys.offline, "gpu1", json.dumps({"host": "gone", "since": 1, "reason": "host_timeout"}))
     client.hset(keys.observed, "gpu1", "300,1,1")
-    operator = GPUBoss(backend_url, namespace=namespace, service="operator", gpu_discovery="off")  # declares none
-    made.append(operator)
+    operator = bare_boss(made, backend_url, namespace, "operator")
     assert operator.unregister_gpus(["gpu1"]) == 1
     assert [g.id for g in operator.gpus()] == ["gpu0"]
     for key in (keys.gpus, keys.capacity, keys.used, keys.observed, keys.offline):
@@ -301,8 +308,7 @@ def test_a_gpu_gone_for_good_is_taken_out_with_everything_kept_about_it(
 def test_a_gpu_is_not_taken_out_while_leases_hold_memory_on_it(
     backend_url: str, namespace: str, made: list[GPUBoss]
 ) -> None:
-    two = (decl(gpu="gpu0"), decl(gpu="gpu1", index=1))
-    holder = boss_of(made, backend_url, namespace, *two)
+    holder = boss_of(made, backend_url, namespace, *TWO)
     held = holder.acquire(20, device="gpu0", timeout=0)
     client = raw_client(backend_url)
     before = snapshot(client, namespace)

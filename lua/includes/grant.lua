@@ -212,9 +212,20 @@ local function remember_blocked(s, id, req)
   end
 end
 
+-- (backfill) Keep the GPU that blocked request `id` waits for (none for one over several GPUs) out of the
+-- placement of the requests behind it; returns `avoid`, the set of kept GPUs (made on first use).
+local function keep_gpu(s, avoid, id, req)
+  avoid = avoid or {}
+  local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, id, req.node)
+  if gpu_wanted then
+    avoid[gpu_wanted] = true
+  end
+  return avoid
+end
+
 -- A grant went ahead of the blocked requests in `passable` (overtake): count it against each (its ticket's
--- `passed`). One passed `limit` times leaves the list: true when the queue must stop behind it (strict); with
--- backfill, the GPU it waits for is kept for it in `avoid` from now on.
+-- `passed`). One passed `limit` times leaves the list and, with backfill, keeps its GPU from now on. Returns
+-- whether the queue must stop behind it (strict), and `avoid`.
 local function count_passes(s, passable, limit, backfill, avoid)
   local stop = false
   for i = #passable, 1, -1 do
@@ -225,16 +236,13 @@ local function count_passes(s, passable, limit, backfill, avoid)
     if req.passed >= limit then
       table.remove(passable, i)
       if backfill then
-        local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, entry.id, req.node)
-        if gpu_wanted then
-          avoid[gpu_wanted] = true
-        end
+        avoid = keep_gpu(s, avoid, entry.id, req)
       else
         stop = true
       end
     end
   end
-  return stop
+  return stop, avoid
 end
 
 local function grant_waiting(s, now)
@@ -282,8 +290,9 @@ local function grant_waiting(s, now)
           redis.call('PEXPIRE', wake, int(req.ttl_ms * 2 + 10000))
           granted = granted + 1
           if passable and #passable > 0 then
-            avoid = avoid or (backfill and {} or nil)
-            if count_passes(s, passable, overtake, backfill, avoid) then
+            local stop
+            stop, avoid = count_passes(s, passable, overtake, backfill, avoid)
+            if stop then
               break
             end
           end
@@ -301,11 +310,7 @@ local function grant_waiting(s, now)
             end
             break
           else
-            avoid = avoid or {}
-            local gpu_wanted = (tonumber(req.count) or 1) == 1 and target(s, req.vram_mib, req.pin, head, req.node)
-            if gpu_wanted then
-              avoid[gpu_wanted] = true
-            end
+            avoid = keep_gpu(s, avoid, head, req)
           end
           skip = skip + 1
           blocked = blocked + 1
