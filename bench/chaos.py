@@ -23,7 +23,11 @@ per look (a consistent snapshot, about 20 per second), and checks continuously:
 * fencing tokens only grow: the counter never goes down (across Redis restarts too, where it is re-seeded from
   Redis time), and a lease first seen carries a token above every counter value seen before it;
 * no stranded waiter: the head of the queue (expired entries left out) fits on a GPU (expired leases left
-  out) for more than ``STRANDED_S`` in a row.
+  out) for more than ``STRANDED_S`` in a row;
+* with scheduling rules (``--queueing``, ``--overtake``: every worker's configuration carries them), the rules
+  are in force: while GPUs are registered, the policy hash holds exactly those rules (a restart wipes them
+  with the registry; the bosses store them again before they register the GPUs), never missing for more than
+  ``STRANDED_S`` in a row.
 
 From the workers' logs the driver checks afterwards that every stopped holder was told that its lease was
 lost (``on_lost``, or ``release()`` answering False) and never saw it renewed, that a later lease on the same
@@ -63,7 +67,8 @@ from typing import Any
 import gpuboss
 import redis
 from gpuboss import GPUBoss, Keys
-from gpuboss.config import gb_to_mib
+from gpuboss.config import config_from_arguments, gb_to_mib
+from gpuboss.policy import policy_fields
 from gpuboss.scripts import lua_dir
 from gpuboss.server import RedisProcess, start_redis
 from redis.exceptions import RedisError, ResponseError
@@ -111,6 +116,12 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout, socket_timeout=timeout)
 
 
+def stored_rules(rules: dict[str, Any]) -> dict[str, str]:
+    """The policy hash that bosses configured with ``rules`` store (gpuboss/policy.py; empty fields are none)."""
+    config = config_from_arguments(namespace="chaos", gpus=GPUS, **rules)
+    return {name: value for name, value in policy_fields(config) if value}
+
+
 def pid_of(raw: str) -> tuple[int, dict[str, Any]] | None:
     try:
         rec = json.loads(raw)
@@ -135,6 +146,8 @@ class Snapshot:
     token: int | None
     offline: set[str]
     holds: int
+    #: the policy hash (the scheduling rules in force)
+    rules: dict[str, str] = field(default_factory=dict)
 
 
 def read_snapshot(client: redis.Redis, keys: Keys) -> Snapshot:
@@ -149,6 +162,7 @@ def read_snapshot(client: redis.Redis, keys: Keys) -> Snapshot:
     pipe.zrange(keys.queue_exp, 0, -1, withscores=True)
     pipe.get(keys.token)
     pipe.time()
+    pipe.hgetall(keys.policy)
     extra = [name for name in ("offline", "holds") if isinstance(getattr(keys, name, None), str)]
     for name in extra:
         if name == "holds":
@@ -156,7 +170,7 @@ def read_snapshot(client: redis.Redis, keys: Keys) -> Snapshot:
         else:
             pipe.hkeys(getattr(keys, name))
     res = pipe.execute()
-    more = dict(zip(extra, res[9:], strict=True))
+    more = dict(zip(extra, res[10:], strict=True))
     secs, micros = res[8]
     return Snapshot(
         now_ms=int(secs) * 1000 + int(micros) // 1000,
@@ -170,6 +184,7 @@ def read_snapshot(client: redis.Redis, keys: Keys) -> Snapshot:
         token=None if res[7] is None else int(res[7]),
         offline=set(more.get("offline", [])),
         holds=int(more.get("holds", 0)),
+        rules=dict(res[9]),
     )
 
 
@@ -177,6 +192,8 @@ def read_snapshot(client: redis.Redis, keys: Keys) -> Snapshot:
 class Observer:
     """The invariant checks over a stream of snapshots (all times on ``time.monotonic()``)."""
 
+    #: the policy hash every worker's rules make (empty: the default rules, not checked)
+    rules: dict[str, str] = field(default_factory=dict)
     snapshots: int = 0
     failed_reads: int = 0
     longest_blind_s: float = 0.0
@@ -193,6 +210,8 @@ class Observer:
     _head: str | None = None
     _head_since: float = 0.0
     _last_ok: float | None = None
+    _rules_off_since: float | None = None
+    _rules_told: bool = False
 
     def violation(self, kind: str, t: float, what: str) -> None:
         self.violations[kind] += 1
@@ -203,6 +222,7 @@ class Observer:
         """A look failed (Redis restarting): what was continuous is not any more."""
         self.failed_reads += 1
         self._head = None
+        self._rules_off_since, self._rules_told = None, False
 
     def decode(self, raw: str) -> dict[str, Any]:
         rec = self._decoded.get(raw)
@@ -222,6 +242,7 @@ class Observer:
         self.check_books(s, leases, t)
         self.check_tokens(s, leases, t)
         self.check_stranded(s, leases, t)
+        self.check_rules(s, t)
         for req_id, raw in s.tickets.items():
             seen = self.tickets.get(req_id)
             if seen is None:
@@ -304,6 +325,20 @@ class Observer:
                 "stranded_waiters", t, f"head {head} fits ({s.tickets[head][:200]}) for {t - self._head_since:.1f} s"
             )
 
+    def check_rules(self, s: Snapshot, t: float) -> None:
+        """While GPUs are registered, the policy hash must hold the rules, missing or different for at most
+        STRANDED_S in a row (counted once per episode)."""
+        if not self.rules or not s.cap or s.rules == self.rules:
+            self._rules_off_since, self._rules_told = None, False
+            return
+        if self._rules_off_since is None:
+            self._rules_off_since = t
+        elif t - self._rules_off_since > STRANDED_S and not self._rules_told:
+            self._rules_told = True
+            self.violation(
+                "rules_lost", t, f"policy {s.rules} instead of {self.rules} for {t - self._rules_off_since:.1f} s"
+            )
+
     def result(self) -> dict[str, Any]:
         return {
             "snapshots": self.snapshots,
@@ -328,7 +363,7 @@ def observe(spec_path: str) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
-    obs = Observer()
+    obs = Observer(rules=spec.get("rules", {}))
     while not stopping:
         t = time.monotonic()
         try:
@@ -358,6 +393,8 @@ class Plan:
     kinds: tuple[str, ...] = KINDS
     #: extra GPUBoss workers that declare no GPU and lease from the namespace's registry
     registry_clients: int = 0
+    #: scheduling rules every boss is configured with (``queueing``, ``overtake``); empty: the defaults
+    rules: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -433,7 +470,12 @@ class Chaos:
         self.server = start_redis(self.workdir, socket=self.socket, port=self.port)
         self.direct = connect(self.direct_url)
         self.proxy = Proxy("127.0.0.1", self.port).start()
-        spec = {"url": self.direct_url, "namespace": self.namespace, "out": str(self.workdir / "observer.json")}
+        spec = {
+            "url": self.direct_url,
+            "namespace": self.namespace,
+            "out": str(self.workdir / "observer.json"),
+            "rules": stored_rules(self.plan.rules),
+        }
         spec_path = self.workdir / "observer.spec.json"
         spec_path.write_text(json.dumps(spec))
         with (self.workdir / "observer.err").open("wb") as err:
@@ -464,6 +506,7 @@ class Chaos:
             "seed": self.rng.randrange(2**32),
             "log": str(path),
             "ttl": TTL_RANGE_S,
+            "rules": self.plan.rules,
         }
         with (self.workdir / f"w{index:03d}.err").open("wb") as err:
             proc = subprocess.Popen(
@@ -712,7 +755,9 @@ class Chaos:
             if w.proc.returncode not in (0, -signal.SIGKILL) and w not in hung:
                 self.crashed.append(f"worker {w.index} (pid {w.pid}) exited with {w.proc.returncode}")
         time.sleep(TTL_RANGE_S[1] + 0.5)  # every TTL has run out
-        with GPUBoss(self.direct_url, namespace=self.namespace, gpus=GPUS, service="chaos-gc") as boss:
+        with GPUBoss(
+            self.direct_url, namespace=self.namespace, gpus=GPUS, service="chaos-gc", **self.plan.rules
+        ) as boss:
             for _ in range(100):
                 got = boss.collect()
                 if not any(got.values()):
@@ -915,6 +960,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         "leaked_keys": len(chaos.leaked) + len(chaos.used_left),
         "counter_mismatches": violations.get("counter_mismatches", 0),
         "index_mismatches": violations.get("index_mismatches", 0),
+        "rules_lost": violations.get("rules_lost", 0),
         "token_regressions": violations.get("token_regressions", 0),
         "stale_tokens_not_superseded": tally.must["stale_tokens_not_superseded"],
         "stale_leases_renewed": tally.must["stale_leases_renewed"],
@@ -937,6 +983,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
             "tasks_per_async": chaos.plan.tasks,
             "started": len(chaos.workers),
         },
+        "rules": chaos.plan.rules,
         "operations": acquires + counts["rel"] + counts["unavailable_release"],
         "acquires": acquires,
         "releases": counts["rel"],
@@ -1064,7 +1111,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"gpuboss chaos: {report['duration_s']} s, {w['initial']} workers ({w['initial'] - w['async']} GPUBoss, "
         f"{w['async']} AsyncGPUBoss x {w['tasks_per_async']} tasks) + {w['registry_clients']} registry clients, "
-        f"{w['started']} started in all; seed {report['seed']}",
+        f"{w['started']} started in all; seed {report['seed']}; rules "
+        f"{', '.join(f'{k}: {v}' for k, v in report['rules'].items()) or 'the defaults'}",
         f"operations {report['operations']} (grants {report['grants']}, releases {report['releases']}, "
         f"timeouts {report['timeouts']}, Redis unavailable {report['redis_unavailable']}), "
         f"script calls {report['script_calls']}",
@@ -1122,6 +1170,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="extra GPUBoss workers that declare no GPU and use the namespace's registry (default 0)",
     )
+    parser.add_argument(
+        "--queueing", choices=("strict", "backfill"), help="every boss's queueing rule (default: the default, strict)"
+    )
+    parser.add_argument(
+        "--overtake", type=int, metavar="N", help="every boss's overtake rule, 0 to 1000 (default: none)"
+    )
     parser.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults (default 2.5)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     parser.add_argument(
@@ -1139,6 +1193,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         parser.error(f"--only: unknown fault kinds {unknown}; choose from {', '.join(KINDS)}")
+    if args.overtake is not None and not 0 <= args.overtake <= 1000:
+        parser.error(f"--overtake: {args.overtake} is not allowed; choose 0 to 1000")
     workers = max(2, args.workers)
     plan = Plan(
         args.duration,
@@ -1149,6 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
         seed,
         kinds,
         max(0, args.registry_clients),
+        {k: v for k, v in (("queueing", args.queueing), ("overtake", args.overtake)) if v is not None},
     )
     workdir = Path(tempfile.mkdtemp(prefix="gpuboss-chaos-"))
     chaos = Chaos(plan, workdir)

@@ -169,7 +169,13 @@ class SyncWorker:
         self.rng = random.Random(spec["seed"])
         self.stopping = False
         self.in_acquire = False
-        self.boss = GPUBoss(spec["url"], namespace=spec["namespace"], gpus=spec["gpus"], service=f"chaos-{os.getpid()}")
+        self.boss = GPUBoss(
+            spec["url"],
+            namespace=spec["namespace"],
+            gpus=spec["gpus"],
+            service=f"chaos-{os.getpid()}",
+            **spec.get("rules", {}),
+        )
         if not spec["gpus"]:  # a registry client: it leases the GPUs other processes registered
             deadline = mono() + REGISTRY_WAIT_S
             while not self.boss.gpus() and mono() < deadline:
@@ -275,7 +281,11 @@ class AsyncWorker:
         from gpuboss import AsyncGPUBoss
 
         boss = AsyncGPUBoss(
-            self.spec["url"], namespace=self.spec["namespace"], gpus=self.spec["gpus"], service=f"achaos-{os.getpid()}"
+            self.spec["url"],
+            namespace=self.spec["namespace"],
+            gpus=self.spec["gpus"],
+            service=f"achaos-{os.getpid()}",
+            **self.spec.get("rules", {}),
         )
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

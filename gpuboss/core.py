@@ -574,14 +574,24 @@ class Core:
         self.update_registry((yield ReadHash(self.keys.gpus)))
         return sorted(self.registry.values(), key=lambda g: g.id)
 
+    def policy_flow(self, again: bool = False) -> Generator[Op, Any, bool]:
+        """Store this configuration's scheduling rules (if it has any) when due: before the first request, once
+        a UTC day (time windows), and ``again`` at once when the namespace lost its state (its GPU registry is
+        gone: a Redis restarted empty, ``FLUSHALL``, a failover to an empty replica), before the GPUs are
+        registered again, so nothing is granted there without the rules. Whether it stored them."""
+        if not self.policy_fields:
+            return False
+        today = datetime.now(UTC).date()
+        if not again and self.policy_day == today:
+            return False
+        yield self.policy_call(today)
+        self.policy_day = today
+        return True
+
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
         """Before a request: read the registry (first time, or to resolve a pin), check the request against
         it, and only then register this boss's GPUs, so a bad request writes nothing."""
-        if self.policy_fields:
-            today = datetime.now(UTC).date()
-            if self.policy_day != today:
-                yield self.policy_call(today)
-                self.policy_day = today
+        stored = yield from self.policy_flow()
         if self.registry_loaded and req.device is None:
             try:
                 self.check_request(req)
@@ -593,6 +603,8 @@ class Core:
         self.check_request(req)
         register = self.register_call() if self.needs_register(flat) else None
         if register is not None:
+            if not flat and not stored:  # no GPU registered at all: a new namespace, or one that lost its state
+                yield from self.policy_flow(again=True)
             self.check_register_reply((yield register))
 
     # -- script calls
@@ -822,6 +834,7 @@ class Core:
         deadline = None if req.timeout is None else clock() + req.timeout
         call = self.acquire_call(request_id, req, pin, self.config.service)
         watching = False
+        restored = False  # the scheduling rules stored again in this call, after the namespace lost its state
         while True:
             if stop is not None and stop():
                 yield self.release_call(request_id, "cancel")
@@ -829,6 +842,10 @@ class Core:
             reply = yield call
             code = Reply(int(reply[0]))
             gone = code is Reply.NO_GPUS or (code is Reply.UNKNOWN_GPU and pin in self.registry)
+            if code is Reply.NO_GPUS and not restored and (self.declared or self.registry):
+                # The namespace lost its state (the registry with the rest): its rules first, then its GPUs.
+                yield from self.policy_flow(again=True)
+                restored = True
             if code is Reply.NO_GPUS and self.declared:
                 register = self.register_call()
                 assert register is not None

@@ -201,6 +201,8 @@ class Inventory:
             )
         flat = yield ReadHash(self.core.keys.gpus)
         if self.core.needs_register(flat):
+            if not flat:  # no GPU registered at all: a new namespace, or one that lost its state (and its rules)
+                yield from self.core.policy_flow(again=True)
             if update:
                 call = self.core.reregister_call()
                 assert call is not None

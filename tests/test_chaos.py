@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis
-from bench.chaos import KINDS, STRANDED_S, Logs, Observer, Snapshot, Tally, client_over_commits
+from bench.chaos import KINDS, STRANDED_S, Logs, Observer, Snapshot, Tally, client_over_commits, stored_rules
 from bench.env import free_port
 from bench.proxy import Proxy
 from gpuboss import GPUBoss, LeaseTimeout
@@ -47,6 +47,8 @@ def snap(
     now_ms: int = NOW,
     lease_exp: dict[str, float] | None = None,
     queue_exp: dict[str, float] | None = None,
+    rules: dict[str, str] | None = None,
+    cap: dict[str, int] | None = None,
 ) -> Snapshot:
     leases = leases or {}
     queue = queue or []
@@ -57,7 +59,7 @@ def snap(
             used[rec["gpu"]] += rec["vram_mib"]
     return Snapshot(
         now_ms=now_ms,
-        cap=dict(CAP),
+        cap=dict(CAP if cap is None else cap),
         used=used,
         leases=leases,
         lease_exp=lease_exp if lease_exp is not None else dict.fromkeys(leases, NOW + 5000.0),
@@ -67,6 +69,7 @@ def snap(
         token=token,
         offline=set(),
         holds=0,
+        rules=rules or {},
     )
 
 
@@ -158,6 +161,40 @@ def test_a_failed_read_breaks_the_stranded_streak() -> None:
     obs.check(snap(queue=["w"]), STRANDED_S + 0.5)
     assert violations(obs) == {}
     assert obs.failed_reads == 1
+
+
+def test_rules_missing_while_gpus_are_registered_are_caught_once_per_episode() -> None:
+    rules = {"queueing": "backfill", "overtake": "4"}
+    obs = Observer(rules=rules)
+    obs.check(snap(rules=rules), 0.0)
+    for step in (1.0, 2.0):  # a restart wiped them: the bosses store them again soon
+        obs.check(snap(rules={}), step)
+    obs.check(snap(rules=rules), 2.5)
+    for step in (3.0, 4.0, 5.0):  # no GPU registered yet: nothing to grant under any rules
+        obs.check(snap(rules={}, cap={}, used={}), step)
+    assert violations(obs) == {}
+    t0 = 10.0
+    for step in (0.0, STRANDED_S / 2, STRANDED_S + 0.5, STRANDED_S + 1.0):
+        obs.check(snap(rules={"queueing": "backfill"}), t0 + step)  # one rule lost for good
+    assert violations(obs) == {"rules_lost": 1}
+    assert "instead of" in obs.details["rules_lost"][0]
+    obs.blind(20.0)  # a failed read ends the episode, and the next one counts again
+    for step in (21.0, 22.0, 21.0 + STRANDED_S + 0.5):
+        obs.check(snap(rules={}), step)
+    assert violations(obs) == {"rules_lost": 2}
+
+
+def test_default_rules_are_not_checked() -> None:
+    obs = Observer()
+    for step in (0.0, STRANDED_S + 1.0):
+        obs.check(snap(rules={"overtake": "2"}), step)
+    assert violations(obs) == {}
+
+
+def test_the_observer_expects_the_rules_the_bosses_store() -> None:
+    assert stored_rules({}) == {}
+    assert stored_rules({"queueing": "backfill", "overtake": 4}) == {"queueing": "backfill", "overtake": "4"}
+    assert stored_rules({"overtake": 0}) == {}  # 0 removes the rule: an empty field
 
 
 def test_client_side_over_commit_is_caught() -> None:

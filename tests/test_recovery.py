@@ -430,6 +430,65 @@ async def test_redis_restart_is_survived_async(fresh_redis: RedisProcess, namesp
         client.close()
 
 
+# ---------------------------------------------------------------- the scheduling rules of a wiped namespace
+
+RULES: dict[str, Any] = {"queueing": "backfill", "overtake": 2}
+STORED_RULES = {"queueing": "backfill", "overtake": "2"}
+
+
+def wipe(server: RedisProcess, how: str) -> None:
+    """``restart``: an empty server on the same socket (the clients' connections break); ``flushall``: the same
+    server emptied, every connection kept (no client notices an outage)."""
+    if how == "restart":
+        restart(server)
+        return
+    client = raw_client(server.url)
+    client.flushall()
+    client.close()
+
+
+@pytest.mark.parametrize("how", ["flushall", "restart"])
+@pytest.mark.parametrize("then", ["acquire", "pinned acquire", "register_gpus"])
+def test_scheduling_rules_are_stored_again_when_the_namespace_lost_them(
+    fresh_redis: RedisProcess, namespace: str, how: str, then: str
+) -> None:
+    """A namespace that lost its state (Redis restarted empty, FLUSHALL, a failover to an empty replica) gets its
+    GPUs registered again by the next boss that uses it: that boss stores its scheduling rules again too, before
+    its GPUs, not only on the next UTC day. (FLUSHALL found the rules gone for good: no outage was noticed.)"""
+    keys = Keys(namespace)
+    with GPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="rules", **RULES) as boss:
+        boss.release(boss.acquire(1, timeout=0))
+        client = raw_client(fresh_redis.url)
+        assert client.hgetall(keys.policy) == STORED_RULES
+        client.close()
+        wipe(fresh_redis, how)
+        client = raw_client(fresh_redis.url)
+        assert client.hgetall(keys.policy) == {}
+        assert client.hgetall(keys.gpus) == {}
+        if then == "register_gpus":
+            assert {g.id for g in boss.register_gpus()} == {"gpu0", "gpu1"}
+        else:
+            lease = boss.acquire(1, device="gpu1" if then == "pinned acquire" else None, timeout=5)
+            assert boss.release(lease)
+        assert client.hgetall(keys.policy) == STORED_RULES
+        assert set(client.hkeys(keys.gpus)) == {"gpu0", "gpu1"}
+    client.close()
+
+
+async def test_scheduling_rules_are_stored_again_after_flushall_async(
+    fresh_redis: RedisProcess, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    async with AsyncGPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="arules", **RULES) as boss:
+        assert await boss.release(await boss.acquire(1, timeout=0))
+        wipe(fresh_redis, "flushall")
+        client = raw_client(fresh_redis.url)
+        assert client.hgetall(keys.policy) == {}
+        assert await boss.release(await boss.acquire(1, timeout=5))
+        assert client.hgetall(keys.policy) == STORED_RULES
+        client.close()
+
+
 # ---------------------------------------------------------------- async: blocked loop, cancellation
 
 
