@@ -32,6 +32,9 @@ from gpuboss.policy import policy_fields
 MAX_WAIT_CHUNK_S = 30.0
 #: How often a request looks again while the namespace's GPU registry is missing (lost with Redis).
 REGISTRY_WAIT_S = 0.5
+#: How often a boss with scheduling rules checks, before a request, that the namespace still has them: a boss
+#: without rules may have registered the GPUs again in a namespace that lost its state, or a hand deleted them.
+RULES_CHECK_S = 30.0
 #: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
 EXPIRY_WATCH_POSITIONS = 2
 MAX_TTL_S = 86400.0
@@ -412,6 +415,8 @@ class Core:
         self.policy_fields = policy_fields(self.config)
         #: The UTC day the policy was last stored (time windows are refreshed daily); None: not yet.
         self.policy_day: date | None = None
+        #: When (time.monotonic()) the rules were last stored or found in the namespace.
+        self.policy_checked = 0.0
         self.host = socket.gethostname()
         #: This boss's notice channel: eviction notices for its leases arrive there.
         self.holder = uuid.uuid4().hex
@@ -578,14 +583,21 @@ class Core:
         """Store this configuration's scheduling rules (if it has any) when due: before the first request, once
         a UTC day (time windows), and ``again`` at once when the namespace lost its state (its GPU registry is
         gone: a Redis restarted empty, ``FLUSHALL``, a failover to an empty replica), before the GPUs are
-        registered again, so nothing is granted there without the rules. Whether it stored them."""
+        registered again, so nothing is granted there without the rules. In between, every RULES_CHECK_S, one
+        read checks that each rule is still there (by name: a boss configured otherwise may have replaced its
+        value, and the last one started wins) and stores them again if one is missing. Whether it stored them."""
         if not self.policy_fields:
             return False
         today = datetime.now(UTC).date()
         if not again and self.policy_day == today:
-            return False
+            if time.monotonic() - self.policy_checked < RULES_CHECK_S:
+                return False
+            self.policy_checked = time.monotonic()
+            there = yield ReadHash(self.keys.policy)
+            if all(name in there for name, value in policy_fields(self.config, today) if value):
+                return False
         yield self.policy_call(today)
-        self.policy_day = today
+        self.policy_day, self.policy_checked = today, time.monotonic()
         return True
 
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import gpuboss.core
 import pytest
 import redis
 from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, redis_io
@@ -472,6 +473,45 @@ def test_scheduling_rules_are_stored_again_when_the_namespace_lost_them(
             assert boss.release(lease)
         assert client.hgetall(keys.policy) == STORED_RULES
         assert set(client.hkeys(keys.gpus)) == {"gpu0", "gpu1"}
+    client.close()
+
+
+def rules_changed(client: redis.Redis, keys: Keys) -> list[str]:
+    """The rules named by the `policy_changed` events in the namespace's event log, in order."""
+    events = [json.loads(fields["event"]) for _id, fields in client.xrange(keys.event_log)]
+    return [e["rule"] for e in events if e["type"] == "policy_changed"]
+
+
+def test_a_boss_stores_its_rules_again_where_a_boss_without_rules_registered_the_gpus(
+    fresh_redis: RedisProcess, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bosses configured differently share a namespace that lost its state: the one without rules registers the
+    GPUs again, and the one with rules finds its rules missing at its next check (one read every RULES_CHECK_S,
+    0 here) and stores them again; where they are all there, the check writes nothing."""
+    keys = Keys(namespace)
+    url = fresh_redis.url
+    with (
+        GPUBoss(url, namespace=namespace, gpus=GPUS, service="ruled", **RULES) as ruled,
+        GPUBoss(url, namespace=namespace, gpus=GPUS, service="plain") as plain,
+    ):
+        assert ruled.release(ruled.acquire(1, timeout=0))
+        wipe(fresh_redis, "flushall")
+        assert plain.release(plain.acquire(1, timeout=5))  # registers the GPUs again; it has no rules to store
+        client = raw_client(url)
+        assert set(client.hkeys(keys.gpus)) == {"gpu0", "gpu1"}
+        assert client.hgetall(keys.policy) == {}
+        assert ruled.release(ruled.acquire(1, timeout=5))  # its check is not due yet (every 30 s)
+        assert client.hgetall(keys.policy) == {}
+        monkeypatch.setattr(gpuboss.core, "RULES_CHECK_S", 0.0)
+        assert ruled.release(ruled.acquire(1, timeout=5))
+        assert client.hgetall(keys.policy) == STORED_RULES
+        assert sorted(rules_changed(client, keys)) == ["overtake", "queueing"]
+        assert ruled.release(ruled.acquire(1, timeout=5))  # checked again: all there, nothing stored
+        assert len(rules_changed(client, keys)) == 2
+        client.hdel(keys.policy, "overtake")  # one rule deleted by hand
+        assert ruled.release(ruled.acquire(1, timeout=5))
+        assert client.hgetall(keys.policy) == STORED_RULES
+        assert rules_changed(client, keys)[2:] == ["overtake"]
     client.close()
 
 
