@@ -313,3 +313,29 @@ def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
     assert stops["recovery"]["n"] >= stops["injected"]
     told = report["lost_told"]["stop_holder"]
     assert told["on_lost"] + told["release"] >= stops["injected"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chaos_smoke_with_scheduling_rules_keeps_them_in_force() -> None:
+    """Every boss configured with `queueing: backfill` and `overtake: 2`, through Redis restarts and cut
+    connections: the invariants hold, and the observer finds the rules in force (back after each restart)."""
+    args = ["--duration", "12", "--workers", "6", "--fault-every", "1.5", "--only", "redis_restart,proxy_drop"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", *args, "--queueing", "backfill", "--overtake", "2", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.stdout, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["rules"] == {"queueing": "backfill", "overtake": 2}
+    assert report["must_be_zero"]["rules_lost"] == 0
+    assert report["must_be_zero"] == dict.fromkeys(report["must_be_zero"], 0), (
+        json.dumps(report["details"], indent=1) + result.stderr[-3000:]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["faults"]["redis_restart"]["injected"] >= 1
+    assert report["grants"] > 0
+    assert report["observer"]["snapshots"] > 50
