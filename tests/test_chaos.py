@@ -287,15 +287,14 @@ def test_registry_client_after_a_redis_restart(tmp_path: Path, device: str | Non
 # ---------------------------------------------------------------- a short soak
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
+def soak(*args: str, timeout: float) -> dict[str, Any]:
+    """Run the chaos soak with ``args``: its JSON report, once every must-be-0 figure is 0 and it exited 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.chaos", "--duration", "20", "--workers", "8", "--fault-every", "1.5", "--json"],
+        [sys.executable, "-m", "bench.chaos", *args, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=380,
+        timeout=timeout,
     )
     assert result.stdout, result.stderr[-3000:]
     report: dict[str, Any] = json.loads(result.stdout)
@@ -304,6 +303,13 @@ def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert report["ok"] is True
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
+    report = soak("--duration", "20", "--workers", "8", "--fault-every", "1.5", timeout=380)
     for kind in KINDS:
         assert report["faults"][kind]["injected"] >= 1, kind
     assert report["grants"] > 0
@@ -320,22 +326,11 @@ def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
 def test_chaos_smoke_with_scheduling_rules_keeps_them_in_force() -> None:
     """Every boss configured with `queueing: backfill` and `overtake: 2`, through Redis restarts and cut
     connections: the invariants hold, and the observer finds the rules in force (back after each restart)."""
-    args = ["--duration", "12", "--workers", "6", "--fault-every", "1.5", "--only", "redis_restart,proxy_drop"]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.chaos", *args, "--queueing", "backfill", "--overtake", "2", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert result.stdout, result.stderr[-3000:]
-    report: dict[str, Any] = json.loads(result.stdout)
+    only = "redis_restart,proxy_drop"
+    rules = ("--queueing", "backfill", "--overtake", "2")
+    report = soak("--duration", "12", "--workers", "6", "--fault-every", "1.5", "--only", only, *rules, timeout=280)
     assert report["rules"] == {"queueing": "backfill", "overtake": 2}
-    assert report["must_be_zero"]["rules_lost"] == 0
-    assert report["must_be_zero"] == dict.fromkeys(report["must_be_zero"], 0), (
-        json.dumps(report["details"], indent=1) + result.stderr[-3000:]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rules_lost" in report["must_be_zero"]  # (checked, and 0, with the others)
     assert report["faults"]["redis_restart"]["injected"] >= 1
     assert report["grants"] > 0
     assert report["observer"]["snapshots"] > 50
