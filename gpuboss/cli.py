@@ -53,6 +53,7 @@ from gpuboss.keys import Keys
 from gpuboss.snapshot import (
     as_int,
     as_json_object,
+    describe_rules,
     explain_queue,
     health_report,
     lease_gpus,
@@ -363,6 +364,12 @@ def status_view(snap: dict[str, Any], target: Target, gauge: bool = False) -> li
         out.append(gpu_table(gpus, bool(snap.get("inventory")), f"GPUs ({len(gpus)})", gauge))
     else:
         out.append(Line(f"GPUs: none registered in namespace {snap['namespace']!r} (no boss has used it yet)"))
+    rules = describe_rules(snap.get("policy") or {}, round(float(snap["time"]) * 1000))
+    if rules:
+        out += [Line(), Line(f"Rules ({len(rules)}, in force in every process)", "bold")]
+        out += [Line(f"  {rule}") for rule in rules]
+    else:
+        out += [Line(), Line("Rules: the defaults (strict order; nothing paused, capped or limited in time)", "dim")]
     offline = offline_lines(snap)
     if offline:
         out += [Line(), Line(f"Offline ({len(offline)}: no new grants there)", "bold"), *offline]

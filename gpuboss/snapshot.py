@@ -272,6 +272,51 @@ def _window_end(windows: list[Any], cls: str, now_ms: int) -> int | None:
     return end
 
 
+def describe_rules(policy: dict[str, Any], now_ms: int) -> list[str]:
+    """The scheduling rules in force, one line each, for people (``gpuboss status``); empty: the defaults (strict
+    order; nothing paused, capped, windowed, aged or limited in time). A rule the scripts would read as
+    absent (a wrong shape) is left out, as :func:`held_back` leaves it out."""
+    out: list[str] = []
+    if policy.get("queueing") == "backfill":
+        out.append("queueing backfill: a later request may use a GPU that none of the blocked ones ahead waits for")
+    overtake = as_int(policy.get("overtake", 0))
+    if overtake > 0:
+        out.append(f"overtake {overtake}: a request that does not fit may be passed {overtake} times")
+    for cls, info in sorted(_dict(policy.get("paused")).items()):
+        if info is False:  # (as held_back: any other value pauses the class)
+            continue
+        by = _dict(info).get("by")
+        out.append(f"class {cls} paused by gpuboss pause" + (f" ({by})" if by else ""))
+    for rule in _list(policy.get("pause")):
+        rule = _dict(rule)
+        if rule.get("class") and _list(rule.get("while")):
+            evict = ", evicting its leases" if rule.get("evict") else ""
+            out.append(f"class {rule['class']} paused while {' or '.join(map(str, rule['while']))} is active{evict}")
+    windows = [w for w in _list(policy.get("windows")) if isinstance(w, dict) and w.get("class")]
+    for cls in sorted({str(w["class"]) for w in windows}):
+        end = _window_end(windows, cls, now_ms)
+        state = f"paused now, for {seconds((end - now_ms) / 1000)} more" if end is not None else "not paused now"
+        out.append(f"class {cls} paused in time windows ({state})")
+    caps = _dict(policy.get("caps"))
+    for kind, who in (("services", "service"), ("classes", "class")):
+        for name, cap in sorted(_dict(caps.get(kind)).items()):
+            cap = _dict(cap)
+            limits = [_leases(as_int(cap["leases"]))] if "leases" in cap else []
+            limits += [gb(as_int(cap["mib"]))] if "mib" in cap else []
+            if limits:
+                out.append(f"{who} {name} capped at {', '.join(limits)}")
+    for cls, hold in sorted(_dict(policy.get("max_hold")).items()):
+        hold = _dict(hold)
+        if "ms" in hold:
+            then = "revoked" if hold.get("action") == "revoke" else "asked to checkpoint (evict)"
+            out.append(f"class {cls} leases held at most {seconds(as_int(hold['ms']) / 1000)}, then {then}")
+    aging = _dict(policy.get("aging"))
+    if "every_ms" in aging:
+        every = seconds(as_int(aging["every_ms"]) / 1000)
+        out.append(f"aging: a waiting request moves up a class per {every} waited, at most {aging.get('max_boost')}")
+    return out
+
+
 def _at_cap(who: str, limit: int, active: int) -> str:
     if active == limit:
         return f"{who} at its cap of {_leases(limit)}"

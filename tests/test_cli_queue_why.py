@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 from gpuboss import GPUBoss, Keys, Lease
 from gpuboss.cli import _operator, cli
 from gpuboss.events import replay
-from gpuboss.snapshot import explain_queue
+from gpuboss.snapshot import describe_rules, explain_queue
 
 from tests.conftest import raw_client
 from tests.threads import WAIT_S, in_thread, until
@@ -255,6 +255,73 @@ def test_why_under_overtake_counts_the_passes_left(scene: Scene) -> None:
     until(lambda: not scene.queue(), "both granted")
     granted = [e.data["service"] for e in replay(scene.url, scene.namespace) if e.type == "granted"]
     assert granted[-3:] == ["small", "big", "small"]
+
+
+def test_status_names_the_rules_in_force(scene: Scene) -> None:
+    """`gpuboss status` says which scheduling rules the namespace runs (the policy hash, as the scripts read it),
+    or that it runs the defaults; a class paused by `gpuboss pause` shows with who paused it."""
+    plain = gpuboss(scene.url, scene.namespace, "--plain", "status")
+    assert "Rules: the defaults (strict order; nothing paused, capped or limited in time)" in plain.stdout
+    rules = {
+        "queueing": "backfill",
+        "overtake": 3,
+        "pause": [{"class": "low", "while": ["high"], "evict": True}],
+        "caps": {"services": {"ai": {"max_leases": 2, "max_vram_gb": 6}}, "classes": {"high": {"max_leases": 1}}},
+        "max_hold": {"low": {"seconds": 7200, "action": "revoke"}},
+        "aging": {"every_s": 600, "max_boost": 1},
+    }
+    boss = scene.boss("ops", **rules)
+    scene.hold(boss, 1)  # (its first acquire stores the rules)
+    assert gpuboss(scene.url, scene.namespace, "pause", "normal").exit_code == 0
+    try:
+        text = gpuboss(scene.url, scene.namespace, "--plain", "status")
+        assert text.exit_code == 0, text.output
+        lines = text.stdout.splitlines()
+        start = lines.index("Rules (8, in force in every process)")
+        assert lines[start + 1 : start + 9] == [
+            "  queueing backfill: a later request may use a GPU that none of the blocked ones ahead waits for",
+            "  overtake 3: a request that does not fit may be passed 3 times",
+            f"  class normal paused by gpuboss pause ({_operator()})",
+            "  class low paused while high is active, evicting its leases",
+            "  service ai capped at 2 leases, 6.0 GB",
+            "  class high capped at 1 lease",
+            "  class low leases held at most 2 h 00 min, then revoked",
+            "  aging: a waiting request moves up a class per 10 min 00 s waited, at most 1",
+        ]
+        assert lines[start + 9] == ""
+    finally:
+        assert gpuboss(scene.url, scene.namespace, "resume", "normal").exit_code == 0
+
+
+def test_rules_described_from_the_policy_as_the_scripts_read_it() -> None:
+    now = 1_000_000
+    windows = [
+        {"class": "low", "from": now - 60_000, "to": now + 90_000},
+        {"class": "low", "from": now + 90_000, "to": now + 150_000},  # adjacent: the pause runs on
+        {"class": "batch", "from": now + 60_000, "to": now + 120_000},
+    ]
+    assert describe_rules({"windows": windows}, now) == [
+        "class batch paused in time windows (not paused now)",
+        "class low paused in time windows (paused now, for 2 min 30 s more)",
+    ]
+    assert describe_rules({}, now) == []
+    assert describe_rules({"queueing": "strict", "overtake": 0}, now) == []  # the defaults, stored
+    # Shapes the scripts would not read as a rule are left out: a class unpaused as false, a pause rule with no
+    # class to wait on, a cap without a limit, a max_hold without its time, aging without its interval.
+    odd = {
+        "paused": {"low": False},
+        "pause": [{"class": "low", "while": []}, "x"],
+        "caps": {"services": {"ai": {}}},
+        "max_hold": {"low": {"action": "evict"}},
+        "aging": {"max_boost": 1},
+    }
+    assert describe_rules(odd, now) == []
+    assert describe_rules({"max_hold": {"low": {"ms": 1500}}}, now) == [
+        "class low leases held at most 1.5 s, then asked to checkpoint (evict)"
+    ]
+    assert describe_rules({"pause": [{"class": "batch", "while": ["high", "critical"]}]}, now) == [
+        "class batch paused while high or critical is active"
+    ]
 
 
 def test_why_of_a_request_over_two_gpus_waits_for_both(scene: Scene) -> None:
