@@ -602,17 +602,20 @@ class Core:
 
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
         """Before a request: read the registry (first time, or to resolve a pin), check the request against
-        it, and only then register this boss's GPUs, so a bad request writes nothing."""
-        stored = yield from self.policy_flow()
+        it, and only then store the scheduling rules (when due) and register this boss's GPUs, so a bad request
+        writes nothing."""
         if self.registry_loaded and req.device is None:
             try:
                 self.check_request(req)
-                return
             except (InsufficientCapacity, InvalidRequest):
                 pass  # (by the registry as read before: a GPU may have grown or been added since; read it again)
+            else:
+                yield from self.policy_flow()
+                return
         flat = yield ReadHash(self.keys.gpus)
         self.update_registry(flat)
         self.check_request(req)
+        stored = yield from self.policy_flow()
         register = self.register_call() if self.needs_register(flat) else None
         if register is not None:
             if not flat and not stored:  # no GPU registered at all: a new namespace, or one that lost its state

@@ -17,7 +17,16 @@ from typing import Any
 import gpuboss.core
 import pytest
 import redis
-from gpuboss import AsyncGPUBoss, GPUBoss, Keys, Lease, LeaseTimeout, redis_io
+from gpuboss import (
+    AsyncGPUBoss,
+    GPUBoss,
+    InsufficientCapacity,
+    InvalidRequest,
+    Keys,
+    Lease,
+    LeaseTimeout,
+    redis_io,
+)
 from gpuboss.scripts import all_scripts
 from gpuboss.server import RedisProcess, start_redis
 
@@ -471,6 +480,23 @@ def test_scheduling_rules_are_stored_again_when_the_namespace_lost_them(
         else:
             lease = boss.acquire(1, device="gpu1" if then == "pinned acquire" else None, timeout=5)
             assert boss.release(lease)
+        assert client.hgetall(keys.policy) == STORED_RULES
+        assert set(client.hkeys(keys.gpus)) == {"gpu0", "gpu1"}
+    client.close()
+
+
+def test_a_refused_first_request_stores_no_rules(fresh_redis: RedisProcess, namespace: str) -> None:
+    """A boss's first request, refused as too large or pinned to a GPU nobody declares, writes nothing: not
+    its scheduling rules either (they are stored, with the GPUs, by the first request that passes the checks)."""
+    keys = Keys(namespace)
+    client = raw_client(fresh_redis.url)
+    with GPUBoss(fresh_redis.url, namespace=namespace, gpus=GPUS, service="rules", **RULES) as boss:
+        with pytest.raises(InsufficientCapacity):
+            boss.acquire(100, timeout=0)
+        with pytest.raises(InvalidRequest):
+            boss.acquire(1, device="gpu7", timeout=0)
+        assert namespace_keys(client, namespace) == set()
+        assert boss.release(boss.acquire(1, timeout=0))
         assert client.hgetall(keys.policy) == STORED_RULES
         assert set(client.hkeys(keys.gpus)) == {"gpu0", "gpu1"}
     client.close()
