@@ -1171,7 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
         help="extra GPUBoss workers that declare no GPU and use the namespace's registry (default 0)",
     )
     parser.add_argument(
-        "--queueing", choices=("strict", "backfill"), help="every boss's queueing rule (default: the default, strict)"
+        "--queueing",
+        choices=("strict", "backfill"),
+        help="every boss's queueing rule (default: none stored, so strict)",
     )
     parser.add_argument(
         "--overtake", type=int, metavar="N", help="every boss's overtake rule, 0 to 1000 (default: none)"
