@@ -579,26 +579,25 @@ class Core:
         self.update_registry((yield ReadHash(self.keys.gpus)))
         return sorted(self.registry.values(), key=lambda g: g.id)
 
-    def policy_flow(self, again: bool = False) -> Generator[Op, Any, bool]:
+    def policy_flow(self, again: bool = False) -> Generator[Op, Any, None]:
         """Store this configuration's scheduling rules (if it has any) when due: before the first request, once
         a UTC day (time windows), and ``again`` at once when the namespace lost its state (its GPU registry is
         gone: a Redis restarted empty, ``FLUSHALL``, a failover to an empty replica), before the GPUs are
         registered again, so nothing is granted there without the rules. In between, every RULES_CHECK_S, one
         read checks that each rule is still there (by name: a boss configured otherwise may have replaced its
-        value, and the last one started wins) and stores them again if one is missing. Whether it stored them."""
+        value, and the last one started wins) and stores them again if one is missing."""
         if not self.policy_fields:
-            return False
+            return
         today = datetime.now(UTC).date()
         if not again and self.policy_day == today:
             if time.monotonic() - self.policy_checked < RULES_CHECK_S:
-                return False
+                return
             self.policy_checked = time.monotonic()
             there = yield ReadHash(self.keys.policy)
             if all(name in there for name, value in policy_fields(self.config, today) if value):
-                return False
+                return
         yield self.policy_call(today)
         self.policy_day, self.policy_checked = today, time.monotonic()
-        return True
 
     def prepare_flow(self, req: LeaseRequest) -> Generator[Op, Any, None]:
         """Before a request: read the registry (first time, or to resolve a pin), check the request against
@@ -615,11 +614,10 @@ class Core:
         flat = yield ReadHash(self.keys.gpus)
         self.update_registry(flat)
         self.check_request(req)
-        stored = yield from self.policy_flow()
         register = self.register_call() if self.needs_register(flat) else None
+        # No GPU registered at all (a new namespace, or one that lost its state): the rules go in first, at once.
+        yield from self.policy_flow(again=register is not None and not flat)
         if register is not None:
-            if not flat and not stored:  # no GPU registered at all: a new namespace, or one that lost its state
-                yield from self.policy_flow(again=True)
             self.check_register_reply((yield register))
 
     # -- script calls

@@ -27,6 +27,7 @@ from gpuboss import (
     LeaseTimeout,
     redis_io,
 )
+from gpuboss.events import replay
 from gpuboss.scripts import all_scripts
 from gpuboss.server import RedisProcess, start_redis
 
@@ -502,10 +503,9 @@ def test_a_refused_first_request_stores_no_rules(fresh_redis: RedisProcess, name
     client.close()
 
 
-def rules_changed(client: redis.Redis, keys: Keys) -> list[str]:
+def rules_changed(url: str, namespace: str) -> list[str]:
     """The rules named by the `policy_changed` events in the namespace's event log, in order."""
-    events = [json.loads(fields["event"]) for _id, fields in client.xrange(keys.event_log)]
-    return [e["rule"] for e in events if e["type"] == "policy_changed"]
+    return [e.data["rule"] for e in replay(url, namespace) if e.type == "policy_changed"]
 
 
 def test_a_boss_stores_its_rules_again_where_a_boss_without_rules_registered_the_gpus(
@@ -531,13 +531,13 @@ def test_a_boss_stores_its_rules_again_where_a_boss_without_rules_registered_the
         monkeypatch.setattr(gpuboss.core, "RULES_CHECK_S", 0.0)
         assert ruled.release(ruled.acquire(1, timeout=5))
         assert client.hgetall(keys.policy) == STORED_RULES
-        assert sorted(rules_changed(client, keys)) == ["overtake", "queueing"]
+        assert sorted(rules_changed(url, namespace)) == ["overtake", "queueing"]
         assert ruled.release(ruled.acquire(1, timeout=5))  # checked again: all there, nothing stored
-        assert len(rules_changed(client, keys)) == 2
+        assert len(rules_changed(url, namespace)) == 2
         client.hdel(keys.policy, "overtake")  # one rule deleted by hand
         assert ruled.release(ruled.acquire(1, timeout=5))
         assert client.hgetall(keys.policy) == STORED_RULES
-        assert rules_changed(client, keys)[2:] == ["overtake"]
+        assert rules_changed(url, namespace)[2:] == ["overtake"]
     client.close()
 
 
