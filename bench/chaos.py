@@ -22,8 +22,11 @@ per look (a consistent snapshot, about 20 per second), and checks continuously:
   entry; every queued request has its record and its expiry entry, and no record is without its entry;
 * fencing tokens only grow: the counter never goes down (across Redis restarts too, where it is re-seeded from
   Redis time), and a lease first seen carries a token above every counter value seen before it;
-* no stranded waiter: the head of the queue (expired entries left out) fits on a GPU (expired leases left
-  out) for more than ``STRANDED_S`` in a row;
+* no stranded waiter: the request that the scripts would grant now under the rules in force is not left
+  waiting for more than ``STRANDED_S`` in a row (expired entries and expired leases left out): without rules
+  the head of the queue when it fits on a GPU; with ``--overtake`` also a later one that fits while those
+  ahead of it may still be passed; with ``--queueing backfill`` also one that fits on a GPU that no blocked
+  request ahead of it waits for (``Observer.due_request``);
 * with scheduling rules (``--queueing``, ``--overtake``: every worker's configuration carries them), the rules
   are in force: while GPUs are registered, the policy hash holds exactly those rules (a restart wipes them
   with the registry; the bosses store them again before they register the GPUs), never missing for more than
@@ -83,6 +86,8 @@ GPUS: list[dict[str, Any]] = [
     {"id": "gpu1", "name": "chaos-16g", "vram_gb": 16, "index": 1, "reserve_gb": 1},
 ]
 TTL_RANGE_S = (1.0, 3.0)
+#: How long a worker holds each lease, ms (``--hold-ms``): drawn uniformly between the two.
+HOLD_MS = (20.0, 500.0)
 KINDS = ("kill_holder", "kill_waiter", "stop_holder", "proxy_drop", "script_flush", "redis_restart")
 WEIGHTS = {"kill_holder": 3, "kill_waiter": 2, "stop_holder": 2, "proxy_drop": 2, "script_flush": 2, "redis_restart": 1}
 #: What the second recovery figure of each kind measures.
@@ -94,8 +99,13 @@ RECOVERY = {
     "script_flush": "flush -> next script call answered",
     "redis_restart": "kill -> each holder told its lease is lost",
 }
-#: The head of the queue fitting this long in a row counts as a stranded waiter.
+#: The request that the scripts would grant now (the head of the queue, without rules) left waiting this long in a
+#: row counts as a stranded waiter.
 STRANDED_S = 3.0
+#: Blocked requests a backfill pass looks past before it stops (includes/grant.lua).
+BACKFILL_LIMIT = 64
+#: The observer's own figures in the report.
+OBSERVER_FIGURES = ("snapshots", "failed_reads", "longest_blind_s", "due_snapshots", "due_behind_head", "longest_due_s")
 OBSERVE_EVERY_S = 0.05
 #: A stopped holder stays stopped this long past its lease's TTL.
 STOP_MARGIN_S = 1.0
@@ -197,6 +207,11 @@ class Observer:
     snapshots: int = 0
     failed_reads: int = 0
     longest_blind_s: float = 0.0
+    #: snapshots in which a request was due (due_request), and in which it was not the head of the queue
+    due_snapshots: int = 0
+    due_behind_head: int = 0
+    #: the longest a due request was seen waiting (one streak of the same request, across snapshots)
+    longest_due_s: float = 0.0
     violations: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     details: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: "<lease id>/<token>" -> [pid, gpu, token, vram_mib, first seen, last seen]
@@ -207,8 +222,8 @@ class Observer:
     _decoded: dict[str, dict[str, Any]] = field(default_factory=dict)
     _last_token: int | None = None
     _max_token_before: int = 0
-    _head: str | None = None
-    _head_since: float = 0.0
+    _due: str | None = None
+    _due_since: float = 0.0
     _last_ok: float | None = None
     _rules_off_since: float | None = None
     _rules_told: bool = False
@@ -221,7 +236,7 @@ class Observer:
     def blind(self, t: float) -> None:
         """A look failed (Redis restarting): what was continuous is not any more."""
         self.failed_reads += 1
-        self._head = None
+        self._due = None
         self._rules_off_since, self._rules_told = None, False
 
     def decode(self, raw: str) -> dict[str, Any]:
@@ -294,36 +309,71 @@ class Observer:
             self._max_token_before = max(self._max_token_before, s.token)
 
     def check_stranded(self, s: Snapshot, leases: dict[str, dict[str, Any]], t: float) -> None:
-        """The head of the queue (expired entries left out) must not fit for STRANDED_S in a row."""
+        """The request the scripts would grant now (``due_request``) must not stay ungranted for STRANDED_S in
+        a row."""
         if s.holds:
-            self._head = None  # capacity set aside for one request (eviction): no judgement
+            self._due = None  # capacity set aside for one request (eviction): no judgement
             return
+        due = self.due_request(s, leases)
+        if due is None:
+            self._due = None
+            return
+        self.due_snapshots += 1
+        if due != next(q for q, _ in s.queue if s.queue_exp.get(q, 0) > s.now_ms and q in s.tickets):
+            self.due_behind_head += 1
+        if due != self._due:
+            self._due, self._due_since = due, t
+        self.longest_due_s = max(self.longest_due_s, t - self._due_since)
+        if t - self._due_since > STRANDED_S and due not in self.stranded_ids:
+            self.stranded_ids.append(due)
+            ahead = [req_id for req_id, _ in s.queue].index(due)
+            self.violation(
+                "stranded_waiters",
+                t,
+                f"{due} ({ahead} ahead of it) fits ({s.tickets[due][:200]}) for {t - self._due_since:.1f} s",
+            )
+
+    def due_request(self, s: Snapshot, leases: dict[str, dict[str, Any]]) -> str | None:
+        """The first queued request (expired entries left out) that the scripts would grant now under the rules
+        in force (the snapshot's policy hash), with expired leases counted as free: None when there is none, or
+        when the rules are other than ``queueing`` and ``overtake``, or a request is of a kind the chaos
+        workers never make, and this check does not judge.
+
+        Each request in line that does not fit where it may go is blocked (includes/grant.lua): with
+        ``overtake: N`` one passed fewer than N times (its record's ``passed``) lets the later ones pass;
+        otherwise strict queueing stops there (so without rules only the head is judged), and ``backfill``
+        keeps from the later ones the GPU it waits for (``target()`` in includes/place.lua: its pin, or the
+        eligible GPU with the most free MiB, the first by name on a tie). The scripts look past at most
+        ``BACKFILL_LIMIT`` blocked requests."""
+        if set(s.rules) - {"queueing", "overtake"}:
+            return None
+        backfill = s.rules.get("queueing") == "backfill"
+        overtake = int(s.rules.get("overtake") or 0)
         free = {gpu: cap for gpu, cap in s.cap.items() if gpu not in s.offline}
         for lease_id, rec in leases.items():
             if s.lease_exp.get(lease_id, 0) > s.now_ms and rec["gpu"] in free:
                 free[rec["gpu"]] -= int(rec["vram_mib"])
-        head = None
+        kept: set[str] = set()
+        blocked = 0
         for req_id, _score in s.queue:
-            if s.queue_exp.get(req_id, 0) > s.now_ms and req_id in s.tickets:
-                head = req_id
-                break
-        fits = False
-        if head is not None:
-            req = self.decode(s.tickets[head])
+            if s.queue_exp.get(req_id, 0) <= s.now_ms or req_id not in s.tickets:
+                continue
+            req = self.decode(s.tickets[req_id])
+            if req.get("grow_of") or int(req.get("count") or 1) > 1 or req.get("node") not in (None, "any"):
+                return None
             need, pin = int(req["vram_mib"]), str(req.get("pin") or "")
-            fits = any(left >= need for gpu, left in free.items() if not pin or gpu == pin)
-        if not fits:
-            self._head = None
-            return
-        if head is None:
-            return
-        if head != self._head:
-            self._head, self._head_since = head, t
-        elif t - self._head_since > STRANDED_S and head not in self.stranded_ids:
-            self.stranded_ids.append(head)
-            self.violation(
-                "stranded_waiters", t, f"head {head} fits ({s.tickets[head][:200]}) for {t - self._head_since:.1f} s"
-            )
+            if any(left >= need for gpu, left in free.items() if gpu not in kept and (not pin or gpu == pin)):
+                return req_id
+            if overtake <= int(req.get("passed") or 0):
+                if not backfill:
+                    return None
+                eligible = [gpu for gpu in free if s.cap[gpu] >= need] if not pin else [pin]
+                if eligible:
+                    kept.add(min(eligible, key=lambda gpu: (-free.get(gpu, 0), gpu)))
+            blocked += 1
+            if blocked >= BACKFILL_LIMIT:
+                return None
+        return None
 
     def check_rules(self, s: Snapshot, t: float) -> None:
         """While GPUs are registered, the policy hash must hold the rules, missing or different for at most
@@ -344,6 +394,9 @@ class Observer:
             "snapshots": self.snapshots,
             "failed_reads": self.failed_reads,
             "longest_blind_s": self.longest_blind_s,
+            "due_snapshots": self.due_snapshots,
+            "due_behind_head": self.due_behind_head,
+            "longest_due_s": self.longest_due_s,
             "violations": dict(self.violations),
             "details": dict(self.details),
             "leases": self.leases,
@@ -395,6 +448,8 @@ class Plan:
     registry_clients: int = 0
     #: scheduling rules every boss is configured with (``queueing``, ``overtake``); empty: the defaults
     rules: dict[str, Any] = field(default_factory=dict)
+    #: how long a worker holds each lease, ms: drawn uniformly between the two
+    hold_ms: tuple[float, float] = HOLD_MS
 
 
 @dataclass
@@ -506,6 +561,7 @@ class Chaos:
             "seed": self.rng.randrange(2**32),
             "log": str(path),
             "ttl": TTL_RANGE_S,
+            "hold_ms": self.plan.hold_ms,
             "rules": self.plan.rules,
         }
         with (self.workdir / f"w{index:03d}.err").open("wb") as err:
@@ -984,6 +1040,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
             "started": len(chaos.workers),
         },
         "rules": chaos.plan.rules,
+        "hold_ms": list(chaos.plan.hold_ms),
         "operations": acquires + counts["rel"] + counts["unavailable_release"],
         "acquires": acquires,
         "releases": counts["rel"],
@@ -999,7 +1056,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         },
         "pauses_seen": counts["pause"],
         "script_calls": sum(len(c) for c in logs.calls.values()),
-        "observer": {k: observer.get(k) for k in ("snapshots", "failed_reads", "longest_blind_s")},
+        "observer": {k: observer.get(k) for k in OBSERVER_FIGURES},
         "faults": faults_out,
         "must_be_zero": zero,
         "details": {
@@ -1112,7 +1169,8 @@ def render(report: dict[str, Any]) -> str:
         f"gpuboss chaos: {report['duration_s']} s, {w['initial']} workers ({w['initial'] - w['async']} GPUBoss, "
         f"{w['async']} AsyncGPUBoss x {w['tasks_per_async']} tasks) + {w['registry_clients']} registry clients, "
         f"{w['started']} started in all; seed {report['seed']}; rules "
-        f"{', '.join(f'{k}: {v}' for k, v in report['rules'].items()) or 'the defaults'}",
+        f"{', '.join(f'{k}: {v}' for k, v in report['rules'].items()) or 'the defaults'}; holds "
+        f"{report['hold_ms'][0]:g} to {report['hold_ms'][1]:g} ms",
         f"operations {report['operations']} (grants {report['grants']}, releases {report['releases']}, "
         f"timeouts {report['timeouts']}, Redis unavailable {report['redis_unavailable']}), "
         f"script calls {report['script_calls']}",
@@ -1120,7 +1178,9 @@ def render(report: dict[str, Any]) -> str:
         f"{told['stop_holder']['on_lost']} / {told['stop_holder']['release']}, redis_restart "
         f"{told['redis_restart']['on_lost']} / {told['redis_restart']['release']}",
         f"observer: {report['observer']['snapshots']} snapshots, "
-        f"{report['observer']['failed_reads']} failed reads, longest blind {report['observer']['longest_blind_s'] or 0:.2f} s",
+        f"{report['observer']['failed_reads']} failed reads, longest blind {report['observer']['longest_blind_s'] or 0:.2f} s; "
+        f"a request due in {report['observer']['due_snapshots']} ({report['observer']['due_behind_head']} behind the "
+        f"head), the longest seen waiting {report['observer']['longest_due_s'] or 0:.2f} s",
         f"redis_restart: {report['restart_regranted']['wiped_leases']} leases wiped; the GPU of "
         f"{report['restart_regranted']['regranted_before_told']} was granted again before their holder was told, "
         f"for p50/max {fmt_ms(report['restart_regranted'])} ms (no persistence: see docs/reliability.md)",
@@ -1178,6 +1238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overtake", type=int, metavar="N", help="every boss's overtake rule, 0 to 1000 (default: none)"
     )
+    parser.add_argument(
+        "--hold-ms",
+        default=f"{HOLD_MS[0]:g},{HOLD_MS[1]:g}",
+        metavar="MIN,MAX",
+        help=f"how long a worker holds each lease, ms, drawn between the two (default {HOLD_MS[0]:g},{HOLD_MS[1]:g})",
+    )
     parser.add_argument("--fault-every", type=float, default=2.5, help="mean seconds between faults (default 2.5)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     parser.add_argument(
@@ -1197,6 +1263,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown fault kinds {unknown}; choose from {', '.join(KINDS)}")
     if args.overtake is not None and not 0 <= args.overtake <= 1000:
         parser.error(f"--overtake: {args.overtake} is not allowed; choose 0 to 1000")
+    try:
+        hold_ms = tuple(float(v) for v in args.hold_ms.split(","))
+    except ValueError:
+        hold_ms = ()
+    if len(hold_ms) != 2 or not 0 <= hold_ms[0] <= hold_ms[1]:
+        parser.error(f"--hold-ms: {args.hold_ms!r} is not allowed; give MIN,MAX in ms, 0 <= MIN <= MAX")
     workers = max(2, args.workers)
     plan = Plan(
         args.duration,
@@ -1208,6 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds,
         max(0, args.registry_clients),
         {k: v for k, v in (("queueing", args.queueing), ("overtake", args.overtake)) if v is not None},
+        (hold_ms[0], hold_ms[1]),
     )
     workdir = Path(tempfile.mkdtemp(prefix="gpuboss-chaos-"))
     chaos = Chaos(plan, workdir)

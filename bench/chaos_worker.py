@@ -142,7 +142,7 @@ class Draw:
 
 def draw(rng: random.Random, spec: dict[str, Any]) -> Draw:
     ttl_min, ttl_max = spec.get("ttl", (1.0, 3.0))
-    hold_min, hold_max = spec.get("hold_ms", (20, 500))
+    hold_min, hold_max = spec["hold_ms"]
     return Draw(
         vram_gb=rng.choice(SIZES_GB),
         priority=rng.choice(PRIORITIES),

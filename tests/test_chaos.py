@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from bench.chaos import KINDS, STRANDED_S, Logs, Observer, Snapshot, Tally, client_over_commits, stored_rules
+from bench.chaos import main as chaos_main
 from bench.env import free_port
 from bench.proxy import Proxy
 from gpuboss import GPUBoss, LeaseTimeout
@@ -163,6 +164,72 @@ def test_a_failed_read_breaks_the_stranded_streak() -> None:
     assert obs.failed_reads == 1
 
 
+def stranded_over_time(queue: list[str], tickets: dict[str, str], rules: dict[str, str], **kw: Any) -> Observer:
+    """An observer that saw the same snapshot for longer than STRANDED_S."""
+    obs = Observer()
+    for step in (0.0, STRANDED_S / 2, STRANDED_S + 0.5):
+        obs.check(snap(queue=queue, tickets=tickets, rules=rules, **kw), step)
+    return obs
+
+
+def test_behind_a_blocked_head_only_the_rules_make_a_request_due() -> None:
+    """gpu0 is full; gpu1 has 15 GB free. The head, pinned to gpu0, does not fit; the 1 GB request behind it
+    fits on gpu1. Strict order: it waits, rightly. Backfill: the head keeps gpu0 only, so it is due."""
+    full0 = {"a": lease("a", "gpu0", 24576, 1)}
+    tickets = {"head": ticket("head", 4096, pin="gpu0"), "w": ticket("w", 1024)}
+    assert violations(stranded_over_time(["head", "w"], tickets, {}, leases=full0)) == {}
+    assert violations(stranded_over_time(["head", "w"], tickets, {"overtake": "0"}, leases=full0)) == {}
+    obs = stranded_over_time(["head", "w"], tickets, {"queueing": "backfill"}, leases=full0)
+    assert violations(obs) == {"stranded_waiters": 1}
+    assert obs.stranded_ids == ["w"]
+    assert "(1 ahead of it)" in obs.details["stranded_waiters"][0]
+
+
+def test_backfill_keeps_the_gpu_a_blocked_request_waits_for() -> None:
+    """An unpinned head waits for the GPU closest to fitting it (the most free MiB): a later request that
+    fits only there is not due; one that fits on the other GPU is."""
+    leases = {"a": lease("a", "gpu0", 22528, 1), "b": lease("b", "gpu1", 14336, 2)}  # 2048 / 1024 MiB free
+    rules = {"queueing": "backfill"}
+    tickets = {"head": ticket("head", 4096), "w": ticket("w", 2048)}  # w fits gpu0 only: the head's
+    assert violations(stranded_over_time(["head", "w"], tickets, rules, leases=leases)) == {}
+    tickets = {"head": ticket("head", 4096), "w": ticket("w", 1024, pin="gpu1")}
+    obs = stranded_over_time(["head", "w"], tickets, rules, leases=leases)
+    assert obs.stranded_ids == ["w"]
+    # A head too big for the 15 GB GPU keeps gpu0 although gpu1 has more free MiB.
+    leases = {"a": lease("a", "gpu0", 20480, 1)}  # 4096 free on gpu0, 15360 on gpu1
+    tickets = {"head": ticket("head", 20480), "w": ticket("w", 4096, pin="gpu0"), "v": ticket("v", 8192)}
+    obs = stranded_over_time(["head", "w", "v"], tickets, rules, leases=leases)
+    assert obs.stranded_ids == ["v"]  # (w may not take the head's GPU; v fits on gpu1)
+
+
+def test_overtake_makes_a_request_behind_a_passable_head_due() -> None:
+    full0 = {"a": lease("a", "gpu0", 24576, 1)}
+    head = json.loads(ticket("head", 20480))
+    tickets = {"head": json.dumps(head), "w": ticket("w", 1024)}
+    obs = stranded_over_time(["head", "w"], tickets, {"overtake": "2"}, leases=full0)
+    assert obs.stranded_ids == ["w"]
+    head["passed"] = 2  # passed as often as the rule allows: it holds everyone behind it again
+    tickets["head"] = json.dumps(head)
+    assert violations(stranded_over_time(["head", "w"], tickets, {"overtake": "2"}, leases=full0)) == {}
+    # With backfill too, it keeps its GPU (gpu1, the only one it fits) instead; w fits only there: not due.
+    tickets["w"] = ticket("w", 1024, pin="gpu1")
+    full0 = {"a": lease("a", "gpu0", 24576, 1), "b": lease("b", "gpu1", 8192, 2)}
+    rules = {"overtake": "2", "queueing": "backfill"}
+    head["vram_mib"] = 12288
+    tickets["head"] = json.dumps(head)
+    assert violations(stranded_over_time(["head", "w"], tickets, rules, leases=full0)) == {}
+
+
+def test_rules_this_check_does_not_model_are_not_judged() -> None:
+    full0 = {"a": lease("a", "gpu0", 24576, 1)}
+    tickets = {"head": ticket("head", 4096, pin="gpu0"), "w": ticket("w", 1024)}
+    rules = {"queueing": "backfill", "caps": '{"services": {}}'}
+    assert violations(stranded_over_time(["head", "w"], tickets, rules, leases=full0)) == {}
+    # Not even a head that fits: a cap or a pause may hold it back rightly.
+    assert violations(stranded_over_time(["w"], {"w": tickets["w"]}, rules, leases=full0)) == {}
+    assert stranded_over_time(["w"], {"w": tickets["w"]}, {"queueing": "backfill"}, leases=full0).stranded_ids == ["w"]
+
+
 def test_rules_missing_while_gpus_are_registered_are_caught_once_per_episode() -> None:
     rules = {"queueing": "backfill", "overtake": "4"}
     obs = Observer(rules=rules)
@@ -182,6 +249,14 @@ def test_rules_missing_while_gpus_are_registered_are_caught_once_per_episode() -
     for step in (21.0, 22.0, 21.0 + STRANDED_S + 0.5):
         obs.check(snap(rules={}), step)
     assert violations(obs) == {"rules_lost": 2}
+
+
+@pytest.mark.parametrize("value", ["5,1", "1", "a,b", "-1,5"])
+def test_hold_ms_must_be_two_ordered_numbers(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        chaos_main([f"--hold-ms={value}"])
+    assert exc.value.code == 2
+    assert f"--hold-ms: {value!r} is not allowed; give MIN,MAX in ms" in capsys.readouterr().err
 
 
 def test_default_rules_are_not_checked() -> None:
@@ -327,9 +402,11 @@ def test_chaos_smoke_with_scheduling_rules_keeps_them_in_force() -> None:
     """Every boss configured with `queueing: backfill` and `overtake: 2`, through Redis restarts and cut
     connections: the invariants hold, and the observer finds the rules in force (back after each restart)."""
     only = "redis_restart,proxy_drop"
-    rules = ("--queueing", "backfill", "--overtake", "2")
+    rules = ("--queueing", "backfill", "--overtake", "2", "--hold-ms", "50,1000")
     report = soak("--duration", "12", "--workers", "6", "--fault-every", "1.5", "--only", only, *rules, timeout=280)
     assert report["rules"] == {"queueing": "backfill", "overtake": 2}
+    assert report["hold_ms"] == [50.0, 1000.0]
+    assert report["observer"]["longest_due_s"] <= STRANDED_S  # (a request due longer is a stranded waiter)
     assert "rules_lost" in report["must_be_zero"]  # (checked, and 0, with the others)
     assert report["faults"]["redis_restart"]["injected"] >= 1
     assert report["grants"] > 0
