@@ -18,6 +18,7 @@ from gpuboss.errors import (
     LeaseEvicted,
     LeaseLost,
     LeaseTimeout,
+    RedisOutOfMemory,
     RedisUnavailable,
 )
 from gpuboss.events import Event
@@ -51,6 +52,7 @@ __all__ = [
     "LeaseLost",
     "LeaseState",
     "LeaseTimeout",
+    "RedisOutOfMemory",
     "RedisUnavailable",
     "VRAMStatus",
     "VramOverBudgetWarning",

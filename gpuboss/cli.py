@@ -357,6 +357,7 @@ def status_view(snap: dict[str, Any], target: Target, gauge: bool = False) -> li
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["time"]))
     out: list[Block] = [
         Line(f"Redis {target.describe()}, namespace {snap['namespace']!r}, at {stamp} (Redis clock)", "dim"),
+        *(Line(f"Warning: {text}", "bold red") for text in snap.get("warnings", [])),
         Line(),
     ]
     gpus = snap["gpus"]

@@ -60,6 +60,12 @@ class RedisUnavailable(GPUBossError, ConnectionError):
     """Redis could not be reached; the message names the URL without its password."""
 
 
+class RedisOutOfMemory(RedisUnavailable):
+    """Redis refused a call because it is out of memory (``maxmemory`` reached under ``maxmemory-policy
+    noeviction``). Nothing was changed. Raised at once, not retried, whatever ``on_redis_down`` says: Redis is
+    reachable, and a full server is an operator's to mend. Renewals and releases still run there (docs/reliability.md)."""
+
+
 class LeaseEvicted(GPUBossError):
     """The lease was handed back after an eviction request (``resume=False``); raised at the next safe point."""
 

@@ -39,7 +39,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from gpuboss.core import Call, Core, LeaseRequest, Op, Pop, ReadHash
-from gpuboss.errors import RedisUnavailable
+from gpuboss.errors import RedisOutOfMemory, RedisUnavailable
 from gpuboss.lease import Lease
 from gpuboss.redis_io import (
     MIN_POP_S,
@@ -380,6 +380,8 @@ class SyncLink:
                 call_script_sync(self._local_connection(), fallback.core.release_call(sid))
         try:
             return self._real_op(op, route)
+        except RedisOutOfMemory:
+            raise  # (Redis answers: no outage, and no local store for it)
         except RedisUnavailable as err:
             fallback.unreachable(err)
             if fallback.mode != "local" or route is None:
@@ -403,6 +405,8 @@ class SyncLink:
 
         try:
             result = retry_sync(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)
+        except RedisOutOfMemory:
+            raise
         except RedisUnavailable as err:
             if wait and route is not None:
                 raise fallback.timed_out(route, err) from err.__cause__
@@ -467,6 +471,8 @@ class AsyncLink:
                 await call_script_async(self._local_connection(), fallback.core.release_call(sid))
         try:
             return await self._real_op(op, route)
+        except RedisOutOfMemory:
+            raise  # (Redis answers: no outage, and no local store for it)
         except RedisUnavailable as err:
             fallback.unreachable(err)
             if fallback.mode != "local" or route is None:
@@ -492,6 +498,8 @@ class AsyncLink:
 
         try:
             result = await retry_async(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)
+        except RedisOutOfMemory:
+            raise
         except RedisUnavailable as err:
             if wait and route is not None:
                 raise fallback.timed_out(route, err) from err.__cause__

@@ -27,6 +27,8 @@ from redis.exceptions import RedisError
 from gpuboss.core import Core, RenewStatus
 from gpuboss.lease import Lease, LeaseState
 from gpuboss.redis_io import Rounds, call_script_sync, connect_sync
+from gpuboss.snapshot import eviction_risk, read_memory
+from gpuboss.topology import redact_url
 
 if TYPE_CHECKING:
     from gpuboss.fallback import Fallback
@@ -253,6 +255,11 @@ class Heartbeat:
             fallback.probe()  # nothing of Redis's to renew: just check whether it is back
             return
         client = self._connection()
+        if self._url not in _MEMORY_CHECKED:  # once per process and server, at a boss's first round
+            _MEMORY_CHECKED.add(self._url)
+            risk = eviction_risk(read_memory(client))
+            if risk is not None:
+                log.warning("gpuboss: %s: %s", redact_url(self._url), risk)
         self._release(client, pending, self._pending)
         self._release(client, withdraw, self._withdraw)
         self._renew(client, batch)
@@ -309,6 +316,8 @@ class Heartbeat:
 
 
 _LIVE: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+#: The Redis URLs whose memory policy this process has looked at (``INFO memory``: a warning where it may evict).
+_MEMORY_CHECKED: set[str] = set()
 
 
 @atexit.register

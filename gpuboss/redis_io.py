@@ -24,6 +24,7 @@ from redis.exceptions import (
     MovedError,
     NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -47,7 +48,7 @@ if HIREDIS_AVAILABLE:  # a dependency (redis[hiredis]); without it redis-py pack
 
 from gpuboss import scripts
 from gpuboss.core import Call, Flow, Op
-from gpuboss.errors import ConfigError, RedisUnavailable
+from gpuboss.errors import ConfigError, RedisOutOfMemory, RedisUnavailable
 from gpuboss.topology import SCHEMES, Target, parse_url, redact_url
 
 log = logging.getLogger("gpuboss")
@@ -342,6 +343,15 @@ def _unavailable(url: str, err: BaseException) -> RedisUnavailable:
     return RedisUnavailable(f"Redis at {redact_url(url)} is unreachable: {text}")
 
 
+def out_of_memory(url: str, err: OutOfMemoryError) -> RedisOutOfMemory:
+    """The error for a call that a full Redis refused, naming what to do; the URL without its password."""
+    return RedisOutOfMemory(
+        f"Redis at {redact_url(url)} refused the call: it is out of memory ({err}); nothing was changed. Free "
+        "memory there, raise its maxmemory, or give gpuboss a Redis of its own (leases already granted are still "
+        "renewed and released)"
+    )
+
+
 def is_denied(err: BaseException) -> bool:
     """A refusal that no retry mends: :data:`DENIED`, or a script refused a command by the caller's ACL."""
     if isinstance(err, DENIED):
@@ -564,8 +574,8 @@ async def _send_async(conn: Any, command: tuple[Any, ...]) -> Any:
 
 class Rounds:
     """The rounds of a background thread that works against Redis (the heartbeat, the sampler): a round that
-    cannot reach Redis is logged once until one reaches it again (said too), and any other Redis error with
-    its trace; the thread goes on either way."""
+    cannot reach Redis, or that Redis refuses for lack of memory, is logged once until one works again (said
+    too), and any other Redis error with its trace; the thread goes on either way."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -577,6 +587,10 @@ class Rounds:
         except TRANSIENT as err:
             if not self.failing:
                 log.warning("gpuboss: %s cannot reach Redis (%s); retrying", self.what, err)
+            self.failing = True
+        except OutOfMemoryError as err:
+            if not self.failing:
+                log.warning("gpuboss: %s: Redis refuses its calls, it is out of memory (%s); retrying", self.what, err)
             self.failing = True
         except RedisError:
             log.exception("gpuboss: %s round failed; retrying", self.what)
@@ -706,6 +720,8 @@ def retry_sync(
     except RedisError as err:
         if is_denied(err):
             raise denied(url, err) from None
+        if isinstance(err, OutOfMemoryError):
+            raise out_of_memory(url, err) from err
         if not isinstance(err, TRANSIENT):
             raise
         if failed is not None:
@@ -723,6 +739,8 @@ def retry_sync(
     except RedisError as err:
         if is_denied(err):
             raise denied(url, err) from None
+        if isinstance(err, OutOfMemoryError):
+            raise out_of_memory(url, err) from err
         raise
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -743,6 +761,8 @@ async def retry_async(
     except RedisError as err:
         if is_denied(err):
             raise denied(url, err) from None
+        if isinstance(err, OutOfMemoryError):
+            raise out_of_memory(url, err) from err
         if not isinstance(err, TRANSIENT):
             raise
         if failed is not None:
@@ -760,6 +780,8 @@ async def retry_async(
     except RedisError as err:
         if is_denied(err):
             raise denied(url, err) from None
+        if isinstance(err, OutOfMemoryError):
+            raise out_of_memory(url, err) from err
         raise
     raise AssertionError("unreachable")  # pragma: no cover
 

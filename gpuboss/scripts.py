@@ -11,6 +11,12 @@ and ``--- @per-call end`` read KEYS or ARGV: in the library, each is split into 
 an assignment at the start of every call that includes the piece. redis_io.py picks FCALL where the server
 has functions, else EVALSHA; both recover from a flushed or restarted server by loading again and retrying.
 
+A script may carry Redis function flags with a line ``--- @flags <flag> ...`` (only ``allow-oom``: the scripts that
+keep leases alive or give memory back run on a server that is out of memory and refuses the others, so a full
+shared Redis does not cost the holders their leases). They apply to its function in the library; EVALSHA
+scripts run without flags (a server older than 7 would not read them), as Redis runs any script: refused at
+its first write that may grow memory while the server is out of memory.
+
 A piece may name a call to make when the script returns, with a line ``--- @on-return <function>()`` (drop.lua
 writes the usage counters it collected during the call that way): the script's own text (after its include
 lines) then runs as a function, and each such call is made after it returned, before its reply is passed on.
@@ -34,6 +40,9 @@ PER_CALL_LINE_RE = re.compile(
 ON_RETURN_RE = re.compile(r"^--- @on-return (?P<call>[A-Za-z_][A-Za-z0-9_]*\(\))\s*$", re.MULTILINE)
 LIBRARY_PREFIX = "gpuboss_"
 NAME_RE = re.compile(r"^(?P<name>[a-z][A-Za-z0-9]*)-(?P<keys>\d+)\.lua$")
+FLAGS_RE = re.compile(r"^--- @flags (?P<flags>.*?)\s*$", re.MULTILINE)
+#: The function flags a script may carry (``--- @flags``).
+KNOWN_FLAGS = frozenset({"allow-oom"})
 
 
 class ScriptError(Exception):
@@ -130,6 +139,17 @@ class Library:
     name: str
     source: str
     functions: dict[str, str]
+    #: an operation's function flags (``--- @flags``), for the operations that have any
+    flags: dict[str, tuple[str, ...]]
+
+
+def flags_of(name: str, text: str) -> tuple[str, ...]:
+    """The function flags a script's text declares (``--- @flags``); an unknown flag is a :class:`ScriptError`."""
+    flags = tuple(flag for match in FLAGS_RE.finditer(text) for flag in match["flags"].split())
+    unknown = sorted(set(flags) - KNOWN_FLAGS)
+    if unknown:
+        raise ScriptError(f"{name}: unknown function flags {unknown}; allowed: {sorted(KNOWN_FLAGS)}")
+    return flags
 
 
 def _per_call(piece: str, text: str) -> tuple[str, list[str]]:
@@ -217,10 +237,13 @@ def library() -> Library:
             binders.add(piece)
             prelude.append(f"local function bind_{piece}()\n" + "\n".join(binds) + "\nend\n")
     bodies = {}
+    flags: dict[str, tuple[str, ...]] = {}
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
         match = NAME_RE.match(path.name)
         if match:
             text = path.read_text(encoding="utf-8")
+            if found := flags_of(path.name, text):
+                flags[match["name"]] = found
             pieces = [piece for piece in order if piece in _pieces_of(text, texts)]
             calls = "".join(f"  bind_{piece}()\n" for piece in pieces if piece in binders)
             hooks = [hook for piece in pieces for hook in ON_RETURN_RE.findall(texts[piece])]
@@ -235,5 +258,12 @@ def library() -> Library:
         *prelude,
     ]
     for op, body in bodies.items():
-        source.append(f"redis.register_function('{functions[op]}', function(keys, args)\n{body}\nend)\n")
-    return Library(name=name, source="\n".join(source), functions=functions)
+        if op in flags:
+            listed = ", ".join(f"'{flag}'" for flag in flags[op])
+            source.append(
+                f"redis.register_function{{function_name = '{functions[op]}', callback = function(keys, args)\n"
+                f"{body}\nend, flags = {{{listed}}}}}\n"
+            )
+        else:
+            source.append(f"redis.register_function('{functions[op]}', function(keys, args)\n{body}\nend)\n")
+    return Library(name=name, source="\n".join(source), functions=functions, flags=flags)

@@ -11,18 +11,25 @@ The snapshot also carries the namespace's scheduling rules (``policy``: the poli
 ``load_policy`` in lua/includes/state.lua reads it) and the usage counters the rules are checked against
 (``usage``), so that :func:`explain_queue` tells why a request waits as ``held_back`` and ``grant_waiting``
 (lua/includes/grant.lua) decide it.
+
+It also carries Redis's memory settings (``redis_memory``, from ``INFO memory`` where the user may read it), and
+``warnings`` about them: a policy that may evict gpuboss's keys, or a server out of memory that refuses new
+requests (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.exceptions import RedisError
 
 from gpuboss.config import PRIORITIES
+from gpuboss.errors import RedisOutOfMemory
 from gpuboss.fmt import gb, seconds
 from gpuboss.keys import Keys
 
@@ -30,6 +37,8 @@ from gpuboss.keys import Keys
 RANK_BASE = 1000
 SEQ_SPAN = 2**40
 RANK_NAMES = {0: "low", 1: "normal", 2: "high"}
+
+log = logging.getLogger("gpuboss")
 
 
 def as_json_object(raw: str) -> dict[str, Any]:
@@ -98,12 +107,14 @@ def _lease_state(rec: dict[str, Any], now_ms: int) -> None:
 
 def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: float) -> dict[str, Any]:
     """A consistent snapshot (one MULTI/EXEC of reads) of a namespace: GPUs (with the inventory's readings,
-    offline marks and eviction holds), leases and the queue."""
+    offline marks and eviction holds), leases and the queue. A server out of memory refuses every command queued
+    in a MULTI, reads too: there the same reads go as a plain pipeline (each read consistent, not all of them
+    together), so the operator still sees the namespace, and the warning that says why requests fail."""
     from gpuboss.redis_io import retry_sync
 
-    def fetch() -> list[Any]:
+    def fetch(transaction: bool = True) -> list[Any]:
         now = client.time()  # before the MULTI: a Redis Cluster routes a transaction by its keys, and TIME has none
-        pipe = client.pipeline(transaction=True)
+        pipe = client.pipeline(transaction=transaction)
         pipe.hgetall(keys.gpus)
         pipe.hgetall(keys.capacity)
         pipe.hgetall(keys.used)
@@ -118,7 +129,10 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         pipe.hgetall(keys.usage)
         return [now, *pipe.execute()]
 
-    reply = retry_sync(fetch, shown_url, within)
+    try:
+        reply = retry_sync(fetch, shown_url, within)
+    except RedisOutOfMemory:
+        reply = retry_sync(lambda: fetch(transaction=False), shown_url, within)
     now_t, gpus_raw, capacity, used, leases_raw, queue, tickets, queue_exp, observed, offline, holds = reply[:11]
     policy_raw, usage_raw = reply[11:]
     entry_expiry = {str(k): int(v) for k, v in queue_exp}
@@ -199,7 +213,56 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         "classes": _classes(policy.get("classes")),
         "policy": policy,
         "usage": _usage(usage_raw),
+        **memory_report(read_memory(client)),
     }
+
+
+def read_memory(client: redis.Redis) -> dict[str, Any] | None:
+    """Redis's memory settings: ``used_memory``, ``maxmemory`` (bytes, 0: no limit) and ``maxmemory_policy``, from
+    ``INFO memory``; None where they cannot be read (an ACL without INFO, as the minimal one in docs/security.md;
+    a Redis Cluster, whose INFO answers per node)."""
+    try:
+        info = client.info("memory")
+    except RedisError as err:
+        log.debug("gpuboss: INFO memory not read (%s)", err)
+        return None
+    if not isinstance(info, dict) or "maxmemory_policy" not in info:
+        return None
+    return {
+        "used_memory": as_int(info.get("used_memory")),
+        "maxmemory": as_int(info.get("maxmemory")),
+        "maxmemory_policy": str(info["maxmemory_policy"]),
+    }
+
+
+def _used_of(memory: dict[str, Any]) -> str:
+    return f"{memory['used_memory'] / 2**20:.1f} MiB used of maxmemory {memory['maxmemory'] / 2**20:.1f} MiB"
+
+
+def eviction_risk(memory: dict[str, Any] | None) -> str | None:
+    """What to say when Redis may evict any of gpuboss's keys (a ``maxmemory`` with an ``allkeys-*`` policy: a
+    lease record or the ``used`` counter gone, a GPU over-committed), else None."""
+    if memory is None or memory["maxmemory"] <= 0 or not memory["maxmemory_policy"].startswith("allkeys-"):
+        return None
+    return (
+        f"Redis may evict any key when full (maxmemory-policy {memory['maxmemory_policy']}; {_used_of(memory)}): it "
+        "could drop gpuboss's records and over-commit a GPU; set maxmemory-policy noeviction (docs/reliability.md)"
+    )
+
+
+def memory_report(memory: dict[str, Any] | None) -> dict[str, Any]:
+    """``redis_memory`` (None: not read) and the ``warnings`` it calls for: :func:`eviction_risk`, or a server at
+    its ``maxmemory`` that refuses new requests (``RedisOutOfMemory``)."""
+    warnings: list[str] = []
+    risk = eviction_risk(memory)
+    if risk is not None:
+        warnings.append(risk)
+    elif memory is not None and 0 < memory["maxmemory"] <= memory["used_memory"]:
+        warnings.append(
+            f"Redis is out of memory ({_used_of(memory)}): new requests are refused (RedisOutOfMemory) until memory "
+            "is freed or maxmemory raised; leases already granted are still renewed and released"
+        )
+    return {"redis_memory": memory, "warnings": warnings}
 
 
 def _policy(raw: dict[str, str]) -> dict[str, Any]:

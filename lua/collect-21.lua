@@ -6,6 +6,9 @@
 
   Events: `expired` for each lease and queued request collected, `granted` for each waiter served.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19]  the state layout (includes/state.lua)
     KEYS[20]    events       pub/sub channel (includes/emit.lua)
@@ -18,6 +21,7 @@
         expired leases and requests collected, queued requests granted, ms until the next expiry
         (-1: none), and the records (JSON) of the leases and requests collected
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

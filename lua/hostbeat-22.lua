@@ -12,6 +12,9 @@
 
   Events: `gpu_offline`, `gpu_online`; `expired` and `granted` when GPUs came back and the queue was served.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19]  the state layout (includes/state.lua)
     KEYS[20]     hosts       hash  host -> last beat (ms, Redis time)
@@ -27,6 +30,7 @@
         Redis time (ms), GPUs marked offline (other hosts), GPUs of this host back online, queued requests
         granted because of them
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

@@ -9,6 +9,9 @@
   `withdrawn` (one withdrawn for any other reason); `granted` for each waiter served, `expired` for what
   was collected first.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19]  the state layout (includes/state.lua)
     KEYS[20]    events       pub/sub channel (includes/emit.lua)
@@ -27,6 +30,7 @@
     `waiting` is 1 when requests still wait after the queue was served, else 0 (the releasing process then
     reads its GPU at once, if it samples one: sampler.py).
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

@@ -11,6 +11,9 @@
   Events: a renewal is not an event; `lost` for an id its holder renews that is gone; `expired` and
   `granted` for what was collected and served.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19]       the state layout (includes/state.lua)
     KEYS[20]         events       pub/sub channel (includes/emit.lua)
@@ -30,6 +33,7 @@
     after the n statuses, one JSON notice {lease, type: 'evict', by, need_mib, at, deadline, reason} per
     EVICTING lease, in the same order: a holder that missed the pub/sub notice learns it here.
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

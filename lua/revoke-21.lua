@@ -8,6 +8,9 @@
   Events: `revoked` (with `by` and `reason`); `granted` for each waiter served, `expired` for what was
   collected first (a lease whose TTL had already run out is collected as expired, not revoked).
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19]  the state layout (includes/state.lua)
     KEYS[20]    events       pub/sub channel (includes/emit.lua)
@@ -23,6 +26,7 @@
     {2, granted, lease}   EXPIRED: its TTL had run out; it was collected as expired (record as JSON)
     {0, granted}          NOT_FOUND: no lease has that id (released, collected before, or only queued)
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

@@ -1,0 +1,263 @@
+"""A Redis that is out of memory (``maxmemory`` reached, ``maxmemory-policy noeviction``), as a Redis shared with
+other applications can be: new requests get :class:`RedisOutOfMemory` at once and change nothing, while the
+leases already granted are still renewed and released (the scripts that do that carry the function flag
+``allow-oom``: gpuboss/scripts.py). On a private redis-server (and valkey-server) per test, stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, RedisOutOfMemory, RedisUnavailable, redis_io, scripts
+from gpuboss.cli import cli
+from gpuboss.config import ConfigError
+from gpuboss.scripts import ScriptError, flags_of
+from gpuboss.server import RedisProcess, find_valkey_server, start_redis
+from gpuboss.snapshot import eviction_risk, memory_report, read_memory
+
+from tests.conftest import raw_client
+
+pytestmark = pytest.mark.slow
+
+ONE_GPU = [{"id": "gpu0", "name": "test", "vram_gb": 24, "index": 0}]
+#: The scripts that run on a full server: they keep leases alive or give memory back.
+ALLOW_OOM = {"collect", "hostbeat", "release", "renew", "revoke"}
+
+
+@pytest.fixture(params=["redis", "valkey"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisProcess]:
+    binary = None
+    if request.param == "valkey":
+        try:
+            binary = find_valkey_server()
+        except ConfigError as err:
+            pytest.skip(str(err))
+    proc = start_redis(tmp_path / "srv", socket=tmp_path / "srv" / "redis.sock", binary=binary)
+    yield proc
+    proc.stop()
+
+
+def fill(client: redis.Redis) -> None:
+    """Make the server out of memory: a large key, then a maxmemory below what it uses (noeviction: the
+    default policy, so nothing is evicted and every write that may grow memory is refused)."""
+    client.set("someone-else:blob", "x" * 4_000_000)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1mb")
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("someone-else:more", "y")
+
+
+def unfill(client: redis.Redis) -> None:
+    client.config_set("maxmemory", "0")
+
+
+def test_the_scripts_that_keep_leases_alive_carry_allow_oom() -> None:
+    lib = scripts.library()
+    assert set(lib.flags) == ALLOW_OOM
+    assert all(flags == ("allow-oom",) for flags in lib.flags.values())
+    for op in ALLOW_OOM:
+        assert f"function_name = '{lib.functions[op]}'" in lib.source
+        assert "flags = {'allow-oom'}" in lib.source
+    # Every other operation is refused by a full server: it may grow memory (acquire, resize, register, ...).
+    assert f"redis.register_function('{lib.functions['acquire']}'" in lib.source
+    with pytest.raises(ScriptError, match=r"x-1.lua: unknown function flags \['no-writes'\]; allowed: \['allow-oom'\]"):
+        flags_of("x-1.lua", "--- @flags allow-oom no-writes\n")
+
+
+def test_a_full_redis_refuses_new_requests_and_keeps_the_leases(
+    server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = raw_client(server.url)
+    keys = Keys(namespace)
+    boss = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
+    other = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
+    try:
+        held = boss.acquire(vram_gb=20, ttl=1.5)
+        fill(client)
+        before = {k: client.dump(k) for k in client.keys(f"{namespace}:*") if k != keys.event_log}
+        t0 = time.monotonic()
+        with pytest.raises(RedisOutOfMemory, match="refused the call: it is out of memory") as exc:
+            other.acquire(vram_gb=1, timeout=10)
+        assert isinstance(exc.value, RedisUnavailable)  # (what a service answering 503 already catches)
+        assert time.monotonic() - t0 < 2.0  # at once: not retried until the timeout
+        after = {k: client.dump(k) for k in client.keys(f"{namespace}:*") if k != keys.event_log}
+        assert after == before  # the refused request changed nothing
+        # The holder's heartbeat renews its lease past its TTL (1.5 s) on the full server.
+        caplog.clear()
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            assert not held.lost
+        assert client.hexists(keys.leases, held.id)
+        assert "round failed" not in caplog.text
+        # Its release lands on the full server too, and gives the VRAM back.
+        assert boss.release(held) is True
+        assert int(client.hget(keys.used, "gpu0") or 0) == 0
+        assert not client.hexists(keys.leases, held.id)
+        unfill(client)
+        lease = other.acquire(vram_gb=1, timeout=5)
+        assert lease.gpu == "gpu0"
+        other.release(lease)
+    finally:
+        unfill(client)
+        boss.close()
+        other.close()
+
+
+@pytest.mark.parametrize("mode", ["wait", "local"])
+def test_a_full_redis_is_not_an_outage(server: RedisProcess, namespace: str, mode: str) -> None:
+    """``on_redis_down: wait`` does not wait for a full Redis, nor does ``local`` move to its local store: Redis
+    answers, and the other processes would not see a local lease."""
+    client = raw_client(server.url)
+    boss = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU, on_redis_down=mode)
+    try:
+        boss.release(boss.acquire(vram_gb=1))
+        fill(client)
+        t0 = time.monotonic()
+        with pytest.raises(RedisOutOfMemory):
+            boss.acquire(vram_gb=1, timeout=5)
+        assert time.monotonic() - t0 < 2.0
+        assert not boss._fallback.down and not boss._fallback.local_active
+        unfill(client)
+        lease = boss.acquire(vram_gb=1, timeout=5)
+        assert not lease.local
+        boss.release(lease)
+    finally:
+        unfill(client)
+        boss.close()
+
+
+def test_a_full_redis_refuses_async_requests_too(server: RedisProcess, namespace: str) -> None:
+    client = raw_client(server.url)
+
+    async def main() -> None:
+        boss = AsyncGPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
+        try:
+            held = await boss.acquire(vram_gb=20, ttl=1.5)
+            fill(client)
+            with pytest.raises(RedisOutOfMemory):
+                await boss.acquire(vram_gb=1, timeout=5)
+            await asyncio.sleep(2.5)
+            assert not held.lost
+            assert await boss.release(held) is True
+        finally:
+            unfill(client)
+            await boss.close()
+
+    asyncio.run(main())
+
+
+def test_by_evalsha_a_full_redis_is_said_once_by_the_heartbeat(
+    server: RedisProcess, namespace: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scripts sent by EVALSHA carry no flags (a server older than 7 would not read them): there a full server
+    refuses renewals too. The heartbeat says so once, without a trace per round, and the requests still get
+    the typed error."""
+    monkeypatch.setattr(redis_io, "SCRIPT_CALLS", "evalsha")
+    client = raw_client(server.url)
+    boss = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
+    try:
+        boss.acquire(vram_gb=20, ttl=0.6)
+        fill(client)
+        with pytest.raises(RedisOutOfMemory):
+            boss.acquire(vram_gb=1, timeout=5)
+        caplog.set_level(logging.WARNING, logger="gpuboss")
+        time.sleep(1.5)  # several heartbeat rounds (every 0.2 s), all refused
+        said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith("gpuboss: heartbeat: Redis refuses its calls, it is out of memory")
+        assert "round failed" not in caplog.text
+    finally:
+        unfill(client)
+        boss.close()
+
+
+def status(url: str, namespace: str, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--redis-url", url, "--namespace", namespace, "--plain", "status", *args])
+
+
+def test_status_warns_of_a_policy_that_may_evict_and_of_a_full_server(server: RedisProcess, namespace: str) -> None:
+    client = raw_client(server.url)
+    boss = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
+    try:
+        boss.release(boss.acquire(vram_gb=1))
+        quiet = status(server.url, namespace)
+        assert quiet.exit_code == 0, quiet.output
+        assert "Warning" not in quiet.stdout  # noeviction, no maxmemory: the defaults
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        assert "Warning" not in status(server.url, namespace).stdout  # no maxmemory: nothing is ever evicted
+        client.config_set("maxmemory", "512mb")
+        lines = status(server.url, namespace).stdout.splitlines()
+        assert lines[1].startswith("Warning: Redis may evict any key when full (maxmemory-policy allkeys-lru; ")
+        assert lines[1].endswith(
+            "of maxmemory 512.0 MiB): it could drop gpuboss's records and over-commit a GPU; set maxmemory-policy "
+            "noeviction (docs/reliability.md)"
+        )
+        assert lines[2] == ""
+        client.config_set("maxmemory-policy", "noeviction")
+        fill(client)
+        full = status(server.url, namespace)
+        assert full.exit_code == 0, full.output  # (a status reads: a full server answers)
+        warning = full.stdout.splitlines()[1]
+        assert re.fullmatch(
+            r"Warning: Redis is out of memory \(\d+\.\d MiB used of maxmemory 1\.0 MiB\): new requests are refused "
+            r"\(RedisOutOfMemory\) until memory is freed or maxmemory raised; leases already granted are still "
+            r"renewed and released",
+            warning,
+        ), warning
+        report = json.loads(CliRunner().invoke(cli, ["--redis-url", server.url, "--namespace", namespace, "--json",
+                                                     "status"]).stdout)  # fmt: skip
+        assert report["redis_memory"]["maxmemory"] == 2**20
+        assert report["redis_memory"]["maxmemory_policy"] == "noeviction"
+        assert report["warnings"] == [warning.removeprefix("Warning: ")]
+    finally:
+        unfill(client)
+        client.config_set("maxmemory-policy", "noeviction")
+        boss.close()
+
+
+def test_memory_not_readable_is_no_warning() -> None:
+    assert memory_report(None) == {"redis_memory": None, "warnings": []}
+    volatile = {"used_memory": 2**20, "maxmemory": 2**30, "maxmemory_policy": "volatile-lru"}
+    assert memory_report(volatile)["warnings"] == []  # (only keys with a TTL: wake lists, the sampler's lock)
+
+
+def test_a_boss_warns_once_where_redis_may_evict_its_keys(
+    server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = raw_client(server.url)
+    client.config_set("maxmemory-policy", "allkeys-lfu")
+    client.config_set("maxmemory", "512mb")
+    caplog.set_level(logging.WARNING, logger="gpuboss")
+    bosses = [GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU) for _ in range(2)]
+    try:
+        held = [boss.acquire(vram_gb=1, ttl=0.6) for boss in bosses]  # (each heartbeat's first round looks)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "may evict" not in caplog.text:
+            time.sleep(0.05)
+        time.sleep(0.5)  # (both heartbeats have renewed by now: 0.2 s rounds)
+        for boss, lease in zip(bosses, held, strict=True):
+            boss.release(lease)
+        said = [r.getMessage() for r in caplog.records if "may evict" in r.getMessage()]
+        assert len(said) == 1, said  # once per process and server, not once per boss
+        assert re.fullmatch(
+            re.escape(f"gpuboss: {server.url}: Redis may evict any key when full (maxmemory-policy allkeys-lfu; ")
+            + r"\d+\.\d MiB used of maxmemory 512\.0 MiB\): it could drop gpuboss's records and over-commit a GPU; "
+            r"set maxmemory-policy noeviction \(docs/reliability\.md\)",
+            said[0],
+        ), said
+        assert eviction_risk(read_memory(client)) is not None
+    finally:
+        client.config_set("maxmemory", "0")
+        client.config_set("maxmemory-policy", "noeviction")
+        for boss in bosses:
+            boss.close()
