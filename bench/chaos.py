@@ -13,6 +13,11 @@ timeouts on two GPUs, through a TCP proxy (``bench/proxy.py``), while this drive
 ``script_flush``   ``SCRIPT FLUSH`` and ``FUNCTION FLUSH``: the clients must load the scripts (NOSCRIPT) or the
                    function library ("Function not found") again by themselves
 ``redis_restart``  SIGKILL redis-server and start an empty one on the same port (no persistence)
+``redis_full``     ``CONFIG SET maxmemory 1`` (``noeviction``) for ``FULL_S``, longer than the shortest TTL: Redis
+                   refuses every call that may grow memory, as a shared Redis that another application filled
+                   does; new requests get ``RedisOutOfMemory``, while renewals and releases still run (their
+                   functions carry ``allow-oom``), so no lease held then may be lost to it (no other fault is
+                   injected meanwhile)
 
 An observer process (``--observe``, started by the driver) reads the namespace read-only, in one MULTI/EXEC
 per look (a consistent snapshot, about 20 per second), and checks continuously:
@@ -88,8 +93,16 @@ GPUS: list[dict[str, Any]] = [
 TTL_RANGE_S = (1.0, 3.0)
 #: How long a worker holds each lease, ms (``--hold-ms``): drawn uniformly between the two.
 HOLD_MS = (20.0, 500.0)
-KINDS = ("kill_holder", "kill_waiter", "stop_holder", "proxy_drop", "script_flush", "redis_restart")
-WEIGHTS = {"kill_holder": 3, "kill_waiter": 2, "stop_holder": 2, "proxy_drop": 2, "script_flush": 2, "redis_restart": 1}
+KINDS = ("kill_holder", "kill_waiter", "stop_holder", "proxy_drop", "script_flush", "redis_restart", "redis_full")
+WEIGHTS = {
+    "kill_holder": 3,
+    "kill_waiter": 2,
+    "stop_holder": 2,
+    "proxy_drop": 2,
+    "script_flush": 2,
+    "redis_restart": 1,
+    "redis_full": 1,
+}
 #: What the second recovery figure of each kind measures.
 RECOVERY = {
     "kill_holder": "kill -> the dead holder's leases reclaimed",
@@ -98,7 +111,14 @@ RECOVERY = {
     "proxy_drop": "cut -> each worker's next script call answered",
     "script_flush": "flush -> next script call answered",
     "redis_restart": "kill -> each holder told its lease is lost",
+    "redis_full": "memory back -> next grant",
 }
+#: How long a ``redis_full`` fault keeps Redis out of memory: longer than the shortest TTL (TTL_RANGE_S), so a lease
+#: not renewed meanwhile may expire (holds longer than this, ``--hold-ms``, show it: its holder still holds it then).
+FULL_S = 2.0
+#: After a ``redis_full`` fault, a lease held through it that its holder finds lost within this long counts as
+#: lost to it (its TTL at most, and a margin: no other fault runs meanwhile).
+FULL_AFTER_S = 4.0
 #: The request that the scripts would grant now (the head of the queue, without rules) left waiting this long in a
 #: row counts as a stranded waiter.
 STRANDED_S = 3.0
@@ -493,6 +513,8 @@ class Chaos:
         self.faults: list[Fault] = []
         self.attempts: dict[str, int] = defaultdict(int)
         self.stopped: Fault | None = None
+        #: the redis_full fault in progress (no other fault is injected until Redis has its memory back)
+        self.full: Fault | None = None
         self.crashed: list[str] = []
         self.hung: list[int] = []
         self.leaked: list[str] = []
@@ -628,10 +650,13 @@ class Chaos:
             if now >= end:
                 break
             self.tick(now)
-            if now >= next_fault:
+            if now >= next_fault and self.full is None:
                 done = self.inject(must)
                 gap = self.rng.expovariate(1 / self.plan.fault_every) if done else 0.3
                 next_fault = time.monotonic() + max(MIN_FAULT_GAP_S if done else 0.3, gap)
+            time.sleep(0.02)
+        while self.full is not None:  # give Redis its memory back, as planned
+            self.tick(time.monotonic())
             time.sleep(0.02)
         if self.stopped is not None:  # finish the stop in progress, as planned
             cont_at = self.stopped.info["cont_at"]
@@ -646,7 +671,14 @@ class Chaos:
         self.ended = time.monotonic()
 
     def tick(self, now: float) -> None:
-        """Continue a stopped holder when due; replace a worker that died by itself."""
+        """Continue a stopped holder when due; give Redis its memory back when due; replace a worker that died by
+        itself."""
+        if self.full is not None and now >= self.full.info["end_at"]:
+            assert self.direct is not None
+            with contextlib.suppress(RedisError, OSError):
+                self.direct.config_set("maxmemory", 0)
+            self.full.info["t_end"] = time.monotonic()
+            self.full = None
         if self.stopped is not None and now >= self.stopped.info["cont_at"]:
             fault, self.stopped = self.stopped, None
             worker = self.by_pid(fault.info["pid"])
@@ -768,6 +800,25 @@ class Chaos:
         except (RedisError, OSError):
             return None
         return Fault("script_flush", t)
+
+    def redis_full(self) -> Fault | None:
+        assert self.direct is not None
+        held = [
+            {"id": i, "pid": pid, "tok": int(rec["token"])}
+            for i, (pid, rec) in self.records("leases").items()
+            if (w := self.by_pid(pid)) is not None and not w.stopped and w.killed is None
+        ]
+        if not held:  # nobody to show that a lease outlives it
+            return None
+        try:
+            self.direct.config_set("maxmemory-policy", "noeviction")
+            t = time.monotonic()
+            self.direct.config_set("maxmemory", 1)
+        except (RedisError, OSError):
+            return None
+        fault = Fault("redis_full", t, {"leases": held, "end_at": t + FULL_S})
+        self.full = fault
+        return fault
 
     def redis_restart(self) -> Fault | None:
         assert self.server is not None
@@ -1000,6 +1051,8 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
                     own.append(min(answered) - f.t)
             elif kind == "redis_restart":
                 own += check_restart(f, logs, tally)
+            elif kind == "redis_full":
+                own += check_full(f, logs, tally)
         faults_out[kind] = {
             "injected": len(by_kind[kind]),
             "attempts": chaos.attempts.get(kind, 0),
@@ -1021,6 +1074,7 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
         "stale_tokens_not_superseded": tally.must["stale_tokens_not_superseded"],
         "stale_leases_renewed": tally.must["stale_leases_renewed"],
         "lost_leases_not_reported": tally.must["lost_leases_not_reported"],
+        "leases_lost_to_a_full_redis": tally.must["leases_lost_to_a_full_redis"],
         "worker_errors": len(logs.errors) + len(chaos.crashed),
         "hung_workers": len(chaos.hung),
         "fault_kinds_not_injected": tally.must["fault_kinds_not_injected"],
@@ -1114,6 +1168,25 @@ def check_stop(f: Fault, logs: Logs, obs_leases: dict[str, list[Any]], tally: Ta
             tally.must["stale_tokens_not_superseded"] += 1
             tally.notes.append(f"stop_holder: lease {lease_id} token {tok} on {gpu}: later there {sorted(newer)[:3]}")
     return out
+
+
+def check_full(f: Fault, logs: Logs, tally: Tally) -> list[float]:
+    """A redis_full fault: no lease held when it began may be lost to it (its holder alive and not stopped, and
+    finding it lost, by on_lost or a release answering False, before FULL_AFTER_S past its end). Returns the
+    time from the end to the next grant."""
+    end = f.info.get("t_end", f.info["end_at"])
+    for held in f.info["leases"]:
+        pid = held["pid"]
+        if logs.alive_until.get(pid, 0) < end + FULL_AFTER_S or any(a < end and b > f.t for a, b in logs.stops[pid]):
+            continue  # killed, or stopped, meanwhile: a loss is another fault's
+        when = [logs.lost[pid].get((held["id"], held["tok"]))]
+        when += [t for t, ok in logs.released[pid].get(held["id"], []) if not ok]
+        lost = [t for t in when if t is not None and f.t <= t <= end + FULL_AFTER_S]
+        if lost:
+            tally.must["leases_lost_to_a_full_redis"] += 1
+            tally.notes.append(f"lease {held['id']} of pid {pid} lost {min(lost) - f.t:.3f} s into a full Redis")
+    gap = logs.next_grant(end)
+    return [] if gap is None else [gap]
 
 
 def check_restart(f: Fault, logs: Logs, tally: Tally) -> list[float]:

@@ -17,7 +17,19 @@ from typing import Any
 
 import pytest
 import redis
-from bench.chaos import KINDS, STRANDED_S, Logs, Observer, Snapshot, Tally, client_over_commits, stored_rules
+from bench.chaos import (
+    FULL_AFTER_S,
+    KINDS,
+    STRANDED_S,
+    Fault,
+    Logs,
+    Observer,
+    Snapshot,
+    Tally,
+    check_full,
+    client_over_commits,
+    stored_rules,
+)
 from bench.chaos import main as chaos_main
 from bench.env import free_port
 from bench.proxy import Proxy
@@ -284,6 +296,30 @@ def test_client_side_over_commit_is_caught() -> None:
     assert "gpu1" in tally.notes[0]
 
 
+def test_a_lease_lost_to_a_full_redis_is_caught() -> None:
+    """redis_full: a lease held when it began, whose holder lived on and was not stopped, must not be found lost
+    (on_lost, or a release answering False) until FULL_AFTER_S past its end."""
+    held = [{"id": f"l{pid}", "pid": pid, "tok": 7} for pid in (1, 2, 3, 4, 5)]
+    fault = Fault("redis_full", 10.0, {"leases": held, "end_at": 12.0, "t_end": 12.0})
+    logs = Logs()
+    logs.alive_until.update(dict.fromkeys((1, 2, 3, 4, 5), 100.0))
+    logs.lost[1][("l1", 7)] = 12.5  # lost to it
+    logs.released[2]["l2"].append((11.0, False))  # its release found it gone: lost to it too
+    logs.released[3]["l3"].append((11.0, True))  # released while Redis was full: fine
+    logs.lost[4][("l4", 7)] = 12.5
+    logs.stops[4].append((9.0, 13.0))  # stopped through it: its loss is the stop's
+    logs.lost[5][("l5", 7)] = 12.0 + FULL_AFTER_S + 5  # lost long after: another cause
+    logs.grants.append((12.02, 12.01, "x", 8, "gpu0"))
+    tally = Tally()
+    assert check_full(fault, logs, tally) == [pytest.approx(0.02)]  # memory back -> next grant
+    assert tally.must["leases_lost_to_a_full_redis"] == 2
+    assert [note.split()[1] for note in tally.notes] == ["l1", "l2"]
+    logs.alive_until[1] = 12.5  # killed just after: not counted
+    tally = Tally()
+    check_full(fault, logs, tally)
+    assert tally.must["leases_lost_to_a_full_redis"] == 1
+
+
 # ---------------------------------------------------------------- the proxy
 
 
@@ -398,16 +434,20 @@ def test_chaos_smoke_injects_every_fault_and_keeps_every_invariant() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_chaos_smoke_with_scheduling_rules_keeps_them_in_force() -> None:
-    """Every boss configured with `queueing: backfill` and `overtake: 2`, through Redis restarts and cut
-    connections: the invariants hold, and the observer finds the rules in force (back after each restart)."""
-    only = "redis_restart,proxy_drop"
-    rules = ("--queueing", "backfill", "--overtake", "2", "--hold-ms", "50,1000")
+def test_chaos_smoke_with_scheduling_rules_and_long_holds_keeps_them_in_force() -> None:
+    """Every boss configured with `queueing: backfill` and `overtake: 2`, through Redis restarts, cut connections
+    and a Redis out of memory: the invariants hold, the observer finds the rules in force (back after each
+    restart), and no lease held through a full Redis is lost (holds of 1.5 to 4 s outlast the fault's 2 s and
+    the shortest TTLs, so a renewal refused there would lose the lease)."""
+    only = "redis_restart,proxy_drop,redis_full"
+    rules = ("--queueing", "backfill", "--overtake", "2", "--hold-ms", "1500,4000")
     report = soak("--duration", "12", "--workers", "6", "--fault-every", "1.5", "--only", only, *rules, timeout=280)
     assert report["rules"] == {"queueing": "backfill", "overtake": 2}
-    assert report["hold_ms"] == [50.0, 1000.0]
-    assert report["observer"]["longest_due_s"] <= STRANDED_S  # (a request due longer is a stranded waiter)
+    assert report["hold_ms"] == [1500.0, 4000.0]
     assert "rules_lost" in report["must_be_zero"]  # (checked, and 0, with the others)
+    assert "leases_lost_to_a_full_redis" in report["must_be_zero"]
     assert report["faults"]["redis_restart"]["injected"] >= 1
+    assert report["faults"]["redis_full"]["injected"] >= 1
     assert report["grants"] > 0
     assert report["observer"]["snapshots"] > 50
+    assert report["observer"]["longest_due_s"] <= STRANDED_S  # (a request due longer is a stranded waiter)
