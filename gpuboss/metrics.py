@@ -77,6 +77,13 @@ class StateCollector(Collector):
             return
         up.add_metric([self.namespace], 1)
         yield up
+        full = GaugeMetricFamily(
+            "gpuboss_redis_full",
+            "1 when Redis is out of memory (maxmemory reached, nothing to evict): it refuses new requests.",
+            labels=["namespace"],
+        )
+        full.add_metric([self.namespace], 1 if snap.get("redis_full") else 0)
+        yield full
         yield from gpu_metrics(snap)
         yield from queue_metrics(snap, self.classes)
 

@@ -251,18 +251,19 @@ def eviction_risk(memory: dict[str, Any] | None) -> str | None:
 
 
 def memory_report(memory: dict[str, Any] | None) -> dict[str, Any]:
-    """``redis_memory`` (None: not read) and the ``warnings`` it calls for: :func:`eviction_risk`, or a server at
-    its ``maxmemory`` that refuses new requests (``RedisOutOfMemory``)."""
+    """``redis_memory`` (None: not read), ``redis_full`` (a server at its ``maxmemory`` that does not evict, so
+    it refuses new requests: ``RedisOutOfMemory``) and the ``warnings`` they call for (:func:`eviction_risk`)."""
     warnings: list[str] = []
     risk = eviction_risk(memory)
+    full = risk is None and memory is not None and 0 < memory["maxmemory"] <= memory["used_memory"]
     if risk is not None:
         warnings.append(risk)
-    elif memory is not None and 0 < memory["maxmemory"] <= memory["used_memory"]:
+    elif full and memory is not None:
         warnings.append(
             f"Redis is out of memory ({_used_of(memory)}): new requests are refused (RedisOutOfMemory) until memory "
             "is freed or maxmemory raised; leases already granted are still renewed and released"
         )
-    return {"redis_memory": memory, "warnings": warnings}
+    return {"redis_memory": memory, "redis_full": full, "warnings": warnings}
 
 
 def _policy(raw: dict[str, str]) -> dict[str, Any]:
@@ -556,11 +557,15 @@ def _explain_several(entry: dict[str, Any], need: int, count: int, usable: list[
 
 def health_report(snap: dict[str, Any], min_free_mib: int | None = None) -> dict[str, Any]:
     """``{"gpu_available", "vram_total", "vram_free"}`` (MiB): available when a GPU is registered and online
-    (with at least ``min_free_mib`` effectively free, if given)."""
+    (with at least ``min_free_mib`` effectively free, if given), and Redis is not out of memory (it would refuse
+    every new request: then ``"redis_full": true`` too)."""
     gpus = snap["gpus"]
     total = sum(g["capacity_mib"] for g in gpus)
     free = sum(max(0, g["free_mib"]) for g in gpus)
     usable = [g for g in gpus if g["leasable_mib"] > 0 and g["offline"] is None]
     if min_free_mib is not None:
         usable = [g for g in usable if g["free_mib"] >= min_free_mib]
-    return {"gpu_available": bool(usable), "vram_total": total, "vram_free": free}
+    report: dict[str, Any] = {"gpu_available": bool(usable), "vram_total": total, "vram_free": free}
+    if snap.get("redis_full"):
+        report.update(gpu_available=False, redis_full=True)
+    return report

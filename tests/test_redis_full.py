@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 from gpuboss import AsyncGPUBoss, GPUBoss, Keys, RedisOutOfMemory, RedisUnavailable, redis_io, scripts
 from gpuboss.cli import cli
 from gpuboss.config import ConfigError
+from gpuboss.metrics import Exporter
 from gpuboss.scripts import ScriptError, flags_of
 from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 from gpuboss.snapshot import eviction_risk, memory_report, read_memory
@@ -218,7 +219,23 @@ def test_status_warns_of_a_policy_that_may_evict_and_of_a_full_server(server: Re
                                                      "status"]).stdout)  # fmt: skip
         assert report["redis_memory"]["maxmemory"] == 2**20
         assert report["redis_memory"]["maxmemory_policy"] == "noeviction"
+        assert report["redis_full"] is True
         assert report["warnings"] == [warning.removeprefix("Warning: ")]
+        # No GPU can be had while Redis refuses every new request: health says so, and the metrics.
+        health = CliRunner().invoke(cli, ["--redis-url", server.url, "--namespace", namespace, "health"])
+        assert health.exit_code == 3, health.output
+        assert json.loads(health.stdout) == {
+            "gpu_available": False, "vram_total": 24 * 1024, "vram_free": 24 * 1024, "redis_full": True
+        }  # fmt: skip
+        exporter = Exporter(server.url, namespace)
+        try:
+            assert exporter.health()[0] == 503
+            assert b'gpuboss_redis_full{namespace="' + namespace.encode() + b'"} 1.0' in exporter.metrics()
+            unfill(client)
+            assert exporter.health() == (200, {"gpu_available": True, "vram_total": 24576, "vram_free": 24576})
+            assert b'gpuboss_redis_full{namespace="' + namespace.encode() + b'"} 0.0' in exporter.metrics()
+        finally:
+            exporter.close()
     finally:
         unfill(client)
         client.config_set("maxmemory-policy", "noeviction")
@@ -226,9 +243,13 @@ def test_status_warns_of_a_policy_that_may_evict_and_of_a_full_server(server: Re
 
 
 def test_memory_not_readable_is_no_warning() -> None:
-    assert memory_report(None) == {"redis_memory": None, "warnings": []}
+    assert memory_report(None) == {"redis_memory": None, "redis_full": False, "warnings": []}
     volatile = {"used_memory": 2**20, "maxmemory": 2**30, "maxmemory_policy": "volatile-lru"}
     assert memory_report(volatile)["warnings"] == []  # (only keys with a TTL: wake lists, the sampler's lock)
+    full = {"used_memory": 2**20 + 1, "maxmemory": 2**20, "maxmemory_policy": "volatile-lru"}
+    assert memory_report(full)["redis_full"] is True  # (nothing left with a TTL to evict: it refuses)
+    lru = {**full, "maxmemory_policy": "allkeys-lru"}
+    assert memory_report(lru)["redis_full"] is False  # (it evicts instead: the warning is about that)
 
 
 def test_a_boss_warns_once_where_redis_may_evict_its_keys(
