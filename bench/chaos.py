@@ -218,6 +218,11 @@ def read_snapshot(client: redis.Redis, keys: Keys) -> Snapshot:
     )
 
 
+def live_queue(s: Snapshot) -> list[str]:
+    """The queue's request ids in serving order, without entries whose TTL ran out or that have no record."""
+    return [req_id for req_id, _ in s.queue if s.queue_exp.get(req_id, 0) > s.now_ms and req_id in s.tickets]
+
+
 @dataclass
 class Observer:
     """The invariant checks over a stream of snapshots (all times on ``time.monotonic()``)."""
@@ -339,7 +344,7 @@ class Observer:
             self._due = None
             return
         self.due_snapshots += 1
-        if due != next(q for q, _ in s.queue if s.queue_exp.get(q, 0) > s.now_ms and q in s.tickets):
+        if due != live_queue(s)[0]:
             self.due_behind_head += 1
         if due != self._due:
             self._due, self._due_since = due, t
@@ -374,10 +379,7 @@ class Observer:
             if s.lease_exp.get(lease_id, 0) > s.now_ms and rec["gpu"] in free:
                 free[rec["gpu"]] -= int(rec["vram_mib"])
         kept: set[str] = set()
-        blocked = 0
-        for req_id, _score in s.queue:
-            if s.queue_exp.get(req_id, 0) <= s.now_ms or req_id not in s.tickets:
-                continue
+        for blocked, req_id in enumerate(live_queue(s), start=1):  # (each one not returned is blocked)
             req = self.decode(s.tickets[req_id])
             if req.get("grow_of") or int(req.get("count") or 1) > 1 or req.get("node") not in (None, "any"):
                 return None
@@ -389,8 +391,7 @@ class Observer:
                     return None
                 eligible = [gpu for gpu in free if s.cap[gpu] >= need] if not pin else [pin]
                 if eligible:
-                    kept.add(min(eligible, key=lambda gpu: (-free.get(gpu, 0), gpu)))
-            blocked += 1
+                    kept.add(eligible[0] if pin else min(eligible, key=lambda gpu: (-free[gpu], gpu)))
             if blocked >= BACKFILL_LIMIT:
                 return None
         return None
