@@ -21,6 +21,9 @@
   `waited_ms` (request to grant) and `load_ms` (grant to now: the time the load took); `evict_cancelled`;
   `evict_requested`, `granted`, `expired` for what serving the queue did. busy, idle and touch are not events.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19] the state layout (includes/state.lua)
     KEYS[20]    events       pub/sub channel (includes/emit.lua)
@@ -41,6 +44,7 @@
                     this busy called off, 0 when none (a holder applies only that: a later request stands)
     {2, notice}     EVICTING: busy refused: the lease is being handed back first; the notice (JSON, as renew's)
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

@@ -4,6 +4,9 @@
 
   Events: `checkpoint_started` (with `by` and `since_request_ms`), once per eviction request.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1]     leases       hash lease id -> JSON lease record
     KEYS[2]     events       pub/sub channel (includes/emit.lua)
@@ -17,6 +20,7 @@
     {0}   NOT_EVICTING: no lease under that id, or it is not being evicted (or was noted already), or it is
           not the caller's (wrong secret)
 ]]
+--- @flags allow-oom
 --- @include "emit"
 
 local id = ARGV[1]

@@ -14,6 +14,9 @@
   `evict_reason`, `held_ms`, `idle_ms`: how long it had been idle, or null); `granted` for waiters served,
   `expired` for what was collected first.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19] the state layout (includes/state.lua)
     KEYS[20]    events       pub/sub channel (includes/emit.lua)
@@ -29,6 +32,7 @@
     {0}             GONE: no lease under that id (or not the caller's); `model_unloaded` was still written
     {1, granted}    UNLOADED: the lease was handed back; `granted` queued requests were granted
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"

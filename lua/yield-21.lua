@@ -11,6 +11,9 @@
   (the resumed request), `granted`/`resumed` for what the queue was given, `expired` for what was
   collected first.
 
+  Runs on a server that is out of memory (function flag allow-oom, see gpuboss/scripts.py): it rewrites
+  records in place or gives memory back, so a full shared Redis does not cost holders their leases.
+
   Input:
     KEYS[1..19] the state layout (includes/state.lua)
     KEYS[20]    events       pub/sub channel (includes/emit.lua)
@@ -29,6 +32,7 @@
     {3, lease}                  CONTINUE: the lease is not being evicted (any more); it stays (record)
     {4, granted}                ENDED: the lease was given back for good; `granted` waiters were served
 ]]
+--- @flags allow-oom
 --- @include "state"
 --- @include "emit"
 --- @include "place"
