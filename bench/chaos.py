@@ -17,7 +17,7 @@ timeouts on two GPUs, through a TCP proxy (``bench/proxy.py``), while this drive
                    refuses every call that may grow memory, as a shared Redis that another application filled
                    does; new requests get ``RedisOutOfMemory``, while renewals and releases still run (their
                    functions carry ``allow-oom``), so no lease held then may be lost to it (no other fault is
-                   injected meanwhile)
+                   injected meanwhile, nor for ``FULL_AFTER_S`` after)
 
 An observer process (``--observe``, started by the driver) reads the namespace read-only, in one MULTI/EXEC
 per look (a consistent snapshot, about 20 per second), and checks continuously:
@@ -117,8 +117,9 @@ RECOVERY = {
 #: not renewed meanwhile may expire (holds longer than this, ``--hold-ms``, show it: its holder still holds it then).
 FULL_S = 2.0
 #: After a ``redis_full`` fault, a lease held through it that its holder finds lost within this long counts as
-#: lost to it (its TTL at most, and a margin: no other fault runs meanwhile).
-FULL_AFTER_S = 4.0
+#: lost to it (a holder whose renewal is overdue is told at once, once memory is back); no other fault is
+#: injected until then, so a loss then is the full Redis's.
+FULL_AFTER_S = 3.0
 #: The request that the scripts would grant now (the head of the queue, without rules) left waiting this long in a
 #: row counts as a stranded waiter.
 STRANDED_S = 3.0
@@ -514,8 +515,10 @@ class Chaos:
         self.faults: list[Fault] = []
         self.attempts: dict[str, int] = defaultdict(int)
         self.stopped: Fault | None = None
-        #: the redis_full fault in progress (no other fault is injected until Redis has its memory back)
+        #: the redis_full fault in progress (no other fault is injected until Redis has its memory back, and
+        #: FULL_AFTER_S more: ``quiet_until``)
         self.full: Fault | None = None
+        self.quiet_until = 0.0
         self.crashed: list[str] = []
         self.hung: list[int] = []
         self.leaked: list[str] = []
@@ -651,7 +654,7 @@ class Chaos:
             if now >= end:
                 break
             self.tick(now)
-            if now >= next_fault and self.full is None:
+            if now >= max(next_fault, self.quiet_until) and self.full is None:
                 done = self.inject(must)
                 gap = self.rng.expovariate(1 / self.plan.fault_every) if done else 0.3
                 next_fault = time.monotonic() + max(MIN_FAULT_GAP_S if done else 0.3, gap)
@@ -679,6 +682,7 @@ class Chaos:
             with contextlib.suppress(RedisError, OSError):
                 self.direct.config_set("maxmemory", 0)
             self.full.info["t_end"] = time.monotonic()
+            self.quiet_until = self.full.info["t_end"] + FULL_AFTER_S
             self.full = None
         if self.stopped is not None and now >= self.stopped.info["cont_at"]:
             fault, self.stopped = self.stopped, None
