@@ -352,6 +352,15 @@ def out_of_memory(url: str, err: OutOfMemoryError) -> RedisOutOfMemory:
     )
 
 
+def raise_refusal(url: str, err: RedisError) -> None:
+    """Raise gpuboss's error for a refusal that no retry mends: :func:`denied`'s (credentials, ACL, a cluster
+    node), or :func:`out_of_memory`'s (a full server); anything else returns."""
+    if is_denied(err):
+        raise denied(url, err) from None
+    if isinstance(err, OutOfMemoryError):
+        raise out_of_memory(url, err) from err
+
+
 def is_denied(err: BaseException) -> bool:
     """A refusal that no retry mends: :data:`DENIED`, or a script refused a command by the caller's ACL."""
     if isinstance(err, DENIED):
@@ -711,17 +720,15 @@ def retry_sync(
 
     The first try is a plain call: the retry machinery costs tens of microseconds, so it only starts
     once a try has failed; ``failed`` is told that first error. The pauses between tries grow up to ``cap``
-    seconds, with jitter. A refusal (:func:`is_denied`) is not retried: it raises :func:`denied`'s error.
+    seconds, with jitter. A refusal (:func:`raise_refusal`: a denial, a full server) is not retried: it
+    raises gpuboss's error for it.
     With ``chain`` the :class:`RedisUnavailable` is chained from the last error.
     """
     started = time.monotonic()
     try:
         return fn()
     except RedisError as err:
-        if is_denied(err):
-            raise denied(url, err) from None
-        if isinstance(err, OutOfMemoryError):
-            raise out_of_memory(url, err) from err
+        raise_refusal(url, err)
         if not isinstance(err, TRANSIENT):
             raise
         if failed is not None:
@@ -737,10 +744,7 @@ def retry_sync(
     except RetryError as err:
         raise _unavailable(url, err) from (err.last_attempt.exception() if chain else None)
     except RedisError as err:
-        if is_denied(err):
-            raise denied(url, err) from None
-        if isinstance(err, OutOfMemoryError):
-            raise out_of_memory(url, err) from err
+        raise_refusal(url, err)
         raise
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -759,10 +763,7 @@ async def retry_async(
     try:
         return await fn()
     except RedisError as err:
-        if is_denied(err):
-            raise denied(url, err) from None
-        if isinstance(err, OutOfMemoryError):
-            raise out_of_memory(url, err) from err
+        raise_refusal(url, err)
         if not isinstance(err, TRANSIENT):
             raise
         if failed is not None:
@@ -778,10 +779,7 @@ async def retry_async(
     except RetryError as err:
         raise _unavailable(url, err) from (err.last_attempt.exception() if chain else None)
     except RedisError as err:
-        if is_denied(err):
-            raise denied(url, err) from None
-        if isinstance(err, OutOfMemoryError):
-            raise out_of_memory(url, err) from err
+        raise_refusal(url, err)
         raise
     raise AssertionError("unreachable")  # pragma: no cover
 

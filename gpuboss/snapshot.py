@@ -253,12 +253,12 @@ def eviction_risk(memory: dict[str, Any] | None) -> str | None:
 def memory_report(memory: dict[str, Any] | None) -> dict[str, Any]:
     """``redis_memory`` (None: not read), ``redis_full`` (a server at its ``maxmemory`` that does not evict, so
     it refuses new requests: ``RedisOutOfMemory``) and the ``warnings`` they call for (:func:`eviction_risk`)."""
-    warnings: list[str] = []
+    if memory is None:
+        return {"redis_memory": None, "redis_full": False, "warnings": []}
     risk = eviction_risk(memory)
-    full = risk is None and memory is not None and 0 < memory["maxmemory"] <= memory["used_memory"]
-    if risk is not None:
-        warnings.append(risk)
-    elif full and memory is not None:
+    full = risk is None and 0 < memory["maxmemory"] <= memory["used_memory"]
+    warnings = [risk] if risk is not None else []
+    if full:
         warnings.append(
             f"Redis is out of memory ({_used_of(memory)}): new requests are refused (RedisOutOfMemory) until memory "
             "is freed or maxmemory raised; leases already granted are still renewed and released"
