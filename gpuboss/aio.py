@@ -290,6 +290,8 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
     async def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
         releasing = self._begin_release(lease)
+        if releasing is None:
+            return False
         return self._end_release(await self._release_id(releasing.lease_id, releasing.ttl_ms), releasing)
 
     @contextlib.asynccontextmanager

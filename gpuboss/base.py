@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, NamedTuple, Self
 
 from gpuboss.config import BossConfig, config_from_arguments, load_config
@@ -48,6 +49,20 @@ class BossBase:
         self._closed = False  # set by close(): nothing more is granted (the heartbeat is stopped)
         self._inventory = Inventory(self._core, self.url, self.held)  # GPU discovery, sampler (registry.py)
         log.info("gpuboss: namespace %r on Redis %s", self._core.config.namespace, self._shown_url)
+        _BOSSES.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lease belongs to the process that acquired it (its pid is in the record), so the
+        child holds none of its parent's. It takes a holder identity of its own, which Redis tells from the
+        parent's (it cannot renew, release or resize the parent's leases), and starts with nothing held: its
+        heartbeat, its exit and close() leave the parent's leases alone, and so does the end of an inherited
+        ``with boss.lease()`` block (see :meth:`_begin_release`). What it acquires itself is its own."""
+        self._core.new_holder()
+        self._leases = {}
+        self._heartbeat.after_fork()
+        self._notices.after_fork(self._core.notify_channel)
+        self._fallback.after_fork()
+        self._inventory.after_fork()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Self:
@@ -185,14 +200,19 @@ class BossBase:
         self._heartbeat.forget(lease.id)
         return True
 
-    def _begin_release(self, lease: Lease | str) -> Releasing:
+    def _begin_release(self, lease: Lease | str) -> Releasing | None:
         """Stop renewing a lease and, if this boss holds it, mark it released; its id, its TTL (ms) for the
         release call, and the Lease object to mark released once Redis accepted the release (one this boss
         does not hold: it may be another holder's, which Redis refuses; see :meth:`_end_release`), or the one
-        this boss held."""
+        this boss held. None for a lease this boss's process was forked from holds: nothing to send."""
         if not isinstance(lease, str | Lease):
             raise InvalidRequest("lease", lease, "must be a Lease or a lease id (str)")
         lease_id = lease if isinstance(lease, str) else lease.id
+        if isinstance(lease, Lease) and lease._driver is self and lease.pid != self._core.pid:
+            # Acquired by the process this one was forked from, which still holds it: not this process's to
+            # give back (an inherited block ending here, say). Its parent releases it; nothing is sent.
+            log.debug("gpuboss: lease %s is held by process %d, not this one: left to it", lease_id, lease.pid)
+            return None
         # Forget it first: interrupted after this line, the lease is at worst left to its TTL, never renewed.
         self._heartbeat.forget(lease_id)
         obj = self._leases.pop(lease_id, None) or (lease if isinstance(lease, Lease) else None)
@@ -273,3 +293,15 @@ class BossBase:
 
     def _dispatch_on_lost(self, lease: Lease) -> None:
         raise NotImplementedError
+
+
+#: Every boss of this process, for :func:`_after_fork_in_child`.
+_BOSSES: weakref.WeakSet[BossBase] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for boss in list(_BOSSES):
+        boss._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

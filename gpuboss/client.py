@@ -216,6 +216,8 @@ class GPUBoss(InventoryMethods, BossBase):
     def release(self, lease: Lease | str) -> bool:
         """Give a lease back (a :class:`Lease` or its id). True if it was still held; twice is harmless."""
         releasing = self._begin_release(lease)
+        if releasing is None:
+            return False
         return self._end_release(self._release_id(releasing.lease_id, releasing.ttl_ms), releasing)
 
     @contextmanager

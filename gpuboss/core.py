@@ -418,6 +418,12 @@ class Core:
         #: When (time.monotonic()) the rules were last stored or found in the namespace.
         self.policy_checked = 0.0
         self.host = socket.gethostname()
+        self.holder = self.notify_channel = self.secret = ""
+        self.new_holder()
+
+    def new_holder(self) -> None:
+        """Take a holder identity of its own: at creation, and again in a forked child (base.py), which holds
+        none of its parent's leases and must not be able to renew or release them."""
         #: This boss's notice channel: eviction notices for its leases arrive there.
         self.holder = uuid.uuid4().hex
         self.notify_channel = self.keys.holder_channel(self.holder)

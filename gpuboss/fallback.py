@@ -332,6 +332,14 @@ class Fallback:
         self.ok()
         return True
 
+    def after_fork(self) -> None:
+        """In a forked child (base.py): the parent's local leases and stand-ins are not this process's; a lock
+        and a probe connection of its own."""
+        self._lock = threading.Lock()
+        self._probe_client = None
+        self._ids = set()
+        self._shadows = {}
+
     def close(self) -> None:
         with self._lock:
             client, self._probe_client = self._probe_client, None

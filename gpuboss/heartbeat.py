@@ -124,6 +124,22 @@ class Heartbeat:
         with self._lock:
             return list(self._entries)
 
+    def after_fork(self) -> None:
+        """In a forked child (base.py): what the parent holds or waits for is not this process's. Forget it, so
+        that it is never renewed from here (a lease outliving a dead parent) nor released (at the child's exit,
+        under the parent still using the GPU); drop the parent's thread, locks (one may have been held at the
+        fork) and connections (their sockets are the parent's: left to it, never used or shut down here)."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._entries = {}
+        self._pending = {}
+        self._withdraw = {}
+        self._thread = None
+        self._client = None
+        self._local_client = None
+        self._sleep_for = None
+        self._added_ms = None
+
     def close(self, release: bool = True) -> None:
         """Stop the thread; with ``release``, give back everything still held or queued (best effort)."""
         with self._lock:

@@ -53,6 +53,17 @@ class NoticeListener:
             self._thread.start()
         self._ready.wait(wait)
 
+    def after_fork(self, channel: str) -> None:
+        """In a forked child (base.py): listen on the child's own channel, with a thread and locks of its own."""
+        stopped = self._stopped.is_set()
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stopped = threading.Event()
+        self._ready = threading.Event()
+        if stopped:
+            self._stopped.set()
+
     def close(self) -> None:
         self._stopped.set()
         thread = self._thread

@@ -379,6 +379,12 @@ class Inventory:
         if sampler is not None:
             sampler.poke(lease.gpus)
 
+    def after_fork(self) -> None:
+        """In a forked child (base.py): a lock and a sampler of its own."""
+        self._lock = threading.Lock()
+        if self.sampler is not None:
+            self.sampler.after_fork()
+
     def close(self) -> None:
         with self._lock:
             sampler, self.sampler = self.sampler, None

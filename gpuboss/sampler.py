@@ -207,6 +207,22 @@ class Sampler:
             self._thread = threading.Thread(target=self._run, name="gpuboss-sampler", daemon=True)
             self._thread.start()
 
+    def after_fork(self) -> None:
+        """In a forked child (base.py): an id, a thread, locks and connections of its own (the parent's NVML
+        session and Redis socket are left to it); a closed sampler stays closed."""
+        stopped = self._stop.is_set()
+        self.id = f"{self.core.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._client = None
+        self._session = None
+        self._stop = threading.Event()
+        if stopped:
+            self._stop.set()
+        self._wake = threading.Event()
+        self._poked = set()
+        self._poke_lock = threading.Lock()
+        self._thread = None
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         """Stop the thread (the right to sample lapses by itself; the host's beat stops with the last process)."""
         self._stop.set()

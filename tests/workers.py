@@ -29,11 +29,19 @@ Commands:
             ``on_redis_down`` ...); prints ``READY``, then obeys one command per stdin line, each
             ``VERB <tag> [json]``, and answers with lines ``KIND <tag> <json>`` (see :class:`Agent`). Requests
             run on threads of their own, so one agent can hold a lease and wait for another.
+``forker``  the fork tests (``test_fork.py``): acquires a lease of ``--vram`` GB (``--ttl``), prints ``HELD``,
+            and forks (``--block``: inside a ``with boss.lease()`` block, whose lease it printed). The child
+            prints ``CHILD_PID <pid>``, does what ``--child`` says (see :func:`forked_child`), prints ``CHILD <json>`` and exits the normal
+            way (its atexit handlers run); the parent prints ``CHILD_EXITED <status>``, waits for ``GO``,
+            releases and exits. ``--parent-dies``: the parent ends at once without releasing (``os._exit``),
+            the child keeps a lease of its own and reports whether the parent's outlived its TTL.
+            ``--front async`` does the same with an AsyncGPUBoss (each side in an ``asyncio.run`` of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -52,7 +60,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the checkout's gpuboss wins
     sys.path.insert(0, str(ROOT))
 
-from gpuboss import GPUBoss, GPUBossError, Lease, LeaseTimeout  # noqa: E402
+from gpuboss import GPUBoss, GPUBossError, Keys, Lease, LeaseTimeout  # noqa: E402
+from gpuboss.redis_io import connect_sync  # noqa: E402
 
 SIZES_GB = (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 PRIORITIES = ("low", "normal", "high")
@@ -345,10 +354,119 @@ def agent(args: argparse.Namespace) -> int:
     return Agent(args).run()
 
 
+def forked_child(args: argparse.Namespace, boss: Any, inherited: Lease) -> dict[str, Any]:
+    """What a forked child of ``forker`` does with the boss and the lease it inherited (see ``--child``):
+    ``exit`` nothing (it just exits); ``close`` closes the boss; ``release`` releases the inherited lease,
+    then tries its id; ``own`` acquires a lease of its own and holds it over three of its TTLs. Returns
+    what it saw, for its ``CHILD`` line; its own lease is left to its exit."""
+    report: dict[str, Any] = {"pid": os.getpid(), "held": [lease.id for lease in boss.held()]}
+    if args.child == "close":
+        boss.close()
+    elif args.child == "release":
+        report["release_lease"] = boss.release(inherited)
+        try:
+            boss.release(inherited.id)
+        except GPUBossError as err:
+            report["release_id"] = type(err).__name__
+    elif args.child == "own":
+        own = boss.acquire(1, ttl=1.0, timeout=10)
+        time.sleep(3.0)
+        report["own"] = {"id": own.id, "pid": own.pid, "state": own.state.value}
+        report["held_after"] = [lease.id for lease in boss.held()]
+    return report
+
+
+async def forked_child_async(args: argparse.Namespace, boss: Any, inherited: Lease) -> dict[str, Any]:
+    """:func:`forked_child` with an AsyncGPUBoss."""
+    report: dict[str, Any] = {"pid": os.getpid(), "held": [lease.id for lease in boss.held()]}
+    if args.child == "close":
+        await boss.close()
+    elif args.child == "release":
+        report["release_lease"] = await boss.release(inherited)
+        try:
+            await boss.release(inherited.id)
+        except GPUBossError as err:
+            report["release_id"] = type(err).__name__
+    elif args.child == "own":
+        own = await boss.acquire(1, ttl=1.0, timeout=10)
+        await asyncio.sleep(3.0)
+        report["own"] = {"id": own.id, "pid": own.pid, "state": own.state.value}
+        report["held_after"] = [lease.id for lease in boss.held()]
+    return report
+
+
+def orphan(boss: GPUBoss, inherited: Lease, parent: int) -> dict[str, Any]:
+    """``--parent-dies``: the child holds a lease of its own (its heartbeat runs) while the parent (pid
+    ``parent``) is gone; the parent's lease must expire with its TTL, not be kept alive from here."""
+    own = boss.acquire(1, ttl=1.0, timeout=10)
+    deadline = time.monotonic() + 10
+    while os.getppid() == parent and time.monotonic() < deadline:  # until the parent has exited
+        time.sleep(0.01)
+    time.sleep(3 * inherited.ttl + 1.0)
+    boss.collect()  # (what any script would do by its next full check)
+    leases = Keys(boss.namespace).leases
+    client = connect_sync(boss.url, 5.0)
+    left = {
+        "parent_lease_left": bool(client.hexists(leases, inherited.id)),
+        "own_left": bool(client.hexists(leases, own.id)),
+    }
+    return {"pid": os.getpid(), **left}
+
+
+def forker(args: argparse.Namespace) -> int:
+    if args.front == "async":
+        return forker_async(args)
+    boss = make_boss(args)
+    lease = boss.acquire(args.vram, ttl=args.ttl, timeout=10)
+    emit("HELD " + lease_json(lease))
+    if args.block:
+        with boss.lease(args.vram, ttl=args.ttl, timeout=10) as device:
+            emit("HELD " + lease_json(device.lease))
+            pid = os.fork()
+            if pid != 0:
+                return after_fork_in_parent(pid, lambda: boss.release(lease))
+            emit(f"CHILD_PID {os.getpid()}")
+        emit("CHILD " + json.dumps(forked_child(args, boss, device.lease)))
+        return 0  # the normal way out: atexit runs
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        emit(f"CHILD_PID {os.getpid()}")
+        report = orphan(boss, lease, parent) if args.parent_dies else forked_child(args, boss, lease)
+        emit("CHILD " + json.dumps(report))
+        return 0
+    if args.parent_dies:
+        os._exit(0)  # gone without a release: only the lease's TTL ends it
+    return after_fork_in_parent(pid, lambda: boss.release(lease))
+
+
+def forker_async(args: argparse.Namespace) -> int:
+    from gpuboss import AsyncGPUBoss
+
+    boss = AsyncGPUBoss(args.url, namespace=args.ns, gpus=json.loads(args.gpus), service=f"worker-{os.getpid()}")
+    lease = asyncio.run(boss.acquire(args.vram, ttl=args.ttl, timeout=10))
+    emit("HELD " + lease_json(lease))
+    pid = os.fork()
+    if pid == 0:
+        emit(f"CHILD_PID {os.getpid()}")
+        emit("CHILD " + json.dumps(asyncio.run(forked_child_async(args, boss, lease))))
+        return 0
+    return after_fork_in_parent(pid, lambda: asyncio.run(boss.release(lease)))
+
+
+def after_fork_in_parent(pid: int, release: Any) -> int:
+    """The parent of ``forker``: wait for the child, say how it ended, wait for GO and release its lease."""
+    _, status = os.waitpid(pid, 0)
+    emit(f"CHILD_EXITED {os.waitstatus_to_exitcode(status)}")
+    wait_for_go()
+    emit(f"RELEASED {release()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workers")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("stress", "hold", "wait", "checkpointer", "agent"):
+    for name in ("stress", "hold", "wait", "checkpointer", "agent", "forker"):
         p = sub.add_parser(name)
         p.add_argument("--url", required=True)
         p.add_argument("--ns", required=True)
@@ -367,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--step-s", type=float, default=0.01)
             p.add_argument("--hold-at", type=int, default=100)
             p.add_argument("--checkpoint-s", type=float, default=0.0)
+        elif name == "forker":
+            p.add_argument("--vram", type=float, default=4.0)
+            p.add_argument("--ttl", type=float, default=10.0)
+            p.add_argument("--child", choices=("exit", "close", "release", "own"), default="exit")
+            p.add_argument("--block", action="store_true")
+            p.add_argument("--parent-dies", action="store_true")
+            p.add_argument("--front", choices=("sync", "async"), default="sync")
         elif name == "agent":
             p.add_argument("--service", required=True)
             p.add_argument("--settings", default="{}", help="JSON object of further GPUBoss settings")
@@ -377,7 +502,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--timeout", type=float, default=60.0)
             p.add_argument("--report-lost", action="store_true")
     args = parser.parse_args(argv)
-    commands = {"stress": stress, "hold": hold, "wait": wait, "checkpointer": checkpointer, "agent": agent}
+    commands = {
+        "stress": stress,
+        "hold": hold,
+        "wait": wait,
+        "checkpointer": checkpointer,
+        "agent": agent,
+        "forker": forker,
+    }
     command = commands[args.command]
     return command(args)
 

@@ -1,0 +1,150 @@
+"""A forked child holds none of its parent's leases: it neither renews nor releases them.
+
+A lease belongs to the process that acquired it (its pid is in the record, and only its holder's secret
+releases it). A process that forks (``os.fork``, ``multiprocessing`` with the fork start method, a pre-forking
+server) hands its children a copy of its boss; before this was handled, a child that exited the normal way
+released every lease of its parent from its atexit handler, while the parent went on using the GPU: the
+memory went to the next waiter and the GPU was over-committed. A child's heartbeat also renewed the parent's
+leases, so a parent that died kept its lease for as long as the child lived.
+
+Each test runs ``tests/workers.py forker``, which acquires, forks, lets the child do one thing and exit the
+normal way (atexit handlers run), and waits for ``GO`` before it releases, while the test reads Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpuboss import Keys
+from gpuboss.config import gb_to_mib
+
+from tests.conftest import GPUS, raw_client
+from tests.workers import Worker
+
+pytestmark = pytest.mark.slow
+
+VRAM_GB = 4.0
+
+
+def leased(url: str, namespace: str) -> tuple[set[str], int]:
+    """The lease ids in Redis, and the MiB counted in use over all GPUs."""
+    client = raw_client(url)
+    keys = Keys(namespace)
+    used = sum(int(v) for v in client.hgetall(keys.used).values())
+    return {str(k) for k in client.hkeys(keys.leases)}, used
+
+
+class Forker(Worker):
+    """A ``forker`` worker; :meth:`close` also kills its child (by the PID it printed) if that still runs: a
+    child stuck (say, on a lock held at the fork) would keep the pipes open."""
+
+    child_pid: int | None = None
+
+    def child(self) -> dict[str, Any]:
+        """The child's report (``CHILD``), after its ``CHILD_PID``."""
+        self.child_pid = int(self.expect("CHILD_PID"))
+        return dict(json.loads(self.expect("CHILD", timeout=30)))
+
+    def close(self) -> None:
+        if self.child_pid is not None:
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                if "workers.py" in Path(f"/proc/{self.child_pid}/cmdline").read_text(errors="replace"):
+                    os.kill(self.child_pid, signal.SIGKILL)
+        super().close()
+
+
+def run_forker(url: str, namespace: str, *extra: str) -> tuple[Forker, list[dict[str, Any]], dict[str, Any]]:
+    """Start a forker; its HELD leases and the child's report, once the child has exited (status 0)."""
+    worker = Forker("forker", url, namespace, GPUS, "--vram", str(VRAM_GB), *extra)
+    try:
+        held = [json.loads(worker.expect("HELD"))]
+        if "--block" in extra:
+            held.append(json.loads(worker.expect("HELD")))
+        child = worker.child()
+        assert worker.expect("CHILD_EXITED") == "0", worker.err()
+    except BaseException:
+        worker.close()
+        raise
+    return worker, held, child
+
+
+def finish(worker: Forker) -> None:
+    """Let the parent release its lease: Redis must still have taken it as the parent's."""
+    try:
+        worker.send("GO")
+        assert worker.expect("RELEASED") == "True", worker.err()
+        assert worker.wait(20) == 0, worker.err()
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+@pytest.mark.parametrize("child", ["exit", "close"])
+def test_a_forked_child_that_exits_leaves_its_parents_lease_alone(
+    real_url: str, namespace: str, front: str, child: str
+) -> None:
+    worker, held, report = run_forker(real_url, namespace, "--child", child, "--front", front)
+    try:
+        assert report["held"] == [], "a forked child holds none of its parent's leases"
+        ids, used = leased(real_url, namespace)
+        assert ids == {held[0]["id"]}, "the child's exit (or close()) released its parent's lease"
+        assert used == gb_to_mib(VRAM_GB)
+    finally:
+        finish(worker)
+    assert leased(real_url, namespace) == (set(), 0)
+
+
+def test_an_inherited_with_block_ending_in_the_child_releases_nothing(real_url: str, namespace: str) -> None:
+    worker, held, report = run_forker(real_url, namespace, "--block")
+    try:
+        assert report["held"] == []
+        ids, used = leased(real_url, namespace)
+        assert ids == {held[0]["id"], held[1]["id"]}, "the block's end in the child released the parent's lease"
+        assert used == 2 * gb_to_mib(VRAM_GB)
+    finally:
+        finish(worker)  # (the parent's block ends after GO too: both released)
+    assert leased(real_url, namespace) == (set(), 0)
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+def test_a_forked_child_cannot_release_its_parents_lease(real_url: str, namespace: str, front: str) -> None:
+    worker, held, report = run_forker(real_url, namespace, "--child", "release", "--front", front)
+    try:
+        assert report["release_lease"] is False, "an inherited Lease is the parent's: nothing to release"
+        assert report["release_id"] == "InvalidRequest", "Redis must tell the child from its parent"
+        assert leased(real_url, namespace)[0] == {held[0]["id"]}
+    finally:
+        finish(worker)
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+def test_a_forked_child_holds_renews_and_releases_its_own_leases(real_url: str, namespace: str, front: str) -> None:
+    worker, held, report = run_forker(real_url, namespace, "--child", "own", "--front", front)
+    try:
+        own = report["own"]
+        assert own["pid"] == report["pid"] != held[0]["pid"], "the child's lease is recorded as the child's"
+        assert own["state"] == "granted", "the child's heartbeat kept its 1 s lease over 3 s"
+        assert report["held_after"] == [own["id"]]
+        ids, used = leased(real_url, namespace)
+        assert ids == {held[0]["id"]}, "the child's own lease is released at its exit, its parent's is not"
+        assert used == gb_to_mib(VRAM_GB)
+    finally:
+        finish(worker)
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_lease_alive(real_url: str, namespace: str) -> None:
+    worker = Forker("forker", real_url, namespace, GPUS, "--ttl", "1", "--parent-dies")
+    try:
+        parent_lease = json.loads(worker.expect("HELD"))
+        report = worker.child()  # (the child writes to the same pipe)
+        assert report["pid"] != parent_lease["pid"]
+        assert report["own_left"] is True, "the child's own lease is renewed"
+        assert report["parent_lease_left"] is False, "the child's heartbeat kept its dead parent's lease alive"
+    finally:
+        worker.close()
