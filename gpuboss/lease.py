@@ -384,6 +384,19 @@ class Lease:
         self.expires_at = rec["expires_at"] / 1000
         self.evictions = int(rec.get("evictions", self.evictions))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (handed to another process: a ``multiprocessing`` or executor worker, say): a detached copy,
+        the lease's fields and state as they are now, without its boss, callbacks and locks. The lease stays
+        its holder's: the other process can read the copy, not renew, resize or release the lease."""
+        extra = {"uuid": self.uuid, "uuids": self.uuids, "model": self.model, "quantization": self.quantization}
+        return (_detached, (self.record, self.state.value, self.local, extra))
+
+    def __copy__(self) -> Lease:
+        return self  # one lease in Redis, one object for it: a copy would be a second handle on the same lease
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Lease:
+        return self
+
     @property
     def vram_gb(self) -> float:
         return self.vram_mib / 1024
@@ -549,7 +562,8 @@ class Lease:
 class Device(str):
     """The device string of a lease (``"cuda:0"``), usable anywhere a device string goes.
 
-    ``device.lease`` is the :class:`Lease` it came from.
+    ``device.lease`` is the :class:`Lease` it came from. Copied, it is itself; pickled (to a worker process),
+    it is a Device with a detached copy of the lease (see :meth:`Lease.__reduce__`).
     """
 
     lease: Lease
@@ -558,3 +572,24 @@ class Device(str):
         obj = super().__new__(cls, lease.device)
         obj.lease = lease
         return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Device, (self.lease,))
+
+    def __copy__(self) -> Device:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Device:
+        return self
+
+
+def _detached(record: dict[str, Any], state: str, local: bool, extra: dict[str, Any]) -> Lease:
+    """A lease unpickled in another process (:meth:`Lease.__reduce__`): held by no boss there."""
+    lease = Lease.from_record(record)
+    with lease._lock:
+        lease.state = LeaseState(state)
+        lease._after_move()  # (its eviction flag and its settled signal, as the state says)
+    lease.local = local
+    lease.uuid, lease.model, lease.quantization = extra["uuid"], extra["model"], extra["quantization"]
+    lease.uuids = list(extra["uuids"])
+    return lease

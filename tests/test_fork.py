@@ -1,4 +1,5 @@
-"""A forked child holds none of its parent's leases: it neither renews nor releases them.
+"""A lease belongs to the process that acquired it: a forked child neither renews nor releases it, and a
+worker handed its Device (pickled) gets a copy to read.
 
 A lease belongs to the process that acquired it (its pid is in the record, and only its holder's secret
 releases it). A process that forks (``os.fork``, ``multiprocessing`` with the fork start method, a pre-forking
@@ -9,23 +10,31 @@ leases, so a parent that died kept its lease for as long as the child lived.
 
 Each test runs ``tests/workers.py forker``, which acquires, forks, lets the child do one thing and exit the
 normal way (atexit handlers run), and waits for ``GO`` before it releases, while the test reads Redis.
+
+A Device could not be handed to a worker process (``executor.submit(fn, device)``, ``Process(args=(device,))``
+with the spawn start method): pickling it raised ``TypeError: cannot pickle '_thread.lock' object``, and
+``copy.deepcopy`` of anything holding one raised ``AttributeError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import multiprocessing
 import os
+import pickle
 import signal
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuboss import Keys
+from gpuboss import Device, GPUBoss, Keys, LeaseState
 from gpuboss.config import gb_to_mib
 
 from tests.conftest import GPUS, raw_client
-from tests.workers import Worker
+from tests.workers import Worker, use_device
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +157,39 @@ def test_a_forked_child_does_not_keep_its_dead_parents_lease_alive(real_url: str
         assert report["parent_lease_left"] is False, "the child's heartbeat kept its dead parent's lease alive"
     finally:
         worker.close()
+
+
+def test_a_device_handed_to_a_spawned_worker_is_a_copy_it_can_read_not_release(real_url: str, namespace: str) -> None:
+    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS, service="test")
+    try:
+        with boss.lease(vram_gb=VRAM_GB) as device:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                seen = pool.submit(use_device, device, real_url, namespace, GPUS).result(timeout=60)
+            assert seen["pid"] != os.getpid() and seen["holder_pid"] == os.getpid()
+            assert (seen["device"], seen["type"], seen["id"]) == (device, "Device", device.lease.id)
+            assert seen["state"] == "granted"
+            assert seen["release"] == "InvalidRequest", "only the holder releases its lease"
+            assert leased(real_url, namespace)[0] == {device.lease.id}
+        assert device.lease.state is LeaseState.RELEASED
+        assert leased(real_url, namespace) == (set(), 0)
+    finally:
+        boss.close()
+
+
+def test_a_device_copies_as_itself_and_pickles_as_a_detached_copy(backend_url: str, namespace: str) -> None:
+    boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="test")
+    try:
+        with boss.lease(vram_gb=VRAM_GB) as device:
+            settings = {"device": device, "batch": [1, 2]}
+            copied = copy.deepcopy(settings)
+            assert copied["device"] is device and copy.copy(device) is device
+            assert copy.deepcopy(device.lease) is device.lease
+            back = pickle.loads(pickle.dumps(device))
+            assert isinstance(back, Device) and back == device and back.startswith("cuda:")
+            assert back.lease is not device.lease and back.lease.record == device.lease.record
+            assert back.lease.state is LeaseState.GRANTED and not back.lease.evict_requested
+            with pytest.raises(RuntimeError, match="not held by a boss"):
+                back.lease.resize(1)
+        assert pickle.loads(pickle.dumps(device.lease)).state is LeaseState.RELEASED
+    finally:
+        boss.close()

@@ -454,6 +454,20 @@ def forker_async(args: argparse.Namespace) -> int:
     return after_fork_in_parent(pid, lambda: asyncio.run(boss.release(lease)))
 
 
+def use_device(device: Any, url: str, namespace: str, gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run in a process of ``test_fork.py``'s pool (spawned): what a worker that was handed a pickled Device
+    sees of it, and what its own boss's release of that lease answers."""
+    lease = device.lease
+    seen = {"device": str(device), "type": type(device).__name__, "id": lease.id, "state": lease.state.value}
+    boss = GPUBoss(url, namespace=namespace, gpus=gpus, service="pool")
+    try:
+        seen["release"] = boss.release(lease)
+    except GPUBossError as err:
+        seen["release"] = type(err).__name__
+    boss.close()
+    return {**seen, "pid": os.getpid(), "holder_pid": lease.pid}
+
+
 def after_fork_in_parent(pid: int, release: Any) -> int:
     """The parent of ``forker``: wait for the child, say how it ended, wait for GO and release its lease."""
     _, status = os.waitpid(pid, 0)
