@@ -286,6 +286,27 @@ def test_sigint_while_queued_withdraws_the_request(
     assert_idle(client, keys)
 
 
+@pytest.mark.parametrize("exit_on_sigterm", [False, True], ids=["default", "sys-exit-handler"])
+def test_sigterm_releases_only_where_it_becomes_a_normal_exit(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    workers: Callable[..., Worker],
+    exit_on_sigterm: bool,
+) -> None:
+    """docs/concepts.md: Python's default SIGTERM skips atexit (the lease stays until its TTL, as after a
+    kill); with SIGTERM turned into sys.exit, the lease is released as the process exits."""
+    keys = Keys(namespace)
+    extra = ["--exit-on-sigterm"] if exit_on_sigterm else []
+    w = workers("hold", redis_server.url, namespace, GPUS, "--vram", "8", "--ttl", "30", *extra)
+    w.expect("READY", timeout=30)
+    lease = json.loads(w.expect("HELD"))
+    w.proc.terminate()  # SIGTERM by PID
+    assert w.wait(timeout=10) == (143 if exit_on_sigterm else -15)
+    # Read once the process is gone, far inside the lease's 30 s TTL: no expiry can have happened.
+    assert bool(client.hexists(keys.leases, lease["id"])) is not exit_on_sigterm
+
+
 # ---------------------------------------------------------------- scripts flushed, Redis restarted
 
 

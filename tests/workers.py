@@ -10,7 +10,8 @@ Commands:
 ``stress``  run ``--count`` random requests (random size, priority, timeout, hold time) and append one JSON
             line per request to ``--out``; used by the no-over-commit test.
 ``hold``    acquire one lease, print ``HELD``, then sleep until killed (the SIGKILL-a-holder test); with
-            ``--report-lost`` its ``on_lost`` prints ``LOST <lease id>`` (the force-release test).
+            ``--report-lost`` its ``on_lost`` prints ``LOST <lease id>`` (the force-release test); with
+            ``--exit-on-sigterm`` SIGTERM makes it exit the normal way (``sys.exit(143)``).
 ``wait``    print ``QUEUING``, acquire one lease (queued behind others), print ``HELD``, then sleep until
             killed; on KeyboardInterrupt (SIGINT) while waiting print ``INTERRUPTED`` and exit 3.
 ``checkpointer``  the low-priority job of the eviction scenario (``test_eviction_processes.py``): holds a
@@ -166,6 +167,8 @@ def stress(args: argparse.Namespace) -> int:
 
 
 def hold(args: argparse.Namespace) -> int:
+    if args.exit_on_sigterm:  # the recipe of docs/concepts.md: SIGTERM becomes a normal exit
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     boss = make_boss(args)
     emit("READY")
     on_lost = (lambda lost: emit("LOST " + lost.id)) if args.report_lost else None
@@ -515,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--device", default=None)
             p.add_argument("--timeout", type=float, default=60.0)
             p.add_argument("--report-lost", action="store_true")
+            p.add_argument("--exit-on-sigterm", action="store_true")
     args = parser.parse_args(argv)
     commands = {
         "stress": stress,
