@@ -54,6 +54,10 @@ class GPUBoss(InventoryMethods, BossBase):
         self._link = SyncLink(self._fallback, self._redis, self._heartbeat)  # Redis, or on_redis_down
         self._ready_lock = threading.Lock()
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._ready_lock = threading.Lock()  # (a thread of the parent may have held it at the fork)
+
     # -- I/O
 
     def _eval(self, call: Call) -> Any:
