@@ -49,6 +49,10 @@ from gpuboss.registry import AsyncInventoryMethods
 
 log = logging.getLogger("gpuboss")
 
+#: In a forked child: what its bosses took over from the parent's event loop, held for the child's life (see
+#: AsyncGPUBoss._after_fork).
+_PARENTS: list[object] = []
+
 
 async def _closing_with_loop(link: AsyncLink) -> AsyncGenerator[None, None]:
     """Started in an event loop and left suspended there: as that loop shuts down (``asyncio.run`` closes every
@@ -82,6 +86,21 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         # then outlive the loop)
         self._loop_guard: AsyncGenerator[None, None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+
+    def _after_fork(self) -> None:
+        """In a forked child (see :meth:`BossBase._after_fork`), also the loop: the one served at the fork is the
+        parent's (running there, maybe), and so are its connections and tasks. The child's first call binds a
+        loop of its own with new connections. The parent's objects are kept, never closed nor collected here:
+        closing a connection of the parent's loop would take its socket out of the parent's epoll set, which
+        the child shares."""
+        super()._after_fork()
+        _PARENTS.append((self._loop, self._loop_guard, self._redis, self._link, self._background))
+        self._loop = None
+        self._loop_guard = None
+        self._background = set()
+        self._redis = connect_async(self.url, self._core.config.connect_timeout)
+        self._link = self._link.for_loop(self._redis)
+        self._ready_lock = asyncio.Lock()
 
     # -- I/O
 

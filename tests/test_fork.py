@@ -18,6 +18,7 @@ with the spawn start method): pickling it raised ``TypeError: cannot pickle '_th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuboss import Device, GPUBoss, Keys, LeaseState
+from gpuboss import AsyncGPUBoss, Device, GPUBoss, Keys, LeaseState
 from gpuboss.config import gb_to_mib
 
 from tests.conftest import GPUS, raw_client
@@ -193,3 +194,46 @@ def test_a_device_copies_as_itself_and_pickles_as_a_detached_copy(backend_url: s
         assert pickle.loads(pickle.dumps(device.lease)).state is LeaseState.RELEASED
     finally:
         boss.close()
+
+
+async def test_an_async_boss_works_in_a_child_forked_from_its_running_loop(real_url: str, namespace: str) -> None:
+    """``multiprocessing.Process(...).start()`` (fork) from a coroutine: the child runs a loop of its own and
+    uses the inherited AsyncGPUBoss there (it raised EventLoopError: the parent's loop looked running), and
+    the parent's loop and connections go on unharmed."""
+    boss = AsyncGPUBoss(real_url, namespace=namespace, gpus=GPUS, service="test")
+    try:
+        lease = await boss.acquire(VRAM_GB)
+        fork = multiprocessing.get_context("fork")
+        results = fork.Queue()
+
+        def child() -> None:
+            async def use() -> dict[str, Any]:
+                async with boss.lease(vram_gb=1, ttl=1) as device:
+                    await asyncio.sleep(1.5)  # over its TTL: renewed by the child's heartbeat
+                    held = [held.id for held in boss.held()]
+                    return {
+                        "pid": os.getpid(),
+                        "holder": device.lease.pid,
+                        "state": device.lease.state.value,
+                        "held": held,
+                    }
+
+            try:
+                results.put(asyncio.run(use()))
+            except BaseException as err:  # noqa: BLE001  # handed to the test, which fails with it
+                results.put(repr(err))
+
+        process = fork.Process(target=child)
+        process.start()
+        seen = await asyncio.to_thread(results.get, True, 60)
+        await asyncio.to_thread(process.join, 30)
+        assert isinstance(seen, dict), seen
+        assert seen["pid"] == seen["holder"] != os.getpid() and seen["state"] == "granted"
+        assert lease.id not in seen["held"] and len(seen["held"]) == 1
+        assert process.exitcode == 0
+        extra = await asyncio.wait_for(boss.acquire(1), 10)  # the parent's loop still serves it
+        assert await boss.release(extra)
+        assert await boss.release(lease)
+        assert leased(real_url, namespace) == (set(), 0)
+    finally:
+        await boss.close()
