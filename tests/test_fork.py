@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -160,40 +161,43 @@ def test_a_forked_child_does_not_keep_its_dead_parents_lease_alive(real_url: str
         worker.close()
 
 
-def test_a_device_handed_to_a_spawned_worker_is_a_copy_it_can_read_not_release(real_url: str, namespace: str) -> None:
-    boss = GPUBoss(real_url, namespace=namespace, gpus=GPUS, service="test")
+@contextlib.contextmanager
+def holding(url: str, namespace: str) -> Iterator[Device]:
+    """A lease of VRAM_GB for the block (``with boss.lease()``), from a boss closed after it."""
+    boss = GPUBoss(url, namespace=namespace, gpus=GPUS, service="test")
     try:
         with boss.lease(vram_gb=VRAM_GB) as device:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                seen = pool.submit(use_device, device, real_url, namespace, GPUS).result(timeout=60)
-            assert seen["pid"] != os.getpid() and seen["holder_pid"] == os.getpid()
-            assert (seen["device"], seen["type"], seen["id"]) == (device, "Device", device.lease.id)
-            assert seen["state"] == "granted"
-            assert seen["release"] == "InvalidRequest", "only the holder releases its lease"
-            assert leased(real_url, namespace)[0] == {device.lease.id}
-        assert device.lease.state is LeaseState.RELEASED
-        assert leased(real_url, namespace) == (set(), 0)
+            yield device
     finally:
         boss.close()
+
+
+def test_a_device_handed_to_a_spawned_worker_is_a_copy_it_can_read_not_release(real_url: str, namespace: str) -> None:
+    with holding(real_url, namespace) as device:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            seen = pool.submit(use_device, device, real_url, namespace, GPUS).result(timeout=60)
+        assert seen["pid"] != os.getpid() and seen["holder_pid"] == os.getpid()
+        assert (seen["device"], seen["type"], seen["id"]) == (device, "Device", device.lease.id)
+        assert seen["state"] == "granted"
+        assert seen["release"] == "InvalidRequest", "only the holder releases its lease"
+        assert leased(real_url, namespace)[0] == {device.lease.id}
+    assert device.lease.state is LeaseState.RELEASED
+    assert leased(real_url, namespace) == (set(), 0)
 
 
 def test_a_device_copies_as_itself_and_pickles_as_a_detached_copy(backend_url: str, namespace: str) -> None:
-    boss = GPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="test")
-    try:
-        with boss.lease(vram_gb=VRAM_GB) as device:
-            settings = {"device": device, "batch": [1, 2]}
-            copied = copy.deepcopy(settings)
-            assert copied["device"] is device and copy.copy(device) is device
-            assert copy.deepcopy(device.lease) is device.lease
-            back = pickle.loads(pickle.dumps(device))
-            assert isinstance(back, Device) and back == device and back.startswith("cuda:")
-            assert back.lease is not device.lease and back.lease.record == device.lease.record
-            assert back.lease.state is LeaseState.GRANTED and not back.lease.evict_requested
-            with pytest.raises(RuntimeError, match="not held by a boss"):
-                back.lease.resize(1)
-        assert pickle.loads(pickle.dumps(device.lease)).state is LeaseState.RELEASED
-    finally:
-        boss.close()
+    with holding(backend_url, namespace) as device:
+        settings = {"device": device, "batch": [1, 2]}
+        copied = copy.deepcopy(settings)
+        assert copied["device"] is device and copy.copy(device) is device
+        assert copy.deepcopy(device.lease) is device.lease
+        back = pickle.loads(pickle.dumps(device))
+        assert isinstance(back, Device) and back == device and back.startswith("cuda:")
+        assert back.lease is not device.lease and back.lease.record == device.lease.record
+        assert back.lease.state is LeaseState.GRANTED and not back.lease.evict_requested
+        with pytest.raises(RuntimeError, match="not held by a boss"):
+            back.lease.resize(1)
+    assert pickle.loads(pickle.dumps(device.lease)).state is LeaseState.RELEASED
 
 
 async def test_an_async_boss_works_in_a_child_forked_from_its_running_loop(real_url: str, namespace: str) -> None:
