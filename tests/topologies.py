@@ -297,8 +297,9 @@ def make_certs(folder: Path) -> Certs:
         raise Unavailable("no openssl command to make test certificates with")
     folder.mkdir(parents=True, exist_ok=True)
     days = "2"
+    # (keyUsage: Python 3.13's default TLS context verifies strictly, VERIFY_X509_STRICT, and wants it in a CA)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", days,
-             "-subj", "/CN=gpuboss test CA", cwd=folder)  # fmt: skip
+             "-subj", "/CN=gpuboss test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)  # fmt: skip
     (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
