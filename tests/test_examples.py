@@ -62,6 +62,17 @@ def test_manual_acquire(real_url: str, namespace: str, tmp_path: Path) -> None:
     assert_nothing_held(real_url, namespace)
 
 
+def test_process_pool(real_url: str, namespace: str, tmp_path: Path) -> None:
+    done = run_example("process_pool.py", real_url, namespace, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6 tasks done by " in done.stdout and "at most 2 held the GPU at once" in done.stdout
+    assert "the parent's lease after the workers exited: held True" in done.stdout
+    assert " got cuda:0 (8 GB on gpu0, held by pid " in done.stdout
+    assert "released by the parent: released" in done.stdout
+    assert "parent released its own 4 GB: True" in done.stdout  # Redis still had it as the parent's
+    assert_nothing_held(real_url, namespace)
+
+
 def test_torch_load(real_url: str, namespace: str, tmp_path: Path) -> None:
     done = run_example("torch_load.py", real_url, namespace, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
