@@ -36,7 +36,7 @@ from gpuboss import AsyncGPUBoss, Device, GPUBoss, Keys, LeaseState
 from gpuboss.config import gb_to_mib
 
 from tests.conftest import GPUS, raw_client
-from tests.workers import Worker, use_device
+from tests.workers import Worker, live_in_redis, use_device
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_a_forked_child_holds_renews_and_releases_its_own_leases(real_url: str, 
     try:
         own = report["own"]
         assert own["pid"] == report["pid"] != held[0]["pid"], "the child's lease is recorded as the child's"
-        assert own["state"] == "granted", "the child's heartbeat kept its 1 s lease over 3 s"
+        assert own["live"] and own["state"] == "granted", "the child's heartbeat kept its 1 s lease over 3 s"
         assert report["held_after"] == [own["id"]]
         ids, used = leased(real_url, namespace)
         assert ids == {held[0]["id"]}, "the child's own lease is released at its exit, its parent's is not"
@@ -220,6 +220,7 @@ async def test_an_async_boss_works_in_a_child_forked_from_its_running_loop(real_
                         "holder": device.lease.pid,
                         "state": device.lease.state.value,
                         "held": held,
+                        "live": live_in_redis(boss, device.lease),
                     }
 
             try:
@@ -232,7 +233,7 @@ async def test_an_async_boss_works_in_a_child_forked_from_its_running_loop(real_
         seen = await asyncio.to_thread(results.get, True, 60)
         await asyncio.to_thread(process.join, 30)
         assert isinstance(seen, dict), seen
-        assert seen["pid"] == seen["holder"] != os.getpid() and seen["state"] == "granted"
+        assert seen["pid"] == seen["holder"] != os.getpid() and seen["state"] == "granted" and seen["live"]
         assert lease.id not in seen["held"] and len(seen["held"]) == 1
         assert process.exitcode == 0
         extra = await asyncio.wait_for(boss.acquire(1), 10)  # the parent's loop still serves it

@@ -374,9 +374,26 @@ def forked_child(args: argparse.Namespace, boss: Any, inherited: Lease) -> dict[
     elif args.child == "own":
         own = boss.acquire(1, ttl=1.0, timeout=10)
         time.sleep(3.0)
-        report["own"] = {"id": own.id, "pid": own.pid, "state": own.state.value}
+        report["own"] = {"id": own.id, "pid": own.pid, "state": own.state.value, "live": live_in_redis(boss, own)}
         report["held_after"] = [lease.id for lease in boss.held()]
     return report
+
+
+def live_in_redis(boss: Any, lease: Lease) -> bool:
+    """Whether Redis has ``lease`` and it has not expired by Redis's clock (read with a client of its own, not
+    through the boss: an expired lease stays in the hash until a script collects it)."""
+    keys = Keys(boss.namespace)
+    client = connect_sync(boss.url, 5.0)
+    try:
+        seconds, micros = client.time()
+        expires_ms = client.zscore(keys.lease_exp, lease.id)
+        return (
+            client.hexists(keys.leases, lease.id)
+            and expires_ms is not None
+            and expires_ms > seconds * 1000 + micros // 1000
+        )
+    finally:
+        client.close()
 
 
 async def forked_child_async(args: argparse.Namespace, boss: Any, inherited: Lease) -> dict[str, Any]:
@@ -393,7 +410,7 @@ async def forked_child_async(args: argparse.Namespace, boss: Any, inherited: Lea
     elif args.child == "own":
         own = await boss.acquire(1, ttl=1.0, timeout=10)
         await asyncio.sleep(3.0)
-        report["own"] = {"id": own.id, "pid": own.pid, "state": own.state.value}
+        report["own"] = {"id": own.id, "pid": own.pid, "state": own.state.value, "live": live_in_redis(boss, own)}
         report["held_after"] = [lease.id for lease in boss.held()]
     return report
 
@@ -407,13 +424,11 @@ def orphan(boss: GPUBoss, inherited: Lease, parent: int) -> dict[str, Any]:
         time.sleep(0.01)
     time.sleep(3 * inherited.ttl + 1.0)
     boss.collect()  # (what any script would do by its next full check)
-    leases = Keys(boss.namespace).leases
-    client = connect_sync(boss.url, 5.0)
-    left = {
-        "parent_lease_left": bool(client.hexists(leases, inherited.id)),
-        "own_left": bool(client.hexists(leases, own.id)),
+    return {
+        "pid": os.getpid(),
+        "parent_lease_left": live_in_redis(boss, inherited),
+        "own_left": live_in_redis(boss, own),
     }
-    return {"pid": os.getpid(), **left}
 
 
 def forker(args: argparse.Namespace) -> int:
