@@ -208,7 +208,12 @@ class BossBase:
         if not isinstance(lease, str | Lease):
             raise InvalidRequest("lease", lease, "must be a Lease or a lease id (str)")
         lease_id = lease if isinstance(lease, str) else lease.id
-        if isinstance(lease, Lease) and lease._driver is self and lease.pid != self._core.pid:
+        if (
+            isinstance(lease, Lease)
+            and lease._driver is self
+            and lease_id not in self._leases  # (a lease this process holds: no getpid() on the release path)
+            and lease.pid != self._core.pid
+        ):
             # Acquired by the process this one was forked from, which still holds it: not this process's to
             # give back (an inherited block ending here, say). Its parent releases it; nothing is sent.
             log.debug("gpuboss: lease %s is held by process %d, not this one: left to it", lease_id, lease.pid)
