@@ -5,7 +5,8 @@ event loop with synchronous GPU work (``model.generate()`` inside ``async with``
 survive that. Each tick renews every lease and queued request of the boss in one script call, at about a
 third of the shortest TTL it holds. A lease found gone is marked lost and its ``on_lost`` is dispatched.
 Releases that could not be delivered (Redis down, a cancelled release) are retried here until they
-land or their TTL makes them moot. At interpreter exit every live heartbeat releases what it holds.
+land or their TTL makes them moot. At interpreter exit every live heartbeat releases what it holds, and so
+it does at the end of a ``multiprocessing`` worker, which skips the interpreter's exit (:func:`_watch_worker_exit`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import atexit
 import contextlib
 import json
 import logging
+import os
+import sys
 import threading
 import time
 import weakref
@@ -198,6 +201,7 @@ class Heartbeat:
             if wake:
                 self._wake.set()
             return
+        _watch_worker_exit()
         self._thread = threading.Thread(target=self._run, name="gpuboss-heartbeat", daemon=True)
         self._thread.start()
 
@@ -336,7 +340,39 @@ _LIVE: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
 _MEMORY_CHECKED: set[str] = set()
 
 
+#: The pid of the process that registered :func:`_release_at_exit` with multiprocessing (see below).
+_WORKER_EXIT_PID: int | None = None
+#: Where the worker's release runs among multiprocessing's exit finalizers: a negative priority runs in their
+#: last round, after the worker's own daemonic children were terminated and its other children joined (they
+#: may use the GPU under its lease), as the interpreter's exit would.
+_WORKER_EXIT_PRIORITY = -100
+
+
 @atexit.register
 def _release_at_exit() -> None:
     for heartbeat in list(_LIVE):
         heartbeat.close(release=True)
+
+
+def _watch_worker_exit() -> None:
+    """In a ``multiprocessing`` child, have :func:`_release_at_exit` run at its end too (once per process).
+
+    A worker started by the fork or forkserver start method (every ``Pool`` and ``ProcessPoolExecutor`` worker
+    on Linux; forkserver is the default from Python 3.14) ends with ``os._exit``, which skips ``atexit``: a
+    lease it still held (one acquired in a pool's initializer for the worker's life, say) would wait for its
+    TTL. Its process runs multiprocessing's exit finalizers first, when it returns normally; the release is
+    registered there. A child killed (``Pool.terminate()``, SIGTERM, SIGKILL) runs neither: its TTL serves.
+    Not a multiprocessing child (``multiprocessing`` not even imported, or this is its main process): nothing
+    to do, ``atexit`` serves. Called where a heartbeat thread starts, so a forked child registers its own (the
+    child's multiprocessing clears what its parent registered)."""
+    global _WORKER_EXIT_PID
+    pid = os.getpid()
+    if pid == _WORKER_EXIT_PID:
+        return
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or mp.parent_process() is None:
+        return
+    from multiprocessing.util import Finalize  # only in a multiprocessing child
+
+    Finalize(None, _release_at_exit, exitpriority=_WORKER_EXIT_PRIORITY)
+    _WORKER_EXIT_PID = pid

@@ -34,9 +34,18 @@ from typing import Any
 import pytest
 from gpuboss import AsyncGPUBoss, Device, GPUBoss, Keys, LeaseState
 from gpuboss.config import gb_to_mib
+from gpuboss.events import replay
 
 from tests.conftest import GPUS, raw_client
-from tests.workers import Worker, live_in_redis, use_device
+from tests.workers import (
+    Worker,
+    lease_and_return,
+    lease_for_the_worker,
+    live_in_redis,
+    use_device,
+    worker_lease,
+    worker_lease_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -242,3 +251,60 @@ async def test_an_async_boss_works_in_a_child_forked_from_its_running_loop(real_
         assert leased(real_url, namespace) == (set(), 0)
     finally:
         await boss.close()
+
+
+# -- a multiprocessing worker's own lease, at the worker's end
+#
+# A worker started by the fork or forkserver start method ends with os._exit, which skips atexit: a lease it
+# still held (acquired in a pool's initializer for the worker's life, say) stayed in Redis for its TTL (30 s
+# here) after the pool had shut down, and the next job waited for that memory. Now multiprocessing's own exit
+# finalizers release it (heartbeat.py _watch_worker_exit). Spawned workers exit through sys.exit: atexit served
+# them already, and still does (one release, not two).
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_pool_workers_lease_for_its_life_is_released_when_the_pool_shuts_down(
+    real_url: str, namespace: str, method: str
+) -> None:
+    context = multiprocessing.get_context(method)
+    setup = (real_url, namespace, GPUS, 2.0, "sync")
+    with ProcessPoolExecutor(2, mp_context=context, initializer=lease_for_the_worker, initargs=setup) as pool:
+        seen = [pool.submit(worker_lease).result(timeout=60) for _ in range(4)]
+        ids, used = leased(real_url, namespace)
+    assert all(s["live"] and s["pid"] == s["holder"] != os.getpid() for s in seen), seen
+    assert {s["id"] for s in seen} <= ids and used >= len(ids) * gb_to_mib(2.0)
+    assert leased(real_url, namespace) == (set(), 0), "released as the workers ended, not at their TTL"
+    log = replay(real_url, namespace)
+    granted = sorted(str(e.lease) for e in log if e.type == "granted")
+    released = [e for e in log if e.type == "released"]
+    assert sorted(str(e.lease) for e in released) == granted, "each worker's lease released once, by the worker"
+    assert {e["reason"] for e in released} == {"close"} and not [e for e in log if e.type == "expired"]
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_multiprocessing_process_that_returns_holding_a_lease_releases_it(
+    real_url: str, namespace: str, method: str, front: str
+) -> None:
+    context = multiprocessing.get_context(method)
+    report = context.Queue()
+    process = context.Process(target=lease_and_return, args=(report, real_url, namespace, GPUS, 2.0, front))
+    process.start()
+    seen = report.get(timeout=60)
+    process.join(30)
+    assert process.exitcode == 0
+    assert seen["live"] and seen["pid"] == seen["holder"] == process.pid
+    assert leased(real_url, namespace) == (set(), 0), "released as the process ended, not at its TTL"
+
+
+def test_a_closed_and_joined_pools_workers_release_their_leases(real_url: str, namespace: str) -> None:
+    """``multiprocessing.Pool``: ``close()`` then ``join()`` lets each worker end the normal way."""
+    context = multiprocessing.get_context("fork")
+    pool = context.Pool(2, initializer=lease_for_the_worker, initargs=(real_url, namespace, GPUS, 2.0, "sync"))
+    try:
+        seen = pool.map(worker_lease_of, range(4))
+    finally:
+        pool.close()
+        pool.join()
+    assert all(s["live"] and s["pid"] == s["holder"] != os.getpid() for s in seen), seen
+    assert leased(real_url, namespace) == (set(), 0), "released as the workers ended, not at their TTL"

@@ -61,7 +61,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the checkout's gpuboss wins
     sys.path.insert(0, str(ROOT))
 
-from gpuboss import GPUBoss, GPUBossError, Keys, Lease, LeaseTimeout  # noqa: E402
+from gpuboss import AsyncGPUBoss, GPUBoss, GPUBossError, Keys, Lease, LeaseTimeout  # noqa: E402
 from gpuboss.redis_io import connect_sync  # noqa: E402
 
 SIZES_GB = (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
@@ -459,8 +459,6 @@ def forker(args: argparse.Namespace) -> int:
 
 
 def forker_async(args: argparse.Namespace) -> int:
-    from gpuboss import AsyncGPUBoss
-
     boss = AsyncGPUBoss(args.url, namespace=args.ns, gpus=json.loads(args.gpus), service=f"worker-{os.getpid()}")
     lease = asyncio.run(boss.acquire(args.vram, ttl=args.ttl, timeout=10))
     emit("HELD " + lease_json(lease))
@@ -484,6 +482,42 @@ def use_device(device: Any, url: str, namespace: str, gpus: list[dict[str, Any]]
         seen["release"] = type(err).__name__
     boss.close()
     return {**seen, "pid": os.getpid(), "holder_pid": lease.pid}
+
+
+#: The lease a pool worker of ``test_fork.py`` holds for its life, and its boss (:func:`lease_for_the_worker`).
+_WORKER_HOLDS: dict[str, Any] = {}
+
+
+def lease_for_the_worker(url: str, namespace: str, gpus: list[dict[str, Any]], vram_gb: float, front: str) -> None:
+    """A pool initializer (or a process's whole work): acquire a lease for the rest of the worker's life, and
+    never release it; with ``front`` "async", by an AsyncGPUBoss in a loop that ends at once (its heartbeat
+    is a thread: it goes on renewing)."""
+    if front == "async":
+        boss: Any = AsyncGPUBoss(url, namespace=namespace, gpus=gpus, service="pool")
+        lease = asyncio.run(boss.acquire(vram_gb))
+    else:
+        boss = GPUBoss(url, namespace=namespace, gpus=gpus, service="pool")
+        lease = boss.acquire(vram_gb)
+    _WORKER_HOLDS.update(boss=boss, lease=lease)
+
+
+def worker_lease() -> dict[str, Any]:
+    """A task for a worker set up by :func:`lease_for_the_worker`: its pid, and its lease as Redis has it."""
+    lease = _WORKER_HOLDS["lease"]
+    live = live_in_redis(_WORKER_HOLDS["boss"], lease)
+    return {"pid": os.getpid(), "id": lease.id, "holder": lease.pid, "live": live}
+
+
+def worker_lease_of(_item: object) -> dict[str, Any]:
+    """:func:`worker_lease` as a ``Pool.map`` function (it passes each item)."""
+    return worker_lease()
+
+
+def lease_and_return(report: Any, *args: Any) -> None:
+    """A ``multiprocessing.Process`` target: :func:`lease_for_the_worker`, put :func:`worker_lease` on the
+    ``report`` queue, and return (the process ends the normal way for a multiprocessing child)."""
+    lease_for_the_worker(*args)
+    report.put(worker_lease())
 
 
 def after_fork_in_parent(pid: int, release: Any) -> int:
