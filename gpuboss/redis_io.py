@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -343,10 +344,26 @@ def _unavailable(url: str, err: BaseException) -> RedisUnavailable:
     return RedisUnavailable(f"Redis at {redact_url(url)} is unreachable: {text}")
 
 
-def out_of_memory(url: str, err: OutOfMemoryError) -> RedisOutOfMemory:
-    """The error for a call that a full Redis refused, naming what to do; the URL without its password."""
+#: How Redis 6.2 words a script's command refused by a full server, inside its "Error running script" error.
+_SCRIPT_OOM = re.compile(r"-(OOM command not allowed[^\n]*)")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A refusal by a full server: redis-py's ``OutOfMemoryError`` (an ``-OOM`` reply), or, from Redis 6.2,
+    whose script errors all come as "Error running script", a script's command refused with ``-OOM``."""
+    return isinstance(err, OutOfMemoryError) or (isinstance(err, ResponseError) and bool(_SCRIPT_OOM.search(str(err))))
+
+
+def _oom_text(err: BaseException) -> str:
+    found = _SCRIPT_OOM.search(str(err)) if not isinstance(err, OutOfMemoryError) else None
+    return found[1] if found else str(err)
+
+
+def out_of_memory(url: str, err: RedisError) -> RedisOutOfMemory:
+    """The error for a call that a full Redis refused (:func:`is_out_of_memory`), naming what to do; the URL
+    without its password."""
     return RedisOutOfMemory(
-        f"Redis at {redact_url(url)} refused the call: it is out of memory ({err}); nothing was changed. Free "
+        f"Redis at {redact_url(url)} refused the call: it is out of memory ({_oom_text(err)}); nothing was changed. Free "
         "memory there, raise its maxmemory, or give gpuboss a Redis of its own (leases already granted are still "
         "renewed and released)"
     )
@@ -357,7 +374,7 @@ def raise_refusal(url: str, err: RedisError) -> None:
     node), or :func:`out_of_memory`'s (a full server); anything else returns."""
     if is_denied(err):
         raise denied(url, err) from None
-    if isinstance(err, OutOfMemoryError):
+    if is_out_of_memory(err):
         raise out_of_memory(url, err) from err
 
 
@@ -597,12 +614,14 @@ class Rounds:
             if not self.failing:
                 log.warning("gpuboss: %s cannot reach Redis (%s); retrying", self.what, err)
             self.failing = True
-        except OutOfMemoryError as err:
+        except RedisError as err:
+            if not is_out_of_memory(err):
+                log.exception("gpuboss: %s round failed; retrying", self.what)
+                return
             if not self.failing:
-                log.warning("gpuboss: %s: Redis refuses its calls, it is out of memory (%s); retrying", self.what, err)
+                text = _oom_text(err)
+                log.warning("gpuboss: %s: Redis refuses its calls, it is out of memory (%s); retrying", self.what, text)
             self.failing = True
-        except RedisError:
-            log.exception("gpuboss: %s round failed; retrying", self.what)
         else:
             if self.failing:
                 log.warning("gpuboss: %s reaches Redis again", self.what)
@@ -689,22 +708,58 @@ async def call_script_async(client: redis.asyncio.Redis, call: Call) -> Any:
     return await _evalsha_async(client, call)
 
 
+#: Per client: False once its server could not read a script's first line ``#!lua flags=...`` (Redis 6.2):
+#: scripts go to it without that line from then on (scripts.py, ``Script.flagged``).
+_shebang: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _script_text(client: Any, script: scripts.Script) -> tuple[str, str]:
+    """The text and SHA1 of ``script`` to send by EVALSHA: with its flags' shebang line where the server reads
+    it (Redis 7, Valkey), so a full server runs the scripts that keep leases alive, as their functions run."""
+    if script.flags and _shebang.get(client, True):
+        return script.flagged
+    return script.source, script.sha
+
+
+def _shebang_unread(client: Any, script: scripts.Script, sha: str, err: ResponseError) -> bool:
+    """Whether ``err`` is the server failing to compile the shebang line of ``script`` (Redis 6.2 compiles it
+    as Lua; fakeredis too, at EVALSHA rather than SCRIPT LOAD): nothing ran. It is remembered for the client,
+    whose calls then go without the line. Any other error is the caller's to raise."""
+    if sha == script.sha or "unexpected symbol near '#'" not in str(err):
+        return False
+    _shebang[client] = False
+    log.debug("gpuboss: this server does not read a script's flags line; scripts go without it (%s)", err)
+    return True
+
+
 def _evalsha_sync(client: redis.Redis, call: Call) -> Any:
     script = scripts.get(call.script)
+    source, sha = _script_text(client, script)
     try:
-        return client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
-    except NoScriptError:
-        client.script_load(script.source)
-        return client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        try:
+            return client.evalsha(sha, len(call.keys), *call.keys, *call.args)
+        except NoScriptError:
+            client.script_load(source)
+            return client.evalsha(sha, len(call.keys), *call.keys, *call.args)
+    except ResponseError as err:
+        if not _shebang_unread(client, script, sha, err):
+            raise
+    return _evalsha_sync(client, call)
 
 
 async def _evalsha_async(client: redis.asyncio.Redis, call: Call) -> Any:
     script = scripts.get(call.script)
+    source, sha = _script_text(client, script)
     try:
-        return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
-    except NoScriptError:
-        await client.script_load(script.source)
-        return await client.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+        try:
+            return await client.evalsha(sha, len(call.keys), *call.keys, *call.args)
+        except NoScriptError:
+            await client.script_load(source)
+            return await client.evalsha(sha, len(call.keys), *call.keys, *call.args)
+    except ResponseError as err:
+        if not _shebang_unread(client, script, sha, err):
+            raise
+    return await _evalsha_async(client, call)
 
 
 def retry_sync(

