@@ -8,6 +8,10 @@
 2. A Device pickled to a worker (``executor.submit(fn, device)``, here with the ``spawn`` start method)
    arrives with a read-only copy of its lease: the worker may use the device string; the parent keeps the
    lease, and releases it.
+3. Workers that keep a model loaded for their whole life lease its VRAM in the pool's ``initializer``, with
+   a boss of their own (here with the ``forkserver`` start method, Linux's default from Python 3.14), and
+   never release it themselves: gpuboss releases it as each worker exits at the pool's shutdown, so the
+   memory is free at once, not after the leases' TTL.
 
     python examples/process_pool.py                  # embedded Redis
     python examples/process_pool.py --quick --redis-url redis://localhost:6379/0
@@ -23,12 +27,14 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from gpuboss import Device, GPUBoss
+from gpuboss import Device, GPUBoss, Lease, LeaseTimeout
 
 GPUS = [{"id": "gpu0", "name": "demo GPU", "vram_gb": 24, "index": 0}]
 #: The parent keeps this much for itself (a model it serves, say) while the batch runs.
 PARENT_GB = 4
 TASK_GB = 8
+#: What each model worker of part 3 keeps for its life.
+MODEL_GB = 6
 
 #: The boss of this process; a forked worker gets a copy, and is a holder of its own with it.
 BOSS: GPUBoss | None = None
@@ -41,6 +47,24 @@ def task(i: int, work_s: float) -> tuple[int, int, float, float]:
         start = time.monotonic()  # (one clock for every process of the host)
         time.sleep(work_s)  # ... the task's GPU work on `device` ...
         return os.getpid(), device.lease.pid, start, time.monotonic()
+
+
+#: In a model worker (part 3): its own boss and the lease of its model, kept until the worker exits.
+WORKER_LEASE: Lease | None = None
+
+
+def load_model(redis_url: str | None, namespace: str) -> None:
+    """A pool initializer: lease the model's VRAM for the worker's life (no ``with`` block, no release)."""
+    global WORKER_LEASE
+    worker_boss = GPUBoss(redis_url, namespace=namespace, service="model-worker", gpus=GPUS)
+    WORKER_LEASE = worker_boss.acquire(vram_gb=MODEL_GB, timeout=60)
+    # ... load the model onto WORKER_LEASE.device ...
+
+
+def infer(i: int) -> tuple[int, str]:
+    """One request to a model worker: its pid and the device its model is on."""
+    assert WORKER_LEASE is not None
+    return os.getpid(), WORKER_LEASE.device
 
 
 def look_at(device: Device) -> str:
@@ -87,6 +111,20 @@ def main() -> int:
         with BOSS.lease(vram_gb=TASK_GB, timeout=30) as device, ProcessPoolExecutor(1, mp_context=spawn) as pool:
             print(pool.submit(look_at, device).result(timeout=120))
         print(f"released by the parent: {device.lease.state.value}")
+
+        # 3. Model workers that hold their lease for life; their VRAM is back as soon as the pool shuts down.
+        forkserver = multiprocessing.get_context("forkserver")
+        setup = (args.redis_url, args.namespace)
+        with ProcessPoolExecutor(2, mp_context=forkserver, initializer=load_model, initargs=setup) as pool:
+            served = list(pool.map(infer, range(tasks)))
+        print(f"{tasks} requests served by {len({pid for pid, _ in served})} model worker(s) on {served[0][1]}")
+        rest_gb = GPUS[0]["vram_gb"] - PARENT_GB
+        try:
+            BOSS.release(BOSS.acquire(vram_gb=rest_gb, timeout=0))  # LeaseTimeout if a worker's lease were left
+        except LeaseTimeout:
+            print(f"the model workers' VRAM is still leased after the pool shut down ({rest_gb} GB do not fit)")
+            return 1
+        print(f"after the pool shut down, the other {rest_gb} GB were leased at once: the workers' leases were back")
         released = BOSS.release(own)
         print(f"parent released its own {PARENT_GB} GB: {released}")
         return 0 if released and most <= 2 else 1
