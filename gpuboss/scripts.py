@@ -58,21 +58,14 @@ class Script:
     source: str
     sha: str
     #: the script's function flags (``--- @flags``)
-    flags: tuple[str, ...] = ()
-
-    @property
-    def flagged(self) -> tuple[str, str]:
-        """The text and SHA1 sent by EVALSHA to Redis 7 and later: with a first line ``#!lua flags=...`` when the
-        script has flags, so that they apply there as to its function; else :attr:`source` itself."""
-        return _flagged(self.source, self.sha, self.flags)
+    flags: tuple[str, ...]
+    #: the text and SHA1 sent by EVALSHA to Redis 7 and later: with a first line ``#!lua flags=...`` when the
+    #: script has flags, so that they apply there as to its function; else :attr:`source` and :attr:`sha`
+    flagged: tuple[str, str]
 
 
-@cache
-def _flagged(source: str, sha: str, flags: tuple[str, ...]) -> tuple[str, str]:
-    if not flags:
-        return source, sha
-    text = f"#!lua flags={','.join(flags)}\n{source}"
-    return text, hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
 def lua_dir() -> Traversable:
@@ -129,9 +122,10 @@ def load_script(path: Traversable, includes: Traversable) -> Script:
     if hooks:
         head, body = split_body(text)
         source = resolve_includes(head, includes, (match["name"],)) + "\n" + with_hooks(body, hooks, "gpuboss_main")
-    sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+    sha = _sha1(source)
     flags = flags_of(path.name, text)
-    return Script(name=match["name"], num_keys=int(match["keys"]), source=source, sha=sha, flags=flags)
+    flagged = f"#!lua flags={','.join(flags)}\n{source}" if flags else source
+    return Script(match["name"], int(match["keys"]), source, sha, flags, (flagged, _sha1(flagged)))
 
 
 @cache
@@ -268,7 +262,7 @@ def library() -> Library:
             hooks = [hook for piece in pieces for hook in ON_RETURN_RE.findall(texts[piece])]
             body = with_hooks(_defined_above(text), hooks, "main")
             bodies[match["name"]] = f"  KEYS, ARGV = keys, args\n{calls}{body}"
-    digest = hashlib.sha1("\n".join([*prelude, *bodies.values()]).encode(), usedforsecurity=False).hexdigest()
+    digest = _sha1("\n".join([*prelude, *bodies.values()]))
     name = f"{LIBRARY_PREFIX}{digest[:16]}"
     functions = {op: f"{name}_{op}" for op in bodies}
     source = [
