@@ -26,6 +26,7 @@ from redis.exceptions import (
     NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
 )
@@ -55,6 +56,7 @@ from gpuboss.topology import SCHEMES, Target, parse_url, redact_url
 log = logging.getLogger("gpuboss")
 
 T = TypeVar("T")
+R = TypeVar("R", redis.Redis, redis.asyncio.Redis)
 #: Errors after which the same call may simply be sent again (every gpuboss script is idempotent).
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 #: Errors that no retry mends: wrong credentials, a missing ACL permission, a cluster node behind a plain URL.
@@ -123,7 +125,7 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
         primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             target.service, redis_class=SentinelPrimary, socket_timeout=socket_timeout, db=target.db
         )
-        return primary
+        return _replica_aware(primary)
     if target.kind == "cluster":
         from redis.cluster import ClusterNode, RedisCluster
 
@@ -135,12 +137,99 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
             )
 
         return cast(redis.Redis, LazyCluster(make, url))
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=connect_timeout,
-        socket_timeout=socket_timeout,
+    return _replica_aware(
+        redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=socket_timeout,
+        )
     )
+
+
+#: The refusals of a write that a server cannot take in its role now, and nothing ran: READONLY (it is a
+#: replica) and NOREPLICAS (a primary with fewer replicas in reach than its ``min-replicas-to-write``). Redis
+#: 6.2 puts the code inside a script's error ("Error running script ...: -READONLY ...").
+_ROLE_REFUSAL = re.compile(r"(?:^|-)(READONLY|NOREPLICAS) ")
+_ROLE_REASONS = {
+    "READONLY": (
+        "Redis answered READONLY, as a read-only replica ({err}): the primary moved (a failover behind the URL's "
+        "host name), or the URL names a replica"
+    ),
+    "NOREPLICAS": (
+        "Redis refused the write with NOREPLICAS ({err}): the primary has fewer replicas in reach than its "
+        "min-replicas-to-write"
+    ),
+}
+
+
+def role_refusal(err: BaseException) -> str | None:
+    """``READONLY`` or ``NOREPLICAS`` when ``err`` is such a refusal (see :data:`_ROLE_REFUSAL`), else None."""
+    if isinstance(err, ReadOnlyError):
+        return "READONLY"
+    found = _ROLE_REFUSAL.search(str(err)) if isinstance(err, ResponseError) else None
+    return found[1] if found else None
+
+
+def _refused_for_role(code: str, err: ResponseError) -> RedisConnectionError:
+    return RedisConnectionError(_ROLE_REASONS[code].format(err=err))
+
+
+class ReplicaAware:
+    """A connection that drops itself when its server refuses a write for its role (:func:`role_refusal`), and
+    raises a connection error instead: the call is retried like one whose connection dropped, on a new one.
+
+    A managed Redis fails over by moving its host name to the promoted replica (or a proxy sends new
+    connections there), while the connections already open still reach the old primary, which now refuses
+    every write with ``READONLY``: with redis-py's plain connections, a process would keep those connections,
+    and every call, its heartbeat's renewals included, would fail until it restarted. A primary configured
+    with ``min-replicas-to-write`` refuses writes with ``NOREPLICAS`` while cut off from its replicas, until
+    they are back or a failover replaces it: a call retried within its time goes through then. What is refused
+    this way did not run (refused before it runs; a script, at its first write), so sending it again is safe.
+    (redis-py's Sentinel connections turn ``READONLY`` from the primary into a connection error themselves.)"""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ResponseError as err:
+            code = role_refusal(err)
+            if code is None:
+                raise
+            self.disconnect()  # type: ignore[attr-defined]
+            raise _refused_for_role(code, err) from err
+
+
+class AsyncReplicaAware:
+    """:class:`ReplicaAware` for asyncio connections."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ResponseError as err:
+            code = role_refusal(err)
+            if code is None:
+                raise
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise _refused_for_role(code, err) from err
+
+
+_replica_classes: dict[type[Any], type[Any]] = {}
+
+
+def _mixed(mixin: type[Any], cls: type[Any], made: dict[type[Any], type[Any]]) -> type[Any]:
+    """``cls`` with ``mixin`` in front of it, made once per pair."""
+    if cls not in made:
+        made[cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+    return made[cls]
+
+
+def _replica_aware(client: R) -> R:
+    """``client``, its pool's connections :class:`ReplicaAware` (or :class:`AsyncReplicaAware`)."""
+    pool: Any = client.connection_pool
+    mixin = AsyncReplicaAware if isinstance(client, redis.asyncio.Redis) else ReplicaAware
+    if not issubclass(pool.connection_class, mixin):
+        pool.connection_class = _mixed(mixin, pool.connection_class, _replica_classes)
+    return client
 
 
 #: The argument types hiredis packs exactly as redis-py's encoder does (bool, bytearray... are the encoder's).
@@ -185,9 +274,7 @@ def _with_hiredis_packing(client: redis.asyncio.Redis) -> redis.asyncio.Redis:
     cls = pool.connection_class
     if not HIREDIS_AVAILABLE or getattr(cls, "pack_command", None) is not AbstractConnection.pack_command:
         return client
-    if cls not in _hiredis_classes:
-        _hiredis_classes[cls] = type(f"Hiredis{cls.__name__}", (HiredisPacking, cls), {})
-    pool.connection_class = _hiredis_classes[cls]
+    pool.connection_class = _mixed(HiredisPacking, cls, _hiredis_classes)
     return client
 
 
@@ -214,7 +301,7 @@ def connect_async(url: str, connect_timeout: float, socket_timeout: float | None
         primary: redis.asyncio.Redis = sentinel.master_for(
             target.service, redis_class=AsyncSentinelPrimary, socket_timeout=socket_timeout, db=target.db
         )
-        return primary
+        return _replica_aware(primary)
     if target.kind == "cluster":
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -225,8 +312,10 @@ def connect_async(url: str, connect_timeout: float, socket_timeout: float | None
         )
         return cast(redis.asyncio.Redis, cluster)
     return _with_hiredis_packing(
-        redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout
+        _replica_aware(
+            redis.asyncio.Redis.from_url(
+                url, decode_responses=True, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout
+            )
         )
     )
 
