@@ -15,8 +15,10 @@ A script may carry Redis function flags with a line ``--- @flags <flag> ...`` (o
 keep leases alive or give memory back run on a server that is out of memory and refuses the others, so a full
 shared Redis does not cost the holders their leases). They apply to its function in the library, and to the
 script sent by EVALSHA as a first line ``#!lua flags=<flag>,...`` (:attr:`Script.flagged`), which Redis 7 and
-Valkey read. Redis 6.2 cannot compile that line: there the script is sent without it (redis_io.py), and runs
-as any script did before 7: refused at its first write that may grow memory while the server is out of memory.
+Valkey read. Redis 6.2 cannot compile that line: there the script is sent without it (redis_io.py). A script
+without flags is refused by a full server at its first write that may grow memory, unless it has written
+before (it cannot be stopped halfway): so the text without flags of an ``allow-oom`` script starts with a write
+that cannot grow memory and changes nothing (:data:`OOM_GUARD`), and runs on a full 6.2 as its function does on 7.
 
 A piece may name a call to make when the script returns, with a line ``--- @on-return <function>()`` (drop.lua
 writes the usage counters it collected during the call that way): the script's own text (after its include
@@ -44,6 +46,11 @@ NAME_RE = re.compile(r"^(?P<name>[a-z][A-Za-z0-9]*)-(?P<keys>\d+)\.lua$")
 FLAGS_RE = re.compile(r"^--- @flags (?P<flags>.*?)\s*$", re.MULTILINE)
 #: The function flags a script may carry (``--- @flags``).
 KNOWN_FLAGS = frozenset({"allow-oom"})
+#: The first line of an ``allow-oom`` script where flags are not read (Redis 6.2): a DEL of a key that never
+#: exists (next to KEYS[1], so in its cluster slot) is a write that cannot grow memory (not ``denyoom``), after
+#: which Redis lets the script write on a full server (it cannot stop a script halfway); it deletes nothing, and
+#: nothing is replicated for it.
+OOM_GUARD = "redis.call('DEL', KEYS[1] .. ':gpuboss-no-such-key') -- allow-oom where flags are not read"
 
 
 class ScriptError(Exception):
@@ -54,7 +61,8 @@ class ScriptError(Exception):
 class Script:
     name: str
     num_keys: int
-    #: the text sent by EVALSHA to a server that does not read a shebang line (Redis 6.2), and its SHA1
+    #: the text sent by EVALSHA to a server that does not read a shebang line (Redis 6.2), and its SHA1; an
+    #: ``allow-oom`` script's starts with :data:`OOM_GUARD`
     source: str
     sha: str
     #: the script's function flags (``--- @flags``)
@@ -122,10 +130,10 @@ def load_script(path: Traversable, includes: Traversable) -> Script:
     if hooks:
         head, body = split_body(text)
         source = resolve_includes(head, includes, (match["name"],)) + "\n" + with_hooks(body, hooks, "gpuboss_main")
-    sha = _sha1(source)
     flags = flags_of(path.name, text)
     flagged = f"#!lua flags={','.join(flags)}\n{source}" if flags else source
-    return Script(match["name"], int(match["keys"]), source, sha, flags, (flagged, _sha1(flagged)))
+    plain = f"{OOM_GUARD}\n{source}" if "allow-oom" in flags else source
+    return Script(match["name"], int(match["keys"]), plain, _sha1(plain), flags, (flagged, _sha1(flagged)))
 
 
 @cache

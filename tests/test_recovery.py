@@ -318,7 +318,7 @@ def test_script_flush_is_recovered(
     monkeypatch.setattr(redis_io, "SCRIPT_CALLS", calls)
     keys = Keys(namespace)
     client = raw_client(fresh_redis.url)
-    shas = [s.sha for s in all_scripts().values()]
+    shas = [sha for s in all_scripts().values() for sha in {s.sha, s.flagged[1]}]  # (with and without flags)
 
     def flush() -> None:
         if calls == "auto":
