@@ -499,15 +499,20 @@ SCRIPT_CALLS = os.environ.get("GPUBOSS_SCRIPT_CALLS", "auto")
 _functions: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
-def _function_missing(err: ResponseError) -> bool:
+def _function_missing(err: RedisError) -> bool:
     return "function not found" in str(err).lower()
+
+
+#: How a server without functions answers FCALL or FUNCTION (and how redis-py's cluster client, which routes a
+#: command by the server's COMMAND table, refuses FCALL on Redis 6.2 before sending it).
+_NO_FUNCTIONS = ("unknown command", "unknown subcommand", "command doesn't exist in redis commands")
 
 
 def _functions_unavailable(err: BaseException) -> bool:
     """FCALL or FUNCTION LOAD refused for good: an older server (6.2), a server without functions, or an ACL
     without them. EVALSHA does the same work there."""
     text = str(err).lower()
-    return isinstance(err, NoPermissionError) or "unknown command" in text or "unknown subcommand" in text
+    return isinstance(err, NoPermissionError) or any(words in text for words in _NO_FUNCTIONS)
 
 
 def _library_loaded(err: ResponseError) -> bool:
@@ -533,7 +538,7 @@ def _no_functions(client: Any, err: BaseException) -> bool:
     return False
 
 
-def _load_after(client: Any, err: ResponseError) -> bool:
+def _load_after(client: Any, err: RedisError) -> bool:
     """What a refused FCALL calls for: True, load the library and send it again ("Function not found");
     False, EVALSHA from now on (functions unavailable). Anything else (the script's own error) is raised."""
     if _function_missing(err):
@@ -761,7 +766,7 @@ def call_script_sync(client: redis.Redis, call: Call) -> Any:
             if reply is not NotImplemented:
                 return reply
             return client.fcall(function, len(call.keys), *call.keys, *call.args)
-        except ResponseError as err:
+        except RedisError as err:  # (a cluster client refuses FCALL itself where the server has no functions)
             load = _load_after(client, err)
         if load:
             try:
@@ -784,7 +789,7 @@ async def call_script_async(client: redis.asyncio.Redis, call: Call) -> Any:
             if reply is not NotImplemented:
                 return reply
             return await client.fcall(function, len(call.keys), *call.keys, *call.args)
-        except ResponseError as err:
+        except RedisError as err:  # (a cluster client refuses FCALL itself where the server has no functions)
             load = _load_after(client, err)
         if load:
             try:

