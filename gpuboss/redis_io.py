@@ -147,37 +147,38 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
     )
 
 
-#: The refusals of a write that a server cannot take in its role now, and nothing ran: READONLY (it is a
-#: replica) and NOREPLICAS (a primary with fewer replicas in reach than its ``min-replicas-to-write``). Redis
-#: 6.2 puts the code inside a script's error ("Error running script ...: -READONLY ...").
-_ROLE_REFUSAL = re.compile(r"(?:^|-)(READONLY|NOREPLICAS) ")
+#: The refusals of a call that ran nothing, by their error code: a full server (OOM), a replica (READONLY), and
+#: a primary with fewer replicas in reach than its ``min-replicas-to-write`` (NOREPLICAS). redis-py raises the
+#: first two as ``OutOfMemoryError`` and ``ReadOnlyError`` (their text without the code); Redis 6.2 puts a
+#: script's refusal inside the script's error ("Error running script ...: @user_script: 9: -OOM command ...").
+_REFUSAL = re.compile(r"(?:^|-)((OOM|READONLY|NOREPLICAS) [^\n]*)")
+#: Why a server refuses a write for its role, and what to look at.
 _ROLE_REASONS = {
     "READONLY": (
-        "Redis answered READONLY, as a read-only replica ({err}): the primary moved (a failover behind the URL's "
+        "Redis answered READONLY, as a read-only replica ({text}): the primary moved (a failover behind the URL's "
         "host name), or the URL names a replica"
     ),
     "NOREPLICAS": (
-        "Redis refused the write with NOREPLICAS ({err}): the primary has fewer replicas in reach than its "
+        "Redis refused the write with NOREPLICAS ({text}): the primary has fewer replicas in reach than its "
         "min-replicas-to-write"
     ),
 }
 
 
-def role_refusal(err: BaseException) -> str | None:
-    """``READONLY`` or ``NOREPLICAS`` when ``err`` is such a refusal (see :data:`_ROLE_REFUSAL`), else None."""
+def refusal(err: BaseException) -> tuple[str, str] | None:
+    """The code (``OOM``, ``READONLY``, ``NOREPLICAS``) and text of a refusal that ran nothing, else None."""
+    if isinstance(err, OutOfMemoryError):
+        return "OOM", str(err)
     if isinstance(err, ReadOnlyError):
-        return "READONLY"
-    found = _ROLE_REFUSAL.search(str(err)) if isinstance(err, ResponseError) else None
-    return found[1] if found else None
-
-
-def _refused_for_role(code: str, err: ResponseError) -> RedisConnectionError:
-    return RedisConnectionError(_ROLE_REASONS[code].format(err=err))
+        return "READONLY", str(err)
+    found = _REFUSAL.search(str(err)) if isinstance(err, ResponseError) else None
+    return (found[2], found[1]) if found else None
 
 
 class ReplicaAware:
-    """A connection that drops itself when its server refuses a write for its role (:func:`role_refusal`), and
-    raises a connection error instead: the call is retried like one whose connection dropped, on a new one.
+    """A connection that drops itself when its server refuses a write for its role (READONLY, NOREPLICAS:
+    :func:`refusal`), and raises a connection error instead: the call is retried like one whose connection
+    dropped, on a new one.
 
     A managed Redis fails over by moving its host name to the promoted replica (or a proxy sends new
     connections there), while the connections already open still reach the old primary, which now refuses
@@ -192,11 +193,11 @@ class ReplicaAware:
         try:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except ResponseError as err:
-            code = role_refusal(err)
-            if code is None:
+            refused = _for_role(err)
+            if refused is None:
                 raise
             self.disconnect()  # type: ignore[attr-defined]
-            raise _refused_for_role(code, err) from err
+            raise refused from err
 
 
 class AsyncReplicaAware:
@@ -206,11 +207,19 @@ class AsyncReplicaAware:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except ResponseError as err:
-            code = role_refusal(err)
-            if code is None:
+            refused = _for_role(err)
+            if refused is None:
                 raise
             await self.disconnect()  # type: ignore[attr-defined]
-            raise _refused_for_role(code, err) from err
+            raise refused from err
+
+
+def _for_role(err: ResponseError) -> RedisConnectionError | None:
+    """The connection error that stands for ``err`` when it is a refusal for the server's role, else None."""
+    found = refusal(err)
+    if found is None or found[0] not in _ROLE_REASONS:
+        return None
+    return RedisConnectionError(_ROLE_REASONS[found[0]].format(text=found[1]))
 
 
 _replica_classes: dict[type[Any], type[Any]] = {}
@@ -433,18 +442,14 @@ def _unavailable(url: str, err: BaseException) -> RedisUnavailable:
     return RedisUnavailable(f"Redis at {redact_url(url)} is unreachable: {text}")
 
 
-#: How Redis 6.2 words a script's command refused by a full server, inside its "Error running script" error.
-_SCRIPT_OOM = re.compile(r"-(OOM command not allowed[^\n]*)")
-
-
 def is_out_of_memory(err: BaseException) -> bool:
-    """A refusal by a full server: redis-py's ``OutOfMemoryError`` (an ``-OOM`` reply), or, from Redis 6.2,
-    whose script errors all come as "Error running script", a script's command refused with ``-OOM``."""
-    return isinstance(err, OutOfMemoryError) or (isinstance(err, ResponseError) and bool(_SCRIPT_OOM.search(str(err))))
+    """A refusal by a full server (:func:`refusal`'s ``OOM``)."""
+    found = refusal(err)
+    return found is not None and found[0] == "OOM"
 
 
-def _oom_text(err: BaseException) -> str:
-    found = _SCRIPT_OOM.search(str(err)) if not isinstance(err, OutOfMemoryError) else None
+def _refusal_text(err: BaseException) -> str:
+    found = refusal(err)
     return found[1] if found else str(err)
 
 
@@ -452,7 +457,7 @@ def out_of_memory(url: str, err: RedisError) -> RedisOutOfMemory:
     """The error for a call that a full Redis refused (:func:`is_out_of_memory`), naming what to do; the URL
     without its password."""
     return RedisOutOfMemory(
-        f"Redis at {redact_url(url)} refused the call: it is out of memory ({_oom_text(err)}); nothing was changed. Free "
+        f"Redis at {redact_url(url)} refused the call: it is out of memory ({_refusal_text(err)}); nothing was changed. Free "
         "memory there, raise its maxmemory, or give gpuboss a Redis of its own (leases already granted are still "
         "renewed and released)"
     )
@@ -713,7 +718,7 @@ class Rounds:
                 log.exception("gpuboss: %s round failed; retrying", self.what)
                 return
             if not self.failing:
-                text = _oom_text(err)
+                text = _refusal_text(err)
                 log.warning("gpuboss: %s: Redis refuses its calls, it is out of memory (%s); retrying", self.what, text)
             self.failing = True
         else:
