@@ -222,14 +222,15 @@ def _for_role(err: ResponseError) -> RedisConnectionError | None:
     return RedisConnectionError(_ROLE_REASONS[found[0]].format(text=found[1]))
 
 
-_replica_classes: dict[type[Any], type[Any]] = {}
+#: The connection classes made by :func:`_mixed`, by (mixin, class).
+_mixed_classes: dict[tuple[type[Any], type[Any]], type[Any]] = {}
 
 
-def _mixed(mixin: type[Any], cls: type[Any], made: dict[type[Any], type[Any]]) -> type[Any]:
+def _mixed(mixin: type[Any], cls: type[Any]) -> type[Any]:
     """``cls`` with ``mixin`` in front of it, made once per pair."""
-    if cls not in made:
-        made[cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
-    return made[cls]
+    if (mixin, cls) not in _mixed_classes:
+        _mixed_classes[mixin, cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+    return _mixed_classes[mixin, cls]
 
 
 def _replica_aware(client: R) -> R:
@@ -237,7 +238,7 @@ def _replica_aware(client: R) -> R:
     pool: Any = client.connection_pool
     mixin = AsyncReplicaAware if isinstance(client, redis.asyncio.Redis) else ReplicaAware
     if not issubclass(pool.connection_class, mixin):
-        pool.connection_class = _mixed(mixin, pool.connection_class, _replica_classes)
+        pool.connection_class = _mixed(mixin, pool.connection_class)
     return client
 
 
@@ -248,9 +249,6 @@ _HIREDIS_TYPES = frozenset((str, bytes, int, float))
 def _hiredis_packs(args: Any) -> bool:
     """True when hiredis packs every one of ``args`` exactly as redis-py's encoder does."""
     return _HIREDIS_TYPES.issuperset(map(type, args))
-
-
-_hiredis_classes: dict[type[Any], type[Any]] = {}
 
 
 class HiredisPacking:
@@ -283,7 +281,7 @@ def _with_hiredis_packing(client: redis.asyncio.Redis) -> redis.asyncio.Redis:
     cls = pool.connection_class
     if not HIREDIS_AVAILABLE or getattr(cls, "pack_command", None) is not AbstractConnection.pack_command:
         return client
-    pool.connection_class = _mixed(HiredisPacking, cls, _hiredis_classes)
+    pool.connection_class = _mixed(HiredisPacking, cls)
     return client
 
 

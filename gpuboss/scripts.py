@@ -263,7 +263,7 @@ def library() -> Library:
         match = NAME_RE.match(path.name)
         if match:
             text = path.read_text(encoding="utf-8")
-            if found := flags_of(path.name, text):
+            if found := all_scripts()[match["name"]].flags:
                 flags[match["name"]] = found
             pieces = [piece for piece in order if piece in _pieces_of(text, texts)]
             calls = "".join(f"  bind_{piece}()\n" for piece in pieces if piece in binders)

@@ -26,7 +26,7 @@ from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 from gpuboss.snapshot import eviction_risk, memory_report, read_memory
 
 from tests.conftest import raw_client
-from tests.topologies import redis_62
+from tests.topologies import redis_62, server_major
 
 pytestmark = pytest.mark.slow
 
@@ -221,10 +221,6 @@ def test_a_background_round_refused_by_a_full_redis_is_said_once(
     rounds.run(broken)
     assert [r.getMessage() for r in caplog.records] == ["gpuboss: sampler round failed; retrying"]
     assert caplog.records[0].exc_info is not None
-
-
-def server_major(client: redis.Redis) -> int:
-    return int(str(client.info("server")["redis_version"]).split(".")[0])
 
 
 def status(url: str, namespace: str, *args: str) -> Result:

