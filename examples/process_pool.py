@@ -12,6 +12,10 @@
    a boss of their own (here with the ``forkserver`` start method, Linux's default from Python 3.14), and
    never release it themselves: gpuboss releases it as each worker exits at the pool's shutdown, so the
    memory is free at once, not after the leases' TTL.
+4. The same workers in a ``with Pool(...)`` block, whose end terminates them (SIGTERM): they die without
+   releasing anything. The next request on this machine that finds no room sees that their processes are
+   gone and revokes their leases at once (docs/concepts.md, "Heartbeats and leaks"), instead of waiting for
+   their TTL.
 
     python examples/process_pool.py                  # embedded Redis
     python examples/process_pool.py --quick --redis-url redis://localhost:6379/0
@@ -125,6 +129,20 @@ def main() -> int:
             print(f"the model workers' VRAM is still leased after the pool shut down ({rest_gb} GB do not fit)")
             return 1
         print(f"after the pool shut down, the other {rest_gb} GB were leased at once: the workers' leases were back")
+
+        # 4. A `with Pool(...)` block terminates its workers at its end: nobody releases their leases, but their
+        #    processes are gone, and the next request here that finds no room revokes those leases at once.
+        with forkserver.Pool(2, initializer=load_model, initargs=setup) as mp_pool:
+            served = mp_pool.map(infer, range(tasks))
+        killed = sorted({pid for pid, _ in served})
+        try:
+            BOSS.release(BOSS.acquire(vram_gb=rest_gb, timeout=0))
+        except LeaseTimeout:
+            print(f"the terminated workers' VRAM is still leased ({rest_gb} GB do not fit)")
+            return 1
+        print(
+            f"the pool terminated its model workers {killed}; their leases were revoked and {rest_gb} GB leased at once"
+        )
         released = BOSS.release(own)
         print(f"parent released its own {PARENT_GB} GB: {released}")
         return 0 if released and most <= 2 else 1

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import os
 import secrets
 import socket
 import time
-import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -27,6 +27,9 @@ from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, Le
 from gpuboss.keys import Keys
 from gpuboss.lease import Lease, OnEvict, OnLost
 from gpuboss.policy import policy_fields
+from gpuboss.procs import holder_id, holder_of, identity, is_gone
+
+log = logging.getLogger("gpuboss")
 
 #: The longest a waiter blocks before it checks its own request again (liveness, not handoff).
 MAX_WAIT_CHUNK_S = 30.0
@@ -37,6 +40,9 @@ REGISTRY_WAIT_S = 0.5
 RULES_CHECK_S = 30.0
 #: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
 EXPIRY_WATCH_POSITIONS = 2
+#: At most how often a boss whose request waits checks whether the holders of the leases on this machine still
+#: run (procs.py), and how often a waiter near the head looks again while such a holder could still die.
+REAP_EVERY_S = 1.0
 MAX_TTL_S = 86400.0
 #: No GPU is larger (1 PiB); a request above it is clamped to one MiB more, so it can never fit.
 MAX_VRAM_GB = 2**20
@@ -419,13 +425,19 @@ class Core:
         self.policy_checked = 0.0
         self.host = socket.gethostname()
         self.holder = self.notify_channel = self.secret = ""
+        #: When (by the flow's clock, time.monotonic()) a waiting request may next check for holders gone from this machine, and
+        #: whether the last check saw one still running here (a waiter near the head then looks again sooner).
+        self.reap_due = 0.0
+        self.reap_watch = False
         self.new_holder()
 
     def new_holder(self) -> None:
         """Take a holder identity of its own: at creation, and again in a forked child (base.py), which holds
         none of its parent's leases and must not be able to renew or release them."""
+        #: This process (procs.py), named in the holder id: on this machine a waiter can tell when it is gone.
+        self.me = identity()
         #: This boss's notice channel: eviction notices for its leases arrive there.
-        self.holder = uuid.uuid4().hex
+        self.holder = holder_id(self.me)
         self.notify_channel = self.keys.holder_channel(self.holder)
         #: Only this boss has it; the scripts keep its SHA1 in each lease, and release, renew, yield and resize
         #: act only for the holder that sends it (docs/security.md). Operators force-release with revoke.
@@ -890,6 +902,8 @@ class Core:
             if code is Reply.GRANTED:
                 return self.make_lease(str(reply[1]), req)
             if code is Reply.BUSY:
+                if (yield from self.reap_flow(clock)):
+                    continue  # a dead holder's lease was revoked: look again
                 raise LeaseTimeout(
                     f"no GPU has {req.vram_mib} MiB free for a {req.priority} request right now (timeout=0)"
                 )
@@ -898,9 +912,13 @@ class Core:
             if not watching:
                 yield Watch(request_id, req.ttl_ms)
                 watching = True
+            # (a grant made by a revoke here is pushed to this request's wake list: the Pop below takes it)
+            yield from self.reap_flow(clock)
             chunk = min(MAX_WAIT_CHUNK_S, max(req.ttl, 1.0))
             if position < EXPIRY_WATCH_POSITIONS and next_ms >= 0:
                 chunk = min(chunk, next_ms / 1000 + 0.002)
+            if position < EXPIRY_WATCH_POSITIONS and self.reap_watch:
+                chunk = min(chunk, REAP_EVERY_S)
             if deadline is not None:
                 left = deadline - clock()
                 if left <= 0:
@@ -915,6 +933,42 @@ class Core:
                 raise LeaseTimeout(self._timeout_message(req))
             # Not granted yet: look again (this also collects what expired, and re-queues a request whose
             # queue entry was lost while this process was stopped).
+
+    def reap_flow(self, clock: Callable[[], float] = time.monotonic) -> Generator[Op, Any, int]:
+        """Revoke the leases whose holder process is gone from this machine (procs.py), so that a killed
+        holder's VRAM comes back now rather than when its TTL runs out. Runs for a request that waits (or finds
+        no room with ``timeout=0``), at most every REAP_EVERY_S per boss; returns how many leases it revoked."""
+        if self.me is None or clock() < self.reap_due:
+            return 0
+        self.reap_due = clock() + REAP_EVERY_S
+        records: Mapping[str, str] = yield ReadHash(self.keys.leases)
+        revoked = 0
+        watch = False
+        for lease_id, raw in records.items():
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue  # (not a record gpuboss wrote: never a reason to revoke)
+            holder = holder_of(rec) if isinstance(rec, dict) else None
+            if holder is None or holder.boot != self.me.boot or holder.pidns != self.me.pidns:
+                continue  # another machine or pid namespace: only its TTL tells
+            if not is_gone(holder, self.me):
+                watch = watch or holder.pid != self.me.pid
+                continue
+            why = f"holder process gone (pid {holder.pid} on {rec.get('host', self.host)})"
+            code, _, _ = self.revoked((yield self.revoke_call(lease_id, self.operator, why)))
+            if code is RevokeReply.REVOKED:
+                revoked += 1
+                log.warning(
+                    "gpuboss: revoked lease %s (%s MiB on %s, service %r): its holder, pid %d, is gone",
+                    lease_id,
+                    rec.get("vram_mib"),
+                    rec.get("gpu"),
+                    rec.get("service"),
+                    holder.pid,
+                )
+        self.reap_watch = watch
+        return revoked
 
     @staticmethod
     def make_lease(record: str, req: LeaseRequest) -> Lease:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from gpuboss import InsufficientCapacity, LeaseTimeout
 from gpuboss.config import BossConfig
-from gpuboss.core import Call, Core, Pop, Reply, Watch
+from gpuboss.core import Call, Core, Pop, ReadHash, Reply, Watch
 from gpuboss.keys import FIXED_SUFFIXES, Keys
 from gpuboss.lease import TRANSITIONS, IllegalTransition, LeaseState, advance
 
@@ -82,13 +82,15 @@ def test_flow_waits_by_pop_and_the_head_wakes_at_the_next_expiry(core: Core) -> 
     next(flow)
     watch = flow.send([Reply.QUEUED, 0, 1500])
     assert watch == Watch("r1", 30000)
-    pop = flow.send(None)
+    assert flow.send(None) == ReadHash("ns:leases")  # does a lease here have a holder that is gone? (none)
+    pop = flow.send({})
     assert isinstance(pop, Pop) and pop.key == "ns:wake:r1"
     assert pop.timeout == pytest.approx(1.502)  # the head wakes when the next lease could expire
     clock.now += 1.6
     again = flow.send(None)  # nothing pushed: look again
     assert isinstance(again, Call) and again.script == "acquire"
-    pop = flow.send([Reply.QUEUED, 5, 100])
+    assert flow.send([Reply.QUEUED, 5, 100]) == ReadHash("ns:leases")  # (one look per REAP_EVERY_S)
+    pop = flow.send({})
     assert isinstance(pop, Pop) and pop.timeout == pytest.approx(10 - 1.6)  # deep in the queue: no expiry watch
     with pytest.raises(StopIteration) as stop:
         flow.send(record())
@@ -100,7 +102,8 @@ def test_flow_timeout_withdraws_then_raises(core: Core) -> None:
     flow = core.acquire_flow(core.make_request(1, timeout=2), "r1", clock)
     next(flow)
     flow.send([Reply.QUEUED, 3, -1])
-    pop = flow.send(None)
+    assert flow.send(None) == ReadHash("ns:leases")
+    pop = flow.send({})
     assert isinstance(pop, Pop) and pop.timeout == pytest.approx(2)
     clock.now += 2.5
     release = flow.send(None)

@@ -1,6 +1,7 @@
 """Crash recovery of the lease engine, on a real private redis-server.
 
-A holder or a waiter SIGKILLed (by PID) gives its VRAM back within its TTL; scripts flushed from Redis are
+A holder or a waiter SIGKILLed (by PID) gives its VRAM back within its TTL, and a holder killed on the same
+machine as a waiter at once (the waiter revokes its lease: gpuboss/procs.py); scripts flushed from Redis are
 loaded again; a Redis restart is survived by the bosses and reported as a lost lease; a blocked event
 loop does not lose a lease; cancelled and interrupted callers leave nothing behind in Redis.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -151,7 +154,9 @@ def test_sigkilled_holder_frees_its_vram_within_ttl(
     held = json.loads(holder.expect("HELD", timeout=30))
     assert (held["gpu"], held["vram_mib"], held["pid"]) == ("gpu0", GPU0_MIB, holder.pid)
 
-    waiter = Waiter(bosses("waiter"), 24, device="gpu0", timeout=20, ttl=10)
+    waiter_boss = bosses("waiter")
+    waiter_boss._core.me = None  # as on another machine: it cannot tell the holder is gone (the next section)
+    waiter = Waiter(waiter_boss, 24, device="gpu0", timeout=20, ttl=10)
     waiter.start()
     wait_until(lambda: len(queued(client, keys)) == 1, what="the waiter is queued")
     # While the holder lives, its heartbeat keeps the lease past its TTL: the waiter waits.
@@ -305,6 +310,117 @@ def test_sigterm_releases_only_where_it_becomes_a_normal_exit(
     assert w.wait(timeout=10) == (143 if exit_on_sigterm else -15)
     # Read once the process is gone, far inside the lease's 30 s TTL: no expiry can have happened.
     assert bool(client.hexists(keys.leases, lease["id"])) is not exit_on_sigterm
+
+
+# ---------------------------------------------------------------- a holder gone from this machine
+
+
+def revoked_events(url: str, namespace: str) -> list[dict[str, Any]]:
+    return [dict(e.data) for e in replay(url, namespace) if e.type == "revoked"]
+
+
+def test_a_waiter_revokes_at_once_the_lease_of_a_holder_killed_on_its_machine(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
+    holder.expect("READY", timeout=30)
+    held = json.loads(holder.expect("HELD", timeout=30))
+
+    waiter = Waiter(bosses("waiter"), 24, device="gpu0", timeout=30, ttl=10)
+    waiter.start()
+    wait_until(lambda: len(queued(client, keys)) == 1, what="the waiter is queued")
+    # A live holder is never revoked: the waiter, the head, looks again every REAP_EVERY_S and finds it running.
+    time.sleep(3 * gpuboss.core.REAP_EVERY_S)
+    assert waiter.is_alive() and waiter.lease is None, "the waiter got the VRAM of a live holder"
+    assert client.hexists(keys.leases, held["id"])
+    assert revoked_events(redis_server.url, namespace) == []
+
+    holder.kill()  # SIGKILL by PID: its lease would stay for 60 s, past the waiter's timeout
+    lease = waiter.result(timeout=20)
+    assert (lease.gpu, lease.vram_mib) == ("gpu0", GPU0_MIB)
+    assert lease.token > held["token"]
+    assert_no_trace(client, keys, held["id"])
+    [event] = revoked_events(redis_server.url, namespace)
+    assert (event["lease"], event["by"]) == (held["id"], f"waiter@{waiter.boss._core.host}")
+    assert event["reason"] == f"holder process gone (pid {holder.pid} on {waiter.boss._core.host})"
+    assert waiter.boss.release(lease)
+    assert_idle(client, keys)
+
+
+def test_a_request_with_timeout_0_gets_the_vram_of_a_holder_killed_on_its_machine(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
+    holder.expect("READY", timeout=30)
+    held = json.loads(holder.expect("HELD", timeout=30))
+    boss = bosses("next")
+    with pytest.raises(LeaseTimeout):
+        boss.acquire(24, device="gpu0", timeout=0)  # it lives: no room now
+    holder.kill()  # (and reaped: no zombie)
+    boss._core.reap_due = 0.0  # (the refusal above looked less than REAP_EVERY_S ago)
+    lease = boss.acquire(24, device="gpu0", timeout=0)
+    assert lease.gpu == "gpu0"
+    assert not client.hexists(keys.leases, held["id"])
+    assert [e["lease"] for e in revoked_events(redis_server.url, namespace)] == [held["id"]]
+    assert boss.release(lease)
+    assert_idle(client, keys)
+
+
+def test_a_stopped_holder_is_not_revoked(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    """SIGSTOP leaves the process in place: it is not gone, and only its TTL may take its lease."""
+    keys = Keys(namespace)
+    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
+    holder.expect("READY", timeout=30)
+    held = json.loads(holder.expect("HELD", timeout=30))
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(LeaseTimeout):
+            bosses("waiter").acquire(24, device="gpu0", timeout=3 * gpuboss.core.REAP_EVERY_S)
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    assert client.hexists(keys.leases, held["id"])
+    assert revoked_events(redis_server.url, namespace) == []
+
+
+async def test_an_async_waiter_revokes_the_lease_of_a_holder_killed_on_its_machine(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
+    holder.expect("READY", timeout=30)
+    held = json.loads(holder.expect("HELD", timeout=30))
+    boss = AsyncGPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service="async-waiter")
+    try:
+        waiting = asyncio.create_task(boss.acquire(24, device="gpu0", timeout=30))
+        await asyncio.sleep(2 * gpuboss.core.REAP_EVERY_S)
+        assert not waiting.done(), "the waiter got the VRAM of a live holder"
+        holder.kill()
+        lease = await asyncio.wait_for(waiting, 20)
+        assert lease.gpu == "gpu0"
+        assert not client.hexists(keys.leases, held["id"])
+        assert await boss.release(lease)
+    finally:
+        await boss.close()
+    assert_idle(client, keys)
 
 
 # ---------------------------------------------------------------- scripts flushed, Redis restarted

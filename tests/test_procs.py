@@ -1,0 +1,260 @@
+"""Telling that a lease's holder process is gone (gpuboss/procs.py), and the waiter's revoke of its leases
+(Core.reap_flow), without Redis: real child processes stand for holders. tests/test_recovery.py runs it
+against a real redis-server with killed holders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gpuboss.core
+import pytest
+from gpuboss import LeaseTimeout
+from gpuboss.config import BossConfig
+from gpuboss.core import Call, Core, Pop, ReadHash, Reply, RevokeReply, Watch
+from gpuboss.procs import ProcessIdentity, holder_id, holder_of, identity, is_gone
+
+from tests.conftest import GPUS
+
+pytestmark = pytest.mark.skipif(identity() is None, reason="needs Linux /proc")
+
+
+def me() -> ProcessIdentity:
+    found = identity()
+    assert found is not None
+    return found
+
+
+def start_time(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()  # by its PID
+    proc.wait(timeout=10)
+
+
+def of(proc: subprocess.Popen[bytes]) -> ProcessIdentity:
+    mine = me()
+    return ProcessIdentity(mine.boot, mine.pidns, proc.pid, start_time(proc.pid))
+
+
+def lease_record(lease_id: str, holder: ProcessIdentity | str | None, pid: int = 1) -> str:
+    notify = None if holder is None else f"ns:holder:{holder if isinstance(holder, str) else holder_id(holder)}"
+    return json.dumps(
+        {
+            "id": lease_id, "gpu": "gpu0", "vram_mib": 1024, "service": "s", "host": "h", "pid": pid,
+            "notify": notify,
+        }
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- procs.py
+
+
+def test_this_process_reads_its_own_identity_and_a_holder_id_carries_it() -> None:
+    mine = me()
+    assert mine.pid == os.getpid() and mine.start == start_time(os.getpid())
+    assert ProcessIdentity.parse(mine.text()) == mine
+    assert holder_of(json.loads(lease_record("a", mine))) == mine
+    assert holder_id(mine) != holder_id(mine)  # random first: two bosses of one process differ
+    assert not is_gone(mine, mine)
+
+
+@pytest.mark.parametrize(
+    "notify",
+    [
+        None,
+        7,
+        "ns:holder:0123456789abcdef0123456789abcdef",
+        "ns:holder:abc.x.1.y.3",
+        "ns:holder:abc.x.1.2.3.4",
+        "ns:holder:abc.x..2.3",
+        "",
+    ],
+)
+def test_a_holder_id_without_an_identity_names_no_process(notify: object) -> None:
+    assert holder_of({"notify": notify}) is None
+
+
+def test_a_process_is_gone_once_it_exits_even_before_it_is_reaped(child: subprocess.Popen[bytes]) -> None:
+    held = of(child)
+    assert not is_gone(held, me())
+    child.kill()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    assert Path(f"/proc/{child.pid}").exists()
+    assert is_gone(held, me())
+    child.wait()
+    assert not Path(f"/proc/{child.pid}").exists()
+    assert is_gone(held, me())
+
+
+def test_a_pid_used_again_by_another_process_is_gone(child: subprocess.Popen[bytes]) -> None:
+    held = of(child)
+    reused = ProcessIdentity(held.boot, held.pidns, held.pid, str(int(held.start) - 1))
+    assert not is_gone(held, me()) and is_gone(reused, me())
+
+
+def test_another_machine_or_pid_namespace_is_never_judged(child: subprocess.Popen[bytes]) -> None:
+    held = of(child)
+    child.kill()
+    child.wait()
+    mine = me()
+    assert is_gone(held, mine)
+    for other in (
+        ProcessIdentity("0" * 32, held.pidns, held.pid, held.start),  # another boot: another machine
+        ProcessIdentity(held.boot, str(int(held.pidns) + 1), held.pid, held.start),  # another container
+    ):
+        assert not is_gone(other, mine)
+    assert not is_gone(held, None)  # this process cannot read its own identity
+
+
+def test_identity_is_none_where_proc_cannot_tell(tmp_path: Path) -> None:
+    assert identity(tmp_path) is None  # no /proc here (another platform)
+    (tmp_path / "sys/kernel/random").mkdir(parents=True)
+    (tmp_path / "sys/kernel/random/boot_id").write_text("a9e73b9b-ea65-435a-8e56-2b9ddfc395f5\n")
+    (tmp_path / "self/ns").mkdir(parents=True)
+    os.symlink("pid:[4026531836]", tmp_path / "self/ns/pid")
+    other = os.getpid() + 1  # a /proc of another pid namespace: its "self" is not this process
+    (tmp_path / "self/stat").write_text(f"{other} (python) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0\n")
+    (tmp_path / str(other)).mkdir()
+    (tmp_path / str(other) / "stat").write_text((tmp_path / "self/stat").read_text())
+    assert identity(tmp_path) is None
+    mine = os.getpid()
+    (tmp_path / "self/stat").write_text(f"{mine} (a b) c) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0\n")
+    (tmp_path / str(mine)).mkdir()
+    (tmp_path / str(mine) / "stat").write_text((tmp_path / "self/stat").read_text())
+    assert identity(tmp_path) == ProcessIdentity("a9e73b9bea65435a8e562b9ddfc395f5", "4026531836", mine, "77")
+
+
+# ---------------------------------------------------------------- Core.reap_flow
+
+
+@pytest.fixture
+def core() -> Core:
+    return Core(BossConfig(namespace="ns", gpus=GPUS))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(flow: Any, records: dict[str, str], replies: dict[str, list[Any]]) -> tuple[list[Call], Any]:
+    """Run a reap flow: ReadHash gets ``records``; each revoke the reply for its lease id. The calls and result."""
+    calls: list[Call] = []
+    sent: Any = None
+    try:
+        while True:
+            op = flow.send(sent)
+            if isinstance(op, ReadHash):
+                assert op == ReadHash("ns:leases")
+                sent = records
+            else:
+                assert isinstance(op, Call) and op.script == "revoke"
+                calls.append(op)
+                sent = replies[str(op.args[1])]
+    except StopIteration as stop:
+        return calls, stop.value
+
+
+def test_the_lease_of_a_gone_holder_is_revoked_and_no_other(
+    core: Core, child: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = of(child)
+    child.kill()
+    child.wait()
+    mine = me()
+    records = {
+        "dead": lease_record("dead", dead, dead.pid),
+        "mine": lease_record("mine", mine, mine.pid),
+        "old": lease_record("old", "0123456789abcdef0123456789abcdef"),  # a holder id without an identity
+        "none": lease_record("none", None),
+        "elsewhere": lease_record("elsewhere", ProcessIdentity("0" * 32, dead.pidns, dead.pid, dead.start)),
+        "junk": "not json",
+    }
+    with caplog.at_level(logging.WARNING, logger="gpuboss"):
+        calls, revoked = drive(core.reap_flow(Clock()), records, {"dead": [RevokeReply.REVOKED, 0, records["dead"]]})
+    assert revoked == 1
+    [call] = calls
+    assert call.args == [
+        "ns:wake:",
+        "dead",
+        core.operator,
+        f"holder process gone (pid {dead.pid} on h)",
+        core.config.events_maxlen,
+    ]
+    assert f"its holder, pid {dead.pid}, is gone" in caplog.text
+    assert core.reap_watch is False  # nothing else here that could die (this process is not watched)
+
+
+def test_a_lease_revoked_meanwhile_by_another_waiter_is_not_counted(core: Core, child: subprocess.Popen[bytes]) -> None:
+    dead = of(child)
+    child.kill()
+    child.wait()
+    records = {"dead": lease_record("dead", dead)}
+    calls, revoked = drive(core.reap_flow(Clock()), records, {"dead": [RevokeReply.NOT_FOUND, 0]})
+    assert len(calls) == 1 and revoked == 0
+
+
+def test_a_live_holder_here_is_watched_and_looks_happen_once_a_second(
+    core: Core, child: subprocess.Popen[bytes]
+) -> None:
+    clock = Clock()
+    records = {"live": lease_record("live", of(child))}
+    assert drive(core.reap_flow(clock), records, {}) == ([], 0)
+    assert core.reap_watch is True
+    clock.now += gpuboss.core.REAP_EVERY_S / 2
+    flow = core.reap_flow(clock)
+    with pytest.raises(StopIteration):  # too soon: no read at all
+        next(flow)
+    clock.now += gpuboss.core.REAP_EVERY_S / 2
+    assert isinstance(next(core.reap_flow(clock)), ReadHash)
+
+
+def test_a_head_waiter_looks_again_each_second_while_a_holder_here_could_die(
+    core: Core, child: subprocess.Popen[bytes]
+) -> None:
+    clock = Clock()
+    records = {"live": lease_record("live", of(child))}
+    flow = core.acquire_flow(core.make_request(1, timeout=100), "r1", clock)
+    next(flow)
+    assert flow.send([Reply.QUEUED, 0, 25000]) == Watch("r1", 30000)
+    assert flow.send(None) == ReadHash("ns:leases")
+    pop = flow.send(records)
+    assert isinstance(pop, Pop) and pop.timeout == pytest.approx(gpuboss.core.REAP_EVERY_S)
+    clock.now += gpuboss.core.REAP_EVERY_S
+    assert isinstance(flow.send(None), Call)
+    assert flow.send([Reply.QUEUED, 5, 25000]) == ReadHash("ns:leases")
+    pop = flow.send(records)  # deep in the queue: only the TTL-bound chunk
+    assert isinstance(pop, Pop) and pop.timeout == pytest.approx(30)
+
+
+def test_timeout_0_revokes_a_gone_holder_and_asks_again(core: Core, child: subprocess.Popen[bytes]) -> None:
+    dead = of(child)
+    child.kill()
+    child.wait()
+    records = {"dead": lease_record("dead", dead)}
+    clock = Clock()
+    flow = core.acquire_flow(core.make_request(1, timeout=0), "r1", clock)
+    assert isinstance(next(flow), Call)
+    assert flow.send([Reply.BUSY, -1]) == ReadHash("ns:leases")
+    revoke = flow.send(records)
+    assert isinstance(revoke, Call) and revoke.script == "revoke" and revoke.args[1] == "dead"
+    again = flow.send([RevokeReply.REVOKED, 0, records["dead"]])
+    assert isinstance(again, Call) and again.script == "acquire"
+    with pytest.raises(LeaseTimeout):  # still no room (someone else took it): timeout=0 answers at once
+        flow.send([Reply.BUSY, -1])
