@@ -40,9 +40,12 @@ REGISTRY_WAIT_S = 0.5
 RULES_CHECK_S = 30.0
 #: A waiter this close to the head of the queue also wakes at the next expiry, to collect it at once.
 EXPIRY_WATCH_POSITIONS = 2
-#: At most how often a boss whose request waits checks whether the holders of the leases on this machine still
-#: run (procs.py), and how often a waiter near the head looks again while such a holder could still die.
+#: At most how often a boss whose request waits checks whether the holders of the leases on this machine (and
+#: the waiters at the head of the queue) still run (procs.py), and how often a waiter near the head looks again
+#: while such a process could still die.
 REAP_EVERY_S = 1.0
+#: How many requests at the head of the queue a waiter behind them checks for a process that is gone.
+REAP_QUEUE_HEAD = 2
 MAX_TTL_S = 86400.0
 #: No GPU is larger (1 PiB); a request above it is clamped to one MiB more, so it can never fit.
 MAX_VRAM_GB = 2**20
@@ -79,6 +82,7 @@ class RevokeReply(enum.IntEnum):
     NOT_FOUND = 0
     REVOKED = 1
     EXPIRED = 2
+    WITHDRAWN = 3
 
 
 #: Why a lease or request is released; carried by the event (``timeout`` makes a request ``timed_out``).
@@ -375,6 +379,16 @@ class ReadHash:
 
 
 @dataclass(frozen=True)
+class ReadQueueHead:
+    """The first ``count`` entries of the queue (ZRANGE) and their records (HMGET of the tickets hash), read-only.
+    The result is a dict of request id to its JSON record, in queue order (an entry without a record left out)."""
+
+    queue: str
+    tickets: str
+    count: int
+
+
+@dataclass(frozen=True)
 class Watch:
     """Hand a queued request to the heartbeat so its queue entry stays alive. The result is None."""
 
@@ -382,9 +396,11 @@ class Watch:
     ttl_ms: int
 
 
-Op = Call | Pop | ReadHash | Watch
+Op = Call | Pop | ReadHash | ReadQueueHead | Watch
 #: The operations a driver sends to Redis (or the local store), for ``isinstance``; :class:`Watch` stays local.
-REDIS_OPS = (Call, Pop, ReadHash)
+REDIS_OPS = (Call, Pop, ReadHash, ReadQueueHead)
+#: The read-only ones among them.
+Read = ReadHash | ReadQueueHead
 Flow = Generator[Op, Any, Lease]
 #: Errors that leave nothing behind in Redis: the flow raised them before writing, or cleaned up itself.
 CLEAN_ERRORS = (LeaseTimeout, InsufficientCapacity, InvalidRequest, ConfigError)
@@ -753,8 +769,9 @@ class Core:
             [self._wake_prefix, lease_id, reason, self.secret, self._cap],
         )
 
-    def revoke_call(self, lease_id: str, by: str, reason: str = "") -> Call:
-        """Force-release someone else's lease (an operator's ``gpuboss release``)."""
+    def revoke_call(self, lease_id: str, by: str, reason: str = "", queued: bool = False) -> Call:
+        """Force-release someone else's lease (an operator's ``gpuboss release``); with ``queued``, withdraw the
+        id's queued request where it has no lease (a waiter whose process is gone)."""
         if not isinstance(lease_id, str) or not lease_id:
             raise InvalidRequest("lease_id", lease_id, "must be a lease id (a non-empty str)")
         if not isinstance(reason, str):
@@ -762,7 +779,7 @@ class Core:
         return Call(
             "revoke",
             self.lease_keys(),
-            [self._wake_prefix, lease_id, by, reason, self._cap],
+            [self._wake_prefix, lease_id, by, reason, "1" if queued else "0", self._cap],
         )
 
     def renew_call(self, items: Mapping[str, int]) -> Call:
@@ -902,7 +919,7 @@ class Core:
             if code is Reply.GRANTED:
                 return self.make_lease(str(reply[1]), req)
             if code is Reply.BUSY:
-                if (yield from self.reap_flow(clock)):
+                if (yield from self.reap_flow(clock, REAP_QUEUE_HEAD)):
                     continue  # a dead holder's lease was revoked: look again
                 raise LeaseTimeout(
                     f"no GPU has {req.vram_mib} MiB free for a {req.priority} request right now (timeout=0)"
@@ -913,7 +930,7 @@ class Core:
                 yield Watch(request_id, req.ttl_ms)
                 watching = True
             # (a grant made by a revoke here is pushed to this request's wake list: the Pop below takes it)
-            yield from self.reap_flow(clock)
+            yield from self.reap_flow(clock, position)
             chunk = min(MAX_WAIT_CHUNK_S, max(req.ttl, 1.0))
             if position < EXPIRY_WATCH_POSITIONS and next_ms >= 0:
                 chunk = min(chunk, next_ms / 1000 + 0.002)
@@ -934,41 +951,47 @@ class Core:
             # Not granted yet: look again (this also collects what expired, and re-queues a request whose
             # queue entry was lost while this process was stopped).
 
-    def reap_flow(self, clock: Callable[[], float] = time.monotonic) -> Generator[Op, Any, int]:
-        """Revoke the leases whose holder process is gone from this machine (procs.py), so that a killed
-        holder's VRAM comes back now rather than when its TTL runs out. Runs for a request that waits (or finds
-        no room with ``timeout=0``), at most every REAP_EVERY_S per boss; returns how many leases it revoked."""
-        if self.me is None or clock() < self.reap_due:
+    def reap_flow(self, clock: Callable[[], float] = time.monotonic, ahead: int = 0) -> Generator[Op, Any, int]:
+        """Revoke the leases, and withdraw the first ``ahead`` queued requests (at most REAP_QUEUE_HEAD), whose
+        process is gone from this machine (procs.py), so that a killed holder's VRAM, or the turn of a killed
+        waiter, comes back now rather than when its TTL runs out. Runs for a request that waits (or finds no
+        room with ``timeout=0``), at most every REAP_EVERY_S per boss; returns how many it removed."""
+        me = self.me
+        if me is None or clock() < self.reap_due:
             return 0
         self.reap_due = clock() + REAP_EVERY_S
-        records: Mapping[str, str] = yield ReadHash(self.keys.leases)
-        revoked = 0
+        leases: Mapping[str, str] = yield ReadHash(self.keys.leases)
+        requests: Mapping[str, str] = {}
+        if ahead > 0:
+            requests = yield ReadQueueHead(self.keys.queue, self.keys.tickets, min(ahead, REAP_QUEUE_HEAD))
+        removed = 0
         watch = False
-        for lease_id, raw in records.items():
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue  # (not a record gpuboss wrote: never a reason to revoke)
-            holder = holder_of(rec) if isinstance(rec, dict) else None
-            if holder is None or holder.boot != self.me.boot or holder.pidns != self.me.pidns:
-                continue  # another machine or pid namespace: only its TTL tells
-            if not is_gone(holder, self.me):
-                watch = watch or holder.pid != self.me.pid
-                continue
-            why = f"holder process gone (pid {holder.pid} on {rec.get('host', self.host)})"
-            code, _, _ = self.revoked((yield self.revoke_call(lease_id, self.operator, why)))
-            if code is RevokeReply.REVOKED:
-                revoked += 1
-                log.warning(
-                    "gpuboss: revoked lease %s (%s MiB on %s, service %r): its holder, pid %d, is gone",
-                    lease_id,
-                    rec.get("vram_mib"),
-                    rec.get("gpu"),
-                    rec.get("service"),
-                    holder.pid,
-                )
+        for queued, records in ((False, leases), (True, requests)):
+            for item_id, raw in records.items():
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue  # (not a record gpuboss wrote: never a reason to revoke)
+                holder = holder_of(rec) if isinstance(rec, dict) else None
+                if holder is None or holder.boot != me.boot or holder.pidns != me.pidns:
+                    continue  # another machine or pid namespace: only its TTL tells
+                if not is_gone(holder, me):
+                    watch = watch or holder.pid != me.pid
+                    continue
+                why = f"holder process gone (pid {holder.pid} on {rec.get('host', self.host)})"
+                code, _, _ = self.revoked((yield self.revoke_call(item_id, self.operator, why, queued)))
+                if code in (RevokeReply.REVOKED, RevokeReply.WITHDRAWN):
+                    removed += 1
+                    log.warning(
+                        "gpuboss: %s %s (%s MiB, service %r): its process, pid %d, is gone",
+                        "revoked lease" if code is RevokeReply.REVOKED else "withdrew the queued request",
+                        item_id,
+                        rec.get("vram_mib"),
+                        rec.get("service"),
+                        holder.pid,
+                    )
         self.reap_watch = watch
-        return revoked
+        return removed
 
     @staticmethod
     def make_lease(record: str, req: LeaseRequest) -> Lease:

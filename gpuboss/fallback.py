@@ -38,7 +38,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from gpuboss.core import Call, Core, LeaseRequest, Op, Pop, ReadHash
+from gpuboss.core import Call, Core, LeaseRequest, Op, Pop, Read
 from gpuboss.errors import RedisOutOfMemory, RedisUnavailable
 from gpuboss.lease import Lease
 from gpuboss.redis_io import (
@@ -50,6 +50,8 @@ from gpuboss.redis_io import (
     connect_sync,
     pop_async,
     pop_sync,
+    read_async,
+    read_sync,
     reply_within,
     retry_async,
     retry_sync,
@@ -379,7 +381,7 @@ class SyncLink:
             self.fallback.probe()
         return self.fallback.new_route(req, request_id)
 
-    def perform(self, op: Call | Pop | ReadHash, route: Route | None = None) -> Any:
+    def perform(self, op: Call | Pop | Read, route: Route | None = None) -> Any:
         fallback = self.fallback
         if route.local if route is not None else fallback.routes_local(op):
             return self._local_op(op)
@@ -397,7 +399,7 @@ class SyncLink:
             move(fallback, self._heartbeat, route)
             return self._local_op(op)
 
-    def _real_op(self, op: Call | Pop | ReadHash, route: Route | None) -> Any:
+    def _real_op(self, op: Call | Pop | Read, route: Route | None) -> Any:
         client = self.real
         if isinstance(op, Pop):
             try:
@@ -409,7 +411,7 @@ class SyncLink:
         wait = fallback.mode == "wait"
 
         def send() -> Any:
-            return call_script_sync(client, op) if isinstance(op, Call) else client.hgetall(op.key)
+            return call_script_sync(client, op) if isinstance(op, Call) else read_sync(client, op)
 
         try:
             result = retry_sync(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)
@@ -435,7 +437,7 @@ class SyncLink:
                 call_script_sync(client, call)
         return client
 
-    def _local_op(self, op: Call | Pop | ReadHash) -> Any:
+    def _local_op(self, op: Call | Pop | Read) -> Any:
         client = self.local_client()
         if isinstance(op, Call):
             result = call_script_sync(client, op)
@@ -444,7 +446,7 @@ class SyncLink:
         if isinstance(op, Pop):
             popped = client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
             return None if popped is None else popped[1]
-        return client.hgetall(op.key)
+        return read_sync(client, op)
 
     def close(self) -> None:
         """Free the stand-ins (the heartbeat releases the rest) and close the clients."""
@@ -470,7 +472,7 @@ class AsyncLink:
             await asyncio.to_thread(self.fallback.probe)
         return self.fallback.new_route(req, request_id)
 
-    async def perform(self, op: Call | Pop | ReadHash, route: Route | None = None) -> Any:
+    async def perform(self, op: Call | Pop | Read, route: Route | None = None) -> Any:
         fallback = self.fallback
         if route.local if route is not None else fallback.routes_local(op):
             return await self._local_op(op)
@@ -488,7 +490,7 @@ class AsyncLink:
             move(fallback, self._heartbeat, route)
             return await self._local_op(op)
 
-    async def _real_op(self, op: Call | Pop | ReadHash, route: Route | None) -> Any:
+    async def _real_op(self, op: Call | Pop | Read, route: Route | None) -> Any:
         client = self.real
         if isinstance(op, Pop):
             try:
@@ -501,7 +503,7 @@ class AsyncLink:
         grace = fallback.core.config.connect_timeout  # (the longest wait for one reply: see reply_within)
 
         def send() -> Awaitable[Any]:
-            reply = call_script_async(client, op) if isinstance(op, Call) else client.hgetall(op.key)
+            reply = call_script_async(client, op) if isinstance(op, Call) else read_async(client, op)
             return reply_within(reply, grace)
 
         try:
@@ -520,7 +522,7 @@ class AsyncLink:
             self._local = connect_async(self.fallback.local_url, self.fallback.core.config.connect_timeout)
         return self._local
 
-    async def _local_op(self, op: Call | Pop | ReadHash) -> Any:
+    async def _local_op(self, op: Call | Pop | Read) -> Any:
         client = self._local_connection()
         if self.fallback.take_setup():
             for call in self.fallback.setup_calls():
@@ -532,7 +534,7 @@ class AsyncLink:
         if isinstance(op, Pop):
             popped = await client.blpop([op.key], timeout=max(op.timeout, MIN_POP_S))
             return None if popped is None else popped[1]
-        return await client.hgetall(op.key)
+        return await read_async(client, op)
 
     def for_loop(self, real: redis.asyncio.Redis) -> AsyncLink:
         """This link for another event loop: the same fallback and heartbeat, with ``real`` (a client made for that

@@ -49,7 +49,7 @@ if HIREDIS_AVAILABLE:  # a dependency (redis[hiredis]); without it redis-py pack
     import hiredis
 
 from gpuboss import scripts
-from gpuboss.core import Call, Flow, Op
+from gpuboss.core import Call, Flow, Op, Read, ReadHash
 from gpuboss.errors import ConfigError, RedisOutOfMemory, RedisUnavailable
 from gpuboss.topology import SCHEMES, Target, parse_url, redact_url
 
@@ -754,6 +754,28 @@ async def _blpop_async(client: redis.asyncio.Redis, key: str, timeout: float) ->
     if popped is NotImplemented:
         popped = await client.blpop([key], timeout=timeout)
     return popped
+
+
+def read_sync(client: redis.Redis, op: Read) -> dict[str, str]:
+    """A read-only operation of a flow: a whole hash, or the queue's head with its records (by queue order)."""
+    if isinstance(op, ReadHash):
+        found: Any = client.hgetall(op.key)
+        return dict(found)
+    ids: Any = client.zrange(op.queue, 0, op.count - 1)
+    return _records(ids, client.hmget(op.tickets, ids) if ids else [])
+
+
+async def read_async(client: redis.asyncio.Redis, op: Read) -> dict[str, str]:
+    """:func:`read_sync` for asyncio clients."""
+    if isinstance(op, ReadHash):
+        found: Any = await client.hgetall(op.key)
+        return dict(found)
+    ids: Any = await client.zrange(op.queue, 0, op.count - 1)
+    return _records(ids, await client.hmget(op.tickets, ids) if ids else [])
+
+
+def _records(ids: list[str], raws: Any) -> dict[str, str]:
+    return {i: raw for i, raw in zip(ids, raws, strict=True) if raw is not None}
 
 
 def call_script_sync(client: redis.Redis, call: Call) -> Any:

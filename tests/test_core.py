@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from gpuboss import InsufficientCapacity, LeaseTimeout
 from gpuboss.config import BossConfig
-from gpuboss.core import Call, Core, Pop, ReadHash, Reply, Watch
+from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, Watch
 from gpuboss.keys import FIXED_SUFFIXES, Keys
 from gpuboss.lease import TRANSITIONS, IllegalTransition, LeaseState, advance
 
@@ -90,6 +90,7 @@ def test_flow_waits_by_pop_and_the_head_wakes_at_the_next_expiry(core: Core) -> 
     again = flow.send(None)  # nothing pushed: look again
     assert isinstance(again, Call) and again.script == "acquire"
     assert flow.send([Reply.QUEUED, 5, 100]) == ReadHash("ns:leases")  # (one look per REAP_EVERY_S)
+    assert flow.send({}) == ReadQueueHead("ns:queue", "ns:tickets", 2)  # and at the waiters ahead
     pop = flow.send({})
     assert isinstance(pop, Pop) and pop.timeout == pytest.approx(10 - 1.6)  # deep in the queue: no expiry watch
     with pytest.raises(StopIteration) as stop:
@@ -103,6 +104,7 @@ def test_flow_timeout_withdraws_then_raises(core: Core) -> None:
     next(flow)
     flow.send([Reply.QUEUED, 3, -1])
     assert flow.send(None) == ReadHash("ns:leases")
+    assert flow.send({}) == ReadQueueHead("ns:queue", "ns:tickets", 2)
     pop = flow.send({})
     assert isinstance(pop, Pop) and pop.timeout == pytest.approx(2)
     clock.now += 2.5

@@ -16,7 +16,7 @@ import gpuboss.core
 import pytest
 from gpuboss import LeaseTimeout
 from gpuboss.config import BossConfig
-from gpuboss.core import Call, Core, Pop, ReadHash, Reply, RevokeReply, Watch
+from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
 from gpuboss.procs import ProcessIdentity, holder_id, holder_of, identity, is_gone
 
 from tests.conftest import GPUS
@@ -153,8 +153,11 @@ class Clock:
         return self.now
 
 
-def drive(flow: Any, records: dict[str, str], replies: dict[str, list[Any]]) -> tuple[list[Call], Any]:
-    """Run a reap flow: ReadHash gets ``records``; each revoke the reply for its lease id. The calls and result."""
+def drive(
+    flow: Any, records: dict[str, str], replies: dict[str, list[Any]], head: dict[str, str] | None = None
+) -> tuple[list[Call], Any]:
+    """Run a reap flow: ReadHash gets the lease ``records``, ReadQueueHead the requests at the ``head`` of the queue
+    (None: it must not read them); each revoke the reply for its id. The calls and the result."""
     calls: list[Call] = []
     sent: Any = None
     try:
@@ -163,6 +166,10 @@ def drive(flow: Any, records: dict[str, str], replies: dict[str, list[Any]]) -> 
             if isinstance(op, ReadHash):
                 assert op == ReadHash("ns:leases")
                 sent = records
+            elif isinstance(op, ReadQueueHead):
+                assert head is not None, "it read the queue"
+                assert (op.queue, op.tickets) == ("ns:queue", "ns:tickets") and op.count <= 2
+                sent = dict(list(head.items())[: op.count])
             else:
                 assert isinstance(op, Call) and op.script == "revoke"
                 calls.append(op)
@@ -195,9 +202,10 @@ def test_the_lease_of_a_gone_holder_is_revoked_and_no_other(
         "dead",
         core.operator,
         f"holder process gone (pid {dead.pid} on h)",
+        "0",
         core.config.events_maxlen,
     ]
-    assert f"its holder, pid {dead.pid}, is gone" in caplog.text
+    assert f"its process, pid {dead.pid}, is gone" in caplog.text
     assert core.reap_watch is False  # nothing else here that could die (this process is not watched)
 
 
@@ -239,7 +247,8 @@ def test_a_head_waiter_looks_again_each_second_while_a_holder_here_could_die(
     clock.now += gpuboss.core.REAP_EVERY_S
     assert isinstance(flow.send(None), Call)
     assert flow.send([Reply.QUEUED, 5, 25000]) == ReadHash("ns:leases")
-    pop = flow.send(records)  # deep in the queue: only the TTL-bound chunk
+    assert flow.send(records) == ReadQueueHead("ns:queue", "ns:tickets", 2)
+    pop = flow.send({})  # deep in the queue: only the TTL-bound chunk
     assert isinstance(pop, Pop) and pop.timeout == pytest.approx(30)
 
 
@@ -252,9 +261,28 @@ def test_timeout_0_revokes_a_gone_holder_and_asks_again(core: Core, child: subpr
     flow = core.acquire_flow(core.make_request(1, timeout=0), "r1", clock)
     assert isinstance(next(flow), Call)
     assert flow.send([Reply.BUSY, -1]) == ReadHash("ns:leases")
-    revoke = flow.send(records)
+    assert flow.send(records) == ReadQueueHead("ns:queue", "ns:tickets", 2)
+    revoke = flow.send({})
     assert isinstance(revoke, Call) and revoke.script == "revoke" and revoke.args[1] == "dead"
     again = flow.send([RevokeReply.REVOKED, 0, records["dead"]])
     assert isinstance(again, Call) and again.script == "acquire"
     with pytest.raises(LeaseTimeout):  # still no room (someone else took it): timeout=0 answers at once
         flow.send([Reply.BUSY, -1])
+
+
+def test_a_waiter_ahead_whose_process_is_gone_is_withdrawn(core: Core, child: subprocess.Popen[bytes]) -> None:
+    dead = of(child)
+    child.kill()
+    child.wait()
+    live = me()
+    head = {"gone": lease_record("gone", dead), "alive": lease_record("alive", live), "third": "never read"}
+    calls, removed = drive(
+        core.reap_flow(Clock(), ahead=5), {}, {"gone": [RevokeReply.WITHDRAWN, 1, head["gone"]]}, head
+    )
+    assert removed == 1
+    [call] = calls
+    assert call.args[1:5] == ["gone", core.operator, f"holder process gone (pid {dead.pid} on h)", "1"]
+
+
+def test_the_head_of_the_queue_reads_no_requests(core: Core) -> None:
+    assert drive(core.reap_flow(Clock(), ahead=0), {}, {}, None) == ([], 0)

@@ -202,7 +202,9 @@ def test_sigkilled_head_waiter_does_not_block_the_queue(
     assert json.loads(client.hget(keys.tickets, w_id))["pid"] == w.pid
 
     # X asks for 4 GB: it would fit once the holder releases, but strict order keeps it behind W.
-    x = Waiter(bosses("x"), 4, device="gpu0", timeout=20, ttl=10)
+    x_boss = bosses("x")
+    x_boss._core.me = None  # as on another machine: it cannot tell that W is gone (see the next section)
+    x = Waiter(x_boss, 4, device="gpu0", timeout=20, ttl=10)
     x.start()
     wait_until(lambda: len(queued(client, keys)) == 2, what="X is queued")
     assert queued(client, keys)[0] == w_id
@@ -396,6 +398,40 @@ def test_a_stopped_holder_is_not_revoked(
         os.kill(holder.pid, signal.SIGCONT)
     assert client.hexists(keys.leases, held["id"])
     assert revoked_events(redis_server.url, namespace) == []
+
+
+def test_a_waiter_withdraws_at_once_the_request_of_a_waiter_ahead_killed_on_its_machine(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    workers: Callable[..., Worker],
+) -> None:
+    keys = Keys(namespace)
+    holder = bosses("holder")
+    held = holder.acquire(20, device="gpu0", timeout=0, ttl=60)
+    # W waits for the whole gpu0: it is the head, and its entry lives 60 s without renewal.
+    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
+    w.expect("READY", timeout=30)
+    w.expect("QUEUING")
+    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
+    w_id = queued(client, keys)[0]
+    # X asks for 4 GB: they are free, but strict order keeps X behind W.
+    x = Waiter(bosses("x"), 4, device="gpu0", timeout=30, ttl=10)
+    x.start()
+    wait_until(lambda: len(queued(client, keys)) == 2, what="X is queued")
+    time.sleep(3 * gpuboss.core.REAP_EVERY_S)
+    assert x.is_alive() and queued(client, keys)[0] == w_id, "a live waiter lost its turn"
+
+    w.kill()  # SIGKILL by PID: its entry would hold X back for 60 s, past X's timeout
+    lease = x.result(timeout=20)
+    assert (lease.gpu, lease.vram_mib) == ("gpu0", 4 * GB)
+    assert_no_trace(client, keys, w_id)
+    [event] = [e.data for e in replay(redis_server.url, namespace) if e.type == "withdrawn"]
+    assert (event["lease"], event["by"]) == (w_id, f"x@{x.boss._core.host}")
+    assert event["reason"] == f"holder process gone (pid {w.pid} on {x.boss._core.host})"
+    assert x.boss.release(lease) and holder.release(held)
+    assert_idle(client, keys)
 
 
 async def test_an_async_waiter_revokes_the_lease_of_a_holder_killed_on_its_machine(

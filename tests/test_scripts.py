@@ -15,8 +15,18 @@ import pytest
 import redis
 from gpuboss import AsyncGPUBoss, GPUBoss, redis_io, scripts
 from gpuboss.config import BossConfig
-from gpuboss.core import Core, ReleaseReply, RenewStatus, Reply, ResizeReply, RevokeReply, YieldReply, new_request_id
-from gpuboss.redis_io import call_script_sync
+from gpuboss.core import (
+    Core,
+    ReadQueueHead,
+    ReleaseReply,
+    RenewStatus,
+    Reply,
+    ResizeReply,
+    RevokeReply,
+    YieldReply,
+    new_request_id,
+)
+from gpuboss.redis_io import call_script_sync, read_sync
 from gpuboss.warm import ActivityReply, UnloadReply, activity_call, unload_call
 
 from tests.conftest import GPUS, raw_client
@@ -329,6 +339,36 @@ def test_expired_entries_are_collected_with_redis_time(real_url: str, core: Core
     assert run(client, core.collect_call())[:3] == [1, 1, 0]
     assert client.hgetall(core.keys.used) == {"gpu0": "0", "gpu1": "0"}
     assert client.exists(core.keys.leases, core.keys.queue, core.keys.tickets, core.keys.wake("dead-waiter")) == 0
+
+
+def test_revoke_withdraws_a_queued_request_only_when_asked(backend_url: str, core: Core) -> None:
+    """A waiter that finds the process of a request ahead gone withdraws it (Core.reap_flow): revoke's ARGV[5]."""
+    client = raw_client(backend_url)
+    register = core.register_call()
+    assert register is not None
+    run(client, register)
+    req = core.make_request(24)
+    assert run(client, core.acquire_call("holder", req, "gpu0", "s"))[0] == Reply.GRANTED
+    assert run(client, core.acquire_call("ahead", req, "gpu0", "s"))[0] == Reply.QUEUED
+    assert run(client, core.acquire_call("behind", core.make_request(1), "gpu0", "s"))[0] == Reply.QUEUED
+    head = read_sync(client, ReadQueueHead(core.keys.queue, core.keys.tickets, 2))
+    assert list(head) == ["ahead", "behind"] and json.loads(head["ahead"])["notify"] == core.notify_channel
+    assert read_sync(client, ReadQueueHead(core.keys.queue, core.keys.tickets, 1)).keys() == {"ahead"}
+
+    assert run(client, core.revoke_call("ahead", "ops@box", "why")) == [RevokeReply.NOT_FOUND, 0]
+    assert client.hexists(core.keys.tickets, "ahead")  # left queued: not asked
+    reply = run(client, core.revoke_call("ahead", "ops@box", "its process is gone", queued=True))
+    assert reply[:2] == [RevokeReply.WITHDRAWN, 0] and json.loads(str(reply[2]))["id"] == "ahead"
+    assert not client.hexists(core.keys.tickets, "ahead") and client.zscore(core.keys.queue, "ahead") is None
+    assert list(read_sync(client, ReadQueueHead(core.keys.queue, core.keys.tickets, 2))) == ["behind"]
+    withdrawn = [json.loads(f["event"]) for _, f in client.xrange(core.keys.event_log)]
+    withdrawn = [e for e in withdrawn if e["type"] == "withdrawn"]
+    assert [(e["lease"], e["by"], e["reason"]) for e in withdrawn] == [("ahead", "ops@box", "its process is gone")]
+    assert run(client, core.revoke_call("ahead", "ops@box", "", queued=True)) == [RevokeReply.NOT_FOUND, 0]
+    # A lease is revoked whatever ARGV[5] says, and its VRAM goes to the queue: "behind" is granted.
+    reply = run(client, core.revoke_call("holder", "ops@box", "", queued=True))
+    assert reply[:2] == [RevokeReply.REVOKED, 1]
+    assert client.hexists(core.keys.leases, "behind")
 
 
 def test_scripts_recover_from_script_and_function_flush(real_url: str, namespace: str) -> None:
