@@ -359,8 +359,11 @@ def test_events_and_revoke_on_every_redis_version(binary: str, tmp_path: Path, n
             register = core.register_call()
             assert register is not None
             run(client, register)
-            run(client, core.acquire_call("a", core.make_request(1), "", "s"))
+            run(client, core.acquire_call("a", core.make_request(1), "gpu0", "s"))
             run(client, core.acquire_call("dead", core.make_request(1, ttl=0.05), "", "s"))
+            run(client, core.acquire_call("q", core.make_request(24), "gpu0", "s"))  # queued behind "a"
+            assert core.revoked(run(client, core.revoke_call("q", "ops")))[0] is RevokeReply.NOT_FOUND
+            assert core.revoked(run(client, core.revoke_call("q", "ops", queued=True)))[0] is RevokeReply.WITHDRAWN
             assert core.revoked(run(client, core.revoke_call("a", "ops")))[0] is RevokeReply.REVOKED
             assert core.revoked(run(client, core.revoke_call("a", "ops")))[0] is RevokeReply.NOT_FOUND
             time.sleep(0.1)
@@ -368,10 +371,17 @@ def test_events_and_revoke_on_every_redis_version(binary: str, tmp_path: Path, n
             live = []
             while (e := sub.get(timeout=0.5)) is not None:
                 live.append(e.type)
-        expected = ["gpu_registered", "gpu_registered", "granted", "granted", "revoked", "expired"]
+        expected = [
+            *("gpu_registered", "gpu_registered", "granted", "granted", "queued", "withdrawn", "revoked", "expired")
+        ]
         assert live == expected
-        assert kinds(events.replay(server.url, namespace)) == expected  # 6 > 5: MAXLEN ~ trims lazily
-        assert set(RevokeReply) == {RevokeReply.REVOKED, RevokeReply.NOT_FOUND, RevokeReply.EXPIRED}
+        assert kinds(events.replay(server.url, namespace)) == expected  # 8 > 5: MAXLEN ~ trims lazily
+        assert set(RevokeReply) == {
+            RevokeReply.REVOKED,
+            RevokeReply.NOT_FOUND,
+            RevokeReply.EXPIRED,
+            RevokeReply.WITHDRAWN,
+        }
     finally:
         client.close()
         server.stop()
