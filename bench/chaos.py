@@ -657,6 +657,8 @@ class Chaos:
             if now >= max(next_fault, self.quiet_until) and self.full is None:
                 done = self.inject(must)
                 gap = self.rng.expovariate(1 / self.plan.fault_every) if done else 0.3
+                if must:  # kinds not injected yet: leave each of them a slot before the end (a long draw would not)
+                    gap = min(gap, (end - time.monotonic()) / (len(must) + 1))
                 next_fault = time.monotonic() + max(MIN_FAULT_GAP_S if done else 0.3, gap)
             time.sleep(0.02)
         while self.full is not None:  # give Redis its memory back, as planned

@@ -158,10 +158,17 @@ def test_low_job_checkpoints_yields_to_high_and_resumes_with_its_progress(
     )
 
 
-def test_a_job_killed_during_its_checkpoint_is_collected_by_its_ttl(
-    real_url: str, namespace: str, requester: GPUBoss, tmp_path: Path
+@pytest.mark.parametrize("where", ["another machine", "this machine"])
+def test_a_job_killed_during_its_checkpoint_is_collected_by_its_ttl_or_revoked_on_its_machine(
+    where: str, real_url: str, namespace: str, requester: GPUBoss, tmp_path: Path
 ) -> None:
-    job, ckpt = checkpointer(real_url, namespace, tmp_path, "--ttl", "1", "--checkpoint-s", "3600")
+    """The requester waits for the killed victim's VRAM: from another machine until the victim's TTL (1 s here)
+    runs out; on the victim's machine it sees the process gone and revokes the lease (a TTL of 60 s here, which
+    it does not wait for)."""
+    if where == "another machine":
+        requester._core.me = None  # it cannot tell that the victim's process is gone
+    ttl = "1" if where == "another machine" else "60"
+    job, ckpt = checkpointer(real_url, namespace, tmp_path, "--ttl", ttl, "--checkpoint-s", "3600")
     seen: list[str] = []
     try:
         read_until(job, "READY", seen)
@@ -183,11 +190,12 @@ def test_a_job_killed_during_its_checkpoint_is_collected_by_its_ttl(
     assert high.gpu == "g0" and high.vram_mib == 20 * 1024
     assert t_request <= t_callback <= t_kill <= t_granted
     kinds = [e.type for e in replay(real_url, namespace) if e.lease == low_id]
-    assert "evict_requested" in kinds and "expired" in kinds and "evicted" not in kinds, kinds
+    collected = "expired" if where == "another machine" else "revoked"
+    assert "evict_requested" in kinds and collected in kinds and "evicted" not in kinds, kinds
     assert raw_client(real_url).hget(Keys(namespace).leases, low_id) is None
     assert requester.release(high)
     report(
-        "victim killed during its checkpoint (TTL 1 s)",
+        f"victim killed during its checkpoint, requester on {where} (TTL {ttl} s)",
         request_to_callback=t_callback - t_request,
         request_to_grant=t_granted - t_request,
         kill_to_grant=t_granted - t_kill,
