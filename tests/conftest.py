@@ -30,6 +30,16 @@ GPUS: list[dict[str, Any]] = [
 ]
 
 
+class Clock:
+    """A clock for the I/O-free flows (``Core.acquire_flow(..., clock)``) that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     folder = tmp_path_factory.mktemp("redis")

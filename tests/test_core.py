@@ -13,7 +13,7 @@ from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, Watch
 from gpuboss.keys import FIXED_SUFFIXES, Keys
 from gpuboss.lease import TRANSITIONS, IllegalTransition, LeaseState, advance
 
-from tests.conftest import GPUS
+from tests.conftest import GPUS, Clock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,14 +31,6 @@ def record(lease_id: str = "r1") -> str:
 @pytest.fixture
 def core() -> Core:
     return Core(BossConfig(namespace="ns", gpus=GPUS))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_state_machine_allows_only_the_table() -> None:

@@ -19,7 +19,7 @@ from gpuboss.config import BossConfig
 from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
 from gpuboss.procs import ProcessIdentity, holder_id, holder_of, identity, is_gone
 
-from tests.conftest import GPUS
+from tests.conftest import GPUS, Clock
 
 pytestmark = pytest.mark.skipif(identity() is None, reason="needs Linux /proc")
 
@@ -143,14 +143,6 @@ def test_identity_is_none_where_proc_cannot_tell(tmp_path: Path) -> None:
 @pytest.fixture
 def core() -> Core:
     return Core(BossConfig(namespace="ns", gpus=GPUS))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def drive(

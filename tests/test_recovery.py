@@ -137,6 +137,24 @@ def workers() -> Iterator[Callable[..., Worker]]:
         w.close()
 
 
+def holding_gpu0(workers: Callable[..., Worker], url: str, namespace: str, ttl: float) -> tuple[Worker, dict[str, Any]]:
+    """A worker process that holds the whole gpu0 (a lease of TTL ``ttl``): it, and its lease as it printed it."""
+    holder = workers("hold", url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", str(ttl))
+    holder.expect("READY", timeout=30)
+    return holder, json.loads(holder.expect("HELD", timeout=30))
+
+
+def waiting_for_gpu0(
+    workers: Callable[..., Worker], url: str, client: redis.Redis, keys: Keys, ttl: float
+) -> tuple[Worker, str]:
+    """A worker process that waits for the whole gpu0 (its entry's TTL ``ttl``), once queued: it, and its request id."""
+    w = workers("wait", url, keys.namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", str(ttl))
+    w.expect("READY", timeout=30)
+    w.expect("QUEUING")
+    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
+    return w, queued(client, keys)[0]
+
+
 # ---------------------------------------------------------------- SIGKILL
 
 
@@ -149,9 +167,7 @@ def test_sigkilled_holder_frees_its_vram_within_ttl(
 ) -> None:
     keys = Keys(namespace)
     ttl = 2.0
-    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", str(ttl))
-    holder.expect("READY", timeout=30)
-    held = json.loads(holder.expect("HELD", timeout=30))
+    holder, held = holding_gpu0(workers, redis_server.url, namespace, ttl=str(ttl))
     assert (held["gpu"], held["vram_mib"], held["pid"]) == ("gpu0", GPU0_MIB, holder.pid)
 
     waiter_boss = bosses("waiter")
@@ -194,11 +210,7 @@ def test_sigkilled_head_waiter_does_not_block_the_queue(
     held = holder.acquire(24, device="gpu0", timeout=0, ttl=30)
 
     # W queues for the whole gpu0; it is the head.
-    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", str(entry_ttl))
-    w.expect("READY", timeout=30)
-    w.expect("QUEUING")
-    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
-    w_id = queued(client, keys)[0]
+    w, w_id = waiting_for_gpu0(workers, redis_server.url, client, keys, ttl=entry_ttl)
     assert json.loads(client.hget(keys.tickets, w_id))["pid"] == w.pid
 
     # X asks for 4 GB: it would fit once the holder releases, but strict order keeps it behind W.
@@ -249,11 +261,7 @@ def test_grant_to_a_dead_waiter_leaves_no_wake_list(
     keys = Keys(namespace)
     holder = bosses("holder")
     held = holder.acquire(24, device="gpu0", timeout=0, ttl=30)
-    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "1")
-    w.expect("READY", timeout=30)
-    w.expect("QUEUING")
-    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
-    w_id = queued(client, keys)[0]
+    w, w_id = waiting_for_gpu0(workers, redis_server.url, client, keys, ttl=1)
     w.kill()
     assert holder.release(held)  # granted to W (its entry has not expired yet); nobody will take it
     assert client.hexists(keys.leases, w_id)
@@ -329,9 +337,7 @@ def test_a_waiter_revokes_at_once_the_lease_of_a_holder_killed_on_its_machine(
     workers: Callable[..., Worker],
 ) -> None:
     keys = Keys(namespace)
-    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
-    holder.expect("READY", timeout=30)
-    held = json.loads(holder.expect("HELD", timeout=30))
+    holder, held = holding_gpu0(workers, redis_server.url, namespace, ttl=60)
 
     waiter = Waiter(bosses("waiter"), 24, device="gpu0", timeout=30, ttl=10)
     waiter.start()
@@ -362,9 +368,7 @@ def test_a_request_with_timeout_0_gets_the_vram_of_a_holder_killed_on_its_machin
     workers: Callable[..., Worker],
 ) -> None:
     keys = Keys(namespace)
-    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
-    holder.expect("READY", timeout=30)
-    held = json.loads(holder.expect("HELD", timeout=30))
+    holder, held = holding_gpu0(workers, redis_server.url, namespace, ttl=60)
     boss = bosses("next")
     with pytest.raises(LeaseTimeout):
         boss.acquire(24, device="gpu0", timeout=0)  # it lives: no room now
@@ -387,9 +391,7 @@ def test_a_stopped_holder_is_not_revoked(
 ) -> None:
     """SIGSTOP leaves the process in place: it is not gone, and only its TTL may take its lease."""
     keys = Keys(namespace)
-    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
-    holder.expect("READY", timeout=30)
-    held = json.loads(holder.expect("HELD", timeout=30))
+    holder, held = holding_gpu0(workers, redis_server.url, namespace, ttl=60)
     os.kill(holder.pid, signal.SIGSTOP)
     try:
         with pytest.raises(LeaseTimeout):
@@ -411,11 +413,7 @@ def test_a_waiter_withdraws_at_once_the_request_of_a_waiter_ahead_killed_on_its_
     holder = bosses("holder")
     held = holder.acquire(20, device="gpu0", timeout=0, ttl=60)
     # W waits for the whole gpu0: it is the head, and its entry lives 60 s without renewal.
-    w = workers("wait", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
-    w.expect("READY", timeout=30)
-    w.expect("QUEUING")
-    wait_until(lambda: len(queued(client, keys)) == 1, what="W is queued")
-    w_id = queued(client, keys)[0]
+    w, w_id = waiting_for_gpu0(workers, redis_server.url, client, keys, ttl=60)
     # X asks for 4 GB: they are free, but strict order keeps X behind W.
     x = Waiter(bosses("x"), 4, device="gpu0", timeout=30, ttl=10)
     x.start()
@@ -441,9 +439,7 @@ async def test_an_async_waiter_revokes_the_lease_of_a_holder_killed_on_its_machi
     workers: Callable[..., Worker],
 ) -> None:
     keys = Keys(namespace)
-    holder = workers("hold", redis_server.url, namespace, GPUS, "--vram", "24", "--device", "gpu0", "--ttl", "60")
-    holder.expect("READY", timeout=30)
-    held = json.loads(holder.expect("HELD", timeout=30))
+    holder, held = holding_gpu0(workers, redis_server.url, namespace, ttl=60)
     boss = AsyncGPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service="async-waiter")
     try:
         waiting = asyncio.create_task(boss.acquire(24, device="gpu0", timeout=30))
