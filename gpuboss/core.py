@@ -441,8 +441,9 @@ class Core:
         self.policy_checked = 0.0
         self.host = socket.gethostname()
         self.holder = self.notify_channel = self.secret = ""
-        #: When (by the flow's clock, time.monotonic()) a waiting request may next check for holders gone from this machine, and
-        #: whether the last check saw one still running here (a waiter near the head then looks again sooner).
+        #: When (by the flow's clock, time.monotonic()) a waiting request may next check for processes gone from
+        #: this machine (reap_flow), and whether the last check saw one still running here (a waiter near the head
+        #: then looks again sooner).
         self.reap_due = 0.0
         self.reap_watch = False
         self.new_holder()
@@ -973,7 +974,7 @@ class Core:
                 except ValueError:
                     continue  # (not a record gpuboss wrote: never a reason to revoke)
                 holder = holder_of(rec) if isinstance(rec, dict) else None
-                if holder is None or holder.boot != me.boot or holder.pidns != me.pidns:
+                if holder is None or not holder.beside(me):
                     continue  # another machine or pid namespace: only its TTL tells
                 if not is_gone(holder, me):
                     watch = watch or holder.pid != me.pid

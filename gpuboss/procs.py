@@ -15,8 +15,8 @@ An identity is ``<boot id>.<pid namespace>.<pid>.<start time>`` (Linux only):
   new process has another start time.
 
 A process is gone when it runs in the checker's boot and pid namespace and it no longer exists (no
-``/proc/<pid>``, and signal 0 finds no such process), is a zombie (it has exited and only waits for its parent to read its status), or has another start time.
-Anything else (another machine, another namespace, an identity this code cannot read, ``/proc``
+``/proc/<pid>``, and signal 0 finds no such process), is a zombie (it has exited and only waits for its
+parent to read its status), or has another start time. Anything else (another machine, another namespace, an identity this code cannot read, ``/proc``
 unreadable) is never judged gone: reclaiming the VRAM of a live holder would over-commit the GPU.
 """
 
@@ -45,6 +45,10 @@ class ProcessIdentity:
     def text(self) -> str:
         return f"{self.boot}.{self.pidns}.{self.pid}.{self.start}"
 
+    def beside(self, other: ProcessIdentity) -> bool:
+        """Whether the two run on one machine (one boot) in one pid namespace: where a pid names one process."""
+        return self.boot == other.boot and self.pidns == other.pidns
+
     @classmethod
     def parse(cls, text: str) -> ProcessIdentity | None:
         """The identity in ``text`` (as :meth:`text` writes it), or None where it is not one."""
@@ -57,15 +61,20 @@ class ProcessIdentity:
         return cls(boot, pidns, int(pid), start)
 
 
-def _stat(pid: int | str, proc: Path) -> tuple[str, str] | None:
+def _stat_fields(text: str) -> tuple[str, str]:
+    """(state, start time) from the text of a ``/proc/<pid>/stat``."""
+    # The name (field 2) is in parentheses and may hold spaces and ')': the fields after it follow the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], fields[19]  # fields 3 (state) and 22 (start time)
+
+
+def _stat(pid: int, proc: Path) -> tuple[str, str] | None:
     """(state, start time) of a process from ``/proc/<pid>/stat``; None when it has no entry there."""
     try:
         text = (proc / str(pid) / "stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # The name (field 2) is in parentheses and may hold spaces and ')': the fields after it follow the last ')'.
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], fields[19]  # fields 3 (state) and 22 (start time)
+    return _stat_fields(text)
 
 
 def identity(proc: Path = Path("/proc")) -> ProcessIdentity | None:
@@ -73,18 +82,18 @@ def identity(proc: Path = Path("/proc")) -> ProcessIdentity | None:
     try:
         boot = (proc / "sys/kernel/random/boot_id").read_text().strip().replace("-", "")
         pidns = os.readlink(proc / "self/ns/pid")  # "pid:[4026531836]"
-        pid = int((proc / "self/stat").read_text().split(" ", 1)[0])
-        stat = _stat(pid, proc)
-    except (OSError, ValueError):
+        stat = (proc / "self/stat").read_text()
+        pid, (_, start) = int(stat.split(" ", 1)[0]), _stat_fields(stat)
+    except (OSError, ValueError, IndexError):
         return None
-    if pid != os.getpid() or stat is None or not pidns.startswith("pid:[") or not boot.isalnum():
+    if pid != os.getpid() or not pidns.startswith("pid:[") or not boot.isalnum():
         return None  # a /proc mounted from another pid namespace: its pids are not ours
-    return ProcessIdentity(boot, pidns[5:-1], pid, stat[1])
+    return ProcessIdentity(boot, pidns[5:-1], pid, start)
 
 
 def is_gone(holder: ProcessIdentity, me: ProcessIdentity | None, proc: Path = Path("/proc")) -> bool:
     """True only when ``holder`` is a process of ``me``'s machine and pid namespace that no longer runs."""
-    if me is None or holder.boot != me.boot or holder.pidns != me.pidns:
+    if me is None or not holder.beside(me):
         return False
     try:
         stat = _stat(holder.pid, proc)
