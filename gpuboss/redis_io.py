@@ -759,8 +759,7 @@ async def _blpop_async(client: redis.asyncio.Redis, key: str, timeout: float) ->
 def read_sync(client: redis.Redis, op: Read) -> dict[str, str]:
     """A read-only operation of a flow: a whole hash, or the queue's head with its records (by queue order)."""
     if isinstance(op, ReadHash):
-        found: Any = client.hgetall(op.key)
-        return dict(found)
+        return cast(dict[str, str], client.hgetall(op.key))
     ids: Any = client.zrange(op.queue, 0, op.count - 1)
     return _records(ids, client.hmget(op.tickets, ids) if ids else [])
 
@@ -768,8 +767,7 @@ def read_sync(client: redis.Redis, op: Read) -> dict[str, str]:
 async def read_async(client: redis.asyncio.Redis, op: Read) -> dict[str, str]:
     """:func:`read_sync` for asyncio clients."""
     if isinstance(op, ReadHash):
-        found: Any = await client.hgetall(op.key)
-        return dict(found)
+        return cast(dict[str, str], await client.hgetall(op.key))
     ids: Any = await client.zrange(op.queue, 0, op.count - 1)
     return _records(ids, await client.hmget(op.tickets, ids) if ids else [])
 

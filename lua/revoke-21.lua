@@ -50,6 +50,13 @@ for _, raw in ipairs(out.leases) do
   end
 end
 
+-- The event of what was removed, with who removed it and why.
+local function emit_removed(kind, ev)
+  ev.by = ARGV[3]
+  ev.reason = ARGV[4]
+  emit(kind, now, ev)
+end
+
 local rec, raw = drop_lease(s, id)
 if not rec then
   local ticket = ARGV[5] == '1' and redis.call('HGET', K_TICKETS, id)
@@ -57,16 +64,12 @@ if not rec then
     local req = cjson.decode(ticket)
     local ev = request_fields(req)
     ev.waited_ms = since_ms(now, req.requested_at)
-    ev.by = ARGV[3]
-    ev.reason = ARGV[4]
-    emit('withdrawn', now, ev)
+    emit_removed('withdrawn', ev)
     return {3, grant_waiting(s, now), ticket}
   end
   return {0, grant_waiting(s, now)}
 end
 local ev = lease_fields(rec)
 ev.held_ms = since_ms(now, rec.acquired_at)
-ev.by = ARGV[3]
-ev.reason = ARGV[4]
-emit('revoked', now, ev)
+emit_removed('revoked', ev)
 return {1, grant_waiting(s, now), raw}
