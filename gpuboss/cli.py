@@ -13,6 +13,7 @@ text (``gpuboss.fmt``); ``--json`` is for programs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import json
 import logging
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -161,7 +162,9 @@ def connect(target: Target, config: BossConfig) -> redis.Redis:
 
 
 def _holder(rec: dict[str, Any]) -> str:
-    return f"{rec.get('host', '?')}:{rec.get('pid', '?')}"
+    """``host:pid``; ``gone (host:pid)`` where the snapshot found that process gone from this machine."""
+    where = f"{rec.get('host', '?')}:{rec.get('pid', '?')}"
+    return f"gone ({where})" if rec.get("holder_process") == "gone" else where
 
 
 def _expires(value: object) -> str:
@@ -171,6 +174,7 @@ def _expires(value: object) -> str:
 
 
 PRIORITY_STYLES = {"high": "bold", "low": "dim"}
+HOLDER_STYLES = {"gone": "bold red"}
 
 
 def _gpu_free(g: dict[str, Any]) -> str:
@@ -252,7 +256,7 @@ def lease_table(leases: list[dict[str, Any]], title: str = "") -> Table:
         Column("EXPIRES IN", styles={"expired": "bold red"}),
         Column("EVICTIONS", True),
         Column("TOKEN", True),
-        Column("HOLDER"),
+        Column("HOLDER", styles=HOLDER_STYLES),
     ]
     rows = [
         [
@@ -283,7 +287,7 @@ def queue_table(queue: list[dict[str, Any]], why: bool = False, title: str = "")
         Column("GPU"),
         Column("WAITING", True),
         Column("EXPIRES IN", styles={"expired": "bold red"}),
-        Column("HOLDER"),
+        Column("HOLDER", styles=HOLDER_STYLES),
         *([Column("WHY", style="italic")] if why else []),
     ]
     rows = [
@@ -1266,39 +1270,85 @@ def resume(state: CliState, priority: str) -> None:
 @cli.command(short_help="Collect expired leases and queue entries now.")
 @click.pass_obj
 def gc(state: CliState) -> None:
-    """Reclaim expired leases and queue entries now (every gpuboss call does this as it goes), hand the
-    freed VRAM to the queue, and say what was collected."""
-    from gpuboss.core import Core
+    """Reclaim expired leases and queue entries now (every gpuboss call does this as it goes), then revoke the
+    leases and withdraw the queued requests whose process is gone from this machine (killed, or exited without
+    releasing: a waiter here does this too, docs/concepts.md), hand the freed VRAM to the queue, and say what
+    was collected."""
+    from gpuboss.core import Core, RevokeReply
+    from gpuboss.procs import gone_holder, identity
     from gpuboss.redis_io import call_script_sync, retry_sync
 
     cfg = state.config()
     target = find_target(cfg, start=False)
     client = connect(target, cfg)
     core = Core(cfg)
+    me, by = identity(), _operator()
+    revoked: list[dict[str, Any]] = []
+    withdrawn: list[dict[str, Any]] = []
+
+    def retried(work: Callable[[], Any]) -> Any:
+        return retry_sync(work, target.shown, cfg.connect_timeout)
+
     try:
-        reply = retry_sync(lambda: call_script_sync(client, core.collect_call()), target.shown, cfg.connect_timeout)
+        reply = retried(lambda: call_script_sync(client, core.collect_call()))
+        counts = core.collected(reply)
+        dead_leases, dead_requests = core.collected_records(reply)
+        if me is not None:  # (where this process has no identity, it can tell no holder's)
+            for queued, key in ((False, core.keys.leases), (True, core.keys.tickets)):
+                records: dict[str, str] = retried(functools.partial(client.hgetall, key))
+                for item_id, raw in records.items():
+                    rec = as_json_object(raw)
+                    holder = gone_holder(rec, me)
+                    if holder is None:
+                        continue
+                    call = core.gone_call(item_id, rec, holder, by, queued)
+                    code, granted, removed = core.revoked(retried(functools.partial(call_script_sync, client, call)))
+                    counts["granted"] += granted
+                    if code is RevokeReply.REVOKED:
+                        revoked.append(removed or rec)
+                    elif code is RevokeReply.WITHDRAWN:
+                        withdrawn.append(removed or rec)
+                    elif code is RevokeReply.EXPIRED:  # (its TTL ran out since the collect above)
+                        dead_leases.append(removed or rec)
     finally:
         client.close()
-    counts = core.collected(reply)
-    dead_leases, dead_requests = core.collected_records(reply)
     if state.json:
-        _echo_json({"leases": dead_leases, "requests": dead_requests, "granted": counts["granted"]})
+        _echo_json(
+            {
+                "leases": dead_leases,
+                "requests": dead_requests,
+                "revoked": revoked,
+                "withdrawn": withdrawn,
+                "granted": counts["granted"],
+            }
+        )
         return
-    if not dead_leases and not dead_requests:
-        click.echo("nothing had expired")
+    if not (dead_leases or dead_requests or revoked or withdrawn):
+        click.echo("nothing had expired, and no holder's process is gone")
     for rec in dead_leases:
-        click.echo(
-            f"expired lease {str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} "
-            f"on {'+'.join(lease_gpus(rec)) or '?'}, "
-            f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, held by {_holder(rec)}"
-        )
+        click.echo(f"expired lease {_lease_line(rec)}")
     for rec in dead_requests:
-        click.echo(
-            f"expired queue entry {str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} waiting for "
-            f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, from {_holder(rec)}"
-        )
+        click.echo(f"expired queue entry {_request_line(rec)}")
+    for rec in revoked:
+        click.echo(f"revoked lease {_lease_line(rec)}: its process is gone")
+    for rec in withdrawn:
+        click.echo(f"withdrew queue entry {_request_line(rec)}: its process is gone")
     if counts["granted"]:
         click.echo(f"granted {counts['granted']} waiting request(s) the freed VRAM")
+
+
+def _lease_line(rec: dict[str, Any]) -> str:
+    return (
+        f"{str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} on {'+'.join(lease_gpus(rec)) or '?'}, "
+        f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, held by {_holder(rec)}"
+    )
+
+
+def _request_line(rec: dict[str, Any]) -> str:
+    return (
+        f"{str(rec.get('id', ''))[:8]}: {rec.get('service', '?')} waiting for "
+        f"{gb(as_int(rec.get('vram_mib', 0)))} {rec.get('priority', '?')}, from {_holder(rec)}"
+    )
 
 
 # ---------------------------------------------------------------- gpuboss release

@@ -27,7 +27,7 @@ from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, Le
 from gpuboss.keys import Keys
 from gpuboss.lease import Lease, OnEvict, OnLost
 from gpuboss.policy import policy_fields
-from gpuboss.procs import holder_id, holder_of, identity, is_gone
+from gpuboss.procs import ProcessIdentity, holder_id, holder_of, identity, is_gone
 
 log = logging.getLogger("gpuboss")
 
@@ -783,6 +783,14 @@ class Core:
             [self._wake_prefix, lease_id, by, reason, "1" if queued else "0", self._cap],
         )
 
+    def gone_call(
+        self, item_id: str, record: Mapping[str, Any], holder: ProcessIdentity, by: str, queued: bool = False
+    ) -> Call:
+        """Revoke a lease, or with ``queued`` withdraw a queued request, whose process is gone from this machine
+        (procs.py: ``holder``, read from ``record``); the event's reason names the process."""
+        why = f"holder process gone (pid {holder.pid} on {record.get('host', self.host)})"
+        return self.revoke_call(item_id, by, why, queued)
+
     def renew_call(self, items: Mapping[str, int]) -> Call:
         args: list[str | int] = [self._wake_prefix, self.secret]
         for lease_id, ttl_ms in items.items():
@@ -979,8 +987,7 @@ class Core:
                 if not is_gone(holder, me):
                     watch = watch or holder.pid != me.pid
                     continue
-                why = f"holder process gone (pid {holder.pid} on {rec.get('host', self.host)})"
-                code, _, _ = self.revoked((yield self.revoke_call(item_id, self.operator, why, queued)))
+                code, _, _ = self.revoked((yield self.gone_call(item_id, rec, holder, self.operator, queued)))
                 if code in (RevokeReply.REVOKED, RevokeReply.WITHDRAWN):
                     removed += 1
                     log.warning(

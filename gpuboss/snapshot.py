@@ -15,6 +15,10 @@ The snapshot also carries the namespace's scheduling rules (``policy``: the poli
 It also carries Redis's memory settings (``redis_memory``, from ``INFO memory`` where the user may read it), and
 ``warnings`` about them: a policy that may evict gpuboss's keys, or a server out of memory that refuses new
 requests (docs/reliability.md).
+
+Each lease and queued request carries ``holder_process``: ``"running"`` or ``"gone"`` where its process runs
+on the machine that reads the snapshot (same boot, same pid namespace: procs.py), else None. A gone one is
+revoked by the next request that waits on that machine, or by ``gpuboss gc`` there.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from gpuboss.config import PRIORITIES
 from gpuboss.errors import RedisOutOfMemory
 from gpuboss.fmt import gb, seconds
 from gpuboss.keys import Keys
+from gpuboss.procs import holder_process, identity
 
 #: The queue's score layout (see lua/includes/state.lua): (RANK_BASE - rank) * SEQ_SPAN + seq.
 RANK_BASE = 1000
@@ -174,6 +179,7 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         )
     by_id = {g["id"]: g for g in gpus}
 
+    me = identity()  # (a holder on this machine: whether its process still runs, holder_process)
     leases = []
     for lease_id, raw in leases_raw.items():
         rec = as_json_object(raw)
@@ -183,6 +189,7 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
         rec["age_s"] = round((now_ms - acquired) / 1000, 3)
         rec["expires_in_s"] = round((expires - now_ms) / 1000, 3)
         _lease_state(rec, now_ms)
+        rec["holder_process"] = holder_process(rec, me)
         leases.append(rec)
         for gpu_id in dict.fromkeys(lease_gpus(rec)):  # a lease over several GPUs counts on each of them
             if gpu_id in by_id:
@@ -201,6 +208,7 @@ def read_namespace(client: redis.Redis, keys: Keys, shown_url: str, within: floa
             rec["expires_at"] = entry_expiry[ticket_id]
         if "expires_at" in rec:
             rec["expires_in_s"] = round((as_int(rec["expires_at"]) - now_ms) / 1000, 3)
+        rec["holder_process"] = holder_process(rec, me)
         waiting.append(rec)
 
     return {

@@ -4,6 +4,7 @@ lease another process holds), watch and top; through click's runner and the inst
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from gpuboss.cli import cli
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
 from gpuboss.events import EVENT_TYPES
+from gpuboss.procs import ProcessIdentity, holder_id, identity
 from gpuboss.redis_io import call_script_sync
 
 from tests.conftest import raw_client, snapshot
@@ -250,9 +252,87 @@ def test_gc_says_what_it_collected(real_url: str, namespace: str) -> None:
     assert "expired queue entry deadbeef: lurker waiting for 4.0 GB normal" in text.stdout
     assert client.hkeys(f"{namespace}:leases") == ["alive00001"]
     again = gpuboss(real_url, namespace, "--json", "gc")
-    assert json.loads(again.stdout) == {"leases": [], "requests": [], "granted": 0}
+    assert json.loads(again.stdout) == {"leases": [], "requests": [], "revoked": [], "withdrawn": [], "granted": 0}
     assert "nothing had expired" in gpuboss(real_url, namespace, "gc").stdout
     call_script_sync(client, core.release_call("alive00001"))
+    client.close()
+
+
+class ProcessCore(Core):
+    """A core that writes its records as ``process`` would: its holder id and its pid name that process."""
+
+    def __init__(self, config: BossConfig, process: ProcessIdentity) -> None:
+        super().__init__(config)
+        self.process = self.me = process
+        self.holder = holder_id(process)
+        self.notify_channel = self.keys.holder_channel(self.holder)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def test_gc_revokes_and_withdraws_what_a_process_gone_from_this_machine_held(real_url: str, namespace: str) -> None:
+    me = identity()
+    if me is None:
+        pytest.skip("this platform gives a process no identity (procs.py): no holder here can be judged gone")
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead = ProcessIdentity(me.boot, me.pidns, int(exited.stdout), "1")  # (exited, and reaped by run)
+    elsewhere = dataclasses.replace(dead, boot="f" * 32)  # the same pid on another machine: never judged from here
+
+    def core(service: str, process: ProcessIdentity) -> Core:
+        return ProcessCore(BossConfig(namespace=namespace, gpus=GPUS2, service=service), process)
+
+    ghost, far, live = core("ghost", dead), core("far", elsewhere), core("live", me)
+    client = raw_client(real_url)
+    register = live.register_call()
+    assert register is not None
+    call_script_sync(client, register)
+    for boss, request_id, gb, gpu in (
+        (ghost, "aaaa0001", 20, "gpu0"),  # a lease of the gone process
+        (far, "bbbb0001", 2, "gpu0"),
+        (live, "cccc0001", 10, "gpu1"),
+        (ghost, "aaaa0002", 12, "gpu1"),  # queued (6 GB free there), the head of the queue
+        (live, "cccc0002", 20, "gpu0"),  # queued behind it (strict order)
+    ):
+        call_script_sync(client, boss.acquire_call(request_id, boss.make_request(gb, ttl=60), gpu, boss.config.service))
+    assert sorted(client.hkeys(f"{namespace}:leases")) == ["aaaa0001", "bbbb0001", "cccc0001"]
+    assert client.zrange(f"{namespace}:queue", 0, -1) == ["aaaa0002", "cccc0002"]
+
+    shown = json.loads(gpuboss(real_url, namespace, "--json", "status").stdout)
+    assert {r["id"]: r["holder_process"] for r in shown["leases"]} == {
+        "aaaa0001": "gone",
+        "bbbb0001": None,
+        "cccc0001": "running",
+    }
+    assert {r["id"]: r["holder_process"] for r in shown["queue"]} == {"aaaa0002": "gone", "cccc0002": "running"}
+    host = live.host
+    table = gpuboss(real_url, namespace, "--plain", "leases").stdout
+    assert f"gone ({host}:{dead.pid})" in table and f" {host}:{me.pid}" in table
+    assert table.count("gone (") == 1
+    assert f"gone ({host}:{dead.pid})" in gpuboss(real_url, namespace, "--plain", "queue").stdout
+
+    text = gpuboss(real_url, namespace, "gc")
+    assert text.exit_code == 0, text.output
+    assert text.stdout.splitlines() == [
+        f"revoked lease aaaa0001: ghost on gpu0, 20.0 GB normal, held by {host}:{dead.pid}: its process is gone",
+        f"withdrew queue entry aaaa0002: ghost waiting for 12.0 GB normal, from {host}:{dead.pid}: its process is gone",
+        "granted 1 waiting request(s) the freed VRAM",
+    ]
+    assert sorted(client.hkeys(f"{namespace}:leases")) == ["bbbb0001", "cccc0001", "cccc0002"]
+    assert client.zcard(f"{namespace}:queue") == 0 and client.hlen(f"{namespace}:tickets") == 0
+    removed = [e for e in events.replay(real_url, namespace) if e.type in ("revoked", "withdrawn")]
+    assert [(e.type, e["lease"], e["reason"]) for e in removed] == [
+        ("revoked", "aaaa0001", f"holder process gone (pid {dead.pid} on {host})"),
+        ("withdrawn", "aaaa0002", f"holder process gone (pid {dead.pid} on {host})"),
+    ]
+    assert all("@" in e["by"] for e in removed)
+
+    again = gpuboss(real_url, namespace, "--json", "gc")
+    assert json.loads(again.stdout) == {"leases": [], "requests": [], "revoked": [], "withdrawn": [], "granted": 0}
+    assert gpuboss(real_url, namespace, "gc").stdout == "nothing had expired, and no holder's process is gone\n"
+    for boss, lease_id in ((far, "bbbb0001"), (live, "cccc0001"), (live, "cccc0002")):
+        assert Core.released(call_script_sync(client, boss.release_call(lease_id)), lease_id)
     client.close()
 
 

@@ -17,7 +17,7 @@ import pytest
 from gpuboss import LeaseTimeout
 from gpuboss.config import BossConfig
 from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
-from gpuboss.procs import ProcessIdentity, holder_id, holder_of, identity, is_gone
+from gpuboss.procs import ProcessIdentity, gone_holder, holder_id, holder_of, holder_process, identity, is_gone
 
 from tests.conftest import GPUS, Clock
 
@@ -117,6 +117,32 @@ def test_another_machine_or_pid_namespace_is_never_judged(child: subprocess.Pope
     ):
         assert not is_gone(other, mine)
     assert not is_gone(held, None)  # this process cannot read its own identity
+
+
+def test_a_record_tells_whether_its_holder_runs_here(child: subprocess.Popen[bytes]) -> None:
+    """What ``gpuboss status`` shows (``holder_process``) and what ``gpuboss gc`` revokes (``gone_holder``)."""
+    held, mine = of(child), me()
+    elsewhere = ProcessIdentity("0" * 32, held.pidns, held.pid, held.start)
+    records = {
+        "running": json.loads(lease_record("a", held)),
+        "elsewhere": json.loads(lease_record("b", elsewhere)),
+        "no identity": json.loads(lease_record("c", "0" * 32)),
+        "no channel": json.loads(lease_record("d", None)),
+    }
+    assert {k: holder_process(r, mine) for k, r in records.items()} == {
+        "running": "running",
+        "elsewhere": None,
+        "no identity": None,
+        "no channel": None,
+    }
+    assert [k for k, r in records.items() if gone_holder(r, mine) is not None] == []
+    child.kill()
+    child.wait()
+    assert {k: holder_process(r, mine) for k, r in records.items()}["running"] == "gone"
+    assert [(k, gone_holder(r, mine)) for k, r in records.items() if gone_holder(r, mine) is not None] == [
+        ("running", held)
+    ]
+    assert holder_process(records["running"], None) is None and gone_holder(records["running"], None) is None
 
 
 def test_identity_is_none_where_proc_cannot_tell(tmp_path: Path) -> None:
