@@ -7,6 +7,7 @@ Two sources:
   sampler's NVML reading, only while it is fresh), ``..._free_bytes`` (effective free: capacity - reserve -
   max(leased, observed) - VRAM held for an eviction; 0 offline), ``gpuboss_gpu_offline`` and
   ``gpuboss_gpu_leases``; ``gpuboss_queue_length`` and ``gpuboss_queue_oldest_wait_seconds`` by priority;
+  ``gpuboss_holders_gone`` (leases and queued requests of processes gone from the exporter's machine);
   ``gpuboss_up`` (1 when Redis answered).
 - **Events**, followed in the event log (``XREAD``) from the moment the exporter starts:
   ``gpuboss_events_total`` by type and priority (evictions too: ``evict_requested``, ``evicted``,
@@ -86,6 +87,7 @@ class StateCollector(Collector):
         yield full
         yield from gpu_metrics(snap)
         yield from queue_metrics(snap, self.classes)
+        yield holder_metrics(snap)
 
 
 def gpu_metrics(snap: Snapshot) -> Iterable[Metric]:
@@ -145,6 +147,19 @@ def queue_metrics(snap: Snapshot, classes: Iterable[str] = ()) -> Iterable[Metri
         oldest.add_metric([ns, priority], max((float(e["waiting_s"]) for e in waiting), default=0.0))
     yield length
     yield oldest
+
+
+def holder_metrics(snap: Snapshot) -> Metric:
+    """Leases and queued requests whose process is gone from the exporter's machine (``holder_process``)."""
+    gone = GaugeMetricFamily(
+        "gpuboss_holders_gone",
+        "Leases (kind lease) and queued requests (kind request) whose process, on this exporter's machine, is "
+        "gone: revoked by the next request that waits there, or by gpuboss gc.",
+        labels=["namespace", "kind"],
+    )
+    for kind, records in (("lease", snap["leases"]), ("request", snap["queue"])):
+        gone.add_metric([snap["namespace"], kind], sum(1 for r in records if r.get("holder_process") == "gone"))
+    return gone
 
 
 class EventMetrics:

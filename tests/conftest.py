@@ -13,6 +13,8 @@ of Redis 6.2 and of users without functions, where the others call the function 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,13 +23,45 @@ from typing import Any
 import pytest
 import redis
 from gpuboss import AsyncGPUBoss, GPUBoss, Keys, redis_io
+from gpuboss.config import BossConfig
+from gpuboss.core import Core
 from gpuboss.errors import ConfigError
+from gpuboss.procs import ProcessIdentity, holder_id, identity
 from gpuboss.server import RedisProcess, find_valkey_server, start_redis
 
 GPUS: list[dict[str, Any]] = [
     {"id": "gpu0", "name": "RTX 4090", "vram_gb": 24, "index": 0},
     {"id": "gpu1", "name": "RTX 4080", "vram_gb": 16, "index": 1, "reserve_gb": 1},
 ]
+
+
+def this_process() -> ProcessIdentity:
+    """This process's identity (procs.py); the test is skipped on a platform that gives none."""
+    me = identity()
+    if me is None:
+        pytest.skip("this platform gives a process no identity (procs.py): no holder here can be judged gone")
+    return me
+
+
+def exited_process() -> ProcessIdentity:
+    """The identity of a process of this machine that has exited (and been reaped)."""
+    me = this_process()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    return ProcessIdentity(me.boot, me.pidns, int(exited.stdout), "1")
+
+
+class ProcessCore(Core):
+    """A core that writes its records as ``process`` would: its holder id and its pid name that process."""
+
+    def __init__(self, config: BossConfig, process: ProcessIdentity) -> None:
+        super().__init__(config)
+        self.process = self.me = process
+        self.holder = holder_id(process)
+        self.notify_channel = self.keys.holder_channel(self.holder)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 class Clock:

@@ -23,10 +23,10 @@ from gpuboss.cli import cli
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
 from gpuboss.events import EVENT_TYPES
-from gpuboss.procs import ProcessIdentity, holder_id, identity
+from gpuboss.procs import ProcessIdentity
 from gpuboss.redis_io import call_script_sync
 
-from tests.conftest import raw_client, snapshot
+from tests.conftest import ProcessCore, exited_process, raw_client, snapshot, this_process
 from tests.workers import Worker
 
 GPUS2 = [
@@ -258,26 +258,8 @@ def test_gc_says_what_it_collected(real_url: str, namespace: str) -> None:
     client.close()
 
 
-class ProcessCore(Core):
-    """A core that writes its records as ``process`` would: its holder id and its pid name that process."""
-
-    def __init__(self, config: BossConfig, process: ProcessIdentity) -> None:
-        super().__init__(config)
-        self.process = self.me = process
-        self.holder = holder_id(process)
-        self.notify_channel = self.keys.holder_channel(self.holder)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
 def test_gc_revokes_and_withdraws_what_a_process_gone_from_this_machine_held(real_url: str, namespace: str) -> None:
-    me = identity()
-    if me is None:
-        pytest.skip("this platform gives a process no identity (procs.py): no holder here can be judged gone")
-    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
-    dead = ProcessIdentity(me.boot, me.pidns, int(exited.stdout), "1")  # (exited, and reaped by run)
+    me, dead = this_process(), exited_process()
     elsewhere = dataclasses.replace(dead, boot="f" * 32)  # the same pid on another machine: never judged from here
 
     def core(service: str, process: ProcessIdentity) -> Core:

@@ -23,10 +23,11 @@ from gpuboss import GPUBoss, Lease
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
 from gpuboss.metrics import Exporter, make_server, wait_ready
+from gpuboss.procs import ProcessIdentity
 from gpuboss.redis_io import call_script_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GPUS, raw_client
+from tests.conftest import GPUS, ProcessCore, exited_process, raw_client, this_process
 
 GIB = 1024**3
 GPUBOSS = Path(sys.executable).parent / "gpuboss"
@@ -94,6 +95,36 @@ def test_state_gauges(backend_url: str, namespace: str) -> None:
             boss.release(lease)
         boss.close()
         exp.close()
+
+
+def test_holders_gone_from_this_machine_are_counted(real_url: str, namespace: str) -> None:
+    def core(service: str, process: ProcessIdentity) -> ProcessCore:
+        return ProcessCore(BossConfig(namespace=namespace, gpus=GPUS, service=service), process)
+
+    dead = exited_process()
+    ghost, live = core("ghost", dead), core("live", this_process())
+    client = raw_client(real_url)
+    register = live.register_call()
+    assert register is not None
+    call_script_sync(client, register)
+    for boss, request_id, gb in ((ghost, "aaaa0001", 20), (live, "cccc0001", 4), (ghost, "aaaa0002", 8)):
+        request = boss.make_request(gb, ttl=60)
+        call_script_sync(client, boss.acquire_call(request_id, request, "gpu0", boss.config.service))
+    assert client.zcard(f"{namespace}:queue") == 1  # (the last one waits)
+    exp = Exporter(real_url, namespace)  # (not started: the gauges need no tail)
+    try:
+        data = samples(exp)
+        assert value(data, "gpuboss_holders_gone", namespace=namespace, kind="lease") == 1
+        assert value(data, "gpuboss_holders_gone", namespace=namespace, kind="request") == 1
+        for item_id, queued in (("aaaa0001", False), ("aaaa0002", True)):
+            call_script_sync(client, live.gone_call(item_id, {}, dead, "test@here", queued))
+        data = samples(exp)
+        assert value(data, "gpuboss_holders_gone", namespace=namespace, kind="lease") == 0
+        assert value(data, "gpuboss_holders_gone", namespace=namespace, kind="request") == 0
+    finally:
+        exp.close()
+        call_script_sync(client, live.release_call("cccc0001"))
+        client.close()
 
 
 def test_event_counters_and_histograms(exporter: Exporter, real_url: str, namespace: str) -> None:
