@@ -29,6 +29,7 @@ from gpuboss.core import (
     DEFAULT,
     REDIS_OPS,
     Call,
+    Collected,
     Flow,
     GpuInfo,
     Op,
@@ -380,8 +381,11 @@ class AsyncGPUBoss(AsyncInventoryMethods, BossBase):
         return bool(int((await self._eval(self._core.pause_call(priority, False, self._core.operator)))[0]))
 
     async def collect(self) -> dict[str, int]:
-        """Reclaim expired leases and queue entries now; say how many of each, and grants made."""
-        return self._core.collected(await self._eval(self._core.collect_call()))
+        """Reclaim expired leases and queue entries now, and what processes gone from this machine held; say how
+        many of each (``leases``, ``requests``: expired; ``revoked``, ``withdrawn``: a gone process's) and how
+        many waiting requests were granted (``granted``)."""
+        collected: Collected = await self._run(self._core.collect_flow())
+        return collected.counts()
 
     async def close(self) -> None:
         """Release every lease this boss holds (each is marked released) and stop its heartbeat; the boss grants

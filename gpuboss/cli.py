@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -1274,67 +1274,48 @@ def gc(state: CliState) -> None:
     leases and withdraw the queued requests whose process is gone from this machine (killed, or exited without
     releasing: a waiter here does this too, docs/concepts.md), hand the freed VRAM to the queue, and say what
     was collected."""
-    from gpuboss.core import Core, RevokeReply
-    from gpuboss.procs import gone_holder, identity
-    from gpuboss.redis_io import call_script_sync, retry_sync
+    from gpuboss.core import Call, Core, Op, ReadHash, ReadQueueHead
+    from gpuboss.redis_io import call_script_sync, read_sync, retry_sync, run_flow_sync
 
     cfg = state.config()
     target = find_target(cfg, start=False)
     client = connect(target, cfg)
     core = Core(cfg)
-    me, by = identity(), _operator()
-    revoked: list[dict[str, Any]] = []
-    withdrawn: list[dict[str, Any]] = []
 
-    def retried(work: Callable[[], Any]) -> Any:
-        return retry_sync(work, target.shown, cfg.connect_timeout)
+    def perform(op: Op) -> Any:
+        if isinstance(op, Call):
+            return retry_sync(functools.partial(call_script_sync, client, op), target.shown, cfg.connect_timeout)
+        if isinstance(op, ReadHash | ReadQueueHead):
+            return retry_sync(functools.partial(read_sync, client, op), target.shown, cfg.connect_timeout)
+        raise TypeError(f"unknown operation {op!r}")
 
     try:
-        reply = retried(lambda: call_script_sync(client, core.collect_call()))
-        counts = core.collected(reply)
-        dead_leases, dead_requests = core.collected_records(reply)
-        if me is not None:  # (where this process has no identity, it can tell no holder's)
-            for queued, key in ((False, core.keys.leases), (True, core.keys.tickets)):
-                records: dict[str, str] = retried(functools.partial(client.hgetall, key))
-                for item_id, raw in records.items():
-                    rec = as_json_object(raw)
-                    holder = gone_holder(rec, me)
-                    if holder is None:
-                        continue
-                    call = core.gone_call(item_id, rec, holder, by, queued)
-                    code, granted, removed = core.revoked(retried(functools.partial(call_script_sync, client, call)))
-                    counts["granted"] += granted
-                    if code is RevokeReply.REVOKED:
-                        revoked.append(removed or rec)
-                    elif code is RevokeReply.WITHDRAWN:
-                        withdrawn.append(removed or rec)
-                    elif code is RevokeReply.EXPIRED:  # (its TTL ran out since the collect above)
-                        dead_leases.append(removed or rec)
+        done = run_flow_sync(core.collect_flow(_operator(), announce=False), perform)
     finally:
         client.close()
     if state.json:
         _echo_json(
             {
-                "leases": dead_leases,
-                "requests": dead_requests,
-                "revoked": revoked,
-                "withdrawn": withdrawn,
-                "granted": counts["granted"],
+                "leases": done.leases,
+                "requests": done.requests,
+                "revoked": done.revoked,
+                "withdrawn": done.withdrawn,
+                "granted": done.granted,
             }
         )
         return
-    if not (dead_leases or dead_requests or revoked or withdrawn):
+    if not (done.leases or done.requests or done.revoked or done.withdrawn):
         click.echo("nothing had expired, and no holder's process is gone")
-    for rec in dead_leases:
+    for rec in done.leases:
         click.echo(f"expired lease {_lease_line(rec)}")
-    for rec in dead_requests:
+    for rec in done.requests:
         click.echo(f"expired queue entry {_request_line(rec)}")
-    for rec in revoked:
+    for rec in done.revoked:
         click.echo(f"revoked lease {_lease_line(rec)}: its process is gone")
-    for rec in withdrawn:
+    for rec in done.withdrawn:
         click.echo(f"withdrew queue entry {_request_line(rec)}: its process is gone")
-    if counts["granted"]:
-        click.echo(f"granted {counts['granted']} waiting request(s) the freed VRAM")
+    if done.granted:
+        click.echo(f"granted {done.granted} waiting request(s) the freed VRAM")
 
 
 def _lease_line(rec: dict[str, Any]) -> str:

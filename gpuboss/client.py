@@ -18,6 +18,7 @@ from gpuboss.core import (
     DEFAULT,
     REDIS_OPS,
     Call,
+    Collected,
     Flow,
     GpuInfo,
     Op,
@@ -291,8 +292,11 @@ class GPUBoss(InventoryMethods, BossBase):
         return bool(int((self._eval(self._core.pause_call(priority, False, self._core.operator)))[0]))
 
     def collect(self) -> dict[str, int]:
-        """Reclaim expired leases and queue entries now; say how many of each, and grants made."""
-        return self._core.collected(self._eval(self._core.collect_call()))
+        """Reclaim expired leases and queue entries now, and what processes gone from this machine held; say how
+        many of each (``leases``, ``requests``: expired; ``revoked``, ``withdrawn``: a gone process's) and how
+        many waiting requests were granted (``granted``)."""
+        collected: Collected = self._run(self._core.collect_flow())
+        return collected.counts()
 
     def close(self) -> None:
         """Release every lease this boss holds (each is marked released) and stop its heartbeat; the boss grants

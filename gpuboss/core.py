@@ -415,6 +415,28 @@ class YieldOutcome:
     parked: bool = False
 
 
+@dataclass
+class Collected:
+    """What :meth:`Core.collect_flow` took back: the records of the leases and queued requests that had expired,
+    of the leases it revoked and the queued requests it withdrew because their process is gone from this
+    machine, and how many waiting requests were granted the VRAM freed."""
+
+    leases: list[dict[str, Any]]
+    requests: list[dict[str, Any]]
+    revoked: list[dict[str, Any]]
+    withdrawn: list[dict[str, Any]]
+    granted: int
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "leases": len(self.leases),
+            "requests": len(self.requests),
+            "revoked": len(self.revoked),
+            "withdrawn": len(self.withdrawn),
+            "granted": self.granted,
+        }
+
+
 # ---------------------------------------------------------------- the core
 
 
@@ -965,41 +987,79 @@ class Core:
         process is gone from this machine (procs.py), so that a killed holder's VRAM, or the turn of a killed
         waiter, comes back now rather than when its TTL runs out. Runs for a request that waits (or finds no
         room with ``timeout=0``), at most every REAP_EVERY_S per boss; returns how many it removed."""
-        me = self.me
-        if me is None or clock() < self.reap_due:
+        if self.me is None or clock() < self.reap_due:
             return 0
         self.reap_due = clock() + REAP_EVERY_S
         leases: Mapping[str, str] = yield ReadHash(self.keys.leases)
         requests: Mapping[str, str] = {}
         if ahead > 0:
             requests = yield ReadQueueHead(self.keys.queue, self.keys.tickets, min(ahead, REAP_QUEUE_HEAD))
-        removed = 0
-        watch = False
-        for queued, records in ((False, leases), (True, requests)):
-            for item_id, raw in records.items():
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    continue  # (not a record gpuboss wrote: never a reason to revoke)
-                holder = holder_of(rec) if isinstance(rec, dict) else None
-                if holder is None or not holder.beside(me):
-                    continue  # another machine or pid namespace: only its TTL tells
-                if not is_gone(holder, me):
-                    watch = watch or holder.pid != me.pid
-                    continue
-                code, _, _ = self.revoked((yield self.gone_call(item_id, rec, holder, self.operator, queued)))
-                if code in (RevokeReply.REVOKED, RevokeReply.WITHDRAWN):
-                    removed += 1
-                    log.warning(
-                        "gpuboss: %s %s (%s MiB, service %r): its process, pid %d, is gone",
-                        "revoked lease" if code is RevokeReply.REVOKED else "withdrew the queued request",
-                        item_id,
-                        rec.get("vram_mib"),
-                        rec.get("service"),
-                        holder.pid,
-                    )
+        removed, watch = 0, False
+        # (the requests first: a lease revoked before would be granted to a gone waiter at the head)
+        for queued, records in ((True, requests), (False, leases)):
+            outcomes, running = yield from self._reap(records, queued, self.operator)
+            removed += sum(1 for code, _, _ in outcomes if code in (RevokeReply.REVOKED, RevokeReply.WITHDRAWN))
+            watch = watch or running
         self.reap_watch = watch
         return removed
+
+    def collect_flow(self, by: str | None = None, announce: bool = True) -> Generator[Op, Any, Collected]:
+        """Collect what has expired (one script), then revoke every lease and withdraw every queued request whose
+        process is gone from this machine (``boss.collect()``, ``gpuboss gc``); ``by`` names who did it, and
+        ``announce`` logs a warning for each such revoke (``gpuboss gc`` prints them itself)."""
+        reply = yield self.collect_call()
+        leases, requests = self.collected_records(reply)
+        out = Collected(leases, requests, [], [], self.collected(reply)["granted"])
+        if self.me is None:
+            return out  # (this process cannot tell whose process is gone)
+        # (the queued requests first: a lease revoked before would be granted to a gone waiter)
+        for queued, key in ((True, self.keys.tickets), (False, self.keys.leases)):
+            records: Mapping[str, str] = yield ReadHash(key)
+            outcomes, _ = yield from self._reap(records, queued, by or self.operator, announce)
+            for code, granted, record in outcomes:
+                out.granted += granted
+                if code is RevokeReply.REVOKED:
+                    out.revoked.append(record)
+                elif code is RevokeReply.WITHDRAWN:
+                    out.withdrawn.append(record)
+                elif code is RevokeReply.EXPIRED:  # (its TTL ran out since the collect)
+                    out.leases.append(record)
+        return out
+
+    def _reap(
+        self, records: Mapping[str, str], queued: bool, by: str, announce: bool = True
+    ) -> Generator[Op, Any, tuple[list[tuple[RevokeReply, int, dict[str, Any]]], bool]]:
+        """Revoke (``queued``: withdraw) each of ``records`` (id -> JSON) whose process is gone from this machine:
+        what each revoke did, how many waiters it granted and the record it removed; and whether a holder of this
+        machine other than this process still runs (it could still die: the head waiters look again soon)."""
+        me = self.me
+        outcomes: list[tuple[RevokeReply, int, dict[str, Any]]] = []
+        running = False
+        if me is None:
+            return outcomes, running
+        for item_id, raw in records.items():
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue  # (not a record gpuboss wrote: never a reason to revoke)
+            holder = holder_of(rec) if isinstance(rec, dict) else None
+            if holder is None or not holder.beside(me):
+                continue  # another machine or pid namespace: only its TTL tells
+            if not is_gone(holder, me):
+                running = running or holder.pid != me.pid
+                continue
+            code, granted, removed = self.revoked((yield self.gone_call(item_id, rec, holder, by, queued)))
+            if announce and code in (RevokeReply.REVOKED, RevokeReply.WITHDRAWN):
+                log.warning(
+                    "gpuboss: %s %s (%s MiB, service %r): its process, pid %d, is gone",
+                    "revoked lease" if code is RevokeReply.REVOKED else "withdrew the queued request",
+                    item_id,
+                    rec.get("vram_mib"),
+                    rec.get("service"),
+                    holder.pid,
+                )
+            outcomes.append((code, granted, removed or rec))
+        return outcomes, running
 
     @staticmethod
     def make_lease(record: str, req: LeaseRequest) -> Lease:

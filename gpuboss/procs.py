@@ -131,15 +131,6 @@ def holder_of(record: Mapping[str, Any]) -> ProcessIdentity | None:
     return ProcessIdentity.parse(identity_text)
 
 
-def gone_holder(
-    record: Mapping[str, Any], me: ProcessIdentity | None, proc: Path = Path("/proc")
-) -> ProcessIdentity | None:
-    """The holder of a lease or request record where it is a process of ``me``'s machine and pid namespace that
-    no longer runs (:func:`is_gone`), else None."""
-    holder = holder_of(record)
-    return holder if holder is not None and is_gone(holder, me, proc) else None
-
-
 def holder_process(record: Mapping[str, Any], me: ProcessIdentity | None, proc: Path = Path("/proc")) -> str | None:
     """What this machine can tell of the process holding a record: ``"running"`` or ``"gone"`` where it runs
     in ``me``'s machine and pid namespace, else None (another machine or namespace, or no identity)."""

@@ -11,7 +11,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 
 import redis
@@ -49,7 +49,7 @@ if HIREDIS_AVAILABLE:  # a dependency (redis[hiredis]); without it redis-py pack
     import hiredis
 
 from gpuboss import scripts
-from gpuboss.core import Call, Flow, Op, Read, ReadHash
+from gpuboss.core import Call, Op, Read, ReadHash
 from gpuboss.errors import ConfigError, RedisOutOfMemory, RedisUnavailable
 from gpuboss.topology import SCHEMES, Target, parse_url, redact_url
 
@@ -956,21 +956,21 @@ async def retry_async(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def run_flow_sync(flow: Flow, perform: Callable[[Op], Any]) -> Any:
+def run_flow_sync(flow: Generator[Op, Any, T], perform: Callable[[Op], Any]) -> T:
     """Drive a core flow to its end with blocking I/O; return what it returns. Errors propagate."""
     try:
         op = next(flow)
         while True:
             op = flow.send(perform(op))
     except StopIteration as stop:
-        return stop.value
+        return cast(T, stop.value)
 
 
-async def run_flow_async(flow: Flow, perform: Callable[[Op], Awaitable[Any]]) -> Any:
+async def run_flow_async(flow: Generator[Op, Any, T], perform: Callable[[Op], Awaitable[Any]]) -> T:
     """Drive a core flow to its end with asyncio I/O; return what it returns. Errors propagate."""
     try:
         op = next(flow)
         while True:
             op = flow.send(await perform(op))
     except StopIteration as stop:
-        return stop.value
+        return cast(T, stop.value)

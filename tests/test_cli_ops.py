@@ -305,9 +305,9 @@ def test_gc_revokes_and_withdraws_what_a_process_gone_from_this_machine_held(rea
     assert client.zcard(f"{namespace}:queue") == 0 and client.hlen(f"{namespace}:tickets") == 0
     removed = [e for e in events.replay(real_url, namespace) if e.type in ("revoked", "withdrawn")]
     assert [(e.type, e["lease"], e["reason"]) for e in removed] == [
-        ("revoked", "aaaa0001", f"holder process gone (pid {dead.pid} on {host})"),
         ("withdrawn", "aaaa0002", f"holder process gone (pid {dead.pid} on {host})"),
-    ]
+        ("revoked", "aaaa0001", f"holder process gone (pid {dead.pid} on {host})"),
+    ]  # (the request first: the lease's VRAM would have gone to it)
     assert all("@" in e["by"] for e in removed)
 
     again = gpuboss(real_url, namespace, "--json", "gc")

@@ -16,8 +16,8 @@ import gpuboss.core
 import pytest
 from gpuboss import LeaseTimeout
 from gpuboss.config import BossConfig
-from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
-from gpuboss.procs import ProcessIdentity, gone_holder, holder_id, holder_of, holder_process, identity, is_gone
+from gpuboss.core import Call, Collected, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
+from gpuboss.procs import ProcessIdentity, holder_id, holder_of, holder_process, identity, is_gone
 
 from tests.conftest import GPUS, Clock
 
@@ -120,7 +120,7 @@ def test_another_machine_or_pid_namespace_is_never_judged(child: subprocess.Pope
 
 
 def test_a_record_tells_whether_its_holder_runs_here(child: subprocess.Popen[bytes]) -> None:
-    """What ``gpuboss status`` shows (``holder_process``) and what ``gpuboss gc`` revokes (``gone_holder``)."""
+    """What ``gpuboss status`` shows (``holder_process``)."""
     held, mine = of(child), me()
     elsewhere = ProcessIdentity("0" * 32, held.pidns, held.pid, held.start)
     records = {
@@ -135,14 +135,15 @@ def test_a_record_tells_whether_its_holder_runs_here(child: subprocess.Popen[byt
         "no identity": None,
         "no channel": None,
     }
-    assert [k for k, r in records.items() if gone_holder(r, mine) is not None] == []
     child.kill()
     child.wait()
-    assert {k: holder_process(r, mine) for k, r in records.items()}["running"] == "gone"
-    assert [(k, gone_holder(r, mine)) for k, r in records.items() if gone_holder(r, mine) is not None] == [
-        ("running", held)
-    ]
-    assert holder_process(records["running"], None) is None and gone_holder(records["running"], None) is None
+    assert {k: holder_process(r, mine) for k, r in records.items()} == {
+        "running": "gone",
+        "elsewhere": None,
+        "no identity": None,
+        "no channel": None,
+    }
+    assert holder_process(records["running"], None) is None
 
 
 def test_identity_is_none_where_proc_cannot_tell(tmp_path: Path) -> None:
@@ -302,5 +303,89 @@ def test_a_waiter_ahead_whose_process_is_gone_is_withdrawn(core: Core, child: su
     assert call.args[1:5] == ["gone", core.operator, f"holder process gone (pid {dead.pid} on h)", "1"]
 
 
+def test_a_gone_waiter_ahead_is_withdrawn_before_a_gone_holder_is_revoked(
+    core: Core, child: subprocess.Popen[bytes]
+) -> None:
+    """Else the revoked lease's VRAM would be granted to the gone waiter: a lease nobody holds, until its TTL."""
+    dead = of(child)
+    child.kill()
+    child.wait()
+    leases, head = {"held": lease_record("held", dead)}, {"waits": lease_record("waits", dead)}
+    replies = {"held": [RevokeReply.REVOKED, 1, leases["held"]], "waits": [RevokeReply.WITHDRAWN, 0, head["waits"]]}
+    calls, removed = drive(core.reap_flow(Clock(), ahead=1), leases, replies, head)
+    assert [(c.args[1], c.args[4]) for c in calls] == [("waits", "1"), ("held", "0")] and removed == 2
+
+
 def test_the_head_of_the_queue_reads_no_requests(core: Core) -> None:
     assert drive(core.reap_flow(Clock(), ahead=0), {}, {}, None) == ([], 0)
+
+
+# ---------------------------------------------------------------- Core.collect_flow (boss.collect(), gpuboss gc)
+
+
+def run_collect(
+    flow: Any, hashes: dict[str, dict[str, str]], replies: dict[str, list[Any]]
+) -> tuple[list[Call], Collected]:
+    """Run a collect flow: the collect script gets an empty reply unless ``replies`` has one for "collect"; each
+    ReadHash the hash of its key; each revoke the reply for its id. The calls and the result."""
+    calls: list[Call] = []
+    sent: Any = None
+    try:
+        while True:
+            op = flow.send(sent)
+            if isinstance(op, ReadHash):
+                sent = hashes[op.key]
+            else:
+                assert isinstance(op, Call) and op.script in ("collect", "revoke")
+                calls.append(op)
+                sent = replies.get(op.script, [0, 0, 0, -1, [], []]) if op.script == "collect" else replies[op.args[1]]
+    except StopIteration as stop:
+        return calls, stop.value
+
+
+def test_collect_takes_back_what_expired_and_what_gone_processes_held(
+    core: Core, child: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = of(child)
+    child.kill()
+    child.wait()
+    mine = me()
+    expired = lease_record("old", mine)
+    leases = {"dead": lease_record("dead", dead), "mine": lease_record("mine", mine), "junk": "not json"}
+    tickets = {
+        "dead-wait": lease_record("dead-wait", dead),
+        "far-wait": lease_record("far-wait", ProcessIdentity("0" * 32, dead.pidns, dead.pid, dead.start)),
+    }
+    replies = {
+        "collect": [1, 0, 2, -1, [expired], []],
+        "dead": [RevokeReply.REVOKED, 1, leases["dead"]],
+        "dead-wait": [RevokeReply.WITHDRAWN, 0, tickets["dead-wait"]],
+    }
+    with caplog.at_level(logging.WARNING, logger="gpuboss"):
+        calls, done = run_collect(core.collect_flow("ops@box"), {"ns:leases": leases, "ns:tickets": tickets}, replies)
+    assert [c.script for c in calls] == ["collect", "revoke", "revoke"]
+    assert [c.args[1:5] for c in calls[1:]] == [  # (the request first: the lease's VRAM would go to it)
+        ["dead-wait", "ops@box", f"holder process gone (pid {dead.pid} on h)", "1"],
+        ["dead", "ops@box", f"holder process gone (pid {dead.pid} on h)", "0"],
+    ]
+    assert done.counts() == {"leases": 1, "requests": 0, "revoked": 1, "withdrawn": 1, "granted": 3}
+    assert [r["id"] for r in done.leases + done.revoked + done.withdrawn] == ["old", "dead", "dead-wait"]
+    assert caplog.text.count("is gone") == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpuboss"):  # (gpuboss gc prints what it did itself)
+        run_collect(core.collect_flow(announce=False), {"ns:leases": leases, "ns:tickets": tickets}, replies)
+    assert "is gone" not in caplog.text
+    # A lease whose TTL ran out between the collect and its revoke is counted as expired.
+    _, late = run_collect(
+        core.collect_flow(),
+        {"ns:leases": {"dead": leases["dead"]}, "ns:tickets": {}},
+        {"dead": [RevokeReply.EXPIRED, 0, leases["dead"]]},
+    )
+    assert late.counts() == {"leases": 1, "requests": 0, "revoked": 0, "withdrawn": 0, "granted": 0}
+
+
+def test_collect_without_an_identity_only_collects(core: Core) -> None:
+    core.me = None  # (a platform without /proc: no holder's process can be judged)
+    calls, done = run_collect(core.collect_flow(), {}, {"collect": [0, 1, 0, -1, [], [lease_record("w", None)]]})
+    assert [c.script for c in calls] == ["collect"]
+    assert done.counts() == {"leases": 0, "requests": 1, "revoked": 0, "withdrawn": 0, "granted": 0}

@@ -30,11 +30,13 @@ from gpuboss import (
     LeaseTimeout,
     redis_io,
 )
+from gpuboss.config import BossConfig
 from gpuboss.events import replay
+from gpuboss.redis_io import call_script_sync
 from gpuboss.scripts import all_scripts
 from gpuboss.server import RedisProcess, start_redis
 
-from tests.conftest import GPUS, namespace_keys, raw_client
+from tests.conftest import GPUS, ProcessCore, exited_process, namespace_keys, raw_client
 from tests.workers import Worker
 
 pytestmark = pytest.mark.slow
@@ -455,6 +457,40 @@ async def test_an_async_waiter_revokes_the_lease_of_a_holder_killed_on_its_machi
     assert_idle(client, keys)
 
 
+@pytest.mark.parametrize("front", ["sync", "async"])
+def test_collect_takes_back_at_once_what_a_process_gone_from_this_machine_held(
+    redis_server: RedisProcess,
+    namespace: str,
+    client: redis.Redis,
+    bosses: Callable[[str], GPUBoss],
+    front: str,
+) -> None:
+    """boss.collect() (as gpuboss gc) needs no request to wait: a gone holder's lease and request go now."""
+    keys = Keys(namespace)
+    dead = exited_process()
+    ghost = ProcessCore(BossConfig(namespace=namespace, gpus=GPUS, service="ghost"), dead)
+    register = ghost.register_call()
+    assert register is not None
+    call_script_sync(client, register)
+    call_script_sync(client, ghost.acquire_call("gone0001", ghost.make_request(24, ttl=60), "gpu0", "ghost"))
+    call_script_sync(client, ghost.acquire_call("gone0002", ghost.make_request(8, ttl=60), "gpu0", "ghost"))
+    assert queued(client, keys) == ["gone0002"] and client.hexists(keys.leases, "gone0001")
+
+    async def collect_async() -> dict[str, int]:
+        async with AsyncGPUBoss(redis_server.url, namespace=namespace, gpus=GPUS, service="ops") as ops:
+            return await ops.collect()
+
+    counts = bosses("ops").collect() if front == "sync" else asyncio.run(collect_async())
+    assert counts == {"leases": 0, "requests": 0, "revoked": 1, "withdrawn": 1, "granted": 0}
+    assert_idle(client, keys)
+    events = [e for e in replay(redis_server.url, namespace) if e.type in ("revoked", "withdrawn")]
+    assert [(e.type, e["lease"], e["reason"]) for e in events] == [
+        ("withdrawn", "gone0002", f"holder process gone (pid {dead.pid} on {ghost.host})"),
+        ("revoked", "gone0001", f"holder process gone (pid {dead.pid} on {ghost.host})"),
+    ]  # (the request first: the lease's VRAM would go to it, and it is gone too)
+    assert {e["by"] for e in events} == {f"ops@{ghost.host}"}
+
+
 # ---------------------------------------------------------------- scripts flushed, Redis restarted
 
 
@@ -499,7 +535,7 @@ def test_script_flush_is_recovered(
             flush()
         assert_idle(client, keys)
         flush()
-        assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+        assert boss.collect() == {"leases": 0, "requests": 0, "revoked": 0, "withdrawn": 0, "granted": 0}
     stats = client.info("commandstats")
     assert stats["cmdstat_fcall" if calls == "auto" else "cmdstat_evalsha"]["calls"] > 0
     if calls == "auto":

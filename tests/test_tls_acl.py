@@ -163,7 +163,7 @@ def test_the_documented_acl_on_redis_6_without_the_function_rules(tmp_path: Path
             held = boss.acquire(24, device="gpu0", ttl=1)
             time.sleep(1.5)  # renewed (renew: an allow-oom script, first line DEL) past its TTL
             assert not held.lost and boss.release(held) is True
-            assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+            assert boss.collect() == {"leases": 0, "requests": 0, "revoked": 0, "withdrawn": 0, "granted": 0}
         assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4
         assert not admin.hgetall(Keys(ns).leases)
     finally:
@@ -181,7 +181,7 @@ def test_a_user_without_functions_runs_the_scripts_by_evalsha(acl_server: RedisP
     with GPUBoss(user_url(acl_server, name, password), namespace=ns, gpus=GPUS, service="acl-old") as boss:
         with boss.lease(vram_gb=4) as device:
             assert device.startswith("cuda:") and admin.hlen(Keys(ns).leases) == 1
-        assert boss.collect() == {"leases": 0, "requests": 0, "granted": 0}
+        assert boss.collect() == {"leases": 0, "requests": 0, "revoked": 0, "withdrawn": 0, "granted": 0}
     stats = admin.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] >= 3
     assert not admin.hgetall(Keys(ns).leases)
