@@ -15,6 +15,12 @@ milliseconds, and at the end checks what must hold:
 * fencing tokens grow with grant time; every request was granted or timed out; workers exited cleanly;
 * at the end nothing is leased or queued; then the namespace's keys are deleted.
 
+And one process crashes: ``embed`` takes a 4 GB lease a third of the way in, and this process kills it with
+SIGKILL (by its PID) while it holds the lease, as the OOM killer would. Its VRAM must come back before the
+lease's TTL runs out: the next request on this machine that finds no room sees the process gone and revokes
+the lease (``revoked``, reason ``holder process gone``); if none did by the end, the parent's own collect
+(``gpuboss gc``) must.
+
 The run passes (exit 0) only if all of that held.
 """
 
@@ -27,9 +33,11 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import queue
 import random
 import secrets
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -62,6 +70,11 @@ class Service:
     about: str
 
 
+#: The process that is killed while it holds a lease: its name, priority and lease size, and when it asks (the
+#: part of the run gone by).
+CRASH = Service("embed", "high", "threads", 1, (4,), (0, 0), (0, 0), 0, "killed with SIGKILL while it holds a lease")
+CRASH_AT = 1 / 3
+
 SERVICES: tuple[Service, ...] = (
     Service("chat", "high", "async", 3, (2, 3, 4), (0.1, 0.4), (0.2, 0.8), 1.5, "latency-sensitive, AsyncGPUBoss"),
     Service("api", "normal", "threads", 3, (2, 4, 6), (0.2, 0.6), (0.2, 0.8), 3.0, "GPUBoss from threads"),
@@ -73,12 +86,16 @@ SERVICES: tuple[Service, ...] = (
 
 
 class _Emitter:
-    def __init__(self, events: Any, service: Service) -> None:
-        self._events = events
+    """Sends a service's events to the parent: ``send`` is a shared queue's ``put``, or for the process that is
+    killed a pipe's ``send`` of its own (a process killed while it holds the lock of a queue shared with others
+    would stop their messages for good)."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], Any], service: Service) -> None:
+        self._send = send
         self._service = service
 
     def __call__(self, kind: str, **fields: Any) -> None:
-        self._events.put(
+        self._send(
             {
                 "t": time.time(),
                 "kind": kind,
@@ -108,7 +125,7 @@ def _worker(
     """One service: a process of its own (spawned), ``service.clients`` concurrent clients."""
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    emit = _Emitter(events, service)
+    emit = _Emitter(events.put, service)
     try:
         if service.api == "async":
             asyncio.run(_async_service(service, url, namespace, emit, go, start, duration, seed))
@@ -121,6 +138,38 @@ def _worker(
         emit("error", message=f"{type(err).__name__}: {err}")
         raise SystemExit(1) from None
     emit("done", interrupted=False)
+
+
+def _crash_worker(url: str, namespace: str, conn: Any, go: Any, start: Any, duration: float, debug: bool) -> None:
+    """``embed``: takes one lease a third of the way into the run, says so, and holds it until it is killed."""
+    from gpuboss import GPUBoss
+
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    emit = _Emitter(conn.send, CRASH)
+    boss = GPUBoss(url, namespace=namespace, service=CRASH.name, gpus=[GPU], default_ttl=LEASE_TTL_S)
+    try:
+        emit("ready")
+        t_end = _wait_for_go(go, start, duration)
+        time.sleep(max(0.0, float(start.value) + duration * CRASH_AT - time.time()))
+        asked = time.monotonic()
+        # (however busy the GPU, it is granted once the others stop asking, at the end of the run)
+        lease = boss.acquire(CRASH.sizes_gb[0], CRASH.priority, timeout=t_end - time.time() + 30)
+        emit(
+            "doomed",
+            req=f"{CRASH.name}-0.1",
+            gb=CRASH.sizes_gb[0],
+            queued=False,
+            wait_ms=(time.monotonic() - asked) * 1000,
+            pid=os.getpid(),
+            **_lease_fields(lease),
+        )
+        time.sleep(3600)  # holding the lease, until the parent kills this process
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which fails the run
+        emit("error", message=f"{type(err).__name__}: {err}")
+        raise SystemExit(1) from None
+    finally:
+        boss.close()
 
 
 def _wait_for_go(go: Any, start: Any, duration: float) -> float:
@@ -371,6 +420,16 @@ class Sampler:
                 self.inconsistent.append(f"{gpu}: used says {mib} MiB, the lease records {in_records.get(gpu, 0)}")
         self.latest = (used, dict(waiting))
 
+    def redis_ms(self) -> int:
+        """Redis time now (ms), on a connection of its own (the sampler's belongs to its thread)."""
+        from gpuboss.redis_io import connect_sync
+
+        client = connect_sync(self.url, 5.0, socket_timeout=5.0)
+        try:
+            return _redis_ms(client.time())
+        finally:
+            client.close()
+
     def _client(self) -> Any:
         if self._conn is None:
             from gpuboss.redis_io import connect_sync
@@ -453,7 +512,14 @@ def token_violations(grants: list[dict[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------- the parent: the run
 
 
-_STYLE = {"granted": "green", "waiting": "yellow", "timeout": "red", "error": "red", "released": None}
+_STYLE = {
+    "granted": "green",
+    "waiting": "yellow",
+    "timeout": "red",
+    "error": "red",
+    "released": None,
+    "doomed": "magenta",
+}
 
 
 def _describe(ev: dict[str, Any]) -> str | None:
@@ -473,6 +539,8 @@ def _describe(ev: dict[str, Any]) -> str | None:
         return f"timed out after {ev['wait_ms']:.0f} ms waiting for {size}, gives up (a web service would answer 503)"
     if kind == "error":
         return f"ERROR {ev['message']}"
+    if kind == "doomed":
+        return f"holds {size} on {ev['gpu']}: killed now with SIGKILL (pid {ev['pid']}), it never releases it"
     return None
 
 
@@ -502,6 +570,10 @@ def run_demo(
                 f"  {s.name:<6} priority {s.priority:<6} {s.clients} clients, leases of {sizes} GB held "
                 f"{s.hold_s[0]:g}-{s.hold_s[1]:g} s, timeout {s.timeout_s:g} s ({s.about})"
             )
+        out(
+            f"  {CRASH.name:<6} priority {CRASH.priority:<6} one lease of {CRASH.sizes_gb[0]:g} GB at "
+            f"{duration * CRASH_AT:.1f} s, then killed with SIGKILL while it holds it (its TTL: {LEASE_TTL_S:g} s)"
+        )
         out("")
 
     ctx = multiprocessing.get_context("spawn")
@@ -516,6 +588,13 @@ def run_demo(
         )
         for s in SERVICES
     ]
+    crash_in, crash_out = ctx.Pipe(duplex=False)
+    crasher = ctx.Process(
+        target=_crash_worker,
+        args=(url, namespace, crash_out, go, start, duration, debug),
+        name=f"gpuboss-demo-{CRASH.name}",
+    )
+    crash: dict[str, Any] = {}
     sampler = Sampler(url, namespace, declared={GPU["id"]: capacity_mib})
     grants: dict[str, dict[str, Any]] = {}
     releases: dict[str, dict[str, Any]] = {}
@@ -527,9 +606,10 @@ def run_demo(
     interrupted = False
     t0 = time.time()
     try:
-        for p in procs:
+        for p in (*procs, crasher):
             p.start()
         _await_ready(procs, events, worker_errors)
+        _await_ready([crasher], _PipeReader(crash_in), worker_errors)
         t0 = time.time()
         start.value = t0
         sampler.start()
@@ -539,10 +619,14 @@ def run_demo(
         next_status = STATUS_EVERY_S
         done: set[str] = set()
         while True:
-            try:
-                ev = events.get(timeout=0.05)
-            except queue.Empty:
-                ev = None
+            ev = _poll(crash_in)
+            if ev is None:
+                with contextlib.suppress(queue.Empty):  # (nothing in 50 ms: look at the processes)
+                    ev = events.get(timeout=0.05)
+            if ev is not None and ev["kind"] == "doomed":
+                crasher.kill()  # SIGKILL, by its PID: no release, no exit handler
+                crash.update(ev, killed_ms=sampler.redis_ms())
+                grants[ev["lease_id"]] = ev
             if ev is not None:
                 _record(ev, stats, grants, releases, worker_errors, done)
                 text = _describe(ev)
@@ -553,7 +637,7 @@ def run_demo(
             if timeline and now >= next_status:
                 out(_status_line(now, sampler, capacity_mib))
                 next_status += STATUS_EVERY_S
-            if ev is None and not any(p.is_alive() for p in procs):
+            if ev is None and not any(p.is_alive() for p in (*procs, crasher)):
                 break
     except KeyboardInterrupt:
         interrupted = True
@@ -563,13 +647,19 @@ def run_demo(
             with contextlib.suppress(queue.Empty):
                 events.get(timeout=0.1)  # keep draining, or a worker blocks on a full pipe at exit
     finally:
-        for p in procs:
+        if crasher.is_alive():
+            crasher.kill()
+        for p in (*procs, crasher):
             if p.pid is not None:
                 p.join(timeout=15)
                 if p.is_alive():
                     p.terminate()
                     p.join(timeout=5)
         sampler.stop()
+        if crash and not interrupted:
+            crash.update(_crash_outcome(url, namespace, crash))
+            if "revoked_ms" in crash:
+                releases[crash["lease_id"]] = {"released_ms": crash["revoked_ms"]}
         final = _final_state(url, namespace)
         removed = _delete_namespace(url, namespace)
         sampler.close()
@@ -583,9 +673,15 @@ def run_demo(
     for p in procs:
         if p.exitcode != 0:
             worker_errors.append(f"{p.name} exited with code {p.exitcode}")
+    if crash and crasher.exitcode != -signal.SIGKILL:
+        worker_errors.append(f"{crasher.name} was not killed (exit code {crasher.exitcode})")
     checks = _checks(sampler, grants, releases, stats, worker_errors, final, removed, capacity_mib)
+    checks.insert(-1, _crash_check(crash))
     ok = all(c.ok for c in checks)
     summary = _summary(namespace, seed, duration, elapsed, stats, sampler, grants, releases, capacity_mib, checks, ok)
+    summary["crash"] = {
+        k: crash[k] for k in ("pid", "lease_id", "killed_ms", "revoked_ms", "by", "reason") if k in crash
+    }
     if as_json:
         out(json.dumps(summary, indent=2, sort_keys=True))
     else:
@@ -596,6 +692,63 @@ def run_demo(
             out("")
             out("The embedded Redis keeps running for other gpuboss programs; `gpuboss server stop` stops it.")
     return ok
+
+
+def _crash_outcome(url: str, namespace: str, crash: dict[str, Any]) -> dict[str, Any]:
+    """When and by whom the killed process's lease was revoked. A lease still held here (no request found the
+    GPU full since the kill) is taken back by a collect of this process, as ``gpuboss gc`` would."""
+    from datetime import UTC, datetime
+
+    from gpuboss import GPUBoss
+    from gpuboss.events import replay
+    from gpuboss.keys import Keys
+    from gpuboss.redis_io import connect_sync
+
+    client = connect_sync(url, 5.0)
+    try:
+        still_held = bool(client.hexists(Keys(namespace).leases, crash["lease_id"]))
+    finally:
+        client.close()
+    if still_held:
+        with GPUBoss(url, namespace=namespace, service="demo", gpus=[GPU]) as boss:
+            boss.collect()
+    since = datetime.fromtimestamp(crash["killed_ms"] / 1000 - 1, tz=UTC)
+    for ev in replay(url, namespace, since):
+        if ev.type in ("revoked", "expired") and ev.lease == crash["lease_id"]:
+            return {"end": ev.type, "revoked_ms": ev.time_ms, "by": ev.get("by", "its TTL"), "reason": ev.get("reason")}
+    return {}
+
+
+def _crash_check(crash: dict[str, Any]) -> Check:
+    name = "a killed holder's VRAM came back before its TTL ran out"
+    if not crash:
+        return Check(name, False, f"{CRASH.name} was never granted its lease")
+    after = (crash.get("revoked_ms", 0) - crash["killed_ms"]) / 1000
+    what = f"{CRASH.name} (pid {crash['pid']}) killed with SIGKILL holding {gb(crash['vram_mib'])}"
+    if crash.get("end") != "revoked":
+        return Check(name, False, f"{what}; its lease was {crash.get('end', 'never taken back')}")
+    ok = str(crash["reason"]).startswith("holder process gone") and after < LEASE_TTL_S
+    return Check(name, ok, f"{what}; revoked {after:.2f} s later by {crash['by']} (TTL {LEASE_TTL_S:g} s)")
+
+
+def _poll(conn: Any) -> Any:
+    """A message waiting on the pipe, else None (also once the process at its other end is gone)."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+class _PipeReader:
+    """The receiving end of a pipe, read as :func:`_await_ready` reads a queue."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def get(self, timeout: float) -> Any:
+        if not self._conn.poll(timeout):
+            raise queue.Empty
+        return self._conn.recv()
 
 
 def _await_ready(procs: list[Any], events: Any, errors: list[str]) -> None:

@@ -236,6 +236,8 @@ def test_demo_short_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "FAIL" not in out
     assert "All checks held." in out
     assert "asks " in out and "released " in out  # the live timeline
+    assert "embed   high    holds 4 GB on gpu0: killed now with SIGKILL" in out
+    assert "ok   a killed holder's VRAM came back before its TTL ran out: embed (pid " in out
 
 
 def _grant(req: str, priority: str, requested: int, acquired: int, token: int, mib: int = 1024) -> dict[str, Any]:
@@ -252,7 +254,7 @@ def _grant(req: str, priority: str, requested: int, acquired: int, token: int, m
 
 def test_demo_checks_catch_violations() -> None:
     """The demo's own checks are not vacuous: each one fails on a history that breaks it."""
-    from gpuboss.demo import interval_peak, order_violations, token_violations
+    from gpuboss.demo import LEASE_TTL_S, _crash_check, interval_peak, order_violations, token_violations
 
     # A low request granted (at once, at 150) while a high one waited from 100 to 200 jumped the queue.
     assert order_violations([_grant("h", "high", 100, 200, 2), _grant("l", "low", 150, 150, 1)])
@@ -267,3 +269,12 @@ def test_demo_checks_catch_violations() -> None:
     grants = {"a": _grant("a", "low", 0, 0, 1, 16384), "b": _grant("b", "low", 0, 100, 2, 16384)}
     assert interval_peak(grants, {"a": {"released_ms": 100}, "b": {"released_ms": 200}}) == {"gpu0": 16384}
     assert interval_peak(grants, {"a": {"released_ms": 101}, "b": {"released_ms": 200}}) == {"gpu0": 32768}
+    # The killed holder's lease must be revoked as its process is gone, before its TTL would have freed it.
+    killed = {"pid": 42, "vram_mib": 4096, "killed_ms": 10_000}
+    gone = {"end": "revoked", "by": "api@box", "reason": "holder process gone (pid 42 on box)"}
+    assert _crash_check({**killed, **gone, "revoked_ms": 10_500}).ok
+    assert not _crash_check({}).ok  # never granted
+    assert not _crash_check({**killed, **gone, "revoked_ms": 10_000 + int(LEASE_TTL_S * 1000) + 1}).ok
+    assert not _crash_check({**killed, **gone, "reason": "stuck", "revoked_ms": 10_500}).ok  # an operator's revoke
+    assert not _crash_check({**killed, "end": "expired", "revoked_ms": 20_000}).ok
+    assert not _crash_check(killed).ok  # never taken back
