@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 from gpuboss import Device, GPUBoss, Lease, LeaseTimeout
 
@@ -55,11 +56,14 @@ def task(i: int, work_s: float) -> tuple[int, int, float, float]:
 
 #: In a model worker (part 3): its own boss and the lease of its model, kept until the worker exits.
 WORKER_LEASE: Lease | None = None
+#: In a model worker of part 4: how many workers are busy with a request (shared with the parent).
+BUSY: Any = None
 
 
-def load_model(redis_url: str | None, namespace: str) -> None:
+def load_model(redis_url: str | None, namespace: str, busy: Any = None) -> None:
     """A pool initializer: lease the model's VRAM for the worker's life (no ``with`` block, no release)."""
-    global WORKER_LEASE
+    global WORKER_LEASE, BUSY
+    BUSY = busy
     worker_boss = GPUBoss(redis_url, namespace=namespace, service="model-worker", gpus=GPUS)
     WORKER_LEASE = worker_boss.acquire(vram_gb=MODEL_GB, timeout=60)
     # ... load the model onto WORKER_LEASE.device ...
@@ -69,6 +73,13 @@ def infer(i: int) -> tuple[int, str]:
     """One request to a model worker: its pid and the device its model is on."""
     assert WORKER_LEASE is not None
     return os.getpid(), WORKER_LEASE.device
+
+
+def long_request(i: int) -> None:
+    """A request still being served when the pool ends (part 4): the worker is busy, so it is terminated."""
+    with BUSY.get_lock():
+        BUSY.value += 1
+    time.sleep(600)
 
 
 def look_at(device: Device) -> str:
@@ -132,8 +143,15 @@ def main() -> int:
 
         # 4. A `with Pool(...)` block terminates its workers at its end: nobody releases their leases, but their
         #    processes are gone, and the next request here that finds no room revokes those leases at once.
-        with forkserver.Pool(2, initializer=load_model, initargs=setup) as mp_pool:
+        #    (Each is still serving a long request then, so the end of the block surely terminates both: an idle
+        #    worker may get the pool's stop message first, and exit the normal way, releasing its lease.)
+        busy = forkserver.Value("i", 0)
+        with forkserver.Pool(2, initializer=load_model, initargs=(*setup, busy)) as mp_pool:
             served = mp_pool.map(infer, range(tasks))
+            mp_pool.map_async(long_request, range(2), chunksize=1)
+            deadline = time.monotonic() + 60
+            while busy.value < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
         killed = sorted({pid for pid, _ in served})
         try:
             BOSS.release(BOSS.acquire(vram_gb=rest_gb, timeout=0))

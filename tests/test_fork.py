@@ -56,8 +56,12 @@ def leased(url: str, namespace: str) -> tuple[set[str], int]:
     """The lease ids in Redis, and the MiB counted in use over all GPUs."""
     client = raw_client(url)
     keys = Keys(namespace)
-    used = sum(int(v) for v in client.hgetall(keys.used).values())
-    return {str(k) for k in client.hkeys(keys.leases)}, used
+    pipe = client.pipeline(transaction=True)  # (one consistent read: a lease granted between two would not count)
+    pipe.hgetall(keys.used)
+    pipe.hkeys(keys.leases)
+    used, ids = pipe.execute()
+    client.close()
+    return {str(k) for k in ids}, sum(int(v) for v in used.values())
 
 
 class Forker(Worker):
