@@ -126,6 +126,7 @@ def _worker(
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     emit = _Emitter(events.put, service)
+    logging.getLogger("gpuboss").addHandler(_Timeline(emit))
     try:
         if service.api == "async":
             asyncio.run(_async_service(service, url, namespace, emit, go, start, duration, seed))
@@ -138,6 +139,17 @@ def _worker(
         emit("error", message=f"{type(err).__name__}: {err}")
         raise SystemExit(1) from None
     emit("done", interrupted=False)
+
+
+class _Timeline(logging.Handler):
+    """gpuboss's warnings in a service (a dead holder's lease revoked, say), sent to the parent's timeline."""
+
+    def __init__(self, emit: _Emitter) -> None:
+        super().__init__(logging.WARNING)
+        self._emit = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._emit("log", message=record.getMessage())
 
 
 def _crash_worker(url: str, namespace: str, conn: Any, go: Any, start: Any, duration: float, debug: bool) -> None:
@@ -519,6 +531,7 @@ _STYLE = {
     "error": "red",
     "released": None,
     "doomed": "magenta",
+    "log": "magenta",
 }
 
 
@@ -539,6 +552,8 @@ def _describe(ev: dict[str, Any]) -> str | None:
         return f"timed out after {ev['wait_ms']:.0f} ms waiting for {size}, gives up (a web service would answer 503)"
     if kind == "error":
         return f"ERROR {ev['message']}"
+    if kind == "log":
+        return str(ev["message"])
     if kind == "doomed":
         return f"holds {size} on {ev['gpu']}: killed now with SIGKILL (pid {ev['pid']}), it never releases it"
     return None
@@ -633,6 +648,8 @@ def run_demo(
                 if timeline and text is not None:
                     line = f"{ev['t'] - t0:7.3f}s  {ev['service']:<7} {ev['priority']:<7} {text}"
                     out(click.style(line, fg=_STYLE.get(ev["kind"])) if _STYLE.get(ev["kind"]) else line)
+                elif ev["kind"] == "log":  # (a warning is never lost: on stderr without the timeline)
+                    click.echo(f"{ev['service']}: {ev['message']}", err=True)
             now = time.time() - t0
             if timeline and now >= next_status:
                 out(_status_line(now, sampler, capacity_mib))

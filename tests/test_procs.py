@@ -16,7 +16,7 @@ import gpuboss.core
 import pytest
 from gpuboss import LeaseTimeout
 from gpuboss.config import BossConfig
-from gpuboss.core import Call, Collected, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
+from gpuboss.core import Call, Core, Pop, ReadHash, ReadQueueHead, Reply, RevokeReply, Watch
 from gpuboss.procs import ProcessIdentity, holder_id, holder_of, holder_process, identity, is_gone
 
 from tests.conftest import GPUS, Clock
@@ -42,6 +42,14 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
     if proc.poll() is None:
         proc.kill()  # by its PID
     proc.wait(timeout=10)
+
+
+def killed(proc: subprocess.Popen[bytes]) -> ProcessIdentity:
+    """The identity ``proc`` had, once it is killed (by its PID) and reaped."""
+    held = of(proc)
+    proc.kill()
+    proc.wait()
+    return held
 
 
 def of(proc: subprocess.Popen[bytes]) -> ProcessIdentity:
@@ -106,10 +114,7 @@ def test_a_pid_used_again_by_another_process_is_gone(child: subprocess.Popen[byt
 
 
 def test_another_machine_or_pid_namespace_is_never_judged(child: subprocess.Popen[bytes]) -> None:
-    held = of(child)
-    child.kill()
-    child.wait()
-    mine = me()
+    held, mine = killed(child), me()
     assert is_gone(held, mine)
     for other in (
         ProcessIdentity("0" * 32, held.pidns, held.pid, held.start),  # another boot: another machine
@@ -173,26 +178,28 @@ def core() -> Core:
 
 
 def drive(
-    flow: Any, records: dict[str, str], replies: dict[str, list[Any]], head: dict[str, str] | None = None
+    flow: Any, leases: dict[str, str], replies: dict[str, list[Any]], head: dict[str, str] | None = None, **hashes: Any
 ) -> tuple[list[Call], Any]:
-    """Run a reap flow: ReadHash gets the lease ``records``, ReadQueueHead the requests at the ``head`` of the queue
-    (None: it must not read them); each revoke the reply for its id. The calls and the result."""
+    """Run a reap or collect flow: a ReadHash of the leases gets ``leases`` (of another hash, ``hashes[<its key's
+    last part>]``), ReadQueueHead the requests at the ``head`` of the queue (None: it must not read them); the
+    collect script ``replies["collect"]`` (else nothing collected), each revoke the reply for its id. The calls
+    (revokes, collects) and the result."""
     calls: list[Call] = []
     sent: Any = None
     try:
         while True:
             op = flow.send(sent)
             if isinstance(op, ReadHash):
-                assert op == ReadHash("ns:leases")
-                sent = records
+                sent = leases if op.key == "ns:leases" else hashes[op.key.removeprefix("ns:")]
             elif isinstance(op, ReadQueueHead):
                 assert head is not None, "it read the queue"
                 assert (op.queue, op.tickets) == ("ns:queue", "ns:tickets") and op.count <= 2
                 sent = dict(list(head.items())[: op.count])
             else:
-                assert isinstance(op, Call) and op.script == "revoke"
+                assert isinstance(op, Call) and op.script in ("collect", "revoke")
                 calls.append(op)
-                sent = replies[str(op.args[1])]
+                nothing = [0, 0, 0, -1, [], []]
+                sent = replies.get("collect", nothing) if op.script == "collect" else replies[str(op.args[1])]
     except StopIteration as stop:
         return calls, stop.value
 
@@ -200,9 +207,7 @@ def drive(
 def test_the_lease_of_a_gone_holder_is_revoked_and_no_other(
     core: Core, child: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = of(child)
-    child.kill()
-    child.wait()
+    dead = killed(child)
     mine = me()
     records = {
         "dead": lease_record("dead", dead, dead.pid),
@@ -229,9 +234,7 @@ def test_the_lease_of_a_gone_holder_is_revoked_and_no_other(
 
 
 def test_a_lease_revoked_meanwhile_by_another_waiter_is_not_counted(core: Core, child: subprocess.Popen[bytes]) -> None:
-    dead = of(child)
-    child.kill()
-    child.wait()
+    dead = killed(child)
     records = {"dead": lease_record("dead", dead)}
     calls, revoked = drive(core.reap_flow(Clock()), records, {"dead": [RevokeReply.NOT_FOUND, 0]})
     assert len(calls) == 1 and revoked == 0
@@ -272,9 +275,7 @@ def test_a_head_waiter_looks_again_each_second_while_a_holder_here_could_die(
 
 
 def test_timeout_0_revokes_a_gone_holder_and_asks_again(core: Core, child: subprocess.Popen[bytes]) -> None:
-    dead = of(child)
-    child.kill()
-    child.wait()
+    dead = killed(child)
     records = {"dead": lease_record("dead", dead)}
     clock = Clock()
     flow = core.acquire_flow(core.make_request(1, timeout=0), "r1", clock)
@@ -290,9 +291,7 @@ def test_timeout_0_revokes_a_gone_holder_and_asks_again(core: Core, child: subpr
 
 
 def test_a_waiter_ahead_whose_process_is_gone_is_withdrawn(core: Core, child: subprocess.Popen[bytes]) -> None:
-    dead = of(child)
-    child.kill()
-    child.wait()
+    dead = killed(child)
     live = me()
     head = {"gone": lease_record("gone", dead), "alive": lease_record("alive", live), "third": "never read"}
     calls, removed = drive(
@@ -307,9 +306,7 @@ def test_a_gone_waiter_ahead_is_withdrawn_before_a_gone_holder_is_revoked(
     core: Core, child: subprocess.Popen[bytes]
 ) -> None:
     """Else the revoked lease's VRAM would be granted to the gone waiter: a lease nobody holds, until its TTL."""
-    dead = of(child)
-    child.kill()
-    child.wait()
+    dead = killed(child)
     leases, head = {"held": lease_record("held", dead)}, {"waits": lease_record("waits", dead)}
     replies = {"held": [RevokeReply.REVOKED, 1, leases["held"]], "waits": [RevokeReply.WITHDRAWN, 0, head["waits"]]}
     calls, removed = drive(core.reap_flow(Clock(), ahead=1), leases, replies, head)
@@ -323,32 +320,10 @@ def test_the_head_of_the_queue_reads_no_requests(core: Core) -> None:
 # ---------------------------------------------------------------- Core.collect_flow (boss.collect(), gpuboss gc)
 
 
-def run_collect(
-    flow: Any, hashes: dict[str, dict[str, str]], replies: dict[str, list[Any]]
-) -> tuple[list[Call], Collected]:
-    """Run a collect flow: the collect script gets an empty reply unless ``replies`` has one for "collect"; each
-    ReadHash the hash of its key; each revoke the reply for its id. The calls and the result."""
-    calls: list[Call] = []
-    sent: Any = None
-    try:
-        while True:
-            op = flow.send(sent)
-            if isinstance(op, ReadHash):
-                sent = hashes[op.key]
-            else:
-                assert isinstance(op, Call) and op.script in ("collect", "revoke")
-                calls.append(op)
-                sent = replies.get(op.script, [0, 0, 0, -1, [], []]) if op.script == "collect" else replies[op.args[1]]
-    except StopIteration as stop:
-        return calls, stop.value
-
-
 def test_collect_takes_back_what_expired_and_what_gone_processes_held(
     core: Core, child: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = of(child)
-    child.kill()
-    child.wait()
+    dead = killed(child)
     mine = me()
     expired = lease_record("old", mine)
     leases = {"dead": lease_record("dead", dead), "mine": lease_record("mine", mine), "junk": "not json"}
@@ -362,7 +337,7 @@ def test_collect_takes_back_what_expired_and_what_gone_processes_held(
         "dead-wait": [RevokeReply.WITHDRAWN, 0, tickets["dead-wait"]],
     }
     with caplog.at_level(logging.WARNING, logger="gpuboss"):
-        calls, done = run_collect(core.collect_flow("ops@box"), {"ns:leases": leases, "ns:tickets": tickets}, replies)
+        calls, done = drive(core.collect_flow("ops@box"), leases, replies, tickets=tickets)
     assert [c.script for c in calls] == ["collect", "revoke", "revoke"]
     assert [c.args[1:5] for c in calls[1:]] == [  # (the request first: the lease's VRAM would go to it)
         ["dead-wait", "ops@box", f"holder process gone (pid {dead.pid} on h)", "1"],
@@ -373,19 +348,17 @@ def test_collect_takes_back_what_expired_and_what_gone_processes_held(
     assert caplog.text.count("is gone") == 2
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gpuboss"):  # (gpuboss gc prints what it did itself)
-        run_collect(core.collect_flow(announce=False), {"ns:leases": leases, "ns:tickets": tickets}, replies)
+        drive(core.collect_flow(announce=False), leases, replies, tickets=tickets)
     assert "is gone" not in caplog.text
     # A lease whose TTL ran out between the collect and its revoke is counted as expired.
-    _, late = run_collect(
-        core.collect_flow(),
-        {"ns:leases": {"dead": leases["dead"]}, "ns:tickets": {}},
-        {"dead": [RevokeReply.EXPIRED, 0, leases["dead"]]},
+    _, late = drive(
+        core.collect_flow(), {"dead": leases["dead"]}, {"dead": [RevokeReply.EXPIRED, 0, leases["dead"]]}, tickets={}
     )
     assert late.counts() == {"leases": 1, "requests": 0, "revoked": 0, "withdrawn": 0, "granted": 0}
 
 
 def test_collect_without_an_identity_only_collects(core: Core) -> None:
     core.me = None  # (a platform without /proc: no holder's process can be judged)
-    calls, done = run_collect(core.collect_flow(), {}, {"collect": [0, 1, 0, -1, [], [lease_record("w", None)]]})
+    calls, done = drive(core.collect_flow(), {}, {"collect": [0, 1, 0, -1, [], [lease_record("w", None)]]})
     assert [c.script for c in calls] == ["collect"]
     assert done.counts() == {"leases": 0, "requests": 1, "revoked": 0, "withdrawn": 0, "granted": 0}
