@@ -240,6 +240,20 @@ def test_demo_short_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "ok   a killed holder's VRAM came back before its TTL ran out: embed (pid " in out
 
 
+def test_demo_kills_no_holder_where_no_process_can_be_judged(real_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off Linux gpuboss cannot tell a dead holder (procs.py): the demo leaves the crash out, and still passes."""
+    from gpuboss import procs
+    from gpuboss.demo import run_demo
+
+    monkeypatch.setattr(procs, "identity", lambda: None)
+    printed: list[str] = []
+    assert run_demo(real_url, "test", False, duration=2, timeline=False, as_json=True, echo=printed.append)
+    summary = json.loads(printed[-1])
+    assert summary["ok"] and summary["crash"] == {}
+    assert not [c for c in summary["checks"] if "killed" in c["name"]]
+    assert len(summary["checks"]) == 8
+
+
 def _grant(req: str, priority: str, requested: int, acquired: int, token: int, mib: int = 1024) -> dict[str, Any]:
     return {
         "req": req,
