@@ -27,7 +27,7 @@ from gpuboss.errors import ConfigError, InsufficientCapacity, InvalidRequest, Le
 from gpuboss.keys import Keys
 from gpuboss.lease import Lease, OnEvict, OnLost
 from gpuboss.policy import policy_fields
-from gpuboss.procs import ProcessIdentity, holder_id, holder_of, identity, is_gone
+from gpuboss.procs import ProcessIdentity, holder_id, identity, judge
 
 log = logging.getLogger("gpuboss")
 
@@ -1042,10 +1042,11 @@ class Core:
                 rec = json.loads(raw)
             except ValueError:
                 continue  # (not a record gpuboss wrote: never a reason to revoke)
-            holder = holder_of(rec) if isinstance(rec, dict) else None
-            if holder is None or not holder.beside(me):
+            judged = judge(rec, me) if isinstance(rec, dict) else None
+            if judged is None:
                 continue  # another machine or pid namespace: only its TTL tells
-            if not is_gone(holder, me):
+            holder, gone = judged
+            if not gone:
                 running = running or holder.pid != me.pid
                 continue
             code, granted, removed = self.revoked((yield self.gone_call(item_id, rec, holder, by, queued)))

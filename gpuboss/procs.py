@@ -131,10 +131,20 @@ def holder_of(record: Mapping[str, Any]) -> ProcessIdentity | None:
     return ProcessIdentity.parse(identity_text)
 
 
-def holder_process(record: Mapping[str, Any], me: ProcessIdentity | None, proc: Path = Path("/proc")) -> str | None:
-    """What this machine can tell of the process holding a record: ``"running"`` or ``"gone"`` where it runs
-    in ``me``'s machine and pid namespace, else None (another machine or namespace, or no identity)."""
+def judge(
+    record: Mapping[str, Any], me: ProcessIdentity | None, proc: Path = Path("/proc")
+) -> tuple[ProcessIdentity, bool] | None:
+    """The process holding a lease or request record, and whether it is gone (:func:`is_gone`), where it runs in
+    ``me``'s machine and pid namespace; None where this machine cannot tell (another machine or namespace, or
+    no identity): the one check behind the reaper (``core.Core.reap_flow``, ``collect_flow``) and the CLI's mark."""
     holder = holder_of(record)
     if me is None or holder is None or not holder.beside(me):
         return None
-    return "gone" if is_gone(holder, me, proc) else "running"
+    return holder, is_gone(holder, me, proc)
+
+
+def holder_process(record: Mapping[str, Any], me: ProcessIdentity | None, proc: Path = Path("/proc")) -> str | None:
+    """What this machine can tell of the process holding a record: ``"running"`` or ``"gone"`` where it runs
+    in ``me``'s machine and pid namespace, else None (another machine or namespace, or no identity)."""
+    judged = judge(record, me, proc)
+    return None if judged is None else ("gone" if judged[1] else "running")
