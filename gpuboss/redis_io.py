@@ -50,6 +50,7 @@ if HIREDIS_AVAILABLE:  # a dependency (redis[hiredis]); without it redis-py pack
 
 from gpuboss import scripts
 from gpuboss.core import Call, Op, Read, ReadHash
+from gpuboss.deadlines import deadlines
 from gpuboss.errors import ConfigError, RedisOutOfMemory, RedisUnavailable
 from gpuboss.topology import SCHEMES, Target, parse_url, redact_url
 
@@ -730,16 +731,19 @@ async def reply_within(reply: Awaitable[T], seconds: float) -> T:
     :func:`connect_async`), so a Redis that stopped answering (a frozen process, a dead host without a reset)
     would be awaited forever. Past ``seconds`` the wait is cancelled (redis-py drops the connection it was
     reading) and :class:`redis.exceptions.TimeoutError` is raised; the caller's retry decides what next. A
-    cancel from outside stays a cancel (``asyncio.timeout`` starts no task, unlike ``asyncio.wait_for`` on
-    Python 3.11, which could swallow it)."""
-    deadline = asyncio.timeout(seconds)
+    cancel from outside stays a cancel (the deadline cancels the waiting task itself, as ``asyncio.timeout``
+    does, and tells its own cancel from another's; ``asyncio.wait_for`` on Python 3.11 starts a task and could
+    swallow one). The replies of one event loop share one timer (:mod:`gpuboss.deadlines`)."""
+    clock = deadlines()
+    wait = clock.start(seconds)
     try:
-        async with deadline:
-            return await reply
-    except TimeoutError as err:
-        if not deadline.expired():
+        return await reply
+    except asyncio.CancelledError as err:
+        if not wait.timed_out():
             raise
         raise RedisTimeoutError(f"no reply from Redis within {seconds:g} s") from err
+    finally:
+        clock.end(wait)
 
 
 async def pop_async(client: redis.asyncio.Redis, key: str, timeout: float, grace: float) -> str | None:
