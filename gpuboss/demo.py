@@ -682,8 +682,8 @@ def run_demo(
         sampler.stop()
         if crash and not interrupted:
             crash.update(_crash_outcome(url, namespace, crash))
-            if "revoked_ms" in crash:
-                releases[crash["lease_id"]] = {"released_ms": crash["revoked_ms"]}
+            if "ended_ms" in crash:
+                releases[crash["lease_id"]] = {"released_ms": crash["ended_ms"]}
         final = _final_state(url, namespace)
         removed = _delete_namespace(url, namespace)
         sampler.close()
@@ -705,7 +705,7 @@ def run_demo(
     ok = all(c.ok for c in checks)
     summary = _summary(namespace, seed, duration, elapsed, stats, sampler, grants, releases, capacity_mib, checks, ok)
     summary["crash"] = {
-        k: crash[k] for k in ("pid", "lease_id", "killed_ms", "revoked_ms", "by", "reason") if k in crash
+        k: crash[k] for k in ("pid", "lease_id", "killed_ms", "end", "ended_ms", "by", "reason") if k in crash
     }
     if as_json:
         out(json.dumps(summary, indent=2, sort_keys=True))
@@ -740,7 +740,7 @@ def _crash_outcome(url: str, namespace: str, crash: dict[str, Any]) -> dict[str,
     since = datetime.fromtimestamp(crash["killed_ms"] / 1000 - 1, tz=UTC)
     for ev in replay(url, namespace, since):
         if ev.type in ("revoked", "expired") and ev.lease == crash["lease_id"]:
-            return {"end": ev.type, "revoked_ms": ev.time_ms, "by": ev.get("by", "its TTL"), "reason": ev.get("reason")}
+            return {"end": ev.type, "ended_ms": ev.time_ms, "by": ev.get("by", "its TTL"), "reason": ev.get("reason")}
     return {}
 
 
@@ -748,7 +748,7 @@ def _crash_check(crash: dict[str, Any]) -> Check:
     name = "a killed holder's VRAM came back before its TTL ran out"
     if not crash:
         return Check(name, False, f"{CRASH.name} was never granted its lease")
-    after = (crash.get("revoked_ms", 0) - crash["killed_ms"]) / 1000
+    after = (crash.get("ended_ms", 0) - crash["killed_ms"]) / 1000
     what = f"{CRASH.name} (pid {crash['pid']}) killed with SIGKILL holding {gb(crash['vram_mib'])}"
     if crash.get("end") != "revoked":
         return Check(name, False, f"{what}; its lease was {crash.get('end', 'never taken back')}")

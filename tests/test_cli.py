@@ -286,9 +286,9 @@ def test_demo_checks_catch_violations() -> None:
     # The killed holder's lease must be revoked as its process is gone, before its TTL would have freed it.
     killed = {"pid": 42, "vram_mib": 4096, "killed_ms": 10_000}
     gone = {"end": "revoked", "by": "api@box", "reason": "holder process gone (pid 42 on box)"}
-    assert _crash_check({**killed, **gone, "revoked_ms": 10_500}).ok
+    assert _crash_check({**killed, **gone, "ended_ms": 10_500}).ok
     assert not _crash_check({}).ok  # never granted
-    assert not _crash_check({**killed, **gone, "revoked_ms": 10_000 + int(LEASE_TTL_S * 1000) + 1}).ok
-    assert not _crash_check({**killed, **gone, "reason": "stuck", "revoked_ms": 10_500}).ok  # an operator's revoke
-    assert not _crash_check({**killed, "end": "expired", "revoked_ms": 20_000}).ok
+    assert not _crash_check({**killed, **gone, "ended_ms": 10_000 + int(LEASE_TTL_S * 1000) + 1}).ok
+    assert not _crash_check({**killed, **gone, "reason": "stuck", "ended_ms": 10_500}).ok  # an operator's revoke
+    assert not _crash_check({**killed, "end": "expired", "ended_ms": 20_000}).ok
     assert not _crash_check(killed).ok  # never taken back
