@@ -13,6 +13,7 @@ of Redis 6.2 and of users without functions, where the others call the function 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 import redis
-from gpuboss import AsyncGPUBoss, GPUBoss, Keys, redis_io
+from gpuboss import AsyncGPUBoss, GPUBoss, Keys, LeaseTimeout, redis_io
 from gpuboss.config import BossConfig
 from gpuboss.core import Core
 from gpuboss.errors import ConfigError
@@ -159,6 +160,23 @@ async def aboss(backend_url: str, namespace: str) -> AsyncIterator[AsyncGPUBoss]
     b = AsyncGPUBoss(backend_url, namespace=namespace, gpus=GPUS, service="atest")
     yield b
     await b.close()
+
+
+async def timed_out_and_cancelled_waiters_leave_nothing(boss: AsyncGPUBoss, url: str, namespace: str) -> None:
+    """A request that times out and one whose task is cancelled while it waits leave no request queued, and
+    the namespace holds only its fixed keys once the GPU is released (test_api, and test_uvloop on uvloop)."""
+    held = await boss.acquire(24, device="gpu0")
+    with pytest.raises(LeaseTimeout):
+        await boss.acquire(1, device="gpu0", timeout=0.2)
+    task = asyncio.create_task(boss.acquire(1, device="gpu0"))
+    await asyncio.sleep(0.2)
+    assert len(queue_ids(url, namespace)) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert queue_ids(url, namespace) == []
+    await boss.release(held)
+    assert namespace_keys(raw_client(url), namespace) <= Keys(namespace).fixed()
 
 
 def queue_ids(url: str, namespace: str) -> list[str]:

@@ -25,7 +25,14 @@ from gpuboss import (
 )
 from gpuboss.lease import LeaseState
 
-from tests.conftest import GPUS, namespace_keys, queue_ids, raw_client, snapshot
+from tests.conftest import (
+    GPUS,
+    namespace_keys,
+    queue_ids,
+    raw_client,
+    snapshot,
+    timed_out_and_cancelled_waiters_leave_nothing,
+)
 
 # The tests of backend_url (and the fixtures built on it) run on a valkey-server too: tests/conftest.py.
 pytestmark = pytest.mark.valkey
@@ -443,18 +450,7 @@ async def test_async_lease_and_handoff(aboss: AsyncGPUBoss, backend_url: str, na
 
 
 async def test_async_timeout_and_cancel_leave_nothing(aboss: AsyncGPUBoss, backend_url: str, namespace: str) -> None:
-    held = await aboss.acquire(24, device="gpu0")
-    with pytest.raises(LeaseTimeout):
-        await aboss.acquire(1, device="gpu0", timeout=0.2)
-    task = asyncio.create_task(aboss.acquire(1, device="gpu0"))
-    await asyncio.sleep(0.2)
-    assert len(queue_ids(backend_url, namespace)) == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert queue_ids(backend_url, namespace) == []
-    await aboss.release(held)
-    assert namespace_keys(raw_client(backend_url), namespace) <= Keys(namespace).fixed()
+    await timed_out_and_cancelled_waiters_leave_nothing(aboss, backend_url, namespace)
 
 
 async def test_async_cancel_inside_block_releases(aboss: AsyncGPUBoss, backend_url: str, namespace: str) -> None:

@@ -9,10 +9,10 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from gpuboss import AsyncGPUBoss, LeaseTimeout, events, redis_io
+from gpuboss import AsyncGPUBoss, events, redis_io
 from gpuboss.deadlines import deadlines
 
-from tests.conftest import GPUS, queue_ids
+from tests.conftest import GPUS, queue_ids, timed_out_and_cancelled_waiters_leave_nothing
 
 uvloop = pytest.importorskip("uvloop")
 
@@ -44,17 +44,7 @@ def test_leases_and_a_handoff_on_uvloop(real_url: str, namespace: str) -> None:
 def test_a_timed_out_and_a_cancelled_waiter_leave_nothing_on_uvloop(real_url: str, namespace: str) -> None:
     async def main() -> None:
         async with AsyncGPUBoss(real_url, namespace=namespace, gpus=GPUS, service="uv") as boss:
-            held = await boss.acquire(24, device="gpu0")
-            with pytest.raises(LeaseTimeout):
-                await boss.acquire(1, device="gpu0", timeout=0.2)
-            task = asyncio.create_task(boss.acquire(1, device="gpu0"))
-            await asyncio.sleep(0.2)
-            assert len(queue_ids(real_url, namespace)) == 1
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert queue_ids(real_url, namespace) == []
-            await boss.release(held)
+            await timed_out_and_cancelled_waiters_leave_nothing(boss, real_url, namespace)
 
     uvloop.run(main())
 
