@@ -101,6 +101,14 @@ def _check_scheme(url: str) -> Target:
     return parse_url(url)
 
 
+#: The connections one client may open; redis-py 8 caps a pool at 100 by default. Each request that waits blocks
+#: on a connection of its own (the BLPOP of its grant), so a boss with more requests in line than the cap would
+#: get "Too many connections" for the rest, raised as RedisUnavailable (tests/test_many_waiters.py). The limit
+#: that counts is the server's (``maxclients``, 10,000 by default), as it was with redis-py's own default
+#: before 5.x.
+MAX_CONNECTIONS = 2**31 - 1
+
+
 def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None = None) -> redis.Redis:
     """A client for ``url`` (any form of ``topology.py``).
 
@@ -144,6 +152,7 @@ def connect_sync(url: str, connect_timeout: float, socket_timeout: float | None 
             decode_responses=True,
             socket_connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
+            max_connections=MAX_CONNECTIONS,
         )
     )
 
@@ -322,7 +331,11 @@ def connect_async(url: str, connect_timeout: float, socket_timeout: float | None
     return _with_hiredis_packing(
         _replica_aware(
             redis.asyncio.Redis.from_url(
-                url, decode_responses=True, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout
+                url,
+                decode_responses=True,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=socket_timeout,
+                max_connections=MAX_CONNECTIONS,
             )
         )
     )
@@ -403,6 +416,7 @@ def _node_kwargs(target: Target, connect_timeout: float) -> dict[str, Any]:
     return {
         "decode_responses": True,
         "socket_connect_timeout": connect_timeout,
+        "max_connections": MAX_CONNECTIONS,
         **target.credentials(),
         **target.connection_kwargs(),
         **target.tls_kwargs(),
