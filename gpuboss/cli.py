@@ -357,6 +357,18 @@ def offline_lines(snap: dict[str, Any]) -> list[Line]:
     return out
 
 
+#: The leases and queued requests ``status`` and ``top`` list; past it, a line says how many more and which
+#: command lists them all (``--json`` keeps every one).
+STATUS_ROWS = 50
+
+
+def _first_rows(table: Table, shown: int, total: int, listing: str) -> list[Block]:
+    """``table`` (its first ``shown`` of ``total`` rows), and a line naming the command that lists them all."""
+    if total <= shown:
+        return [table]
+    return [table, Line(f"  ... and {total - shown:,} more: `{listing}` lists them all", "dim")]
+
+
 def status_view(snap: dict[str, Any], target: Target, gauge: bool = False) -> list[Block]:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["time"]))
     out: list[Block] = [
@@ -384,11 +396,14 @@ def status_view(snap: dict[str, Any], target: Target, gauge: bool = False) -> li
         out += holds
     out.append(Line())
     leases = snap["leases"]
-    out.append(lease_table(leases, f"Leases ({len(leases)})"))
+    shown = leases[:STATUS_ROWS]
+    out += _first_rows(lease_table(shown, f"Leases ({len(leases)})"), len(shown), len(leases), "gpuboss leases")
     out.append(Line())
     queue = snap["queue"]
     title = f"Queue ({len(queue)} waiting, in the order they will be served)"
-    out.append(queue_table(queue, why=any("why" in r for r in queue), title=title))
+    shown = queue[:STATUS_ROWS]
+    table = queue_table(shown, why=any("why" in r for r in shown), title=title)
+    out += _first_rows(table, len(shown), len(queue), "gpuboss queue")
     return out
 
 

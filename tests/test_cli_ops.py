@@ -233,6 +233,39 @@ def test_config_check_without_a_file(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "cannot read configuration" in missing.stderr
 
 
+def test_status_lists_the_first_leases_and_requests_and_says_where_the_rest_are(real_url: str, namespace: str) -> None:
+    """With more leases or waiting requests than STATUS_ROWS, ``status`` lists the first of each and names the
+    command that lists them all; that command and ``--json`` keep every one."""
+    from gpuboss.cli import STATUS_ROWS
+
+    core = Core(BossConfig(namespace=namespace, gpus=GPUS2, service="many"))
+    client = raw_client(real_url)
+    register = core.register_call()
+    assert register is not None
+    call_script_sync(client, register)
+    extra = 7
+    for n in range(STATUS_ROWS + extra):
+        call_script_sync(client, core.acquire_call(f"lease{n:04d}", core.make_request(0.25, ttl=60), "gpu0", "many"))
+    for n in range(STATUS_ROWS + extra):
+        call_script_sync(client, core.acquire_call(f"queued{n:04d}", core.make_request(20, ttl=60), "gpu0", "many"))
+    assert client.zcard(f"{namespace}:queue") == STATUS_ROWS + extra
+
+    out = gpuboss(real_url, namespace, "status").stdout
+    assert f"Leases ({STATUS_ROWS + extra})" in out and f"Queue ({STATUS_ROWS + extra} waiting" in out
+    assert sum(1 for line in out.splitlines() if line.lstrip().startswith("lease0")) == STATUS_ROWS
+    assert sum(1 for line in out.splitlines() if " queued00" in line) == STATUS_ROWS
+    assert f"... and {extra} more: `gpuboss leases` lists them all" in out
+    assert f"... and {extra} more: `gpuboss queue` lists them all" in out
+    listed = gpuboss(real_url, namespace, "queue").stdout
+    assert sum(1 for line in listed.splitlines() if " queued00" in line) == STATUS_ROWS + extra
+    assert sum(1 for line in gpuboss(real_url, namespace, "leases").stdout.splitlines() if "lease0" in line) == (
+        STATUS_ROWS + extra
+    )
+    shown = json.loads(gpuboss(real_url, namespace, "--json", "status").stdout)
+    assert len(shown["leases"]) == len(shown["queue"]) == STATUS_ROWS + extra
+    assert "more:" not in gpuboss(real_url, namespace, "--json", "status").stdout
+
+
 # ---------------------------------------------------------------- gc
 
 
