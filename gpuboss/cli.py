@@ -1290,7 +1290,7 @@ def gc(state: CliState) -> None:
     releasing: a waiter here does this too, docs/concepts.md), hand the freed VRAM to the queue, and say what
     was collected."""
     from gpuboss.core import Call, Core, Op, ReadHash, ReadQueueHead
-    from gpuboss.redis_io import call_script_sync, read_sync, retry_sync, run_flow_sync
+    from gpuboss.redis_io import retry_sync, run_flow_sync, send_sync
 
     cfg = state.config()
     target = find_target(cfg, start=False)
@@ -1298,11 +1298,9 @@ def gc(state: CliState) -> None:
     core = Core(cfg)
 
     def perform(op: Op) -> Any:
-        if isinstance(op, Call):
-            return retry_sync(functools.partial(call_script_sync, client, op), target.shown, cfg.connect_timeout)
-        if isinstance(op, ReadHash | ReadQueueHead):
-            return retry_sync(functools.partial(read_sync, client, op), target.shown, cfg.connect_timeout)
-        raise TypeError(f"unknown operation {op!r}")
+        if not isinstance(op, Call | ReadHash | ReadQueueHead):
+            raise TypeError(f"unknown operation {op!r}")
+        return retry_sync(functools.partial(send_sync, client, op), target.shown, cfg.connect_timeout)
 
     try:
         done = run_flow_sync(core.collect_flow(_operator(), announce=False), perform)

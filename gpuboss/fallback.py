@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
@@ -55,6 +56,8 @@ from gpuboss.redis_io import (
     reply_within,
     retry_async,
     retry_sync,
+    send_async,
+    send_sync,
 )
 from gpuboss.topology import redact_url
 
@@ -410,11 +413,15 @@ class SyncLink:
         within, cap = fallback.within(route)
         wait = fallback.mode == "wait"
 
-        def send() -> Any:
-            return call_script_sync(client, op) if isinstance(op, Call) else read_sync(client, op)
-
         try:
-            result = retry_sync(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)
+            result = retry_sync(
+                functools.partial(send_sync, client, op),
+                fallback.shown,
+                within,
+                cap=cap,
+                chain=wait,
+                failed=fallback.failed,
+            )
         except RedisOutOfMemory:
             raise
         except RedisUnavailable as err:
@@ -503,8 +510,7 @@ class AsyncLink:
         grace = fallback.core.config.connect_timeout  # (the longest wait for one reply: see reply_within)
 
         def send() -> Awaitable[Any]:
-            reply = call_script_async(client, op) if isinstance(op, Call) else read_async(client, op)
-            return reply_within(reply, grace)
+            return reply_within(send_async(client, op), grace)
 
         try:
             result = await retry_async(send, fallback.shown, within, cap=cap, chain=wait, failed=fallback.failed)

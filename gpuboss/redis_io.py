@@ -790,6 +790,17 @@ async def read_async(client: redis.asyncio.Redis, op: Read) -> dict[str, str]:
     return _records(ids, await client.hmget(op.tickets, ids) if ids else [])
 
 
+def send_sync(client: redis.Redis, op: Call | Read) -> Any:
+    """One operation of a flow that Redis answers at once: a script call, or a read."""
+    return call_script_sync(client, op) if isinstance(op, Call) else read_sync(client, op)
+
+
+def send_async(client: redis.asyncio.Redis, op: Call | Read) -> Awaitable[Any]:
+    """:func:`send_sync` for asyncio clients: the awaitable of the call or the read itself (no coroutine of its
+    own around it: this is on every asyncio call's path)."""
+    return call_script_async(client, op) if isinstance(op, Call) else read_async(client, op)
+
+
 def _records(ids: list[str], raws: Any) -> dict[str, str]:
     return {i: raw for i, raw in zip(ids, raws, strict=True) if raw is not None}
 
